@@ -1,0 +1,209 @@
+"""Figures in the paper's style, drawn from the numbers in results.json.
+
+`results` is the runner's dict: {"models": {name: {key: values}}, "model_info": {name: {"family":
+"cl" | "mim" | "random" | "other"}}, "reference": {key: value}}. Colours say the family: contrastive
+models in blues, masked-image models in reds/oranges, untrained baselines grey and dashed.
+
+Figures are built on `matplotlib.figure.Figure` directly (no pyplot), so nothing touches global
+state or the interactive backend, and each file is written atomically: a temporary file in the
+same folder, renamed over the target only once complete.
+"""
+import math
+import os
+import tempfile
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from clmim.errors import ClmimError
+
+DPI = 150
+FAMILIES = ("cl", "mim", "random", "other")
+_PALETTES = {
+    "cl": ("#1f4e9c", "#4a90d9", "#0b2f66", "#7fb8ea", "#2f6db5"),
+    "mim": ("#d62728", "#ff7f0e", "#a50f15", "#f6a04d", "#e8575a"),
+    "random": ("#7f7f7f", "#b0b0b0", "#4d4d4d"),
+    "other": ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"),
+}
+_FAMILY_LABEL = {"cl": "CL", "mim": "MIM", "random": "random", "other": ""}
+
+Reference = Union[None, float, Sequence[float]]
+
+
+def family(results: dict, name: str) -> str:
+  """The family tag of model `name` ("other" when missing or unknown)."""
+  tag = str(results.get("model_info", {}).get(name, {}).get("family", "other")).lower()
+  return tag if tag in FAMILIES else "other"
+
+
+def model_styles(results: dict, names: Sequence[str]) -> Dict[str, dict]:
+  """Line style per model: colour by family (shades cycle within a family), dashes for random."""
+  counts = {f: 0 for f in FAMILIES}
+  styles = {}
+  for name in names:
+    fam = family(results, name)
+    palette = _PALETTES[fam]
+    tag = _FAMILY_LABEL[fam]
+    styles[name] = {
+        "color": palette[counts[fam] % len(palette)],
+        "linestyle": "--" if fam == "random" else "-",
+        "label": f"{name} ({tag})" if tag else name,
+    }
+    counts[fam] += 1
+  return styles
+
+
+def _models_with(results: dict, key: str) -> List[str]:
+  """Names of the models whose entry has non-empty values under `key`, in results order."""
+  models = results.get("models", {}) or {}
+  return [n for n, v in models.items() if isinstance(v, dict) and v.get(key) is not None
+          and len(v[key]) > 0]
+
+
+def _per_layer(results: dict, name: str, key: str) -> List[np.ndarray]:
+  """Values of one model as a list (per layer) of 1-D float arrays (per head)."""
+  try:
+    return [np.atleast_1d(np.asarray(layer, np.float64)).ravel()
+            for layer in results["models"][name][key]]
+  except (TypeError, ValueError) as e:
+    raise ClmimError(f"results['models'][{name!r}][{key!r}]: expected a list (per layer) of "
+                     f"numbers or lists of per-head numbers ({e}).") from e
+
+
+def _stage_rows(results: dict, name: str) -> np.ndarray:
+  """ΔlogA of one model as an array [stages, frequencies]."""
+  try:
+    rows = np.asarray(results["models"][name]["fourier"], np.float64)
+  except (TypeError, ValueError) as e:
+    raise ClmimError(f"results['models'][{name!r}]['fourier']: expected a rectangular list "
+                     f"[stage][frequency] of numbers ({e}).") from e
+  if rows.ndim != 2 or rows.shape[1] == 0:
+    raise ClmimError(f"results['models'][{name!r}]['fourier']: expected [stage][frequency] "
+                     f"numbers, got shape {rows.shape}.")
+  return rows
+
+
+def _save(fig: Figure, path) -> str:
+  """Writes `fig` as PNG to `path` atomically; on any failure no file (partial or temp) stays."""
+  path = os.path.abspath(os.fspath(path))
+  folder = os.path.dirname(path)
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; figures are meant to be shared.
+    os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.unlink(tmp)
+    except FileNotFoundError:
+      pass
+    raise
+  return path
+
+
+def _finish_axes(ax, xlabel: str, ylabel: str, title: str, legend: bool = True):
+  ax.set_xlabel(xlabel, fontsize=11)
+  ax.set_ylabel(ylabel, fontsize=11)
+  ax.set_title(title, fontsize=12)
+  ax.tick_params(labelsize=9)
+  ax.grid(alpha=0.25, linewidth=0.6)
+  ax.spines[["top", "right"]].set_visible(False)
+  if legend:
+    # Outside the axes: with several models an inside legend always hides some curve.
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def plot_per_layer(results: dict, key: str, path, ylabel: str, title: str,
+                   reference: Reference = None, reference_label: Optional[str] = None) -> str:
+  """Plots a per-(layer, head) metric against depth 1..L for every model that has `key`.
+
+  One line per model (mean over heads) with small dots for the individual heads. `reference`
+  draws a dotted line: a number (horizontal) or one value per layer. Returns the path written.
+  """
+  names = _models_with(results, key)
+  if not names:
+    raise ClmimError(f"results has no model with values for {key!r}: nothing to plot.")
+  styles = model_styles(results, names)
+  fig = Figure(figsize=(5.2, 3.8))
+  ax = fig.add_subplot()
+  for name in names:
+    layers, style = _per_layer(results, name, key), styles[name]
+    depth = np.arange(1, len(layers) + 1)
+    for x, heads in zip(depth, layers):
+      if heads.size > 1:
+        ax.scatter(np.full(heads.size, x), heads, s=7, color=style["color"], alpha=0.3,
+                   linewidths=0, zorder=1)
+    with np.errstate(all="ignore"):  # An all-NaN layer plots as a gap, not a warning.
+      means = [np.nanmean(h) if np.isfinite(h).any() else np.nan for h in layers]
+    ax.plot(depth, means, marker="o", markersize=3.5, linewidth=1.8, zorder=2,
+            color=style["color"], linestyle=style["linestyle"], label=style["label"])
+  if reference is not None:
+    ref = np.atleast_1d(np.asarray(reference, np.float64))
+    if ref.size == 1:
+      ax.axhline(ref[0], color="k", linestyle=":", linewidth=1.1, label=reference_label)
+    else:
+      ax.plot(np.arange(1, ref.size + 1), ref, color="k", linestyle=":", linewidth=1.1,
+              label=reference_label)
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  _finish_axes(ax, "Depth", ylabel, title)
+  return _save(fig, path)
+
+
+def plot_fourier(results: dict, path) -> str:
+  """Two panels: ΔlogA at the highest frequency vs depth 0..L, and the last stage's full curve.
+
+  `results["models"][name]["fourier"]` holds one row per stage (embedding output, then each
+  block's output) of ΔlogA along the half-diagonal of the centred spectrum, DC first. Entry k of a
+  row of F values sits at normalised frequency πk/F (exact for an even token grid, g = 2F).
+  """
+  names = _models_with(results, "fourier")
+  if not names:
+    raise ClmimError("results has no model with values for 'fourier': nothing to plot.")
+  styles = model_styles(results, names)
+  fig = Figure(figsize=(10.4, 3.8))
+  ax_depth, ax_freq = fig.subplots(1, 2)
+  for name in names:
+    rows, style = _stage_rows(results, name), styles[name]
+    kw = dict(color=style["color"], linestyle=style["linestyle"], label=style["label"])
+    ax_depth.plot(np.arange(rows.shape[0]), rows[:, -1], marker="o", markersize=3.5,
+                  linewidth=1.8, **kw)
+    freqs = math.pi * np.arange(rows.shape[1]) / rows.shape[1]
+    ax_freq.plot(freqs, rows[-1], linewidth=1.8, **kw)
+  ax_depth.xaxis.set_major_locator(MaxNLocator(integer=True))
+  _finish_axes(ax_depth, "Depth", "ΔLog amplitude (highest frequency)",
+               "High-frequency amplitude vs depth", legend=False)
+  ax_freq.set_xlim(0, math.pi)
+  ax_freq.set_xticks([0, math.pi / 2, math.pi], ["0", "π/2", "π"])
+  _finish_axes(ax_freq, "Frequency", "ΔLog amplitude", "Last stage: ΔLog amplitude")
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def write_all_figures(results: dict, workdir) -> List[str]:
+  """Writes every figure the results support into `workdir`; returns the paths written.
+
+  attention_distance.png, nmi.png, attention_entropy.png, fourier.png, each only when some model
+  has the corresponding key.
+  """
+  workdir = os.fspath(workdir)
+  reference = results.get("reference", {}) or {}
+  specs = [
+      ("attention_distance", "Attention distance (px)", "Attention distance",
+       reference.get("attention_distance"), "uniform attention"),
+      ("nmi", "NMI", "Normalised mutual information (query, key)", 0.0,
+       "query-independent attention"),
+      ("attention_entropy", "Attention entropy / log N", "Attention entropy", 1.0,
+       "uniform attention"),
+  ]
+  written = []
+  for key, ylabel, title, ref, ref_label in specs:
+    if _models_with(results, key):
+      written.append(plot_per_layer(results, key, os.path.join(workdir, f"{key}.png"),
+                                    ylabel, title, ref, ref_label if ref is not None else None))
+  if _models_with(results, "fourier"):
+    written.append(plot_fourier(results, os.path.join(workdir, "fourier.png")))
+  return written

@@ -1,0 +1,133 @@
+"""clmim's own encoder checkpoint: a directory with `encoder.npz` and `manifest.json`.
+
+The npz holds the ViT parameters flattened to "a/b/c" keys; the manifest holds the model fields,
+the preprocessing, how it was trained (config, steps, final loss, the command that reproduces
+it) and the npz's sha256, which `load` verifies before trusting the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+from flax import traverse_util
+
+from clmim.errors import ClmimError
+
+MANIFEST = "manifest.json"
+WEIGHTS = "encoder.npz"
+
+
+def sha256_of(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _atomic_write(path: str, write) -> None:
+  """Writes via a temporary file in the same folder, then renames (no partial files)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+    os.chmod(tmp, 0o644)  # mkstemp makes owner-only files
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def save(directory: str, config, encoder_params, steps: int, final_loss=None,
+         extra: dict | None = None) -> str:
+  """Writes encoder.npz + manifest.json into `directory`; returns the directory."""
+  os.makedirs(directory, exist_ok=True)
+  flat = {"/".join(k): np.asarray(v, np.float32)
+          for k, v in traverse_util.flatten_dict(encoder_params).items()}
+  weights_path = os.path.join(directory, WEIGHTS)
+  _atomic_write(weights_path, lambda f: np.savez(f, **flat))
+  cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  manifest = {
+      "name": cfg.get("name", os.path.basename(os.path.normpath(directory))),
+      "method": cfg.get("objective"),
+      "family": cfg.get("family"),
+      "model": cfg["model"],
+      "preprocessing": {"image_size": cfg["data"]["image_size"], "mean": cfg["data"]["mean"],
+                        "std": cfg["data"]["std"]},
+      "steps": steps,
+      "final_loss": final_loss,
+      "num_params": int(sum(v.size for v in flat.values())),
+      "file": WEIGHTS,
+      "sha256": sha256_of(weights_path),
+      "command": cfg.get("reproduce_command"),
+      "config": cfg,
+      **(extra or {}),
+  }
+  _atomic_write(os.path.join(directory, MANIFEST),
+                lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+  return directory
+
+
+def read_manifest(path: str) -> tuple[dict, str]:
+  """(manifest, directory) for a checkpoint directory or its manifest.json path."""
+  directory = path if os.path.isdir(path) else os.path.dirname(path)
+  manifest_path = os.path.join(directory, MANIFEST)
+  if not os.path.exists(manifest_path):
+    raise ClmimError(f"Checkpoint {path!r}: no {MANIFEST} found (expected a clmim checkpoint "
+                     f"directory holding {MANIFEST} and {WEIGHTS}).")
+  try:
+    with open(manifest_path) as f:
+      manifest = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ClmimError(f"Checkpoint manifest {manifest_path!r} is not valid JSON: {e}") from e
+  for key in ("model", "file", "sha256"):
+    if key not in manifest:
+      raise ClmimError(f"Checkpoint manifest {manifest_path!r} lacks the key {key!r}.")
+  return manifest, directory
+
+
+def load(path: str, verify: bool = True) -> tuple[dict, dict]:
+  """Loads a clmim checkpoint; returns (manifest, nested params).
+
+  Raises ClmimError for a missing directory, a missing or corrupt file (sha256 mismatch,
+  unreadable zip) — naming the file.
+  """
+  if not os.path.exists(path):
+    raise ClmimError(f"Checkpoint {path!r} does not exist.")
+  manifest, directory = read_manifest(path)
+  weights_path = os.path.join(directory, manifest["file"])
+  if not os.path.exists(weights_path):
+    raise ClmimError(f"Checkpoint weights {weights_path!r} are missing.")
+  if verify and sha256_of(weights_path) != manifest["sha256"]:
+    raise ClmimError(f"Checkpoint weights {weights_path!r} are corrupt: sha256 does not match "
+                     f"the manifest ({manifest['sha256'][:12]}...).")
+  try:
+    with np.load(weights_path) as data:
+      flat = {tuple(k.split("/")): np.asarray(data[k]) for k in data.files}
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    raise ClmimError(f"Checkpoint weights {weights_path!r} cannot be read: {e}") from e
+  return manifest, traverse_util.unflatten_dict(flat)
+
+
+def check_params(expected, loaded, source: str) -> None:
+  """Strict accounting: same keys and shapes as the model's params, or one clear error."""
+  want = {"/".join(k): np.shape(v) for k, v in traverse_util.flatten_dict(expected).items()}
+  got = {"/".join(k): np.shape(v) for k, v in traverse_util.flatten_dict(loaded).items()}
+  missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+  wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+  if missing or unexpected or wrong:
+    details = []
+    if missing:
+      details.append(f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}")
+    if unexpected:
+      details.append(f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    if wrong:
+      details.append("wrong shapes " + ", ".join(f"{k}: {got[k]} (model {want[k]})"
+                                                 for k in wrong[:8]))
+    raise ClmimError(f"Checkpoint {source!r} does not fit its model: " + "; ".join(details))

@@ -1,0 +1,70 @@
+"""Building blocks shared by the files in configs/ (configs are code; see design.md).
+
+Every pretraining config has the fields below; each is documented where it is set.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def demo_model(**fields) -> ml_collections.ConfigDict:
+  """The demo ViT: 32 px images, patch 4 (an 8x8 token grid), width 128, depth 6, 4 heads."""
+  model = dict(
+      variant="",                   # e.g. "B/16"; explicit fields below override it
+      image_size=32, patch_size=4, width=128, depth=6, num_heads=4, mlp_dim=256,
+      block_style="timm",           # "timm" (fused qkv bias) or "beit" (q/v bias, layer scale)
+      position_embedding="learned", # "learned", "sincos" (fixed) or "none"
+      rel_pos_bias="none",          # "none", "shared" or "per_block"
+      layer_scale_init=None,        # float or None (no layer scale)
+      use_mask_token=False,         # SimMIM/BEiT mask token
+      drop_path=0.0,                # stochastic depth rate of the last block
+  )
+  model.update(fields)
+  return ml_collections.ConfigDict(model)
+
+
+def pretrain_base(arg: str, name: str, objective: str, family: str) -> ml_collections.ConfigDict:
+  """Fields every pretraining run has, at the demo scale."""
+  if arg not in ("demo", "runlocal"):
+    raise ValueError(f"Unknown config variant {arg!r}; expected 'demo' or 'runlocal'.")
+  config = ml_collections.ConfigDict()
+  config.mode = "pretrain"          # what clmim.main does with this config
+  config.name = name                # name of the exported checkpoint
+  config.objective = objective      # module clmim/train/<objective>.py
+  config.family = family            # "cl" or "mim": how figures colour the model
+  config.seed = 0                   # parameter init and augmentation randomness
+  config.total_steps = 6000         # optimisation steps (cosine schedules end here)
+  config.batch_size = 64            # global batch, split over all devices
+  config.lr = 1e-3                  # peak learning rate
+  config.warmup_steps = 300         # linear warm-up steps
+  config.final_lr_fraction = 0.01   # lr at the end of the cosine, as a fraction of the peak
+  config.weight_decay = 0.05        # AdamW decoupled weight decay (matrices only)
+  config.beta2 = 0.95               # AdamW second-moment decay
+  config.grad_clip = 3.0            # global-norm gradient clipping (0 = off)
+  config.log_every = 25             # steps between metrics.jsonl records
+  config.checkpoint_every = 250     # steps between orbax checkpoints (and resumable points)
+  config.keep_checkpoints = 30      # orbax checkpoints kept (snapshots for metrics over training)
+  config.data = ml_collections.ConfigDict(dict(
+      source="synthetic",           # procedural shapes x textures (clmim/data/synthetic.py)
+      image_size=32,                # pixels
+      num_train_images=50000,       # size of the procedural training split (then it repeats)
+      seed=0,                       # dataset seed
+      mean="half", std="half",      # normalisation: "imagenet", "half" or 3-tuples
+  ))
+  config.reproduce_command = (f"python -m clmim.main --config configs/pretrain_{objective}.py:"
+                              f"{arg} --workdir runs/{name}")
+  return config
+
+
+def finish(config: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
+  """Applies the `runlocal` shrink (seconds on a laptop) and locks the config."""
+  if arg == "runlocal":
+    config.total_steps = 6
+    config.warmup_steps = 2
+    config.batch_size = 16
+    config.log_every = 2
+    config.checkpoint_every = 3
+    config.data.num_train_images = 256
+    config.model.depth = 2
+  config.lock()
+  return config

@@ -1,0 +1,152 @@
+"""A folder of images laid out one sub-folder per class (the ImageNet / torchvision layout).
+
+  root/
+    n01440764/ a.JPEG b.JPEG ...
+    n01443537/ ...
+
+Class names are the sorted sub-folder names and their positions are the label ids; files are
+listed recursively under each class folder and sorted by relative path, so index i is the same
+image on every machine and every run (the order torchvision's ImageFolder uses, class-major).
+Decoding runs in a small thread pool: PIL releases the GIL while decoding and resizing, so
+threads overlap decode with whatever consumes the batches.
+"""
+import collections
+import concurrent.futures
+import os
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from clmim.errors import ClmimError
+
+DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def _is_hidden(name: str) -> bool:
+  return name.startswith(".")
+
+
+def _list_images(folder: str, extensions: Tuple[str, ...]) -> List[str]:
+  """All image files under `folder` (recursively), sorted by path relative to `folder`."""
+  found = []
+  for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+    for name in filenames:
+      if not _is_hidden(name) and name.lower().endswith(extensions):
+        found.append(os.path.relpath(os.path.join(dirpath, name), folder))
+  return [os.path.join(folder, rel) for rel in sorted(found)]
+
+
+class ImageFolder:
+  """Indexable image dataset over `root/<class>/**/<image>`.
+
+  Attributes:
+    root: the folder given.
+    classes: sorted class names; `classes[label]` names a label.
+    files: image paths in dataset order.
+    labels: int label per file, same order.
+  """
+
+  def __init__(self, root: str, preprocess: Callable[[Image.Image], np.ndarray],
+               max_images_per_class: Optional[int] = None,
+               extensions: Sequence[str] = DEFAULT_EXTENSIONS, *,
+               num_workers: Optional[int] = None):
+    """Lists the files (no decoding yet) and checks the layout.
+
+    Args:
+      root: folder with one sub-folder per class.
+      preprocess: maps a PIL image to a float32 array [H, W, 3] (e.g. `EvalPreprocess`).
+      max_images_per_class: keep only the first n files (in sorted order) of every class.
+      extensions: accepted file name endings, case-insensitive.
+      num_workers: decoding threads for `batches`; default min(8, number of CPUs).
+    """
+    self.root = os.fspath(root)
+    self.preprocess = preprocess
+    if isinstance(extensions, str):
+      extensions = (extensions,)
+    self.extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower()
+                            for e in extensions)
+    accepted = ", ".join(self.extensions)
+    if max_images_per_class is not None and (
+        isinstance(max_images_per_class, bool) or not isinstance(max_images_per_class, int)
+        or max_images_per_class <= 0):
+      raise ClmimError(f"max_images_per_class = {max_images_per_class!r}: expected a positive "
+                       "integer or None.")
+    if not os.path.isdir(self.root):
+      what = "is not a folder" if os.path.exists(self.root) else "does not exist"
+      raise ClmimError(f"Image folder {self.root!r} {what}: expected a folder with one "
+                       f"sub-folder of images ({accepted}) per class.")
+    self.classes = sorted(
+        e.name for e in os.scandir(self.root) if e.is_dir() and not _is_hidden(e.name))
+    if not self.classes:
+      raise ClmimError(f"Image folder {self.root!r} has no class sub-folders: expected "
+                       f"root/<class>/<image> with images ending in {accepted}.")
+    self.files, self.labels = [], []
+    for label, name in enumerate(self.classes):
+      files = _list_images(os.path.join(self.root, name), self.extensions)
+      if not files:
+        # An empty class keeps a label that never occurs; it is almost always a copy that went
+        # wrong, so refuse it (torchvision does too).
+        raise ClmimError(f"Class folder {os.path.join(self.root, name)!r} has no images: "
+                         f"expected files ending in {accepted}.")
+      files = files[:max_images_per_class]
+      self.files += files
+      self.labels += [label] * len(files)
+    self.num_workers = num_workers or min(8, os.cpu_count() or 1)
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def load(self, index: int) -> np.ndarray:
+    """Decodes and preprocesses image `index`; undecodable files raise ClmimError naming them."""
+    path = self.files[index]
+    try:
+      with Image.open(path) as image:
+        image.load()
+        return self.preprocess(image)
+    except (Image.UnidentifiedImageError, Image.DecompressionBombError, OSError,
+            SyntaxError, ValueError) as e:
+      raise ClmimError(f"Cannot decode image {path!r}: {e}") from e
+
+  def __getitem__(self, index: int) -> Tuple[np.ndarray, int]:
+    """Returns (image float32 [H, W, 3], label int)."""
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+      raise TypeError(f"ImageFolder indices are integers, got {type(index).__name__}.")
+    if not -len(self) <= index < len(self):
+      raise IndexError(f"index {index} out of range for {len(self)} images in {self.root!r}.")
+    return self.load(int(index)), self.labels[index]
+
+  def batches(self, batch_size: int, num_images: Optional[int] = None,
+              prefetch_batches: int = 2) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """Yields (images float32 [b, H, W, 3], labels int32 [b]) in dataset order.
+
+    Covers the first `num_images` images (all when None; more than there are means all); the
+    last batch is smaller when batch_size does not divide that count. Up to `prefetch_batches`
+    batches beyond the current one are decoded ahead in the thread pool.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+      raise ClmimError(f"batch_size = {batch_size!r}: expected a positive integer.")
+    if num_images is not None and (not isinstance(num_images, int) or num_images < 0):
+      raise ClmimError(f"num_images = {num_images!r}: expected a non-negative integer or None.")
+    n = len(self) if num_images is None else min(num_images, len(self))
+    window = (1 + max(0, prefetch_batches)) * batch_size
+    pool = concurrent.futures.ThreadPoolExecutor(self.num_workers, "clmim-decode")
+    pending = collections.deque()
+    submitted = 0
+    try:
+      for start in range(0, n, batch_size):
+        while submitted < n and len(pending) < window:
+          pending.append(pool.submit(self.load, submitted))
+          submitted += 1
+        size = min(batch_size, n - start)
+        images = [pending.popleft().result() for _ in range(size)]
+        labels = np.asarray(self.labels[start:start + size], np.int32)
+        yield np.stack(images), labels
+    finally:
+      # Reached also when the consumer stops early: drop the decodes nobody will read.
+      pool.shutdown(wait=True, cancel_futures=True)
+
+  def __repr__(self):
+    return (f"ImageFolder({self.root!r}, {len(self.classes)} classes, {len(self)} images, "
+            f"preprocess={self.preprocess!r})")

@@ -1,0 +1,167 @@
+"""Evaluation preprocessing: resize shorter side, centre crop, normalise (PIL in, numpy out).
+
+The semantics follow timm's `transforms_imagenet_eval` with its default centre-crop mode, i.e.
+torchvision's `Resize(int)` + `CenterCrop` + `ToTensor` + `Normalize`, so that features computed
+here match the ones PyTorch checkpoints were evaluated with:
+
+  1. convert to RGB;
+  2. resize the shorter side to floor(image_size / crop_pct) (or `resize_shorter`), the longer side
+     to int(new_short * long / short), with PIL's antialiased resampling;
+  3. centre crop image_size x image_size, offsets int(round((size - crop) / 2));
+  4. scale to [0, 1] and normalise per channel, in float32.
+
+The output is channels-last [H, W, 3] float32, the layout the Flax models take.
+"""
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image
+
+from clmim.errors import ClmimError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+_NAMED_STATS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": (HALF, HALF)}
+_INTERPOLATIONS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+Stats = Union[str, Sequence[float]]
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """Returns `image` as an RGB PIL image (L, LA, RGBA, P, CMYK, I;16, ... accepted).
+
+  Alpha is dropped, not composited, as `PIL.Image.convert('RGB')` (and so timm/torchvision) does.
+  """
+  if image.mode == "RGB":
+    return image
+  if image.mode == "P" and "transparency" in image.info:
+    # Going through RGBA gives the same RGB values and avoids PIL's palette-transparency warning.
+    image = image.convert("RGBA")
+  if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+    # PIL would clip 16-bit / float values at 255; rescale to the 8-bit range instead.
+    arr = np.asarray(image, dtype=np.float64)
+    hi = 65535.0 if image.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+    arr = np.clip(np.round(arr * (255.0 / hi)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(arr, mode="L")
+  return image.convert("RGB")
+
+
+def _stats(value: Stats, field: str, where: str) -> Tuple[float, float, float]:
+  """Resolves a mean/std given by name ('imagenet', 'half') or as three numbers."""
+  if isinstance(value, str):
+    key = value.lower()
+    if key not in _NAMED_STATS:
+      raise ClmimError(
+          f"{where}.{field} = {value!r}: expected 'imagenet', 'half' or three numbers.")
+    return _NAMED_STATS[key][0 if field == "mean" else 1]
+  try:
+    out = tuple(float(v) for v in value)
+  except (TypeError, ValueError):
+    out = ()
+  if len(out) != 3 or (field == "std" and any(v <= 0 for v in out)):
+    what = "three positive numbers" if field == "std" else "three numbers"
+    raise ClmimError(f"{where}.{field} = {value!r}: expected 'imagenet', 'half' or {what}.")
+  return out
+
+
+class EvalPreprocess:
+  """Callable mapping a PIL image to a normalised float32 array [image_size, image_size, 3].
+
+  Attributes:
+    image_size: side of the square output.
+    resize_to: the shorter side after resizing (floor(image_size / crop_pct) by default).
+    interpolation: 'bilinear' or 'bicubic'.
+    mean, std: per-channel normalisation in [0, 1] pixel units.
+  """
+
+  def __init__(self, image_size: int, crop_pct: float = 0.875, interpolation: str = "bilinear",
+               mean: Stats = IMAGENET_MEAN, std: Stats = IMAGENET_STD,
+               resize_shorter: Optional[int] = None, *, where: str = "preprocess"):
+    """Validates the settings; `where` names the config they came from in error messages."""
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) \
+        or image_size <= 0:
+      raise ClmimError(f"{where}.image_size = {image_size!r}: expected a positive integer.")
+    self.image_size = int(image_size)
+    if resize_shorter is None:
+      try:
+        pct = float(crop_pct)
+      except (TypeError, ValueError):
+        pct = float("nan")
+      if not 0.0 < pct <= 1.0:
+        raise ClmimError(f"{where}.crop_pct = {crop_pct!r}: expected a number in (0, 1].")
+      self.crop_pct = pct
+      self.resize_to = math.floor(self.image_size / pct)
+    else:
+      if isinstance(resize_shorter, bool) or not isinstance(resize_shorter, (int, np.integer)) \
+          or resize_shorter < self.image_size:
+        # torchvision would zero-pad here; for an evaluation that is always a config mistake.
+        raise ClmimError(f"{where}.resize_shorter = {resize_shorter!r}: expected an integer "
+                         f">= image_size ({self.image_size}).")
+      self.resize_to = int(resize_shorter)
+      self.crop_pct = self.image_size / self.resize_to
+    key = interpolation.lower() if isinstance(interpolation, str) else interpolation
+    if key not in _INTERPOLATIONS:
+      raise ClmimError(f"{where}.interpolation = {interpolation!r}: expected one of "
+                       f"{sorted(_INTERPOLATIONS)}.")
+    self.interpolation = key
+    self.mean = _stats(mean, "mean", where)
+    self.std = _stats(std, "std", where)
+    self._mean = np.asarray(self.mean, np.float32)
+    self._std = np.asarray(self.std, np.float32)
+
+  @property
+  def output_shape(self) -> Tuple[int, int, int]:
+    """Shape of one preprocessed image, [H, W, 3]."""
+    return (self.image_size, self.image_size, 3)
+
+  def resize_and_crop(self, image: Image.Image) -> Image.Image:
+    """Steps 1-3: RGB conversion, shorter-side resize and centre crop; returns a PIL image."""
+    image = to_rgb(image)
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = self.resize_to, int(self.resize_to * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+      image = image.resize((new_w, new_h), resample=_INTERPOLATIONS[self.interpolation])
+    crop = self.image_size
+    top = int(round((new_h - crop) / 2.0))
+    left = int(round((new_w - crop) / 2.0))
+    return image.crop((left, top, left + crop, top + crop))
+
+  def __call__(self, image: Image.Image) -> np.ndarray:
+    """Returns the preprocessed image, float32 [image_size, image_size, 3]."""
+    if not isinstance(image, Image.Image):
+      raise ClmimError(f"EvalPreprocess expects a PIL.Image.Image, got {type(image).__name__}.")
+    x = np.asarray(self.resize_and_crop(image), dtype=np.float32) / np.float32(255.0)
+    # Same float32 op order as torchvision's ToTensor + Normalize.
+    return (x - self._mean) / self._std
+
+  def __repr__(self):
+    return (f"EvalPreprocess(image_size={self.image_size}, resize_to={self.resize_to}, "
+            f"interpolation={self.interpolation!r}, mean={self.mean}, std={self.std})")
+
+
+def from_config(cfg, where: str = "config") -> EvalPreprocess:
+  """Builds an `EvalPreprocess` from a ConfigDict (or dict).
+
+  Fields: image_size (required), crop_pct (default 0.875), interpolation ('bilinear' default),
+  mean/std ('imagenet' default, 'half', or three numbers), resize_shorter (optional, overrides
+  crop_pct). `where` is the config path used in error messages, e.g. "config.data.pp".
+  """
+  get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+  if get("image_size", None) is None:
+    raise ClmimError(f"{where}.image_size is missing: expected a positive integer.")
+  return EvalPreprocess(
+      image_size=get("image_size"),
+      crop_pct=get("crop_pct", 0.875),
+      interpolation=get("interpolation", "bilinear"),
+      mean=get("mean", "imagenet"),
+      std=get("std", "imagenet"),
+      resize_shorter=get("resize_shorter", None),
+      where=where)

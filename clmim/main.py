@@ -1,0 +1,66 @@
+r"""clmim's command-line entry point.
+
+  python -m clmim.main --config configs/nmi.py [--workdir DIR] [--config.field=value ...]
+
+The config file's `get_config(arg)` returns a locked ConfigDict; `config.mode` selects what runs:
+"analyze" (the analyses of configs/nmi.py, attention_distance.py, fourier.py, all.py) or
+"pretrain" (configs/pretrain_*.py). A misspelt `--config.x` override fails with one message.
+User errors (bad files, fields, names) print one line and exit with status 1.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file, optionally followed by ':variant'.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output folder. Default: runs/<config name>-<date>-<time>.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host runs); also "
+    "enabled by CLMIM_DISTRIBUTED=1.")
+
+
+def default_workdir(config) -> str:
+  name = config.get("name", "run")
+  return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def run(config, workdir: str):
+  """Runs `config` in `workdir` (what `main` does after parsing flags)."""
+  if config.mode == "pretrain":
+    from clmim.train import trainer
+    return trainer.train(config, workdir)
+  if config.mode == "analyze":
+    from clmim.analysis import experiment
+    return experiment.run(config, workdir)
+  from clmim.errors import ClmimError
+  raise ClmimError(f"config.mode={config.mode!r}: expected 'analyze' or 'pretrain'.")
+
+
+def main(argv):
+  del argv
+  from clmim.errors import ClmimError
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config configs/nmi.py")
+  if _DISTRIBUTED.value or os.environ.get("CLMIM_DISTRIBUTED") == "1":
+    import jax
+    jax.distributed.initialize()
+  workdir = _WORKDIR.value
+  if workdir is None:
+    workdir = default_workdir(config)
+    print(f"No --workdir given; writing to {workdir}")
+  try:
+    run(config, workdir)
+  except ClmimError as e:
+    print(f"clmim: error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

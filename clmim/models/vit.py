@@ -1,0 +1,296 @@
+"""A functional Flax (linen) Vision Transformer that exposes what the analyses read.
+
+Two block styles cover every official self-supervised checkpoint:
+- "timm": fused qkv projection with a bias, learned or fixed sin-cos absolute position
+  embedding (MoCo v3, MAE, DINO).
+- "beit": fused qkv weight with q and v biases but no k bias, layer scale, relative position
+  bias (one table shared by all blocks, or one per block), no absolute position embedding
+  (SimMIM, BEiT).
+Both use pre-norm blocks, exact erf GELU, LayerNorm eps 1e-6 and a cls token at index 0.
+
+What is sown into the "intermediates" collection (read with `apply(..., mutable=["intermediates"])`
+and `collect_states`):
+- "embedding": the patch embedding + cls + position embedding, [B, N+1, D];
+- per block "block_{i}": "attn" post-softmax probabilities [B, heads, N+1, N+1],
+  "after_attention" and "after_mlp" residual states [B, N+1, D] (before the final norm).
+jit prunes whatever a caller does not read, so sowing everything costs nothing.
+
+Parameter tree (stable names, mirrored by the checkpoint converters):
+  patch_embed/{kernel [p,p,3,D], bias}   cls_token [1,1,D]   pos_embed [1,N+1,D] (timm only)
+  mask_token [1,1,D] (when use_mask_token)   rel_pos_bias/table [R,heads] (shared RPB)
+  block_{i}/norm1/{scale,bias}  block_{i}/attn/qkv/{kernel [D,3D], bias (timm)}
+  block_{i}/attn/{q_bias,v_bias} (beit)   block_{i}/attn/rel_pos_bias/table (per-block RPB)
+  block_{i}/attn/proj/{kernel,bias}   block_{i}/gamma_1, gamma_2 (layer scale)
+  block_{i}/norm2   block_{i}/mlp/fc1, fc2   norm/{scale,bias}
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clmim.errors import ClmimError
+
+# name -> (width, depth, mlp_dim, heads). "mu" is a tiny test/demo size.
+VARIANTS = {
+    "mu": (128, 6, 256, 4),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+}
+
+
+def parse_variant(variant: str) -> dict:
+  """Turns "B/16" into dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)."""
+  match = re.fullmatch(r"(\w+)/(\d+)", variant or "")
+  if not match or match.group(1) not in VARIANTS:
+    raise ClmimError(f"Unknown ViT variant {variant!r}: expected '<size>/<patch>' with size one "
+                     f"of {sorted(VARIANTS)} (e.g. 'B/16').")
+  width, depth, mlp_dim, heads = VARIANTS[match.group(1)]
+  return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
+              patch_size=int(match.group(2)))
+
+
+def sincos_position_embedding(grid: int, width: int, order: str = "row_first") -> np.ndarray:
+  """Fixed 2-D sin-cos embedding [1, grid*grid + 1, width] with a zero cls row.
+
+  Each half of the channels encodes one axis as [sin(pos*omega), cos(pos*omega)] with
+  omega = 1 / 10000**(arange(width/4) / (width/4)). "row_first" puts the patch row in the first
+  half (MoCo v3's table); "col_first" puts the column first (MAE's table).
+  """
+  if width % 4:
+    raise ClmimError(f"sin-cos position embedding needs a width divisible by 4, got {width}.")
+  quarter = width // 4
+  omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+  rows, cols = np.divmod(np.arange(grid * grid), grid)
+
+  def encode(pos):
+    angles = pos[:, None].astype(np.float64) * omega[None]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+  first, second = (rows, cols) if order == "row_first" else (cols, rows)
+  table = np.concatenate([encode(first), encode(second)], axis=1)
+  table = np.concatenate([np.zeros((1, width)), table], axis=0)
+  return table[None].astype(np.float32)
+
+
+def relative_position_index(grid: int) -> np.ndarray:
+  """BEiT's relative position index [N+1, N+1] into a table of (2g-1)^2 + 3 rows.
+
+  Patch pairs index by their (row, col) offset; the last three rows are cls->token,
+  token->cls and cls->cls.
+  """
+  coords = np.stack(np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")).reshape(2, -1)
+  offsets = coords[:, :, None] - coords[:, None, :] + (grid - 1)  # [2, N, N], non-negative
+  num_patch_offsets = (2 * grid - 1) ** 2
+  index = np.zeros((grid * grid + 1,) * 2, dtype=np.int32)
+  index[1:, 1:] = offsets[0] * (2 * grid - 1) + offsets[1]
+  index[0, :] = num_patch_offsets
+  index[:, 0] = num_patch_offsets + 1
+  index[0, 0] = num_patch_offsets + 2
+  return index
+
+
+class RelativePositionBias(nn.Module):
+  """Learned bias per (relative offset, head), returned as [heads, N+1, N+1]."""
+  grid: int
+  num_heads: int
+
+  @nn.compact
+  def __call__(self):
+    index = relative_position_index(self.grid)
+    table = self.param("table", nn.initializers.zeros, (int(index.max()) + 1, self.num_heads))
+    return table[index.reshape(-1)].reshape(*index.shape, self.num_heads).transpose(2, 0, 1)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention written out so the probabilities can be sown."""
+  num_heads: int
+  block_style: str = "timm"
+  per_block_rel_pos: bool = False
+  grid: int = 0
+
+  @nn.compact
+  def __call__(self, x, shared_bias=None):
+    batch, tokens, width = x.shape
+    head_dim = width // self.num_heads
+    dense_init = nn.initializers.xavier_uniform()
+    if self.block_style == "timm":
+      qkv = nn.Dense(3 * width, name="qkv", kernel_init=dense_init)(x)
+    else:  # BEiT: one qkv weight, learned q and v biases, no k bias.
+      qkv = nn.Dense(3 * width, use_bias=False, name="qkv", kernel_init=dense_init)(x)
+      q_bias = self.param("q_bias", nn.initializers.zeros, (width,))
+      v_bias = self.param("v_bias", nn.initializers.zeros, (width,))
+      qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
+    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, hd]
+    scale = head_dim ** -0.5
+    if self.block_style == "timm":
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    else:  # BEiT scales q first; the order matters at float32 precision for parity.
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k)
+    if self.per_block_rel_pos:
+      logits = logits + RelativePositionBias(self.grid, self.num_heads, name="rel_pos_bias")()
+    if shared_bias is not None:
+      logits = logits + shared_bias
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+    self.sow("intermediates", "attn", probs)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, tokens, width)
+    return nn.Dense(width, name="proj", kernel_init=dense_init)(out)
+
+
+class Mlp(nn.Module):
+  """fc1 -> exact erf GELU -> fc2."""
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.xavier_uniform()
+    bias_init = nn.initializers.normal(1e-6)
+    hidden = nn.Dense(self.mlp_dim, name="fc1", kernel_init=init, bias_init=bias_init)(x)
+    hidden = nn.gelu(hidden, approximate=False)
+    return nn.Dense(x.shape[-1], name="fc2", kernel_init=init, bias_init=bias_init)(hidden)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block; sows the residual state after each branch."""
+  num_heads: int
+  mlp_dim: int
+  block_style: str = "timm"
+  layer_scale_init: Optional[float] = None
+  per_block_rel_pos: bool = False
+  grid: int = 0
+  drop_path: float = 0.0
+
+  def _branch(self, x, y, gamma_name, deterministic):
+    if self.layer_scale_init is not None:
+      gamma = self.param(gamma_name, nn.initializers.constant(self.layer_scale_init),
+                         (x.shape[-1],))
+      y = y * gamma
+    if self.drop_path and not deterministic:
+      # Stochastic depth: drop the whole branch per sample, rescale the survivors.
+      keep = 1.0 - self.drop_path
+      noise = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0], 1, 1))
+      y = y * noise / keep
+    return x + y
+
+  @nn.compact
+  def __call__(self, x, shared_bias=None, deterministic=True):
+    norm = lambda name: nn.LayerNorm(epsilon=1e-6, name=name)
+    attn = Attention(self.num_heads, self.block_style, self.per_block_rel_pos, self.grid,
+                     name="attn")
+    x = self._branch(x, attn(norm("norm1")(x), shared_bias), "gamma_1", deterministic)
+    self.sow("intermediates", "after_attention", x)
+    x = self._branch(x, Mlp(self.mlp_dim, name="mlp")(norm("norm2")(x)), "gamma_2",
+                     deterministic)
+    self.sow("intermediates", "after_mlp", x)
+    return x
+
+
+class ViT(nn.Module):
+  """Vision Transformer encoder. Input NHWC float images; returns the final-normed tokens.
+
+  Attributes:
+    width, depth, num_heads, mlp_dim, patch_size: the architecture (see `parse_variant`).
+    image_size: training/eval resolution; fixes the grid for position tables.
+    block_style: "timm" or "beit" (see module docstring).
+    position_embedding: "learned", "sincos" (fixed values, stored as a param like the official
+      files; freeze it in the optimizer), or "none".
+    rel_pos_bias: "none", "shared" (one table for all blocks) or "per_block".
+    layer_scale_init: initial layer-scale value, or None for no layer scale.
+    use_mask_token: adds `mask_token`, used where `mask` [B, N] is True (SimMIM, BEiT).
+    drop_path: stochastic depth rate (linearly increasing over blocks), training only.
+  """
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  patch_size: int = 16
+  image_size: int = 224
+  block_style: str = "timm"
+  position_embedding: str = "learned"
+  rel_pos_bias: str = "none"
+  layer_scale_init: Optional[float] = None
+  use_mask_token: bool = False
+  drop_path: float = 0.0
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @nn.compact
+  def __call__(self, images, mask=None, deterministic=True):
+    batch = images.shape[0]
+    if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
+      raise ClmimError(f"ViT built for {self.image_size}px images got shape {images.shape}.")
+    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
+                padding="VALID", name="patch_embed")(images)
+    x = x.reshape(batch, -1, self.width)
+    if self.use_mask_token:
+      mask_token = self.param("mask_token", nn.initializers.truncated_normal(0.02),
+                              (1, 1, self.width))
+      if mask is not None:
+        x = jnp.where(mask[..., None], mask_token.astype(x.dtype), x)
+    cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, self.width))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], 1)
+    if self.position_embedding == "learned":
+      x = x + self.param("pos_embed", nn.initializers.normal(0.02), (1, x.shape[1], self.width))
+    elif self.position_embedding == "sincos":
+      table = sincos_position_embedding(self.grid, self.width)
+      x = x + self.param("pos_embed", lambda *_: jnp.asarray(table), table.shape)
+    elif self.position_embedding != "none":
+      raise ClmimError(f"position_embedding must be 'learned', 'sincos' or 'none', "
+                       f"got {self.position_embedding!r}.")
+    self.sow("intermediates", "embedding", x)
+
+    shared_bias = None
+    if self.rel_pos_bias == "shared":
+      shared_bias = RelativePositionBias(self.grid, self.num_heads, name="rel_pos_bias")()
+    elif self.rel_pos_bias not in ("none", "per_block"):
+      raise ClmimError(f"rel_pos_bias must be 'none', 'shared' or 'per_block', "
+                       f"got {self.rel_pos_bias!r}.")
+    for i in range(self.depth):
+      rate = self.drop_path * i / max(self.depth - 1, 1)
+      x = Block(self.num_heads, self.mlp_dim, self.block_style, self.layer_scale_init,
+                self.rel_pos_bias == "per_block", self.grid, rate, name=f"block_{i}")(
+                    x, shared_bias, deterministic)
+    return nn.LayerNorm(epsilon=1e-6, name="norm")(x)
+
+
+def build_vit(variant: Optional[str] = None, **overrides: Any) -> ViT:
+  """Builds a ViT from a variant name ("S/16") and/or explicit fields; overrides win."""
+  fields = parse_variant(variant) if variant else {}
+  fields.update({k: v for k, v in overrides.items() if v is not None})
+  unknown = set(fields) - set(ViT.__dataclass_fields__) - {"parent", "name"}
+  if unknown:
+    raise ClmimError(f"Unknown ViT field(s) {sorted(unknown)}; expected some of "
+                     f"{sorted(k for k in ViT.__dataclass_fields__ if k not in ('parent', 'name'))}.")
+  return ViT(**fields)
+
+
+def collect_states(intermediates: dict, depth: int) -> tuple[list, list]:
+  """Unpacks sown intermediates into (zs, attns) as defined in paper.md.
+
+  zs: 2*depth+1 residual states [B, N+1, D] (embedding, then after-attention and after-MLP of
+  each block); attns: depth attention probabilities [B, heads, N+1, N+1].
+  """
+  tree = intermediates.get("intermediates", intermediates)
+  zs, attns = [tree["embedding"][0]], []
+  for i in range(depth):
+    block = tree[f"block_{i}"]
+    zs += [block["after_attention"][0], block["after_mlp"][0]]
+    attns.append(block["attn"]["attn"][0])
+  return zs, attns
+
+
+def forward_with_states(model: ViT, params, images, mask=None) -> tuple[list, list]:
+  """Runs the model and returns (zs, attns); see `collect_states`."""
+  _, state = model.apply({"params": params}, images, mask, mutable=["intermediates"])
+  return collect_states(state, model.depth)

@@ -1,0 +1,67 @@
+"""SimMIM objective: block masks, a mask token, a linear pixel head, L1 on masked pixels
+(Xie et al., 2022).
+
+Trainable params: {"encoder", "head"}. No extra state.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from clmim.data.augment import crop_flip_view
+from clmim.models.heads import PixelHead, patchify
+from clmim.train.common import build_encoder, normalise
+
+
+def block_masks(rng, batch: int, grid: int, mask_patch: int, ratio: float):
+  """Random masks [B, grid*grid] (True = masked) made of mask_patch x mask_patch token blocks.
+
+  Exactly ceil(ratio * blocks) blocks are masked per image, as in SimMIM's MaskGenerator.
+  """
+  blocks_per_side = grid // mask_patch
+  num_blocks = blocks_per_side ** 2
+  num_masked = int(-(-ratio * num_blocks // 1))
+  ranks = jnp.argsort(jnp.argsort(jax.random.uniform(rng, (batch, num_blocks)), axis=1), axis=1)
+  block_mask = (ranks < num_masked).reshape(batch, blocks_per_side, blocks_per_side)
+  token_mask = jnp.repeat(jnp.repeat(block_mask, mask_patch, axis=1), mask_patch, axis=2)
+  return token_mask.reshape(batch, grid * grid)
+
+
+class Objective:
+  """SimMIM; see the module docstring. `config.simmim` holds the objective's fields."""
+
+  def __init__(self, config):
+    self.config = config
+    self.encoder = build_encoder(config.model)
+    self.head = PixelHead(self.encoder.patch_size)
+
+  def init(self, rng, images):
+    k_enc, k_head = jax.random.split(rng)
+    encoder = self.encoder.init(k_enc, images)["params"]
+    tokens = self.encoder.apply({"params": encoder}, images)
+    head = self.head.init(k_head, tokens[:, 1:])["params"]
+    return {"encoder": encoder, "head": head}, {}
+
+  def frozen(self, path: str) -> bool:
+    return False
+
+  def loss(self, params, state, images, rng, step):
+    cfg = self.config.simmim
+    k_view, k_mask, k_drop = jax.random.split(rng, 3)
+    images = normalise(crop_flip_view(k_view, images, tuple(cfg.crop_scale)), self.config.data)
+    grid = self.encoder.grid
+    mask = block_masks(k_mask, images.shape[0], grid, cfg.mask_patch // self.encoder.patch_size,
+                       cfg.mask_ratio)
+    tokens = self.encoder.apply({"params": params["encoder"]}, images, mask,
+                                deterministic=False, rngs={"dropout": k_drop})
+    prediction = self.head.apply({"params": params["head"]}, tokens[:, 1:])
+    error = jnp.abs(prediction - patchify(images, self.encoder.patch_size))
+    weights = mask[..., None].astype(error.dtype)
+    loss = (error * weights).sum() / (weights.sum() * error.shape[-1] + 1e-5)
+    return loss, (state, {"loss": loss, "mask_ratio": mask.mean()})
+
+  def after_update(self, params, state, step):
+    return state
+
+  def encoder_params(self, params, state):
+    return params["encoder"]

@@ -1,0 +1,141 @@
+"""The one trainer: self-supervised pretraining of a ViT with any objective in clmim/train/.
+
+Reads top to bottom: objective, mesh, input pipeline, optimizer, update step, checkpoint, loop.
+The objective is `clmim.train.<config.objective>.Objective` (MoCo v3, SimMIM, ...), which owns
+the model, the augmentations and the loss; the trainer owns everything else.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from clmim.data.synthetic import ShapesTextures, training_stream
+from clmim.errors import ClmimError
+from clmim.checkpoints import native as export
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def make_optimizer(config, params, objective):
+  """AdamW with linear warm-up and cosine decay. No weight decay on biases, norms, tokens,
+  position tables and layer scales; parameters the objective freezes get no update at all."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, config.lr, config.warmup_steps, max(config.total_steps, config.warmup_steps + 1),
+      end_value=config.lr * config.final_lr_fraction)
+  no_decay = ("bias", "scale", "cls_token", "mask_token", "pos_embed", "table", "gamma_1",
+              "gamma_2", "q_bias", "v_bias")
+  decay_mask = jax.tree_util.tree_map_with_path(
+      lambda p, x: x.ndim > 1 and _path_str(p).split("/")[-1] not in no_decay, params)
+  labels = jax.tree_util.tree_map_with_path(
+      lambda p, _: "frozen" if objective.frozen(_path_str(p)) else "train", params)
+  adamw = optax.chain(
+      optax.clip_by_global_norm(config.grad_clip) if config.grad_clip else optax.identity(),
+      optax.adamw(schedule, b1=0.9, b2=config.beta2, weight_decay=config.weight_decay,
+                  mask=decay_mask))
+  return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels), schedule
+
+
+def train(config, workdir: str) -> dict:
+  """Pretrains per `config` (see configs/pretrain_*.py), resuming from `workdir` if possible.
+
+  Writes orbax checkpoints to workdir/checkpoints, a metrics log workdir/metrics.jsonl and, at
+  the end, the encoder as an exported checkpoint (workdir/export/) with its manifest.
+  Returns the final metrics.
+  """
+  # --- Objective ------------------------------------------------------------------------
+  try:
+    module = importlib.import_module(f"clmim.train.{config.objective}")
+  except ModuleNotFoundError as e:
+    raise ClmimError(f"config.objective={config.objective!r}: no module clmim/train/"
+                     f"{config.objective}.py (expected e.g. 'moco_v3' or 'simmim').") from e
+  objective = module.Objective(config)
+
+  # --- Mesh: one data axis over every device; the batch is split across it ---------------
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  if config.batch_size % mesh.size:
+    raise ClmimError(f"config.batch_size={config.batch_size} must be a multiple of the "
+                     f"{mesh.size} devices.")
+  batch_sharding = NamedSharding(mesh, P("data"))
+  replicated = NamedSharding(mesh, P())
+
+  # --- Input pipeline ---------------------------------------------------------------------
+  data_cfg = config.data
+  dataset = ShapesTextures(data_cfg.image_size, "train", data_cfg.num_train_images,
+                           data_cfg.seed)
+
+  # --- Parameters, optimizer, checkpoint --------------------------------------------------
+  rng = jax.random.PRNGKey(config.seed)
+  sample = jnp.zeros((2, data_cfg.image_size, data_cfg.image_size, 3), jnp.float32)
+  params, state = objective.init(rng, sample)
+  tx, schedule = make_optimizer(config, params, objective)
+  train_state = {"params": params, "state": state, "opt_state": tx.init(params),
+                 "step": jnp.zeros((), jnp.int32)}
+  os.makedirs(workdir, exist_ok=True)
+  manager = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
+                                           save_interval_steps=1))
+  if manager.latest_step() is not None:
+    train_state = manager.restore(manager.latest_step(),
+                                  args=ocp.args.StandardRestore(train_state))
+    print(f"Resumed from step {manager.latest_step()} in {workdir}/checkpoints")
+  train_state = jax.device_put(train_state, replicated)
+  start_step = int(train_state["step"])
+
+  # --- Update step ------------------------------------------------------------------------
+  def update(train_state, images, step_rng):
+    step = train_state["step"]
+    grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+    (_, (state, metrics)), grads = grad_fn(train_state["params"], train_state["state"],
+                                           images, step_rng, step)
+    updates, opt_state = tx.update(grads, train_state["opt_state"], train_state["params"])
+    params = optax.apply_updates(train_state["params"], updates)
+    state = objective.after_update(params, state, step)
+    metrics = {**metrics, "lr": schedule(step), "grad_norm": optax.global_norm(grads)}
+    return {"params": params, "state": state, "opt_state": opt_state, "step": step + 1}, metrics
+
+  update = jax.jit(update, in_shardings=(replicated, batch_sharding, replicated),
+                   out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+  # --- Loop -------------------------------------------------------------------------------
+  log_path = os.path.join(workdir, "metrics.jsonl")
+  stream = training_stream(dataset, config.batch_size, start_step)
+  metrics, started = {}, time.time()
+  bar = tqdm(range(start_step, config.total_steps), initial=start_step, total=config.total_steps,
+             desc=f"pretrain {config.objective}", unit="step", dynamic_ncols=True)
+  for step in bar:
+    images = jax.device_put(next(stream)["image"], batch_sharding)
+    train_state, metrics = update(train_state, images, jax.random.fold_in(rng, step))
+    if (step + 1) % config.log_every == 0 or step + 1 == config.total_steps:
+      metrics = {k: float(v) for k, v in metrics.items()}
+      if not np.isfinite(metrics["loss"]):
+        raise ClmimError(f"Training diverged at step {step + 1}: loss {metrics['loss']}. "
+                         f"Lower config.lr or raise config.warmup_steps.")
+      images_per_s = (step + 1 - start_step) * config.batch_size / (time.time() - started)
+      record = {"step": step + 1, **metrics, "images_per_s": images_per_s}
+      with open(log_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+      bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{images_per_s:.0f}")
+    if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.total_steps:
+      manager.save(step + 1, args=ocp.args.StandardSave(train_state))
+  manager.wait_until_finished()
+  bar.close()
+
+  final = {k: float(v) for k, v in metrics.items()} if metrics else {}
+  encoder = objective.encoder_params(train_state["params"], train_state["state"])
+  out = export.save(os.path.join(workdir, "export"), config, jax.device_get(encoder),
+                    steps=int(train_state["step"]), final_loss=final.get("loss"))
+  print(f"Exported encoder to {out}")
+  return final
