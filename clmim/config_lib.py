@@ -68,3 +68,37 @@ def finish(config: ml_collections.ConfigDict, arg: str) -> ml_collections.Config
     config.model.depth = 2
   config.lock()
   return config
+
+
+def analysis_base(arg: str, name: str, analyses: str) -> ml_collections.ConfigDict:
+  """Fields every analysis run has. `arg`: "" / "demo" (the embedded default: the two demo
+  models on held-out procedural images) or "runlocal" (fewer images, for a quick check)."""
+  if arg not in ("", "demo", "runlocal"):
+    raise ValueError(f"Unknown config variant {arg!r}; expected 'demo' or 'runlocal'.")
+  config = ml_collections.ConfigDict()
+  config.mode = "analyze"           # what clmim.main does with this config
+  config.name = name                # default workdir prefix
+  config.analyses = analyses        # comma-separated: attention_distance, nmi, fourier
+  # Comma-separated model specs: known names (clmim/demo_checkpoints/*), checkpoint paths, or
+  # random:<spec> for an untrained copy of an architecture.
+  config.models = "moco_v3_demo,simmim_demo"
+  config.include_untrained = True   # also analyse a randomly initialised copy of each model
+  config.seed = 0                   # init seed of the untrained copies
+  config.batch_size = 64            # global images per step, split over all devices
+  config.progress = True            # progress bars
+  config.data = ml_collections.ConfigDict(dict(
+      source="synthetic",           # "synthetic" (no download) or "image_folder"
+      split="validation",           # synthetic split: validation (held out), train, cue_conflict
+      num_images=512,               # images per model (0 = the whole folder)
+      seed=0,                       # synthetic dataset seed
+      path="",                      # image_folder: root with one sub-folder per class
+      max_images_per_class=0,       # image_folder: cap per class, first files in sorted order (0 = all)
+      crop_pct=0.875,               # image_folder: resize shorter side to image_size / crop_pct
+      interpolation="",             # "bilinear" / "bicubic"; "" = the model's own
+      mean="", std="",              # "imagenet", "half" or 3 numbers; "" = the model's own
+  ))
+  if arg == "runlocal":
+    config.data.num_images = 64
+    config.include_untrained = False
+  config.lock()
+  return config

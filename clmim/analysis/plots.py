@@ -27,7 +27,7 @@ _PALETTES = {
     "random": ("#7f7f7f", "#b0b0b0", "#4d4d4d"),
     "other": ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"),
 }
-_FAMILY_LABEL = {"cl": "CL", "mim": "MIM", "random": "random", "other": ""}
+_FAMILY_LABEL = {"cl": "CL", "mim": "MIM", "random": "", "other": ""}
 
 Reference = Union[None, float, Sequence[float]]
 

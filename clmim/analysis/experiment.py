@@ -1,0 +1,183 @@
+"""The analysis job behind `python -m clmim.main --config configs/nmi.py` (config.mode "analyze").
+
+For every model of `config.models` (plus, optionally, an untrained copy of each architecture)
+it streams the evaluation images through the sharded `Analyzer` and collects the analyses of
+`config.analyses`. Everything that can be wrong with the input (model names, files, data,
+analysis names) is checked before any compute, and results.json is written atomically at the
+end, so a failed run leaves no partial result behind.
+
+results.json:
+  {"models": {name: {"attention_distance": [[per head] per layer], "nmi": [[...]],
+                     "attention_entropy": [[...]], "fourier": [[per frequency] per stage],
+                     "fourier_all_states": [[...]], "num_images": N}},
+   "model_info": {name: {"family", "source", "method", "steps", "image_size", "patch_size",
+                         "depth", "num_heads", "preprocessing", "data", "seconds"}},
+   "reference": {"attention_distance": uniform-attention distance (px), "nmi": 0,
+                 "attention_entropy": 1},
+   "num_images": N, "config": {...}, "versions": {...}, "figures": [...]}
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import platform
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from clmim.analysis import plots
+from clmim.analysis.runner import Analyzer
+from clmim.checkpoints import registry
+from clmim.data.eval_data import EvalImages
+from clmim.errors import ClmimError
+from clmim.models.vit import forward_with_states
+
+ANALYSES = ("attention_distance", "nmi", "fourier")
+LABELS = {"attention_distance": ("attention distance (px)", "attention_distance"),
+          "nmi": ("NMI", "nmi"), "attention_entropy": ("attention entropy / log N", "nmi"),
+          "fourier": ("high-frequency ΔlogA", "fourier")}
+
+
+def uniform_attention_distance(grid: int, patch_size: int) -> float:
+  """Mean distance (px) between two patches drawn uniformly on a grid x grid lattice."""
+  rows, cols = np.divmod(np.arange(grid * grid), grid)
+  distance = np.hypot(rows[:, None] - rows[None], cols[:, None] - cols[None])
+  return float(distance.mean() * patch_size)
+
+
+def load_analyses(names: str) -> list:
+  modules = []
+  for name in registry.split_specs(names):
+    if name not in ANALYSES:
+      raise ClmimError(f"config.analyses: unknown analysis {name!r}; expected some of {ANALYSES}.")
+    modules.append(importlib.import_module(f"clmim.analysis.{name}"))
+  if not modules:
+    raise ClmimError(f"config.analyses is empty; expected some of {ANALYSES}.")
+  return modules
+
+
+def versions() -> dict:
+  import flax
+  import clmim
+  return {"clmim": clmim.__version__, "jax": jax.__version__, "flax": flax.__version__,
+          "numpy": np.__version__, "python": platform.python_version(),
+          "backend": jax.default_backend(), "devices": jax.device_count(),
+          "processes": jax.process_count()}
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+  """Writes JSON through a temporary file + rename, so readers never see half a file."""
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(payload, f, indent=1)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _layer_means(values) -> np.ndarray:
+  return np.asarray(values, np.float64).mean(axis=-1)
+
+
+def summary(results: dict) -> str:
+  """A short text report: per model and analysis, the per-layer means (over heads)."""
+  lines = [f"{results['num_images']} images per model"]
+  for key, (label, _) in LABELS.items():
+    rows = [(name, r[key]) for name, r in results["models"].items() if key in r]
+    if not rows:
+      continue
+    reference = results["reference"].get(key)
+    ref = f" (uniform attention: {reference:.3g})" if reference is not None else ""
+    lines.append(f"{label}, by depth{ref}:")
+    for name, values in rows:
+      series = ([row[-1] for row in values] if key == "fourier" else _layer_means(values))
+      family = results["model_info"][name]["family"]
+      lines.append(f"  {name:<28} [{family:>6}] " + " ".join(f"{v:7.3f}" for v in series))
+  lines.append(_comparison(results))
+  return "\n".join(line for line in lines if line)
+
+
+def _comparison(results: dict) -> str:
+  """States, for the first CL and MIM models, whether the paper's directions appear."""
+  info, models = results["model_info"], results["models"]
+  cl = next((n for n in models if info[n]["family"] == "cl"), None)
+  mim = next((n for n in models if info[n]["family"] == "mim"), None)
+  if not cl or not mim:
+    return ""
+  checks = []
+  late = lambda values: float(np.mean(_layer_means(values)[len(values) // 2:]))
+  if "attention_distance" in models[cl]:
+    a, b = late(models[cl]["attention_distance"]), late(models[mim]["attention_distance"])
+    checks.append(f"later-layer attention distance CL {a:.2f} vs MIM {b:.2f} px: "
+                  f"{'CL larger, as in the paper' if a > b else 'NOT as in the paper'}")
+  if "nmi" in models[cl]:
+    a, b = late(models[cl]["nmi"]), late(models[mim]["nmi"])
+    checks.append(f"later-layer NMI CL {a:.3f} vs MIM {b:.3f}: "
+                  f"{'CL lower, as in the paper' if a < b else 'NOT as in the paper'}")
+  if "fourier" in models[cl]:
+    hf = lambda v: float(np.mean([row[-1] for row in v][1:]))
+    a, b = hf(models[cl]["fourier"]), hf(models[mim]["fourier"])
+    checks.append(f"high-frequency ΔlogA over blocks CL {a:.2f} vs MIM {b:.2f}: "
+                  f"{'CL lower, as in the paper' if a < b else 'NOT as in the paper'}")
+  return "Paper's directions:\n  " + "\n  ".join(checks)
+
+
+def run(config, workdir: str) -> dict:
+  """Runs the analyses of `config` and writes results.json, figures and a summary."""
+  analyses = load_analyses(config.analyses)
+  specs = registry.split_specs(config.models)
+  if not specs:
+    raise ClmimError("config.models is empty: name at least one model, e.g. 'moco_v3_demo'.")
+  if config.include_untrained:
+    specs += [f"random:{s}" for s in specs if not s.startswith("random:")]
+  # Resolve every model and data source before computing anything: bad input fails fast.
+  jobs = []
+  for spec in specs:
+    model = registry.resolve(spec, seed=config.seed)
+    jobs.append((model, EvalImages(config.data, model.preprocessing)))
+  names = [m.name for m, _ in jobs]
+  if len(set(names)) != len(names):
+    raise ClmimError(f"config.models names the same model twice: {names}.")
+
+  results = {"models": {}, "model_info": {}, "reference": {"nmi": 0.0, "attention_entropy": 1.0}}
+  uniform = set()
+  for model, images in jobs:
+    started = time.time()
+    forward = functools.partial(forward_with_states, model.vit)
+    analyzer = Analyzer(lambda p, x: forward(p, x), analyses, model.vit.patch_size)
+    print(f"{model.name}: {images.description}")
+    out = analyzer.run(model.params, images.batches(config.batch_size),
+                       num_images=len(images), progress=config.progress)
+    results["models"][model.name] = out
+    grid = model.vit.grid
+    uniform.add(uniform_attention_distance(grid, model.vit.patch_size))
+    results["model_info"][model.name] = {
+        "family": model.family, "source": model.source, **model.info,
+        "image_size": model.vit.image_size, "patch_size": model.vit.patch_size,
+        "depth": model.vit.depth, "num_heads": model.vit.num_heads,
+        "uniform_attention_distance": uniform_attention_distance(grid, model.vit.patch_size),
+        "preprocessing": model.preprocessing, "data": images.description,
+        "seconds": round(time.time() - started, 2)}
+  if len(uniform) == 1:  # one reference line only makes sense when all grids agree
+    results["reference"]["attention_distance"] = uniform.pop()
+  results["num_images"] = min(r["num_images"] for r in results["models"].values())
+  results["config"] = config.to_dict()
+  results["versions"] = versions()
+
+  if jax.process_index() == 0:  # only one process writes
+    os.makedirs(workdir, exist_ok=True)
+    results["figures"] = [os.path.basename(p) for p in plots.write_all_figures(results, workdir)]
+    path = os.path.join(workdir, "results.json")
+    write_json_atomic(path, results)
+    print(summary(results))
+    print(f"Wrote {path} and {', '.join(results['figures'])} in {workdir}")
+  return results

@@ -1,0 +1,95 @@
+"""Fourier analysis of token maps: relative log amplitude ΔlogA along the diagonal frequencies.
+
+Definition (paper.md, "Exact definitions"): for each residual state z in `zs`, drop cls and reshape
+the tokens to a g x g map per channel; F = log(|fft2(z)| + 1e-6) over the two spatial axes; shift
+frequency 0 to the centre (roll by g//2); average F over images and channels; read the
+half-diagonal F[c + k, c + k], k = 0 .. g//2 - 1, c = g//2; subtract its first (DC) value.
+
+The image/channel mean is linear, so devices and batches only accumulate a [states, g, g] sum of
+channel-averaged F and an image count; the shift and diagonal are read once in `finalize`.
+NOTE: each image's map is stored relative to its own DC value (plus a separate DC sum), because
+ΔlogA is a small difference of two large log amplitudes: summing absolute values in float32 and
+subtracting at the end lost ~1e-6 relative precision and made results depend on the batching.
+
+Note: the half-diagonal stops at k = g//2 - 1, so for even g the Nyquist frequency (g/2, g/2) --
+where a ±1 checkerboard puts all its energy -- is not part of the reported curve.
+"""
+import jax.numpy as jnp
+import numpy as np
+
+from clmim.errors import ClmimError
+
+NAME = "fourier"
+
+_EPS = 1e-6
+
+
+def _weighted_sum(values, weights):
+  """Sum over the leading (image) axis; weight-0 rows count as exactly 0, even if NaN/inf."""
+  w = weights.reshape((-1,) + (1,) * (values.ndim - 1)).astype(values.dtype)
+  return jnp.sum(jnp.where(w > 0, w * values, 0), axis=0)
+
+
+def log_amplitude(z):
+  """Channel-averaged log(|fft2| + 1e-6) of one state [B, N+1, C] -> [B, g, g], unshifted."""
+  b, t, c = z.shape
+  g = int(round(np.sqrt(t - 1)))
+  if g * g != t - 1:
+    raise ClmimError(f"fourier: states have {t - 1} patch tokens (excluding cls); expected a "
+                     "square number g*g.")
+  maps = z[:, 1:, :].astype(jnp.float32).reshape(b, g, g, c)
+  # Real input: rfft2 computes half the spectrum (about half the work and memory of fft2); the
+  # other half follows from |F(u, v)| = |F(-u, -v)|, applied after the channel mean (which
+  # preserves it) on the small [B, g, g//2 + 1] map.
+  half = jnp.mean(jnp.log(jnp.abs(jnp.fft.rfft2(maps, axes=(1, 2))) + _EPS), axis=-1)
+  u, v = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
+  mirrored = v > g // 2
+  rows = np.where(mirrored, (-u) % g, u)
+  cols = np.where(mirrored, (-v) % g, v)
+  return half[:, rows, cols]
+
+def batch_sums(zs, attns, weights, patch_size):
+  """Weighted sums over the batch of the channel-averaged log amplitude spectrum of every state.
+
+  Args:
+    zs: list of residual states [B, N+1, C] (2*depth+1 of them), cls at index 0.
+    attns: unused (part of the uniform analysis signature).
+    weights: [B] float, 1 for real images and 0 for padding.
+    patch_size: unused.
+
+  Returns:
+    {"rel_log_amplitude_sum": [states, g, g], F minus each image's own F[0, 0] (unshifted
+     frequencies), "dc_log_amplitude_sum": [states], F[0, 0], "count": []}. The absolute F sum
+     is rel + dc.
+  """
+  del attns, patch_size
+  rel_sums, dc_sums = [], []
+  for z in zs:
+    log_amp = log_amplitude(z)
+    dc = log_amp[:, 0, 0]
+    rel_sums.append(_weighted_sum(log_amp - dc[:, None, None], weights))
+    dc_sums.append(_weighted_sum(dc, weights))
+  count = jnp.sum(jnp.where(weights > 0, weights, 0)).astype(jnp.float32)
+  return {"rel_log_amplitude_sum": jnp.stack(rel_sums), "dc_log_amplitude_sum": jnp.stack(dc_sums),
+          "count": count}
+
+
+def delta_log_amplitude(mean_log_amp):
+  """[states, g, g] unshifted mean log amplitude -> [states, g//2] ΔlogA on the half-diagonal."""
+  g = mean_log_amp.shape[-1]
+  c = g // 2
+  shifted = np.roll(mean_log_amp, (c, c), axis=(-2, -1))
+  k = np.arange(g // 2)
+  diag = shifted[:, c + k, c + k]
+  return diag - diag[:, :1]
+
+
+def finalize(total_sums):
+  """{"fourier": [[freq] stage] for zs[0], zs[2], ..., "fourier_all_states": [[freq] state]}."""
+  count = float(total_sums["count"])
+  if count <= 0:
+    raise ClmimError("fourier: no images were analysed (total weight is 0).")
+  # Subtracting the DC value is exactly what ΔlogA does, so the DC-relative sums suffice.
+  delta = delta_log_amplitude(np.asarray(total_sums["rel_log_amplitude_sum"], np.float64) / count)
+  # Stages are the embedding output and each block's post-MLP state (even indices of zs).
+  return {"fourier": delta[0::2].tolist(), "fourier_all_states": delta.tolist()}

@@ -1,0 +1,105 @@
+"""Normalised mutual information between queries and keys, and attention entropy.
+
+Definitions (paper.md, "Exact definitions"), per image and head, natural logs:
+  A = attn[:, :, 1:, 1:] + 1e-8, rows renormalised; p(q) = 1/N; p(k) = sum_q p(q) A[q, k];
+  I = sum_q sum_k p(q) A[q, k] log(A[q, k] / p(k)); H(Q) = log N; H(K) = -sum_k p(k) log p(k);
+  NMI = I / sqrt(H(Q) H(K)).
+  Attention entropy (ours) = mean_q (-sum_k A[q, k] log A[q, k]) / log N  (1 = uniform rows).
+Both are averaged over images; `finalize` reports [layers][heads] for "nmi" and
+"attention_entropy".
+
+Computation: with the uniform query prior, I = H(K) - mean_q H(A[q, :]), so per-row sums and the
+key marginal p(k) are all that touch the [B, H, N, N] maps: two reads per layer (one row
+reduction, one column reduction), no renormalised copy stored. The row reduction computes the
+same row sums as attention_distance, so XLA can share them when both run in one step.
+"""
+import math
+
+import jax.numpy as jnp
+from jax.scipy.special import xlogy
+import numpy as np
+
+from clmim.errors import ClmimError
+
+NAME = "nmi"
+
+_EPS = 1e-8
+
+
+def _weighted_sum(values, weights):
+  """Sum over the leading (image) axis; weight-0 rows count as exactly 0, even if NaN/inf."""
+  w = weights.reshape((-1,) + (1,) * (values.ndim - 1)).astype(values.dtype)
+  return jnp.sum(jnp.where(w > 0, w * values, 0), axis=0)
+
+
+def per_image(attn):
+  """Per-(image, head) NMI and normalised entropy of one layer's maps [B, H, N+1, N+1].
+
+  Returns:
+    (nmi, entropy), each [B, H] float32.
+  """
+  n = attn.shape[-1] - 1
+  if n < 2:
+    raise ClmimError(f"nmi: need at least 2 patch tokens, got {n}.")
+  log_n = math.log(n)
+  a = attn[:, :, 1:, 1:].astype(jnp.float32)
+  a_eps = a + _EPS  # fused into the reductions below, never materialised
+  # Pass 1 (one fused row reduction): the row sums s and, in the same read, the row sums of
+  # a' log(a' / s~) with a guess s~ of s known up front. Any s~ > 0 is exact, because
+  # A log A = (a'/s) (log(a'/s~) + log(s~/s)); a guess close to s keeps every term small. Softmax
+  # rows sum to 1, so s~ = 1 - (attention to cls) is within rounding of s.
+  s = a.sum(-1) + _EPS * n  # [B, H, N]
+  s_guess = jnp.maximum(1.0 - attn[:, :, 1:, 0].astype(jnp.float32), _EPS * n)
+  log_ratio = jnp.log1p((s_guess - s) / s)  # log(s~ / s), accurate when small
+  # Float32 sums of terms of size log N lose ~1e-7 * log N absolutely, so two forms are kept:
+  # entropies (accurate near collapse) and KL(A_q || uniform) (accurate near uniform
+  # attention). The second log per element is free in practice (the pass is memory-bound).
+  # xlogy: 0 log 0 = 0, so an underflowed probability never yields NaN.
+  ent_sum = jnp.sum(xlogy(a_eps, a_eps * (1.0 / s_guess)[..., None]), axis=-1)
+  kl_sum = jnp.sum(xlogy(a_eps, a_eps * (n / s_guess)[..., None]), axis=-1)
+  row_entropy = jnp.mean(-ent_sum / s - log_ratio, axis=-1)  # mean_q H(A_q), [B, H]
+  row_kl = jnp.mean(kl_sum / s + log_ratio, axis=-1)  # mean_q KL(A_q || u)
+  # Pass 2 (column reduction): the key marginal p(k) = mean_q A[q, k].
+  p_key = jnp.sum(a_eps * (1.0 / (n * s))[..., None], axis=-2)  # [B, H, N]
+  key_entropy = -jnp.sum(xlogy(p_key, p_key), axis=-1)  # H(K), [B, H]
+  key_kl = jnp.sum(xlogy(p_key, n * p_key), axis=-1)  # KL(p_k || u)
+  # I = H(K) - mean_q H(A_q) = mean_q KL(A_q || u) - KL(p_k || u): use the form whose operands are
+  # smaller, hence whose rounding error is.
+  mutual_info = jnp.where(row_kl < key_entropy, row_kl - key_kl, key_entropy - row_entropy)
+  # H(K) >= ~N*eps*log(1/eps) > 0 thanks to the epsilon; the floor only guards against underflow.
+  nmi = mutual_info / jnp.sqrt(log_n * jnp.maximum(key_entropy, 1e-30))
+  mean_row_entropy = jnp.where(row_kl < row_entropy, log_n - row_kl, row_entropy)
+  return nmi, mean_row_entropy / log_n
+
+
+def batch_sums(zs, attns, weights, patch_size):
+  """Weighted sums over the batch of per-image NMI and attention entropy.
+
+  Args:
+    zs: unused (part of the uniform analysis signature).
+    attns: list of `depth` arrays [B, heads, N+1, N+1], post-softmax, cls at index 0.
+    weights: [B] float, 1 for real images and 0 for padding.
+    patch_size: unused.
+
+  Returns:
+    {"nmi_sum": [layers, heads], "entropy_sum": [layers, heads], "count": []}.
+  """
+  del zs, patch_size
+  nmi_sums, ent_sums = [], []
+  for attn in attns:
+    nmi, ent = per_image(attn)
+    nmi_sums.append(_weighted_sum(nmi, weights))
+    ent_sums.append(_weighted_sum(ent, weights))
+  count = jnp.sum(jnp.where(weights > 0, weights, 0)).astype(jnp.float32)
+  return {"nmi_sum": jnp.stack(nmi_sums), "entropy_sum": jnp.stack(ent_sums), "count": count}
+
+
+def finalize(total_sums):
+  """Divides by the image count: {"nmi": [[head] layer], "attention_entropy": [[head] layer]}."""
+  count = float(total_sums["count"])
+  if count <= 0:
+    raise ClmimError("nmi: no images were analysed (total weight is 0).")
+  return {
+      "nmi": (np.asarray(total_sums["nmi_sum"], np.float64) / count).tolist(),
+      "attention_entropy": (np.asarray(total_sums["entropy_sum"], np.float64) / count).tolist(),
+  }
