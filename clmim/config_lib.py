@@ -84,7 +84,7 @@ def analysis_base(arg: str, name: str, analyses: str) -> ml_collections.ConfigDi
   config.models = "moco_v3_demo,simmim_demo"
   config.include_untrained = True   # also analyse a randomly initialised copy of each model
   config.seed = 0                   # init seed of the untrained copies
-  config.batch_size = 64            # global images per step, split over all devices
+  config.batch_size = 64            # images per step over all devices (batch_size // devices each)
   config.progress = True            # progress bars
   config.data = ml_collections.ConfigDict(dict(
       source="synthetic",           # "synthetic" (no download) or "image_folder"

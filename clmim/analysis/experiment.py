@@ -153,7 +153,8 @@ def run(config, workdir: str) -> dict:
   for model, images in jobs:
     started = time.time()
     forward = functools.partial(forward_with_states, model.vit)
-    analyzer = Analyzer(lambda p, x: forward(p, x), analyses, model.vit.patch_size)
+    analyzer = Analyzer(forward, analyses, model.vit.patch_size,
+                        device_batch_size=max(1, config.batch_size // jax.device_count()))
     print(f"{model.name}: {images.description}")
     out = analyzer.run(model.params, images.batches(config.batch_size),
                        num_images=len(images), progress=config.progress)

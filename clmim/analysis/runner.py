@@ -54,7 +54,7 @@ def _as_images_and_weights(batch):
 class Analyzer:
   """Runs several analyses over a stream of image batches in one sharded pass per batch."""
 
-  def __init__(self, forward_fn, analyses, patch_size, mesh=None):
+  def __init__(self, forward_fn, analyses, patch_size, mesh=None, device_batch_size=8):
     """Builds (but does not yet compile) the sharded step.
 
     Args:
@@ -63,7 +63,13 @@ class Analyzer:
       analyses: metric modules, each with `NAME`, `batch_sums` and `finalize`.
       patch_size: patch side in pixels (attention distances are reported in pixels).
       mesh: a 1-D mesh with axis 'data'; default `make_mesh()` over all devices.
+      device_batch_size: images per device per step (the compiled batch); incoming batches of
+        any size are re-cut to it. Results do not depend on the incoming batch sizes nor on the
+        device count; changing device_batch_size itself changes float32 rounding (~1e-6).
     """
+    if device_batch_size < 1:
+      raise ClmimError(f"Analyzer: device_batch_size must be >= 1, got {device_batch_size}.")
+    self.device_batch_size = int(device_batch_size)
     if not analyses:
       raise ClmimError("Analyzer: no analyses given.")
     names = []
@@ -97,9 +103,16 @@ class Analyzer:
         local_step, mesh=self.mesh, in_specs=(P(), P("data"), P("data")), out_specs=P()))
 
   def _chunks(self, batches, num_images):
-    """Yields (images, weights) numpy pieces of at most the fixed local batch size."""
-    seen = 0
-    self._local_batch = None
+    """Re-cuts the stream into (images, weights) pieces of exactly the fixed local batch.
+
+    Every device always sees `device_batch_size` images, whatever the incoming batch sizes and
+    device count, so each image goes through the same compiled computation: that is what makes
+    results independent of batching (a matmul rounds differently for different batch shapes).
+    Only the last piece is short; `_put` pads it.
+    """
+    seen, buffer, buffered = 0, [], 0
+    local_batch = self.device_batch_size * self._local_devices
+    self._image_shape = None
     for batch in batches:
       images, weights = _as_images_and_weights(batch)
       if num_images is not None:
@@ -109,23 +122,26 @@ class Analyzer:
         if num_images is not None and seen >= num_images:
           break
         continue
-      if self._local_batch is None:
-        # Fixed from the first batch, rounded up to a multiple of the devices (at least one image
-        # per device, so a first batch smaller than the device count still works).
-        n_dev = self._local_devices
-        self._local_batch = -(-len(images) // n_dev) * n_dev
+      if self._image_shape is None:
         self._image_shape = images.shape[1:]
       if images.shape[1:] != self._image_shape:
         raise ClmimError(f"all images must have shape {self._image_shape}; got a batch of "
                          f"{images.shape[1:]}.")
       seen += len(images)
-      # A batch larger than the first one is split, so the step never recompiles.
-      for start in range(0, len(images), self._local_batch):
-        yield images[start:start + self._local_batch], weights[start:start + self._local_batch]
+      buffer.append((images, weights))
+      buffered += len(images)
+      while buffered >= local_batch:
+        images = np.concatenate([b[0] for b in buffer])
+        weights = np.concatenate([b[1] for b in buffer])
+        yield images[:local_batch], weights[:local_batch]
+        buffer = [(images[local_batch:], weights[local_batch:])]
+        buffered -= local_batch
+    if buffered:
+      yield np.concatenate([b[0] for b in buffer]), np.concatenate([b[1] for b in buffer])
 
   def _put(self, images, weights):
     """Pads one piece to the fixed local batch (zeros, weight 0) and shards it over the mesh."""
-    pad = self._local_batch - len(images)
+    pad = self.device_batch_size * self._local_devices - len(images)
     if pad:
       images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
       weights = np.concatenate([weights, np.zeros(pad, weights.dtype)])

@@ -47,6 +47,58 @@ def make_optimizer(config, params, objective):
   return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels), schedule
 
 
+def load_objective(config):
+  """The `Objective` of clmim/train/<config.objective>.py."""
+  try:
+    module = importlib.import_module(f"clmim.train.{config.objective}")
+  except ModuleNotFoundError as e:
+    raise ClmimError(f"config.objective={config.objective!r}: no module clmim/train/"
+                     f"{config.objective}.py (expected e.g. 'moco_v3' or 'simmim').") from e
+  return module.Objective(config)
+
+
+def initial_state(config, objective):
+  """(train_state, optimizer, lr schedule) at step 0."""
+  size = config.data.image_size
+  sample = jnp.zeros((2, size, size, 3), jnp.float32)
+  params, state = objective.init(jax.random.PRNGKey(config.seed), sample)
+  tx, schedule = make_optimizer(config, params, objective)
+  train_state = {"params": params, "state": state, "opt_state": tx.init(params),
+                 "step": jnp.zeros((), jnp.int32)}
+  return train_state, tx, schedule
+
+
+def checkpoint_manager(workdir: str, keep: int):
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1))
+
+
+def export_checkpoint(config, workdir: str, step=None, out_dir=None) -> str:
+  """Exports the encoder of orbax checkpoint `step` (default: latest) of a training workdir."""
+  objective = load_objective(config)
+  manager = checkpoint_manager(workdir, config.keep_checkpoints)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise ClmimError(f"No checkpoint in {workdir}/checkpoints to export.")
+  train_state, _, _ = initial_state(config, objective)
+  train_state = manager.restore(step, args=ocp.args.StandardRestore(train_state))
+  encoder = objective.encoder_params(train_state["params"], train_state["state"])
+  metrics = read_metrics(workdir)
+  loss = next((m["loss"] for m in reversed(metrics) if m["step"] <= step), None)
+  out_dir = out_dir or os.path.join(workdir, f"export_step_{step}")
+  return export.save(out_dir, config, jax.device_get(encoder), steps=int(step), final_loss=loss)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of workdir/metrics.jsonl (empty if none)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 def train(config, workdir: str) -> dict:
   """Pretrains per `config` (see configs/pretrain_*.py), resuming from `workdir` if possible.
 
@@ -55,12 +107,7 @@ def train(config, workdir: str) -> dict:
   Returns the final metrics.
   """
   # --- Objective ------------------------------------------------------------------------
-  try:
-    module = importlib.import_module(f"clmim.train.{config.objective}")
-  except ModuleNotFoundError as e:
-    raise ClmimError(f"config.objective={config.objective!r}: no module clmim/train/"
-                     f"{config.objective}.py (expected e.g. 'moco_v3' or 'simmim').") from e
-  objective = module.Objective(config)
+  objective = load_objective(config)
 
   # --- Mesh: one data axis over every device; the batch is split across it ---------------
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
@@ -77,16 +124,9 @@ def train(config, workdir: str) -> dict:
 
   # --- Parameters, optimizer, checkpoint --------------------------------------------------
   rng = jax.random.PRNGKey(config.seed)
-  sample = jnp.zeros((2, data_cfg.image_size, data_cfg.image_size, 3), jnp.float32)
-  params, state = objective.init(rng, sample)
-  tx, schedule = make_optimizer(config, params, objective)
-  train_state = {"params": params, "state": state, "opt_state": tx.init(params),
-                 "step": jnp.zeros((), jnp.int32)}
+  train_state, tx, schedule = initial_state(config, objective)
   os.makedirs(workdir, exist_ok=True)
-  manager = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
-                                           save_interval_steps=1))
+  manager = checkpoint_manager(workdir, config.keep_checkpoints)
   if manager.latest_step() is not None:
     train_state = manager.restore(manager.latest_step(),
                                   args=ocp.args.StandardRestore(train_state))

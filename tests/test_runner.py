@@ -1,0 +1,142 @@
+"""The sharded streaming runner: exact results whatever the batch size, device count or padding."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clmim.analysis import attention_distance, fourier, nmi, runner
+from clmim.errors import ClmimError
+
+G, PATCH, DIM, HEADS, DEPTH, NUM_IMAGES = 4, 2, 8, 2, 2, 70
+ANALYSES = [attention_distance, nmi, fourier]
+
+
+def _toy_params(seed=0):
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[0]), jnp.float32)
+  blocks = [{"qkv": normal(DIM, 3 * DIM), "out": normal(DIM, DIM), "mlp1": normal(DIM, 2 * DIM),
+             "mlp2": normal(2 * DIM, DIM)} for _ in range(DEPTH)]
+  return {"embed": normal(PATCH * PATCH * 3, DIM), "cls": normal(1, DIM),
+          "pos": normal(G * G + 1, DIM), "blocks": blocks}
+
+
+def _toy_forward(params, images):
+  """A tiny ViT-shaped map, one image at a time (see `_toy_forward_one`)."""
+  # NOTE: a batched float32 forward rounds differently for different batch shapes (matmul
+  # blocking), ~1e-6 relative in zs, which log|fft| of small amplitudes amplifies to ~1e-4. Running
+  # the model per image makes every image's zs/attns bitwise independent of batching, so these
+  # tests measure the runner's own exactness, not the model's.
+  zs, attns = jax.lax.map(lambda im: _toy_forward_one(params, im[None]), images)
+  squeeze = lambda x: x[:, 0]
+  return [squeeze(z) for z in zs], [squeeze(a) for a in attns]
+
+
+def _toy_forward_one(params, images):
+  """Fixed random linear layers, real softmax attention and residuals, on [b, H, W, 3]."""
+  b = images.shape[0]
+  patches = images.reshape(b, G, PATCH, G, PATCH, 3).transpose(0, 1, 3, 2, 4, 5)
+  tokens = patches.reshape(b, G * G, -1) @ params["embed"]
+  cls = jnp.broadcast_to(params["cls"], (b, 1, DIM))
+  z = jnp.concatenate([cls, tokens], axis=1) + params["pos"]
+  zs, attns = [z], []
+  for blk in params["blocks"]:
+    q, k, v = jnp.split((z @ blk["qkv"]).reshape(b, -1, HEADS, 3 * DIM // HEADS), 3, axis=-1)
+    attn = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) * 2.0, axis=-1)
+    z = z + jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, -1, DIM) @ blk["out"]
+    zs.append(z)
+    z = z + jnp.tanh(z @ blk["mlp1"]) @ blk["mlp2"]
+    zs.append(z)
+    attns.append(attn)
+  return zs, attns
+
+
+@pytest.fixture(scope="module")
+def data():
+  rng = np.random.default_rng(42)
+  return rng.normal(size=(NUM_IMAGES, G * PATCH, G * PATCH, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return _toy_params()
+
+
+@pytest.fixture(scope="module")
+def analyzer8():
+  assert jax.device_count() == 8
+  return runner.Analyzer(_toy_forward, ANALYSES, PATCH)
+
+
+@pytest.fixture(scope="module")
+def reference(analyzer8, params, data):
+  return analyzer8.run(params, _batched(data, 64), progress=False)
+
+
+def _batched(images, size):
+  return (images[i:i + size] for i in range(0, len(images), size))
+
+
+def _assert_same(got, want):
+  assert set(got) == set(want)
+  assert got["num_images"] == want["num_images"]
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+def test_matches_one_big_batch(reference, params, data):
+  """The runner's means equal the metrics applied to all images at once, outside the runner."""
+  zs, attns = jax.jit(_toy_forward)(params, data)
+  weights = np.ones(NUM_IMAGES, np.float32)
+  assert reference["num_images"] == NUM_IMAGES
+  for module in ANALYSES:
+    sums = jax.jit(lambda z, a, w, m=module: m.batch_sums(z, a, w, PATCH))(zs, attns, weights)
+    sums = jax.tree.map(np.asarray, sums)
+    for key, value in module.finalize(sums).items():
+      np.testing.assert_allclose(reference[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
+  assert np.shape(reference["attention_distance"]) == (DEPTH, HEADS)
+  assert np.shape(reference["fourier"]) == (DEPTH + 1, G // 2)
+  assert np.shape(reference["fourier_all_states"]) == (2 * DEPTH + 1, G // 2)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7])
+def test_batch_size_invariance(analyzer8, reference, params, data, batch_size):
+  _assert_same(analyzer8.run(params, _batched(data, batch_size), progress=False), reference)
+
+
+def test_one_device_vs_eight(reference, params, data):
+  mesh = runner.make_mesh(jax.devices()[:1])
+  got = runner.Analyzer(_toy_forward, ANALYSES, PATCH, mesh=mesh).run(
+      params, _batched(data, 7), progress=False)
+  _assert_same(got, reference)
+
+
+def test_garbage_padding_changes_nothing(analyzer8, reference, params, data):
+  rng = np.random.default_rng(7)
+
+  def padded():
+    for images in _batched(data, 16):
+      junk = rng.normal(size=(5,) + images.shape[1:]).astype(np.float32) * 1e3
+      junk[0] = np.nan
+      yield (np.concatenate([images, junk]),
+             np.concatenate([np.ones(len(images)), np.zeros(len(junk))]).astype(np.float32))
+
+  _assert_same(analyzer8.run(params, padded(), progress=False), reference)
+
+
+def test_uneven_stream_and_num_images(analyzer8, reference, params, data):
+  # First batch smaller than the device count; later batches larger than it (split, no recompile).
+  sizes = [3, 20, 40, 7]
+  bounds = np.cumsum([0] + sizes)
+  stream = [data[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+  _assert_same(analyzer8.run(params, iter(stream), progress=False), reference)
+  first50 = analyzer8.run(params, _batched(data[:50], 8), progress=False)
+  _assert_same(analyzer8.run(params, _batched(data, 7), num_images=50, progress=False), first50)
+
+
+def test_errors(analyzer8, params, data):
+  with pytest.raises(ClmimError):
+    analyzer8.run(params, iter([]), progress=False)
+  with pytest.raises(ClmimError):
+    analyzer8.run(params, iter([data[0]]), progress=False)  # not a batch
+  with pytest.raises(ClmimError):
+    runner.Analyzer(_toy_forward, [nmi, nmi], PATCH)

@@ -1,0 +1,98 @@
+"""The ViT: parameter layout, sown states, position tables, variants."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clmim.errors import ClmimError
+from clmim.models import vit as vit_lib
+
+
+def _count(model, size):
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+
+
+def test_vit_b16_parameter_counts_match_the_official_encoders():
+  # checkpoints.md: timm-style ViT-B/16 (pos_embed included, no head) and SimMIM/BEiT-style.
+  timm = vit_lib.build_vit("B/16", image_size=224)
+  beit = vit_lib.build_vit("B/16", image_size=224, block_style="beit", position_embedding="none",
+                           rel_pos_bias="shared", layer_scale_init=0.1)
+  assert _count(timm, 224) == 85_798_656
+  assert _count(beit, 224) == 85_665_360
+
+
+def test_variants_and_errors():
+  assert vit_lib.parse_variant("S/16") == dict(width=384, depth=12, mlp_dim=1536, num_heads=6,
+                                               patch_size=16)
+  assert vit_lib.parse_variant("H/14")["width"] == 1280
+  for bad in ("X/16", "B", "B/", ""):
+    with pytest.raises(ClmimError, match="Unknown ViT variant"):
+      vit_lib.parse_variant(bad)
+  with pytest.raises(ClmimError, match="Unknown ViT field"):
+    vit_lib.build_vit("mu/4", image_size=32, widht=3)
+
+
+@pytest.mark.parametrize("style", ["timm", "beit"])
+def test_sown_states_and_attention(style):
+  kwargs = dict(block_style="beit", position_embedding="none", rel_pos_bias="shared",
+                layer_scale_init=0.1) if style == "beit" else {}
+  model = vit_lib.build_vit("mu/4", image_size=16, depth=3, **kwargs)
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  params = model.init(jax.random.PRNGKey(0), images)["params"]
+  out, state = model.apply({"params": params}, images, mutable=["intermediates"])
+  zs, attns = vit_lib.collect_states(state, model.depth)
+  assert len(zs) == 2 * 3 + 1 and len(attns) == 3
+  assert all(z.shape == (2, 17, 128) for z in zs)
+  assert all(a.shape == (2, 4, 17, 17) for a in attns)
+  np.testing.assert_allclose(np.asarray(attns[1]).sum(-1), 1.0, atol=1e-5)
+  # zs are before the final norm; the output is the final norm of the last state.
+  norm = lambda x: (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+  expected = norm(np.asarray(zs[-1])) * np.asarray(params["norm"]["scale"]) + np.asarray(
+      params["norm"]["bias"])
+  np.testing.assert_allclose(np.asarray(out), expected, atol=1e-4)
+  if style == "beit":
+    assert "qkv" in params["block_0"]["attn"] and "bias" not in params["block_0"]["attn"]["qkv"]
+    assert {"q_bias", "v_bias"} <= set(params["block_0"]["attn"])
+    assert {"gamma_1", "gamma_2"} <= set(params["block_0"])
+    assert params["rel_pos_bias"]["table"].shape == ((2 * 4 - 1) ** 2 + 3, 4)
+  else:
+    assert params["pos_embed"].shape == (1, 17, 128)
+
+
+def test_relative_position_index_known_values():
+  index = vit_lib.relative_position_index(14)
+  assert index.shape == (197, 197)
+  assert (index[0, 1:] == 729).all() and (index[1:, 0] == 730).all() and index[0, 0] == 731
+  assert (np.diag(index)[1:] == 364).all() and index.min() == 0 and index.max() == 731
+  # Offsets are translation invariant: patch (r, c) -> (r, c+1) has the same index everywhere.
+  assert index[1 + 0, 1 + 1] == index[1 + 20, 1 + 21]
+
+
+def test_sincos_tables():
+  row_first = vit_lib.sincos_position_embedding(4, 16)
+  col_first = vit_lib.sincos_position_embedding(4, 16, order="col_first")
+  assert row_first.shape == (1, 17, 16) and not row_first[0, 0].any()
+  np.testing.assert_array_equal(row_first[0, :, :8], col_first[0, :, 8:])
+  # Patch 1 is row 0, column 1: the row half is the encoding of 0 (sin 0 = 0, cos 0 = 1).
+  np.testing.assert_allclose(row_first[0, 2, :4], 0.0)
+  np.testing.assert_allclose(row_first[0, 2, 4:8], 1.0)
+
+
+def test_mask_token_replaces_masked_patches():
+  model = vit_lib.build_vit("mu/4", image_size=8, depth=1, use_mask_token=True,
+                            position_embedding="none")
+  images = jax.random.normal(jax.random.PRNGKey(1), (1, 8, 8, 3))
+  params = model.init(jax.random.PRNGKey(0), images)["params"]
+  mask = jnp.array([[True, False, False, True]])
+  _, state = model.apply({"params": params}, images, mask, mutable=["intermediates"])
+  embedding = np.asarray(state["intermediates"]["embedding"][0])
+  np.testing.assert_array_equal(embedding[0, 1], params["mask_token"][0, 0])
+  np.testing.assert_array_equal(embedding[0, 4], params["mask_token"][0, 0])
+  assert not np.allclose(embedding[0, 2], params["mask_token"][0, 0])
+
+
+def test_wrong_image_size_is_a_clear_error():
+  model = vit_lib.build_vit("mu/4", image_size=16, depth=1)
+  with pytest.raises(ClmimError, match="16px"):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
