@@ -11,6 +11,7 @@ User errors (bad files, fields, names) print one line and exit with status 1.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
@@ -51,9 +52,14 @@ def run(config, workdir: str):
 def main(argv):
   del argv
   from clmim.errors import ClmimError
-  config = _CONFIG.value
-  if config is None:
-    raise app.UsageError("--config is required, e.g. --config configs/nmi.py")
+  try:
+    config = _CONFIG.value
+    if config is None:
+      raise app.UsageError("--config is required, e.g. --config configs/nmi.py")
+    config.get("mode")  # config_flags defers a file's load error to the first access
+  except OSError as e:
+    _fail(f"cannot load the config file {flags.FLAGS['config'].config_filename!r}: "
+          f"{_last_line(e)}")
   if _DISTRIBUTED.value or os.environ.get("CLMIM_DISTRIBUTED") == "1":
     import jax
     jax.distributed.initialize()
@@ -64,9 +70,39 @@ def main(argv):
   try:
     run(config, workdir)
   except ClmimError as e:
-    print(f"clmim: error: {e}", file=sys.stderr)
-    sys.exit(1)
+    _fail(str(e))
+
+
+def parse_flags(argv):
+  """absl flag parsing with one clear line (and status 1) instead of a traceback for a bad
+  config file, variant or `--config.field` override."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"bad flag: {_last_line(e)}")
+  except (AttributeError, KeyError) as e:
+    # ml_collections reports an unknown override as a bare key; name the flag that caused it.
+    overrides = [a for a in argv if a.startswith("--config.")]
+    culprit = next((a for a in overrides
+                    if a.split("=")[0].rsplit(".", 1)[-1] in str(e)), None)
+    hint = re.search(r'Did you mean "[^"]+"', str(e))
+    _fail(f"{culprit or 'a --config override'}: the config has no such field"
+          f"{' (' + hint.group(0) + '?)' if hint else ''}; every field is documented in the "
+          f"config file and clmim/config_lib.py.")
+  except (ValueError, TypeError, OSError, SyntaxError) as e:
+    _fail(f"cannot load the config: {_last_line(e)}")
+
+
+def _last_line(error: Exception) -> str:
+  """The informative last line of a (possibly traceback-laden) error message."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[-1] if lines else repr(error)
+
+
+def _fail(message: str):
+  print(f"clmim: error: {message}", file=sys.stderr)
+  sys.exit(1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -143,7 +143,7 @@ def train(config, workdir: str) -> dict:
     updates, opt_state = tx.update(grads, train_state["opt_state"], train_state["params"])
     params = optax.apply_updates(train_state["params"], updates)
     state = objective.after_update(params, state, step)
-    metrics = {**metrics, "lr": schedule(step), "grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "lr": schedule(step), "grad_norm": optax.tree.norm(grads)}
     return {"params": params, "state": state, "opt_state": opt_state, "step": step + 1}, metrics
 
   update = jax.jit(update, in_shardings=(replicated, batch_sharding, replicated),
