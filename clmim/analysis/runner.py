@@ -176,15 +176,17 @@ class Analyzer:
         totals[name] = sums if totals[name] is None else jax.tree.map(np.add, totals[name], sums)
 
     pending = None  # keep one step in flight so the host work overlaps the device work
-    for images, weights in self._chunks(batches, num_images):
-      out = self._step(params, *self._put(images, weights))
+    try:
+      for images, weights in self._chunks(batches, num_images):
+        out = self._step(params, *self._put(images, weights))
+        if pending is not None:
+          accumulate(pending)
+        pending = out
+        bar.update(int((weights > 0).sum()))
       if pending is not None:
         accumulate(pending)
-      pending = out
-      bar.update(int((weights > 0).sum()))
-    if pending is not None:
-      accumulate(pending)
-    bar.close()
+    finally:
+      bar.close()  # an error message then starts on a line of its own
     if totals[_COUNT] is None or totals[_COUNT] <= 0:
       raise ClmimError("Analyzer.run: no images to analyse (empty stream or all weights 0).")
     results = {}

@@ -1,0 +1,148 @@
+"""The command line, end to end: results.json, figures, summary, and one clear error per bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from clmim.checkpoints import native
+from clmim.train.common import build_encoder
+from configs import pretrain_moco_v3, pretrain_simmim
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args, timeout=300):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "clmim.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+  """Two small randomly initialised checkpoints, one per family (depth 2, 32 px)."""
+  root = tmp_path_factory.mktemp("ckpts")
+  paths = []
+  for module, seed in ((pretrain_moco_v3, 0), (pretrain_simmim, 1)):
+    config = module.get_config("runlocal")
+    encoder = build_encoder(config.model)
+    params = encoder.init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3)))["params"]
+    path = str(root / config.name)
+    native.save(path, config, jax.device_get(params), steps=0)
+    paths.append(path)
+  return paths
+
+
+def test_analysis_run_writes_results_figures_and_summary(checkpoints, tmp_path):
+  workdir = tmp_path / "out"
+  result = _cli("--config", "configs/all.py:runlocal", f"--config.models={','.join(checkpoints)}",
+                "--config.include_untrained=True", "--config.batch_size=16",
+                f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"Wrote {workdir}/results.json" in result.stdout
+  assert "attention distance (px), by depth" in result.stdout
+  results = json.load(open(workdir / "results.json"))
+  assert set(results["models"]) == {"moco_v3_demo", "simmim_demo", "moco_v3_demo (untrained)",
+                                    "simmim_demo (untrained)"}
+  assert results["num_images"] == 64
+  for name, r in results["models"].items():
+    assert np.shape(r["attention_distance"]) == (2, 4), name
+    assert np.shape(r["nmi"]) == np.shape(r["attention_entropy"]) == (2, 4)
+    assert np.shape(r["fourier"]) == (3, 4) and np.shape(r["fourier_all_states"]) == (5, 4)
+  assert results["model_info"]["moco_v3_demo"]["family"] == "cl"
+  assert results["model_info"]["simmim_demo (untrained)"]["family"] == "random"
+  assert results["reference"]["attention_distance"] == pytest.approx(16.546, abs=1e-3)
+  assert results["config"]["analyses"] == "attention_distance,nmi,fourier"
+  assert results["versions"]["jax"] == jax.__version__
+  for figure in ("attention_distance.png", "nmi.png", "attention_entropy.png", "fourier.png"):
+    assert Image.open(workdir / figure).size[0] > 300
+  assert sorted(results["figures"]) == sorted(f for f in os.listdir(workdir) if f.endswith(".png"))
+
+
+def _assert_clean_failure(result, workdir, *fragments):
+  assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("clmim: error:")]
+  assert len(errors) == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  for fragment in fragments:
+    assert fragment in errors[0], errors[0]
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def test_missing_checkpoint(checkpoints, tmp_path):
+  missing = str(tmp_path / "no_such_ckpt")
+  result = _cli("--config", "configs/nmi.py:runlocal", f"--config.models={checkpoints[0]},{missing}",
+                f"--workdir={tmp_path}")
+  _assert_clean_failure(result, tmp_path, missing, "does not exist")
+
+
+def test_corrupt_checkpoint(checkpoints, tmp_path):
+  import shutil
+  corrupt = tmp_path / "corrupt"
+  shutil.copytree(checkpoints[1], corrupt)
+  (corrupt / "encoder.npz").write_bytes(b"PK\x03\x04 truncated")
+  result = _cli("--config", "configs/nmi.py:runlocal", f"--config.models={corrupt}",
+                f"--workdir={tmp_path}")
+  _assert_clean_failure(result, tmp_path, str(corrupt / "encoder.npz"), "corrupt")
+
+
+def test_unknown_model_name(tmp_path):
+  result = _cli("--config", "configs/nmi.py:runlocal", "--config.models=moco_v9",
+                f"--workdir={tmp_path}")
+  _assert_clean_failure(result, tmp_path, "Unknown model 'moco_v9'")
+
+
+def test_unknown_config_field(tmp_path):
+  result = _cli("--config", "configs/nmi.py", "--config.data.num_imagez=3", f"--workdir={tmp_path}")
+  _assert_clean_failure(result, tmp_path, "--config.data.num_imagez=3", "num_images")
+
+
+def test_unknown_analysis(checkpoints, tmp_path):
+  result = _cli("--config", "configs/nmi.py:runlocal", f"--config.models={checkpoints[0]}",
+                "--config.analyses=nmi,svd", f"--workdir={tmp_path}")
+  _assert_clean_failure(result, tmp_path, "'svd'")
+
+
+def test_image_folder_without_images(checkpoints, tmp_path):
+  (tmp_path / "data" / "cat").mkdir(parents=True)
+  (tmp_path / "data" / "cat" / "notes.txt").write_text("no images here")
+  result = _cli("--config", "configs/nmi.py:runlocal", f"--config.models={checkpoints[0]}",
+                "--config.data.source=image_folder", f"--config.data.path={tmp_path / 'data'}",
+                f"--workdir={tmp_path}")
+  _assert_clean_failure(result, tmp_path, str(tmp_path / "data"))
+
+
+def test_undecodable_image(checkpoints, tmp_path):
+  folder = tmp_path / "data" / "dog"
+  folder.mkdir(parents=True)
+  for i in range(3):
+    Image.fromarray(np.full((40, 50, 3), 40 * i, np.uint8)).save(folder / f"ok_{i}.png")
+  (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+  result = _cli("--config", "configs/nmi.py:runlocal", f"--config.models={checkpoints[0]}",
+                "--config.data.source=image_folder", f"--config.data.path={tmp_path / 'data'}",
+                f"--workdir={tmp_path}")
+  _assert_clean_failure(result, tmp_path, "broken.jpg")
+
+
+def test_image_folder_runs(checkpoints, tmp_path):
+  for label in ("a", "b"):
+    folder = tmp_path / "data" / label
+    folder.mkdir(parents=True)
+    for i in range(3):
+      pixels = np.random.default_rng(i).integers(0, 255, (60, 45, 3), dtype=np.uint8)
+      Image.fromarray(pixels).save(folder / f"{i}.jpg")
+  workdir = tmp_path / "out"
+  result = _cli("--config", "configs/attention_distance.py:runlocal",
+                f"--config.models={checkpoints[1]}", "--config.data.source=image_folder",
+                f"--config.data.path={tmp_path / 'data'}", "--config.data.num_images=0",
+                f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.load(open(workdir / "results.json"))
+  assert results["num_images"] == 6
+  assert "image folder" in results["model_info"]["simmim_demo"]["data"]
