@@ -44,6 +44,7 @@ def pretrain_base(arg: str, name: str, objective: str, family: str) -> ml_collec
   config.log_every = 25             # steps between metrics.jsonl records
   config.checkpoint_every = 250     # steps between orbax checkpoints (and resumable points)
   config.keep_checkpoints = 30      # orbax checkpoints kept (snapshots for metrics over training)
+  config.snapshot_images = 256      # held-out images per checkpoint for --config.mode=snapshots
   config.data = ml_collections.ConfigDict(dict(
       source="synthetic",           # procedural shapes x textures (clmim/data/synthetic.py)
       image_size=32,                # pixels

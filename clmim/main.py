@@ -5,7 +5,9 @@ r"""clmim's command-line entry point.
 The config file's `get_config(arg)` returns a locked ConfigDict; `config.mode` selects what runs:
 "analyze" (the analyses of configs/nmi.py, attention_distance.py, fourier.py, all.py) or
 "pretrain" (configs/pretrain_*.py), or "export" (with a pretraining config and its --workdir:
-writes the encoder of the latest orbax checkpoint as a clmim checkpoint). A misspelt `--config.x` override fails with one message.
+writes the encoder of the latest orbax checkpoint as a clmim checkpoint), or "snapshots" (the
+analyses over every kept checkpoint of a training run; see clmim/train/snapshots.py).
+A misspelt `--config.x` override fails with one message.
 User errors (bad files, fields, names) print one line and exit with status 1.
 """
 from __future__ import annotations
@@ -42,11 +44,15 @@ def run(config, workdir: str):
     out = trainer.export_checkpoint(config, workdir)
     print(f"Exported the encoder of the latest checkpoint in {workdir} to {out}")
     return out
+  if config.mode == "snapshots":
+    from clmim.train import snapshots
+    return snapshots.run(config, workdir)
   if config.mode == "analyze":
     from clmim.analysis import experiment
     return experiment.run(config, workdir)
   from clmim.errors import ClmimError
-  raise ClmimError(f"config.mode={config.mode!r}: expected 'analyze', 'pretrain' or 'export'.")
+  raise ClmimError(f"config.mode={config.mode!r}: expected 'analyze', 'pretrain', 'export' or "
+                   f"'snapshots'.")
 
 
 def main(argv):

@@ -6,7 +6,7 @@ import pytest
 
 from clmim.checkpoints import registry
 from clmim.errors import ClmimError
-from clmim.train import moco_v3, simmim, trainer
+from clmim.train import moco_v3, simmim, snapshots, trainer
 from configs import pretrain_moco_v3, pretrain_simmim
 
 
@@ -51,6 +51,9 @@ def test_runlocal_trains_resumes_and_exports(tmp_path, config_module, capsys):
                                   init["params"]["online"]["encoder"]["patch_embed"]["kernel"])
   else:
     assert model.params["block_0"]["gamma_1"].shape == (128,)
+    curves = snapshots.run(config, str(tmp_path))  # metrics over the kept checkpoints
+    assert curves["steps"] == [3, 6] and np.shape(curves["nmi"]) == (2, 2)
+    assert (tmp_path / "snapshots.png").exists()
   # Resume: two more steps continue from the last checkpoint instead of starting over.
   config.unlock()
   config.total_steps = 8
