@@ -1,6 +1,7 @@
 """Known answers and float64 references for attention distance, NMI/entropy and Fourier ΔlogA."""
 import itertools
 import math
+import os
 
 import jax
 import numpy as np
@@ -187,3 +188,21 @@ def test_errors():
     attention_distance.batch_sums(None, [np.zeros((1, 1, 6, 6), np.float32)], np.ones(1), 4)
   with pytest.raises(ClmimError):
     nmi.finalize({"nmi_sum": np.zeros((1, 1)), "entropy_sum": np.zeros((1, 1)), "count": 0.0})
+
+
+def test_query_attention_map_known_answer(tmp_path):
+  from clmim.analysis import attention_maps
+  g = 3
+  attn = np.zeros((1, 2, g * g + 1, g * g + 1))
+  attn[:, :, :, 0] = 0.5                      # half of every row on cls: dropped, renormalised
+  attn[0, 0, 1 + 1 * g + 2, 1 + 0] = 0.5     # head 0: query (x=2, y=1) looks at patch (0, 0)
+  attn[0, 1, 1 + 1 * g + 2, 1:] = 0.5 / (g * g)
+  maps = attention_maps.query_attention_map(attn, x=2, y=1)
+  assert maps.shape == (1, 2, g, g)
+  assert maps[0, 0, 0, 0] == 1.0 and maps[0, 0].sum() == 1.0
+  np.testing.assert_allclose(maps[0, 1], 1 / (g * g))
+  with pytest.raises(ClmimError):
+    attention_maps.query_attention_map(attn, x=3, y=0)
+  path = attention_maps.plot_query_attention(np.zeros((1, 6, 6, 3)), {"m": maps}, 2, 1, 2,
+                                             str(tmp_path / "maps.png"))
+  assert os.path.getsize(path) > 1000
