@@ -16,7 +16,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from clmim.analysis import attention_distance, fourier, nmi, runner
 from clmim.models.vit import build_vit, forward_with_states

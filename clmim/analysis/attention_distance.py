@@ -10,6 +10,7 @@ copy of the [B, H, N, N] maps is built: one fused multiply-reduce and one row su
 import jax.numpy as jnp
 import numpy as np
 
+from clmim.analysis.common import grid_side, image_count, weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "attention_distance"
@@ -23,20 +24,6 @@ def grid_distances(g, patch_size):
   rows, cols = idx // g, idx % g
   d = np.hypot(rows[:, None] - rows[None, :], cols[:, None] - cols[None, :])
   return (patch_size * d).astype(np.float32)
-
-
-def _grid_side(n):
-  g = int(round(np.sqrt(n)))
-  if g * g != n:
-    raise ClmimError(f"attention maps have {n} patch tokens (excluding cls); expected a square "
-                     "number g*g of patches.")
-  return g
-
-
-def _weighted_sum(values, weights):
-  """Sum over the leading (image) axis; weight-0 rows count as exactly 0, even if NaN/inf."""
-  w = weights.reshape((-1,) + (1,) * (values.ndim - 1)).astype(values.dtype)
-  return jnp.sum(jnp.where(w > 0, w * values, 0), axis=0)
 
 
 def batch_sums(zs, attns, weights, patch_size):
@@ -53,7 +40,7 @@ def batch_sums(zs, attns, weights, patch_size):
   """
   del zs
   n = attns[0].shape[-1] - 1
-  g = _grid_side(n)
+  g = grid_side(n, "attention maps")
   dist = jnp.asarray(grid_distances(g, patch_size))
   # Contribution of the epsilon to each row: numerator e*sum_k D[q, k], denominator e*N.
   eps_num = _EPS * dist.sum(-1)
@@ -65,8 +52,8 @@ def batch_sums(zs, attns, weights, patch_size):
     num = jnp.sum(a * dist, axis=-1) + eps_num
     den = a.sum(-1) + _EPS * n
     per_image = jnp.mean(num / den, axis=-1)  # [B, H]
-    per_layer.append(_weighted_sum(per_image, weights))
-  count = jnp.sum(jnp.where(weights > 0, weights, 0)).astype(jnp.float32)
+    per_layer.append(weighted_sum(per_image, weights))
+  count = image_count(weights)
   return {"distance_sum": jnp.stack(per_layer), "count": count}
 
 

@@ -12,15 +12,14 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from clmim.analysis.common import grid_side
 from clmim.errors import ClmimError
 
 
 def query_attention_map(attn, x: int, y: int) -> np.ndarray:
   """[B, heads, N+1, N+1] attention -> [B, heads, g, g] map of query patch (column x, row y)."""
   attn = np.asarray(attn, np.float64)[:, :, 1:, 1:]
-  grid = int(round(np.sqrt(attn.shape[-1])))
-  if grid * grid != attn.shape[-1]:
-    raise ClmimError(f"attention over {attn.shape[-1]} patches is not a square grid.")
+  grid = grid_side(attn.shape[-1], "attention maps")
   if not (0 <= x < grid and 0 <= y < grid):
     raise ClmimError(f"query patch ({x}, {y}) is outside the {grid}x{grid} grid.")
   rows = attn[:, :, y * grid + x, :]

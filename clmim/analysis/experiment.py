@@ -29,7 +29,7 @@ import time
 import jax
 import numpy as np
 
-from clmim.analysis import plots
+from clmim.analysis import attention_distance, plots
 from clmim.analysis.runner import Analyzer
 from clmim.checkpoints import registry
 from clmim.data.eval_data import EvalImages
@@ -44,9 +44,7 @@ LABELS = {"attention_distance": ("attention distance (px)", "attention_distance"
 
 def uniform_attention_distance(grid: int, patch_size: int) -> float:
   """Mean distance (px) between two patches drawn uniformly on a grid x grid lattice."""
-  rows, cols = np.divmod(np.arange(grid * grid), grid)
-  distance = np.hypot(rows[:, None] - rows[None], cols[:, None] - cols[None])
-  return float(distance.mean() * patch_size)
+  return float(attention_distance.grid_distances(grid, patch_size).astype(np.float64).mean())
 
 
 def load_analyses(names: str) -> list:

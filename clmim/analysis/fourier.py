@@ -17,6 +17,7 @@ where a ±1 checkerboard puts all its energy -- is not part of the reported curv
 import jax.numpy as jnp
 import numpy as np
 
+from clmim.analysis.common import grid_side, image_count, weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "fourier"
@@ -24,19 +25,11 @@ NAME = "fourier"
 _EPS = 1e-6
 
 
-def _weighted_sum(values, weights):
-  """Sum over the leading (image) axis; weight-0 rows count as exactly 0, even if NaN/inf."""
-  w = weights.reshape((-1,) + (1,) * (values.ndim - 1)).astype(values.dtype)
-  return jnp.sum(jnp.where(w > 0, w * values, 0), axis=0)
-
 
 def log_amplitude(z):
   """Channel-averaged log(|fft2| + 1e-6) of one state [B, N+1, C] -> [B, g, g], unshifted."""
   b, t, c = z.shape
-  g = int(round(np.sqrt(t - 1)))
-  if g * g != t - 1:
-    raise ClmimError(f"fourier: states have {t - 1} patch tokens (excluding cls); expected a "
-                     "square number g*g.")
+  g = grid_side(t - 1, "fourier: states")
   maps = z[:, 1:, :].astype(jnp.float32).reshape(b, g, g, c)
   # Real input: rfft2 computes half the spectrum (about half the work and memory of fft2); the
   # other half follows from |F(u, v)| = |F(-u, -v)|, applied after the channel mean (which
@@ -67,9 +60,9 @@ def batch_sums(zs, attns, weights, patch_size):
   for z in zs:
     log_amp = log_amplitude(z)
     dc = log_amp[:, 0, 0]
-    rel_sums.append(_weighted_sum(log_amp - dc[:, None, None], weights))
-    dc_sums.append(_weighted_sum(dc, weights))
-  count = jnp.sum(jnp.where(weights > 0, weights, 0)).astype(jnp.float32)
+    rel_sums.append(weighted_sum(log_amp - dc[:, None, None], weights))
+    dc_sums.append(weighted_sum(dc, weights))
+  count = image_count(weights)
   return {"rel_log_amplitude_sum": jnp.stack(rel_sums), "dc_log_amplitude_sum": jnp.stack(dc_sums),
           "count": count}
 

@@ -19,17 +19,13 @@ import jax.numpy as jnp
 from jax.scipy.special import xlogy
 import numpy as np
 
+from clmim.analysis.common import image_count, weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "nmi"
 
 _EPS = 1e-8
 
-
-def _weighted_sum(values, weights):
-  """Sum over the leading (image) axis; weight-0 rows count as exactly 0, even if NaN/inf."""
-  w = weights.reshape((-1,) + (1,) * (values.ndim - 1)).astype(values.dtype)
-  return jnp.sum(jnp.where(w > 0, w * values, 0), axis=0)
 
 
 def per_image(attn):
@@ -88,9 +84,9 @@ def batch_sums(zs, attns, weights, patch_size):
   nmi_sums, ent_sums = [], []
   for attn in attns:
     nmi, ent = per_image(attn)
-    nmi_sums.append(_weighted_sum(nmi, weights))
-    ent_sums.append(_weighted_sum(ent, weights))
-  count = jnp.sum(jnp.where(weights > 0, weights, 0)).astype(jnp.float32)
+    nmi_sums.append(weighted_sum(nmi, weights))
+    ent_sums.append(weighted_sum(ent, weights))
+  count = image_count(weights)
   return {"nmi_sum": jnp.stack(nmi_sums), "entropy_sum": jnp.stack(ent_sums), "count": count}
 
 

@@ -19,15 +19,11 @@ SOURCES = ("synthetic", "image_folder")
 
 
 def _mean_std(preprocessing: dict, data_cfg):
+  """The config's mean/std, or the model's own when the config leaves them empty."""
   mean = data_cfg.get("mean") or preprocessing.get("mean", "imagenet")
   std = data_cfg.get("std") or preprocessing.get("std", "imagenet")
-  resolve = lambda v, i: {"imagenet": (pp.IMAGENET_MEAN, pp.IMAGENET_STD),
-                          "half": (pp.HALF, pp.HALF)}[v][i] if isinstance(v, str) else tuple(v)
-  try:
-    return np.asarray(resolve(mean, 0), np.float32), np.asarray(resolve(std, 1), np.float32)
-  except KeyError as e:
-    raise ClmimError(f"config.data.mean/std = {mean!r}/{std!r}: expected 'imagenet', 'half' or "
-                     f"three numbers.") from e
+  return (np.asarray(pp.resolve_stats(mean, "mean", "config.data"), np.float32),
+          np.asarray(pp.resolve_stats(std, "std", "config.data"), np.float32))
 
 
 class EvalImages:

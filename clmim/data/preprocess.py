@@ -52,7 +52,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
   return image.convert("RGB")
 
 
-def _stats(value: Stats, field: str, where: str) -> Tuple[float, float, float]:
+def resolve_stats(value: Stats, field: str, where: str) -> Tuple[float, float, float]:
   """Resolves a mean/std given by name ('imagenet', 'half') or as three numbers."""
   if isinstance(value, str):
     key = value.lower()
@@ -110,8 +110,8 @@ class EvalPreprocess:
       raise ClmimError(f"{where}.interpolation = {interpolation!r}: expected one of "
                        f"{sorted(_INTERPOLATIONS)}.")
     self.interpolation = key
-    self.mean = _stats(mean, "mean", where)
-    self.std = _stats(std, "std", where)
+    self.mean = resolve_stats(mean, "mean", where)
+    self.std = resolve_stats(std, "std", where)
     self._mean = np.asarray(self.mean, np.float32)
     self._std = np.asarray(self.std, np.float32)
 

@@ -6,7 +6,6 @@ converters can fill them: the MoCo MLP layers are `linear_{i}` (no bias) and `bn
 from __future__ import annotations
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 
 class BatchNormMLP(nn.Module):

@@ -26,7 +26,7 @@ Parameter tree (stable names, mirrored by the checkpoint converters):
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax

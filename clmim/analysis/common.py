@@ -1,0 +1,25 @@
+"""Helpers every analysis shares: masked weighted sums over images and the token grid side."""
+import jax.numpy as jnp
+import numpy as np
+
+from clmim.errors import ClmimError
+
+
+def weighted_sum(values, weights):
+  """Sum over the leading (image) axis; weight-0 rows count as exactly 0, even if NaN/inf."""
+  w = weights.reshape((-1,) + (1,) * (values.ndim - 1)).astype(values.dtype)
+  return jnp.sum(jnp.where(w > 0, w * values, 0), axis=0)
+
+
+def image_count(weights):
+  """Total weight of the real (weight > 0) images, float32."""
+  return jnp.sum(jnp.where(weights > 0, weights, 0)).astype(jnp.float32)
+
+
+def grid_side(num_patches: int, what: str) -> int:
+  """g for g*g patch tokens, or a ClmimError naming `what` had a non-square count."""
+  g = int(round(np.sqrt(num_patches)))
+  if g * g != num_patches:
+    raise ClmimError(f"{what} have {num_patches} patch tokens (excluding cls); expected a square "
+                     "number g*g of patches.")
+  return g
