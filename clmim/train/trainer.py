@@ -85,9 +85,11 @@ def export_checkpoint(config, workdir: str, step=None, out_dir=None) -> str:
   train_state = manager.restore(step, args=ocp.args.StandardRestore(train_state))
   encoder = objective.encoder_params(train_state["params"], train_state["state"])
   metrics = read_metrics(workdir)
-  loss = next((m["loss"] for m in reversed(metrics) if m["step"] <= step), None)
+  record = next((m for m in reversed(metrics) if m["step"] <= step), {})
   out_dir = out_dir or os.path.join(workdir, f"export_step_{step}")
-  return export.save(out_dir, config, jax.device_get(encoder), steps=int(step), final_loss=loss)
+  return export.save(out_dir, config, jax.device_get(encoder), steps=int(step),
+                     final_loss=record.get("loss"),
+                     extra={"training_time_s": record.get("elapsed_s")})
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -151,8 +153,13 @@ def train(config, workdir: str) -> dict:
 
   # --- Loop -------------------------------------------------------------------------------
   log_path = os.path.join(workdir, "metrics.jsonl")
+  kept = [r for r in read_metrics(workdir) if r["step"] <= start_step]
+  with open(log_path, "w") as f:  # drop records past the checkpoint we resume from
+    f.writelines(json.dumps(r) + "\n" for r in kept)
   stream = training_stream(dataset, config.batch_size, start_step)
   metrics, started = {}, time.time()
+  # Wall time of earlier sessions of this run, so a resumed run reports its total cost.
+  earlier_s = kept[-1].get("elapsed_s", 0.0) if kept else 0.0
   bar = tqdm(range(start_step, config.total_steps), initial=start_step, total=config.total_steps,
              desc=f"pretrain {config.objective}", unit="step", dynamic_ncols=True)
   for step in bar:
@@ -164,7 +171,8 @@ def train(config, workdir: str) -> dict:
         raise ClmimError(f"Training diverged at step {step + 1}: loss {metrics['loss']}. "
                          f"Lower config.lr or raise config.warmup_steps.")
       images_per_s = (step + 1 - start_step) * config.batch_size / (time.time() - started)
-      record = {"step": step + 1, **metrics, "images_per_s": images_per_s}
+      record = {"step": step + 1, **metrics, "images_per_s": images_per_s,
+                "elapsed_s": round(earlier_s + time.time() - started, 1)}
       with open(log_path, "a") as f:
         f.write(json.dumps(record) + "\n")
       bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{images_per_s:.0f}")
@@ -175,7 +183,9 @@ def train(config, workdir: str) -> dict:
 
   final = {k: float(v) for k, v in metrics.items()} if metrics else {}
   encoder = objective.encoder_params(train_state["params"], train_state["state"])
+  elapsed = (read_metrics(workdir) or [{}])[-1].get("elapsed_s")
   out = export.save(os.path.join(workdir, "export"), config, jax.device_get(encoder),
-                    steps=int(train_state["step"]), final_loss=final.get("loss"))
+                    steps=int(train_state["step"]), final_loss=final.get("loss"),
+                    extra={"training_time_s": elapsed})
   print(f"Exported encoder to {out}")
   return final
