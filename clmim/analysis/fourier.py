@@ -25,7 +25,6 @@ NAME = "fourier"
 _EPS = 1e-6
 
 
-
 def log_amplitude(z):
   """Channel-averaged log(|fft2| + 1e-6) of one state [B, N+1, C] -> [B, g, g], unshifted."""
   b, t, c = z.shape
@@ -40,6 +39,7 @@ def log_amplitude(z):
   rows = np.where(mirrored, (-u) % g, u)
   cols = np.where(mirrored, (-v) % g, v)
   return half[:, rows, cols]
+
 
 def batch_sums(zs, attns, weights, patch_size):
   """Weighted sums over the batch of the channel-averaged log amplitude spectrum of every state.
