@@ -143,6 +143,10 @@ def run(config, workdir: str) -> dict:
     model = registry.resolve(spec, seed=config.seed)
     jobs.append((model, EvalImages(config.data, model.preprocessing)))
   names = [m.name for m, _ in jobs]
+  for model, _ in jobs:  # e.g. two snapshots of one run: tell them apart by their folder
+    if names.count(model.name) > 1 and model.family != "random":
+      model.name = f"{model.name} [{os.path.basename(os.path.normpath(model.source))}]"
+  names = [m.name for m, _ in jobs]
   if len(set(names)) != len(names):
     raise ClmimError(f"config.models names the same model twice: {names}.")
 
