@@ -94,7 +94,8 @@ def analysis_base(arg: str, name: str, analyses: str) -> ml_collections.ConfigDi
       seed=0,                       # synthetic dataset seed
       path="",                      # image_folder: root with one sub-folder per class
       max_images_per_class=0,       # image_folder: cap per class, first files in sorted order (0 = all)
-      crop_pct=0.875,               # image_folder: resize shorter side to image_size / crop_pct
+      crop_pct=0.0,                 # image_folder: shorter side -> image_size / crop_pct, then
+                                    #   centre crop; 0 = the model's own (0.875 if unknown)
       interpolation="",             # "bilinear" / "bicubic"; "" = the model's own
       mean="", std="",              # "imagenet", "half" or 3 numbers; "" = the model's own
   ))

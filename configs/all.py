@@ -5,15 +5,19 @@ held-out procedural images; no download, CPU is fine):
 
   python -m clmim.main --config configs/all.py
 
-The paper's setting, on an image folder (e.g. ImageNet val or Imagenette, one sub-folder per
-class), the first 2^-6 of each class as in the official notebooks (~12 of 50 ImageNet val images):
+The paper's setting: the official MoCo v3 (300 ep) and SimMIM (800 ep) ViT-B/16 checkpoints,
+downloaded to $CLMIM_CACHE_DIR on first use (or local files given as moco_v3:/path/file.pth.tar
+and simmim:/path/file.pth), on an image folder (ImageNet val or Imagenette, one sub-folder per
+class), the first 2^-6 of each class as the official notebooks take (12 of 50 ImageNet val
+images), resized bilinearly as the paper's code did:
 
-  python -m clmim.main --config configs/all.py --config.models=/path/to/moco_ckpt,/path/to/simmim_ckpt \
+  python -m clmim.main --config configs/all.py --config.models=moco_v3_vitb16,simmim_vitb16 \
       --config.data.source=image_folder --config.data.path=/data/imagenet/val \
-      --config.data.max_images_per_class=12 --config.data.num_images=0
+      --config.data.max_images_per_class=12 --config.data.num_images=0 \
+      --config.data.interpolation=bilinear --config.batch_size=16
 
 Variants (the string after ':'): demo (default), runlocal (64 images, no untrained copies).
-Every field is documented in clmim/config_lib.py (analysis_base).
+Every field is documented in clmim/config_lib.py (analysis_base) and the README.
 """
 from clmim import config_lib
 

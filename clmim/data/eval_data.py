@@ -45,7 +45,7 @@ class EvalImages:
         raise ClmimError("config.data.path is empty: set it to an image folder "
                          "(one sub-folder per class).")
       transform = pp.EvalPreprocess(
-          size, crop_pct=float(data_cfg.crop_pct),
+          size, crop_pct=float(data_cfg.crop_pct or preprocessing.get("crop_pct", 0.875)),
           interpolation=data_cfg.interpolation or preprocessing.get("interpolation", "bicubic"),
           mean=tuple(self.mean), std=tuple(self.std), where="config.data")
       self.dataset = ImageFolder(data_cfg.path, transform,

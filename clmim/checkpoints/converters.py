@@ -1,0 +1,303 @@
+"""Official self-supervised ViT checkpoints -> clmim's linen ViT, exactly and strictly.
+
+Families and the layouts they are read from (see ../shared/reference/checkpoints.md):
+  moco_v3  {'state_dict': {'module.base_encoder.*' (+ 'head.*' projector),
+            'module.momentum_encoder.*', 'module.predictor.*'}, 'epoch', 'arch', 'optimizer', ...}
+  simmim   {'model': {'encoder.*' (+ 'encoder.mask_token'), 'decoder.0.*'}, 'config', ...}
+  mae      {'model': {timm ViT keys (+ 'mask_token', 'decoder_*' in the _full/visualize files)}}
+  dino     a flat timm ViT state dict, or a full checkpoint {'teacher': {'backbone.*', 'head.*'},
+            'student': {'module.backbone.*', ...}, 'args', ...} (the teacher is read by default)
+  beit     {'model': {BEiT keys, 'mask_token', 'lm_head.*'}}
+Flat tensor files (.safetensors, .npz) holding the inner dict are accepted for every family.
+
+The architecture is inferred from tensor shapes (width, depth, MLP size, patch, grid; heads from
+the relative-position table, else from the width as in the families' own code) and checked
+against a requested variant. Accounting is strict: every ViT parameter is filled, every tensor of
+the file is used or belongs to a documented drop group (momentum encoder, projector, predictor,
+mask token, decoders, heads); otherwise one ClmimError lists missing, unexpected and mis-shaped
+keys. Position embeddings come from the file; relative-position indices in the file are checked
+to equal the ones the ViT computes, so attention cannot silently differ.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clmim.checkpoints import convert_heads, native, torch_reader
+from clmim.checkpoints.convert_common import Taker, block_params, check_index
+from clmim.errors import ClmimError
+from clmim.models.vit import VARIANTS, ViT, parse_variant, sincos_position_embedding
+
+FAMILY_KIND = {"moco_v3": "cl", "dino": "cl", "simmim": "mim", "mae": "mim", "beit": "mim"}
+FAMILIES = tuple(FAMILY_KIND)
+_LAYOUTS = {
+    "moco_v3": "{'state_dict': {'module.base_encoder.*', 'module.momentum_encoder.*', ...}}",
+    "simmim": "{'model': {'encoder.*', 'decoder.*'}} with BEiT-style blocks (q_bias/v_bias)",
+    "mae": "{'model': {timm ViT keys: cls_token, pos_embed, blocks.*.attn.qkv.bias, ...}}",
+    "dino": "a flat timm ViT state dict, or {'teacher': {'backbone.*'}, 'student': ...}",
+    "beit": "{'model': {BEiT keys: blocks.*.attn.q_bias, rel_pos_bias.*, lm_head.*, ...}}",
+}
+# Groups converted only with `with_heads=True`; the rest of a family's extras are always dropped.
+HEAD_GROUPS = ("projector", "predictor", "decoder", "mask_token")
+# MoCo v3's ViT-S has 12 heads (head dim 32), unlike DeiT/DINO's 6.
+_HEADS_BY_WIDTH = {"moco_v3": {384: 12}}
+
+
+@dataclasses.dataclass
+class Converted:
+  """A converted checkpoint: the ViT, its params (nested numpy), optional heads and facts."""
+  family: str
+  vit: ViT
+  params: dict
+  heads: dict
+  info: dict
+
+
+def _fail(source, family, ckpt, why):
+  found = detect_family(ckpt)
+  top = sorted(map(str, ckpt))[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+  hint = f"; it looks like a {found} checkpoint (use '{found}:<path>')" if found else ""
+  raise ClmimError(f"{source}: not a {family} checkpoint ({why}). Expected {_LAYOUTS[family]}; "
+                   f"found top-level keys {top}{hint}.")
+
+
+def _inner(ckpt, container):
+  if isinstance(ckpt, dict) and isinstance(ckpt.get(container), dict):
+    return ckpt[container]
+  return ckpt
+
+
+def _strip(sd: dict, prefix: str) -> dict:
+  return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def _split(sd: dict, rules) -> dict:
+  """Sorts keys into groups by prefix ((prefix, group, keep_prefix) in order); rest: encoder."""
+  groups: dict = {}
+  for key, value in sd.items():
+    key = str(key)
+    for prefix, group, keep in rules:
+      if key.startswith(prefix):
+        groups.setdefault(group, {})[key if keep else key[len(prefix):]] = value
+        break
+    else:
+      groups.setdefault("encoder", {})[key] = value
+  return groups
+
+
+def split_checkpoint(family: str, ckpt: Any, source: str, dino_part: str = "teacher"):
+  """(groups, meta): the family's tensors sorted into 'encoder' and extra groups."""
+  if family not in FAMILY_KIND:
+    raise ClmimError(f"Unknown checkpoint family {family!r}; expected one of {FAMILIES}.")
+  if not isinstance(ckpt, dict):
+    _fail(source, family, ckpt, "the file does not hold a dict")
+  meta = {k: ckpt[k] for k in ("epoch", "arch") if isinstance(ckpt.get(k), (int, str))}
+  if family == "moco_v3":
+    sd = _strip(_inner(ckpt, "state_dict"), "module.")
+    groups = _split(sd, [("base_encoder.head.", "projector", False),
+                         ("momentum_encoder.", "momentum_encoder", False),
+                         ("predictor.", "predictor", False), ("base_encoder.", "encoder", False),
+                         ("", "other", True)])
+  elif family == "simmim":
+    groups = _split(_inner(ckpt, "model"), [
+        ("encoder.mask_token", "mask_token", False), ("decoder.", "decoder", False),
+        ("encoder.", "encoder", False), ("", "other", True)])
+  elif family == "mae":
+    groups = _split(_inner(ckpt, "model"), [("mask_token", "decoder", True),
+                                            ("decoder_", "decoder", True)])
+  elif family == "dino":
+    if "teacher" in ckpt or "student" in ckpt:
+      if not isinstance(ckpt.get(dino_part), dict):
+        _fail(source, family, ckpt, f"no {dino_part!r} entry")
+      groups = _split(_strip(ckpt[dino_part], "module."), [
+          ("backbone.", "encoder", False), ("head.", "head", False), ("", "other", True)])
+      meta["part"] = dino_part
+    else:
+      groups = _split(ckpt, [])
+  else:  # beit
+    groups = _split(_inner(ckpt, "model"), [("mask_token", "mask_token", False),
+                                            ("lm_head.", "lm_head", False)])
+  encoder = groups.get("encoder", {})
+  if "cls_token" not in encoder or "blocks.0.attn.qkv.weight" not in encoder:
+    _fail(source, family, ckpt, "no ViT encoder keys (cls_token, blocks.0.attn.qkv.weight)")
+  beit_style = "blocks.0.attn.q_bias" in encoder
+  if beit_style != (family in ("simmim", "beit")):
+    _fail(source, family, ckpt, f"its blocks are {'BEiT' if beit_style else 'timm'}-style")
+  for group in groups.values():
+    for key, value in group.items():
+      if not isinstance(value, np.ndarray):
+        raise ClmimError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor.")
+  return groups, meta
+
+
+def detect_family(ckpt: Any) -> Optional[str]:
+  """Guesses the family from the layout (None when unsure). Flat timm state dicts -> 'dino'."""
+  if not isinstance(ckpt, dict):
+    return None
+  if "teacher" in ckpt or "student" in ckpt:
+    return "dino"
+  for container in ("state_dict", "model", None):
+    sd = ckpt.get(container) if container else ckpt
+    if not isinstance(sd, dict):
+      continue
+    keys = set(map(str, sd))
+    if any(k.startswith(("module.base_encoder.", "base_encoder.")) for k in keys):
+      return "moco_v3"
+    if "encoder.blocks.0.attn.q_bias" in keys:
+      return "simmim"
+    if "blocks.0.attn.q_bias" in keys:
+      return "beit"
+    if "blocks.0.attn.qkv.weight" in keys:
+      return "mae" if container == "model" or "decoder_embed.weight" in keys else "dino"
+  return None
+
+
+def infer_architecture(enc: dict, family: str, source: str, variant: Optional[str] = None,
+                       num_heads: Optional[int] = None) -> dict:
+  """ViT fields from the encoder's tensor shapes; checked against `variant` when given."""
+  def shape(key, ndim):
+    if key not in enc:
+      raise ClmimError(f"{source}: the encoder lacks {key!r}, needed to infer the architecture.")
+    if enc[key].ndim != ndim:
+      raise ClmimError(f"{source}: {key} has shape {enc[key].shape}, expected {ndim} dimensions.")
+    return enc[key].shape
+
+  width = shape("cls_token", 3)[-1]
+  out, chans, kh, kw = shape("patch_embed.proj.weight", 4)
+  if (out, chans) != (width, 3) or kh != kw:
+    raise ClmimError(f"{source}: patch_embed.proj.weight has shape {(out, chans, kh, kw)}, "
+                     f"expected [{width}, 3, p, p].")
+  depth = len({int(m.group(1)) for k in enc for m in [re.match(r"blocks\.(\d+)\.", k)] if m})
+  fields = dict(width=width, depth=depth, mlp_dim=shape("blocks.0.mlp.fc1.weight", 2)[0],
+                patch_size=kh, block_style="timm", position_embedding="none",
+                rel_pos_bias="none", layer_scale_init=None)
+  if "blocks.0.attn.q_bias" in enc:
+    fields["block_style"] = "beit"
+  if "blocks.0.gamma_1" in enc:
+    fields["layer_scale_init"] = 0.1  # the value is overwritten by the file's gammas
+  tables = [k for k in ("rel_pos_bias.relative_position_bias_table",
+                        "blocks.0.attn.relative_position_bias_table") if k in enc]
+  if tables:
+    fields["rel_pos_bias"] = "shared" if tables[0].startswith("rel_pos_bias") else "per_block"
+    rows, fields["num_heads"] = shape(tables[0], 2)
+    grid = int(round((np.sqrt(rows - 3) + 1) / 2))
+    if (2 * grid - 1) ** 2 + 3 != rows:
+      raise ClmimError(f"{source}: {tables[0]} has {rows} rows, not (2g-1)^2+3 for a grid g.")
+  if "pos_embed" in enc:
+    fields["position_embedding"] = "sincos" if family in ("moco_v3", "mae") else "learned"
+    tokens = shape("pos_embed", 3)[1]
+    grid = int(round(np.sqrt(tokens - 1)))
+    if grid * grid + 1 != tokens:
+      raise ClmimError(f"{source}: pos_embed has {tokens} tokens, not a square grid + cls.")
+  if "pos_embed" not in enc and not tables:
+    grid = 224 // kh  # nothing in the file fixes the resolution; use the pretraining one
+  fields["image_size"] = grid * kh
+  if variant:
+    want = parse_variant(variant)
+    bad = [f"{k} {fields[k]} (variant {want[k]})"
+           for k in ("width", "depth", "mlp_dim", "patch_size") if fields[k] != want[k]]
+    if "num_heads" in fields and fields["num_heads"] != want["num_heads"] and family != "moco_v3":
+      bad.append(f"num_heads {fields['num_heads']} (variant {want['num_heads']})")
+    if bad:
+      raise ClmimError(f"{source}: the checkpoint's shapes contradict the requested variant "
+                       f"{variant!r}: " + ", ".join(bad) + ".")
+  if num_heads:
+    fields["num_heads"] = int(num_heads)
+  if "num_heads" not in fields:
+    # Not stored in timm-style files: use the families' own sizes, else head dim 64.
+    by_width = {w: h for w, _, _, h in VARIANTS.values()} | _HEADS_BY_WIDTH.get(family, {})
+    fields["num_heads"] = by_width.get(width, max(1, width // 64))
+  if width % fields["num_heads"]:
+    raise ClmimError(f"{source}: width {width} is not divisible by {fields['num_heads']} heads.")
+  return fields
+
+
+def encoder_params(enc: dict, f: dict, source: str, mask_token=None) -> dict:
+  """The ViT param tree from a prefix-stripped encoder state dict (strict accounting)."""
+  take = Taker(enc, source)
+  width, patch = f["width"], f["patch_size"]
+  grid = f["image_size"] // patch
+  params = {"patch_embed": {
+      "kernel": take("patch_embed.proj.weight", (width, 3, patch, patch)).transpose(2, 3, 1, 0),
+      "bias": take("patch_embed.proj.bias", (width,))},
+      "cls_token": take("cls_token", (1, 1, width))}
+  if f["position_embedding"] != "none":
+    params["pos_embed"] = take("pos_embed", (1, grid * grid + 1, width))
+  if f["rel_pos_bias"] == "shared":
+    rows = (2 * grid - 1) ** 2 + 3
+    params["rel_pos_bias"] = {"table": take("rel_pos_bias.relative_position_bias_table",
+                                            (rows, f["num_heads"]))}
+    check_index(take, "rel_pos_bias.relative_position_index", grid, source)
+  for i in range(f["depth"]):
+    params[f"block_{i}"] = block_params(take, f"blocks.{i}.", f, grid, source)
+  params["norm"] = take.norm("norm", width)
+  if mask_token is not None:
+    params["mask_token"] = np.asarray(mask_token, np.float32).reshape(1, 1, width)
+  take.check("the encoder")
+  return params
+
+
+def describe_pos_embed(pos_embed: np.ndarray) -> str:
+  """Names a position table: MoCo's row-first or MAE's column-first sin-cos, or learned."""
+  grid = int(round(np.sqrt(pos_embed.shape[1] - 1)))
+  for order, owner in (("row_first", "MoCo v3"), ("col_first", "MAE")):
+    table = sincos_position_embedding(grid, pos_embed.shape[-1], order)
+    err = float(np.abs(table - pos_embed).max())
+    if err < 1e-4:
+      return f"fixed sin-cos, {order} ({owner} convention; max diff to formula {err:.1e})"
+  return "learned"
+
+
+def convert(ckpt: Any, family: str, source: str = "checkpoint", variant: Optional[str] = None,
+            num_heads: Optional[int] = None, with_heads: bool = False,
+            dino_part: str = "teacher") -> Converted:
+  """Converts a loaded checkpoint object (see `torch_reader.load`) of a known family."""
+  groups, meta = split_checkpoint(family, ckpt, source, dino_part)
+  enc = groups.pop("encoder")
+  other = groups.pop("other", {})
+  if other:
+    raise ClmimError(f"{source}: unexpected keys outside the {family} layout: "
+                     f"{sorted(other)[:10]}.")
+  fields = infer_architecture(enc, family, source, variant, num_heads)
+  mask_token = groups.get("mask_token", {}).get("") if with_heads else None
+  if mask_token is not None:
+    fields["use_mask_token"] = True
+  vit = ViT(**fields)
+  params = encoder_params(enc, fields, source, mask_token)
+  images = jax.ShapeDtypeStruct((1, vit.image_size, vit.image_size, 3), jnp.float32)
+  expected = jax.eval_shape(lambda x: vit.init(jax.random.PRNGKey(0), x), images)["params"]
+  native.check_params(expected, params, source)  # guards the mapping itself
+  heads, dropped = {}, {}
+  for name, group in groups.items():
+    if with_heads and name in HEAD_GROUPS:
+      if name != "mask_token":
+        heads[name] = convert_heads.convert(family, name, group, fields, source)
+    else:
+      dropped[name] = len(group)
+  # NOTE: no "family" key: registry.Model.info is merged over Model.family ("cl"/"mim").
+  info = {"architecture": dict(fields), "dropped": dropped,
+          "checkpoint": meta, "num_params": int(sum(np.size(v) for v in
+                                                    jax.tree.leaves(params)))}
+  if "pos_embed" in params:
+    info["pos_embed"] = describe_pos_embed(params["pos_embed"])
+  return Converted(family=family, vit=vit, params=params, heads=heads, info=info)
+
+
+def load(path: str, family: Optional[str] = None, **kwargs) -> Converted:
+  """Reads a checkpoint file (.pth, .pth.tar, .safetensors, .npz) and converts it.
+
+  `family` is one of FAMILIES, or None to detect it from the layout. Other arguments as in
+  `convert` (variant, num_heads, with_heads, dino_part).
+  """
+  ckpt = torch_reader.load(path)
+  if family is None:
+    family = detect_family(ckpt)
+    if family is None:
+      raise ClmimError(f"{path}: cannot tell which family this checkpoint belongs to; name it "
+                       f"as '<family>:{path}' with <family> one of {FAMILIES}.")
+  return convert(ckpt, family, source=path, **kwargs)
