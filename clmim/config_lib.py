@@ -88,14 +88,26 @@ def analysis_base(arg: str, name: str, analyses: str) -> ml_collections.ConfigDi
   config.batch_size = 64            # images per step over all devices (batch_size // devices each)
   config.progress = True            # progress bars
   config.data = ml_collections.ConfigDict(dict(
-      source="synthetic",           # "synthetic" (no download) or "image_folder"
-      split="validation",           # synthetic split: validation (held out), train, cue_conflict
-      num_images=512,               # images per model (0 = the whole folder)
+      source="synthetic",           # "synthetic" (no download), "image_folder" or "tfds"
+      split="validation",           # synthetic: validation (held out), train, cue_conflict;
+                                    #   tfds: any TFDS split, e.g. "validation", "train[:10%]"
+      num_images=512,               # images per model, the first ones in dataset order after
+                                    #   per-class subsampling (0 = all of them)
+      max_batches=0,                # cap: at most this many steps of batch_size images per
+                                    #   model (0 = no cap)
       seed=0,                       # synthetic dataset seed
       path="",                      # image_folder: root with one sub-folder per class
-      max_images_per_class=0,       # image_folder: cap per class, first files in sorted order (0 = all)
-      crop_pct=0.0,                 # image_folder: shorter side -> image_size / crop_pct, then
-                                    #   centre crop; 0 = the model's own (0.875 if unknown)
+      tfds_name="",                 # tfds: dataset name, e.g. "imagenet2012", "imagenette",
+                                    #   "imagenette/320px-v2" (prepared as array_record; no
+                                    #   TensorFlow needed to read)
+      data_dir="",                  # tfds: TFDS data folder ("" = $TFDS_DATA_DIR or
+                                    #   ~/tensorflow_datasets)
+      max_images_per_class=0,       # image_folder/tfds: the first N of each class (0 = all)
+      fraction_per_class=0.0,       # image_folder/tfds: the first int(f * class size) of each
+                                    #   class, as the official notebooks subsample (0 = all)
+      num_workers=0,                # decode/preprocess threads (0 = min(8, CPU cores))
+      crop_pct=0.0,                 # image_folder/tfds: shorter side -> image_size / crop_pct,
+                                    #   then centre crop; 0 = the model's own (0.875 if unknown)
       interpolation="",             # "bilinear" / "bicubic"; "" = the model's own
       mean="", std="",              # "imagenet", "half" or 3 numbers; "" = the model's own
   ))

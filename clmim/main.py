@@ -29,6 +29,30 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "enabled by CLMIM_DISTRIBUTED=1.")
 
 
+def initialize_distributed():
+  """`jax.distributed.initialize()` for a multi-process run.
+
+  On Cloud TPU VMs, SLURM, Open MPI and Kubernetes JAX finds its peers by itself. Elsewhere
+  (e.g. several processes on one machine) set JAX_COORDINATOR_ADDRESS=host:port, which JAX
+  reads, plus CLMIM_NUM_PROCESSES and CLMIM_PROCESS_ID, which are passed on here.
+  """
+  import jax
+  from clmim.errors import ClmimError
+  kwargs = {}
+  for key, env in (("num_processes", "CLMIM_NUM_PROCESSES"), ("process_id", "CLMIM_PROCESS_ID")):
+    if os.environ.get(env):
+      try:
+        kwargs[key] = int(os.environ[env])
+      except ValueError:
+        raise ClmimError(f"{env}={os.environ[env]!r}: expected an integer.") from None
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, TypeError) as e:
+    raise ClmimError(f"jax.distributed.initialize() failed: {_last_line(e)}; outside Cloud TPU, "
+                     "SLURM, MPI and Kubernetes set JAX_COORDINATOR_ADDRESS=host:port, "
+                     "CLMIM_NUM_PROCESSES and CLMIM_PROCESS_ID.") from e
+
+
 def default_workdir(config) -> str:
   name = config.get("name", "run")
   return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -66,14 +90,13 @@ def main(argv):
   except OSError as e:
     _fail(f"cannot load the config file {flags.FLAGS['config'].config_filename!r}: "
           f"{_last_line(e)}")
-  if _DISTRIBUTED.value or os.environ.get("CLMIM_DISTRIBUTED") == "1":
-    import jax
-    jax.distributed.initialize()
-  workdir = _WORKDIR.value
-  if workdir is None:
-    workdir = default_workdir(config)
-    print(f"No --workdir given; writing to {workdir}")
   try:
+    if _DISTRIBUTED.value or os.environ.get("CLMIM_DISTRIBUTED") == "1":
+      initialize_distributed()
+    workdir = _WORKDIR.value
+    if workdir is None:
+      workdir = default_workdir(config)
+      print(f"No --workdir given; writing to {workdir}")
     run(config, workdir)
   except ClmimError as e:
     _fail(str(e))

@@ -8,8 +8,9 @@ held-out procedural images; no download, CPU is fine):
 The paper's setting: the official MoCo v3 (300 ep) and SimMIM (800 ep) ViT-B/16 checkpoints,
 downloaded to $CLMIM_CACHE_DIR on first use (or local files given as moco_v3:/path/file.pth.tar
 and simmim:/path/file.pth), on an image folder (ImageNet val or Imagenette, one sub-folder per
-class), the first 2^-6 of each class as the official notebooks take (12 of 50 ImageNet val
-images), resized bilinearly as the paper's code did:
+class), a fixed subset of each class (here the first 12 of the 50 ImageNet val
+images per class; for Imagenette, --config.data.fraction_per_class=0.015625 takes the 2^-6 the
+notebooks take), resized bilinearly as the paper's code did:
 
   python -m clmim.main --config configs/nmi.py --config.models=moco_v3_vitb16,simmim_vitb16 \
       --config.data.source=image_folder --config.data.path=/data/imagenet/val \

@@ -111,3 +111,38 @@ def test_corrupt_file_names_the_file(tmp_path):
   bad.write_bytes(bad.read_bytes()[:6000])
   with pytest.raises(ClmimError, match="zbad.png"):
     ds[1]
+
+
+def test_fraction_per_class_takes_the_first_files(folder):
+  # int(fraction * class size), in sorted order, as the official notebooks' subsample does.
+  ds = ImageFolder(folder, PP, fraction_per_class=0.5)
+  assert [os.path.relpath(f, folder) for f in ds.files] == ["ant/y.bmp", "cat/a.jpg",
+                                                            "dog/sub/w.png"]
+  assert len(ImageFolder(folder, PP, fraction_per_class=0.7)) == 1 + 2 + 1
+  with pytest.raises(ClmimError, match="keeps no image"):
+    ImageFolder(folder, PP, fraction_per_class=0.2)
+  with pytest.raises(ClmimError, match="not both"):
+    ImageFolder(folder, PP, max_images_per_class=1, fraction_per_class=0.5)
+  with pytest.raises(ClmimError, match=r"fraction_per_class = 1.5"):
+    ImageFolder(folder, PP, fraction_per_class=1.5)
+
+
+def test_unreadable_folders_name_the_folder(folder, monkeypatch):
+  # Permissions do not stop root (tests may run as root), so the OS error is simulated.
+  real_scandir = os.scandir
+
+  def denied_at(target):
+    def scandir(path="."):
+      if os.path.abspath(path) == os.path.abspath(target):
+        raise PermissionError(13, "Permission denied", str(path))
+      return real_scandir(path)
+    return scandir
+
+  monkeypatch.setattr(os, "scandir", denied_at(folder))
+  with pytest.raises(ClmimError, match=r"Cannot read image folder .*Permission denied") as e:
+    ImageFolder(folder, PP)
+  assert str(folder) in str(e.value)
+  # A class folder that cannot be listed is an error too, not a class that looks empty.
+  monkeypatch.setattr(os, "scandir", denied_at(folder / "dog" / "sub"))
+  with pytest.raises(ClmimError, match=r"Cannot read image folder .*sub.*Permission denied"):
+    ImageFolder(folder, PP)

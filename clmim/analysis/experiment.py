@@ -6,6 +6,10 @@ it streams the evaluation images through the sharded `Analyzer` and collects the
 analysis names) is checked before any compute, and results.json is written atomically at the
 end, so a failed run leaves no partial result behind.
 
+With several processes (jax.distributed), each process reads only the images of its own
+devices (`Analyzer.plan`), all run the same number of steps, psum combines the sums over every
+device, and only process 0 prints and writes files.
+
 results.json:
   {"models": {name: {"attention_distance": [[per head] per layer], "nmi": [[...]],
                      "attention_entropy": [[...]], "fourier": [[per frequency] per stage],
@@ -152,14 +156,26 @@ def run(config, workdir: str) -> dict:
 
   results = {"models": {}, "model_info": {}, "reference": {"nmi": 0.0, "attention_entropy": 1.0}}
   uniform = set()
+  max_batches = int(config.data.get("max_batches", 0) or 0)
+  if max_batches < 0:
+    raise ClmimError(f"config.data.max_batches = {max_batches}: expected a non-negative integer "
+                     "(0 = no cap).")
+  main_process = jax.process_index() == 0
   for model, images in jobs:
     started = time.time()
     forward = functools.partial(forward_with_states, model.vit)
     analyzer = Analyzer(forward, analyses, model.vit.patch_size,
                         device_batch_size=max(1, config.batch_size // jax.device_count()))
-    print(f"{model.name}: {images.description}")
-    out = analyzer.run(model.params, images.batches(config.batch_size),
-                       num_images=len(images), progress=config.progress)
+    num_images = len(images)
+    if max_batches:
+      num_images = min(num_images, max_batches * analyzer.global_batch_size)
+    plan = analyzer.plan(num_images)
+    if main_process:
+      capped = f" (first {num_images}: max_batches={max_batches})" if num_images < len(images) \
+          else ""
+      print(f"{model.name}: {images.description}{capped}")
+    batches = images.load_batches(plan.local_indices, analyzer.local_batch_size)
+    out = analyzer.run(model.params, batches, progress=config.progress, plan=plan)
     results["models"][model.name] = out
     grid = model.vit.grid
     uniform.add(uniform_attention_distance(grid, model.vit.patch_size))
@@ -176,7 +192,7 @@ def run(config, workdir: str) -> dict:
   results["config"] = config.to_dict()
   results["versions"] = versions()
 
-  if jax.process_index() == 0:  # only one process writes
+  if main_process:  # only one process writes
     os.makedirs(workdir, exist_ok=True)
     results["figures"] = [os.path.basename(p) for p in plots.write_all_figures(results, workdir)]
     path = os.path.join(workdir, "results.json")

@@ -11,7 +11,20 @@ Typical use:
 
   analyzer = Analyzer(forward_fn, [attention_distance, nmi, fourier], patch_size=16)
   results = analyzer.run(params, batches)   # {"attention_distance": ..., "num_images": ...}
+
+Several processes (multi-host): every process must run the same number of steps, each feeding
+its own devices. `plan(num_images)` says which images this process feeds at which step: step k
+covers images [k*G, (k+1)*G) of the global order (G = device_batch_size x all devices), and
+image k*G + j*device_batch_size + r goes to the j-th device of the mesh, whichever process owns
+it, so every image meets the same compiled computation on the same mesh position as in a
+one-process run. Slots past the last image are padding (weight 0).
+
+  plan = analyzer.plan(len(images))
+  batches = images.load_batches(plan.local_indices, analyzer.local_batch_size)
+  results = analyzer.run(params, batches, plan=plan)
 """
+import dataclasses
+
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
@@ -20,6 +33,28 @@ import tqdm
 from clmim.errors import ClmimError
 
 _COUNT = "__num_images__"
+PAD = -1  # a slot of the plan that holds no image (the same value as clmim.data.loader.PAD)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """This process's share of an exact pass over `num_images` images (see the module doc).
+
+  Attributes:
+    num_images: images over all processes.
+    num_steps: steps every process runs (at least 1).
+    global_batch: images per step over all devices.
+    local_indices: int64 [num_steps * local batch]: the image each of this process's slots
+      holds, step-major, PAD (-1) for padding.
+  """
+  num_images: int
+  num_steps: int
+  global_batch: int
+  local_indices: np.ndarray
+
+  def images_in_step(self, step: int) -> int:
+    """Real images (all processes) in step `step`: the progress bar counts these."""
+    return max(0, min(self.global_batch, self.num_images - step * self.global_batch))
 
 
 def make_mesh(devices=None):
@@ -102,6 +137,34 @@ class Analyzer:
     self._step = jax.jit(jax.shard_map(
         local_step, mesh=self.mesh, in_specs=(P(), P("data"), P("data")), out_specs=P()))
 
+  @property
+  def local_batch_size(self) -> int:
+    """Images this process feeds per step (device_batch_size x its devices in the mesh)."""
+    return self.device_batch_size * self._local_devices
+
+  @property
+  def global_batch_size(self) -> int:
+    """Images per step over all devices."""
+    return self.device_batch_size * self.mesh.devices.size
+
+  def plan(self, num_images: int) -> Plan:
+    """Which of `num_images` images (in their global order) this process feeds at each step."""
+    if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) \
+        or num_images < 1:
+      raise ClmimError(f"Analyzer.plan: expected a positive number of images, got "
+                       f"{num_images!r}.")
+    devices = list(self.mesh.devices.flat)
+    size, global_batch = self.device_batch_size, self.global_batch_size
+    steps = -(-int(num_images) // global_batch)
+    mine = np.array([j for j, d in enumerate(devices) if d.process_index == jax.process_index()])
+    if not len(mine):
+      raise ClmimError(f"Analyzer.plan: process {jax.process_index()} owns no device of the "
+                       "mesh; every process must feed at least one device.")
+    slots = (np.arange(steps)[:, None, None] * global_batch + mine[None, :, None] * size
+             + np.arange(size)[None, None, :]).reshape(-1)
+    local = np.where(slots < num_images, slots, PAD).astype(np.int64)
+    return Plan(int(num_images), steps, global_batch, local)
+
   def _chunks(self, batches, num_images):
     """Re-cuts the stream into (images, weights) pieces of exactly the fixed local batch.
 
@@ -111,7 +174,7 @@ class Analyzer:
     Only the last piece is short; `_put` pads it.
     """
     seen, buffer, buffered = 0, [], 0
-    local_batch = self.device_batch_size * self._local_devices
+    local_batch = self.local_batch_size
     self._image_shape = None
     for batch in batches:
       images, weights = _as_images_and_weights(batch)
@@ -141,33 +204,43 @@ class Analyzer:
 
   def _put(self, images, weights):
     """Pads one piece to the fixed local batch (zeros, weight 0) and shards it over the mesh."""
-    pad = self.device_batch_size * self._local_devices - len(images)
+    pad = self.local_batch_size - len(images)
     if pad:
       images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
       weights = np.concatenate([weights, np.zeros(pad, weights.dtype)])
     put = jax.make_array_from_process_local_data
     return put(self._batch_sharding, images), put(self._batch_sharding, weights)
 
-  def run(self, params, batches, num_images=None, progress=True):
+  def run(self, params, batches, num_images=None, progress=True, plan=None):
     """Analyses every image of `batches` and returns the merged results.
 
     Args:
       params: model parameters, passed to `forward_fn` (replicated on every device).
       batches: iterable of float32 numpy images [b, H, W, 3] (sizes may vary; the first sets the
         compiled batch size and larger ones are split) or of `(images, weights)` tuples, where
-        weight 0 marks padding that must not count.
+        weight 0 marks padding that must not count. With `plan`: this process's images, exactly
+        those of `plan.local_indices`, in that order.
       num_images: if given, only the first `num_images` images are used; also the progress total.
-      progress: show a tqdm progress bar (images/s) on process 0.
+        Not used with `plan` (the plan knows the total).
+      progress: show a tqdm progress bar (images/s, over all processes) on process 0.
+      plan: from `self.plan(...)`; required when there are several processes, so that every
+        process runs the same number of steps.
 
     Returns:
       The union of every analysis' `finalize` dict, plus "num_images" (images with weight > 0,
       over all processes).
     """
+    if plan is None and jax.process_count() > 1:
+      raise ClmimError("Analyzer.run: with several processes, pass plan=analyzer.plan(n) and "
+                       "feed each process the images of plan.local_indices.")
+    if plan is not None:
+      num_images = None
+    # Works across processes too: every process holds the same params (same file, same seed).
     params = jax.device_put(params, self._replicated)
     totals = {a.NAME: None for a in self.analyses}
     totals[_COUNT] = None
-    bar = tqdm.tqdm(total=num_images, unit="img", desc="analysis",
-                    disable=not progress or jax.process_index() != 0)
+    bar = tqdm.tqdm(total=plan.num_images if plan is not None else num_images, unit="img",
+                    desc="analysis", disable=not progress or jax.process_index() != 0)
 
     def accumulate(out):
       # float64 on the host: many float32 partial sums are added without drift.
@@ -176,17 +249,26 @@ class Analyzer:
         totals[name] = sums if totals[name] is None else jax.tree.map(np.add, totals[name], sums)
 
     pending = None  # keep one step in flight so the host work overlaps the device work
+    steps = 0
     try:
       for images, weights in self._chunks(batches, num_images):
+        if plan is not None and steps == plan.num_steps:
+          raise ClmimError(f"Analyzer.run: the batches hold more than the plan's "
+                           f"{plan.num_steps} steps.")
         out = self._step(params, *self._put(images, weights))
         if pending is not None:
           accumulate(pending)
         pending = out
-        bar.update(int((weights > 0).sum()))
+        bar.update(plan.images_in_step(steps) if plan is not None else int((weights > 0).sum()))
+        steps += 1
       if pending is not None:
         accumulate(pending)
     finally:
       bar.close()  # an error message then starts on a line of its own
+    if plan is not None and steps != plan.num_steps:
+      # The other processes would wait for this one forever in the next collective.
+      raise ClmimError(f"Analyzer.run: the batches ended after {steps} of the plan's "
+                       f"{plan.num_steps} steps.")
     if totals[_COUNT] is None or totals[_COUNT] <= 0:
       raise ClmimError("Analyzer.run: no images to analyse (empty stream or all weights 0).")
     results = {}

@@ -7,17 +7,17 @@
 Class names are the sorted sub-folder names and their positions are the label ids; files are
 listed recursively under each class folder and sorted by relative path, so index i is the same
 image on every machine and every run (the order torchvision's ImageFolder uses, class-major).
-Decoding runs in a small thread pool: PIL releases the GIL while decoding and resizing, so
-threads overlap decode with whatever consumes the batches.
+Subsampling keeps the first files of each class (a count or a fraction), so it is fixed too.
+Decoding runs in the thread pool of `clmim.data.loader`: PIL releases the GIL while decoding and
+resizing, so threads overlap decode with whatever consumes the batches.
 """
-import collections
-import concurrent.futures
 import os
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
+from clmim.data import loader
 from clmim.errors import ClmimError
 
 DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -27,10 +27,21 @@ def _is_hidden(name: str) -> bool:
   return name.startswith(".")
 
 
+def _unreadable(path: str, error: OSError) -> ClmimError:
+  reason = error.strerror or str(error)
+  return ClmimError(f"Cannot read image folder {path!r}: {reason}; expected a readable folder "
+                    "(check its permissions, or that the disk is mounted).")
+
+
 def _list_images(folder: str, extensions: Tuple[str, ...]) -> List[str]:
   """All image files under `folder` (recursively), sorted by path relative to `folder`."""
   found = []
-  for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+
+  def fail(error: OSError):
+    # os.walk skips folders it cannot list; a silently missing class is worse than an error.
+    raise _unreadable(error.filename or folder, error)
+
+  for dirpath, dirnames, filenames in os.walk(folder, onerror=fail, followlinks=True):
     dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
     for name in filenames:
       if not _is_hidden(name) and name.lower().endswith(extensions):
@@ -51,7 +62,7 @@ class ImageFolder:
   def __init__(self, root: str, preprocess: Callable[[Image.Image], np.ndarray],
                max_images_per_class: Optional[int] = None,
                extensions: Sequence[str] = DEFAULT_EXTENSIONS, *,
-               num_workers: Optional[int] = None):
+               num_workers: Optional[int] = None, fraction_per_class: Optional[float] = None):
     """Lists the files (no decoding yet) and checks the layout.
 
     Args:
@@ -60,6 +71,8 @@ class ImageFolder:
       max_images_per_class: keep only the first n files (in sorted order) of every class.
       extensions: accepted file name endings, case-insensitive.
       num_workers: decoding threads for `batches`; default min(8, number of CPUs).
+      fraction_per_class: keep the first int(fraction * n) of the n files of every class (the
+        official notebooks' subsample); exclusive with max_images_per_class.
     """
     self.root = os.fspath(root)
     self.preprocess = preprocess
@@ -77,23 +90,29 @@ class ImageFolder:
       what = "is not a folder" if os.path.exists(self.root) else "does not exist"
       raise ClmimError(f"Image folder {self.root!r} {what}: expected a folder with one "
                        f"sub-folder of images ({accepted}) per class.")
-    self.classes = sorted(
-        e.name for e in os.scandir(self.root) if e.is_dir() and not _is_hidden(e.name))
+    try:
+      with os.scandir(self.root) as entries:
+        self.classes = sorted(e.name for e in entries if e.is_dir() and not _is_hidden(e.name))
+    except OSError as e:
+      raise _unreadable(self.root, e) from e
     if not self.classes:
       raise ClmimError(f"Image folder {self.root!r} has no class sub-folders: expected "
                        f"root/<class>/<image> with images ending in {accepted}.")
-    self.files, self.labels = [], []
+    files, labels = [], []
     for label, name in enumerate(self.classes):
-      files = _list_images(os.path.join(self.root, name), self.extensions)
-      if not files:
+      found = _list_images(os.path.join(self.root, name), self.extensions)
+      if not found:
         # An empty class keeps a label that never occurs; it is almost always a copy that went
         # wrong, so refuse it (torchvision does too).
         raise ClmimError(f"Class folder {os.path.join(self.root, name)!r} has no images: "
                          f"expected files ending in {accepted}.")
-      files = files[:max_images_per_class]
-      self.files += files
-      self.labels += [label] * len(files)
-    self.num_workers = num_workers or min(8, os.cpu_count() or 1)
+      files += found
+      labels += [label] * len(found)
+    keep = loader.select_per_class(labels, max_images_per_class, fraction_per_class,
+                                   where=f"Image folder {self.root!r}")
+    self.files = [files[i] for i in keep]
+    self.labels = [labels[i] for i in keep]
+    self.num_workers = num_workers or loader.default_num_workers()
 
   def __len__(self) -> int:
     return len(self.files)
@@ -130,22 +149,15 @@ class ImageFolder:
     if num_images is not None and (not isinstance(num_images, int) or num_images < 0):
       raise ClmimError(f"num_images = {num_images!r}: expected a non-negative integer or None.")
     n = len(self) if num_images is None else min(num_images, len(self))
-    window = (1 + max(0, prefetch_batches)) * batch_size
-    pool = concurrent.futures.ThreadPoolExecutor(self.num_workers, "clmim-decode")
-    pending = collections.deque()
-    submitted = 0
-    try:
-      for start in range(0, n, batch_size):
-        while submitted < n and len(pending) < window:
-          pending.append(pool.submit(self.load, submitted))
-          submitted += 1
-        size = min(batch_size, n - start)
-        images = [pending.popleft().result() for _ in range(size)]
-        labels = np.asarray(self.labels[start:start + size], np.int32)
-        yield np.stack(images), labels
-    finally:
-      # Reached also when the consumer stops early: drop the decodes nobody will read.
-      pool.shutdown(wait=True, cancel_futures=True)
+    if n == 0:
+      return
+    # The preprocessing fixes the shape; it is needed only to pad, which never happens here.
+    shape = getattr(self.preprocess, "output_shape", None) or self.load(0).shape
+    start = 0
+    for images, _ in loader.load_batches(self.load, range(n), batch_size, shape,
+                                         self.num_workers, prefetch_batches):
+      yield images, np.asarray(self.labels[start:start + len(images)], np.int32)
+      start += len(images)
 
   def __repr__(self):
     return (f"ImageFolder({self.root!r}, {len(self.classes)} classes, {len(self)} images, "
