@@ -6,13 +6,13 @@ map (mean over heads) next to the image with the query patch marked at patch siz
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from clmim.analysis.common import grid_side
+from clmim.atomic import save_figure_atomic
 from clmim.errors import ClmimError
 
 
@@ -49,7 +49,5 @@ def plot_query_attention(images, maps: dict, x: int, y: int, patch_size: int, pa
   if title:
     figure.suptitle(title, fontsize=9)
   figure.tight_layout()
-  tmp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp-" + os.path.basename(path))
-  figure.savefig(tmp, format="png")
-  os.replace(tmp, path)
+  save_figure_atomic(figure, path)
   return path

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
 import os
 import platform
-import tempfile
 import time
 
 import jax
@@ -37,6 +35,7 @@ from clmim.analysis import attention_distance, plots
 from clmim.analysis.runner import Analyzer
 from clmim.checkpoints import registry
 from clmim.data.eval_data import EvalImages
+from clmim.atomic import write_json_atomic
 from clmim.errors import ClmimError
 from clmim.models.vit import forward_with_states
 
@@ -69,21 +68,6 @@ def versions() -> dict:
           "numpy": np.__version__, "python": platform.python_version(),
           "backend": jax.default_backend(), "devices": jax.device_count(),
           "processes": jax.process_count()}
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-  """Writes JSON through a temporary file + rename, so readers never see half a file."""
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(payload, f, indent=1)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _layer_means(values) -> np.ndarray:

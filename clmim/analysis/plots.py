@@ -10,13 +10,13 @@ same folder, renamed over the target only once complete.
 """
 import math
 import os
-import tempfile
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from clmim.atomic import save_figure_atomic
 from clmim.errors import ClmimError
 
 DPI = 150
@@ -87,22 +87,7 @@ def _stage_rows(results: dict, name: str) -> np.ndarray:
 
 def _save(fig: Figure, path) -> str:
   """Writes `fig` as PNG to `path` atomically; on any failure no file (partial or temp) stays."""
-  path = os.path.abspath(os.fspath(path))
-  folder = os.path.dirname(path)
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight")
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; figures are meant to be shared.
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except FileNotFoundError:
-      pass
-    raise
-  return path
+  return save_figure_atomic(fig, path, dpi=DPI, bbox_inches="tight")
 
 
 def _finish_axes(ax, xlabel: str, ylabel: str, title: str, legend: bool = True):

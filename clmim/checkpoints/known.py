@@ -15,14 +15,14 @@ file, its size and sha256 (`sha256sum file`), so every later download is verifie
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from typing import Optional
 
+from clmim.atomic import write_json_atomic
+from clmim.checkpoints.native import sha256_of
 from clmim.errors import ClmimError
 
 CACHE_ENV = "CLMIM_CACHE_DIR"
@@ -124,19 +124,8 @@ def offline_mode() -> bool:
   return os.environ.get(OFFLINE_ENV, "").lower() not in ("", "0", "false", "no")
 
 
-def sha256_of(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 22), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def _write_record(path: str, record: dict) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-  with os.fdopen(fd, "w") as f:
-    json.dump(record, f, indent=1)
-  os.replace(tmp, path + ".json")
+  write_json_atomic(path + ".json", record)
 
 
 def cached_sha256(path: str) -> str:

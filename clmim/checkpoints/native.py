@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 from flax import traverse_util
 
+from clmim.atomic import write_atomic, write_json_atomic
 from clmim.errors import ClmimError
 
 MANIFEST = "manifest.json"
@@ -29,21 +29,6 @@ def sha256_of(path: str) -> str:
   return digest.hexdigest()
 
 
-def _atomic_write(path: str, write) -> None:
-  """Writes via a temporary file in the same folder, then renames (no partial files)."""
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.chmod(tmp, 0o644)  # mkstemp makes owner-only files
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def save(directory: str, config, encoder_params, steps: int, final_loss=None,
          extra: dict | None = None) -> str:
   """Writes encoder.npz + manifest.json into `directory`; returns the directory."""
@@ -51,7 +36,7 @@ def save(directory: str, config, encoder_params, steps: int, final_loss=None,
   flat = {"/".join(k): np.asarray(v, np.float32)
           for k, v in traverse_util.flatten_dict(encoder_params).items()}
   weights_path = os.path.join(directory, WEIGHTS)
-  _atomic_write(weights_path, lambda f: np.savez(f, **flat))
+  write_atomic(weights_path, lambda f: np.savez(f, **flat))
   cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   manifest = {
       "name": cfg.get("name", os.path.basename(os.path.normpath(directory))),
@@ -69,8 +54,7 @@ def save(directory: str, config, encoder_params, steps: int, final_loss=None,
       "config": cfg,
       **(extra or {}),
   }
-  _atomic_write(os.path.join(directory, MANIFEST),
-                lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+  write_json_atomic(os.path.join(directory, MANIFEST), manifest)
   return directory
 
 

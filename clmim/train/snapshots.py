@@ -20,7 +20,8 @@ import orbax.checkpoint as ocp
 from matplotlib.figure import Figure
 
 from clmim.analysis import attention_distance, fourier, nmi
-from clmim.analysis.experiment import uniform_attention_distance, write_json_atomic
+from clmim.analysis.experiment import uniform_attention_distance
+from clmim.atomic import save_figure_atomic, write_json_atomic
 from clmim.analysis.runner import Analyzer
 from clmim.data.synthetic import ShapesTextures
 from clmim.errors import ClmimError
@@ -90,6 +91,4 @@ def plot(snapshots: dict, path: str, title: str) -> None:
   figure.axes[0].legend(fontsize=6)
   figure.suptitle(title)
   figure.tight_layout()
-  tmp = path + ".tmp.png"
-  figure.savefig(tmp)
-  os.replace(tmp, path)
+  save_figure_atomic(figure, path)

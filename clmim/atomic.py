@@ -1,0 +1,36 @@
+"""Atomic file writes: a temporary file in the target's folder, renamed over the target only once
+complete, so a reader (or a crashed run) never leaves or sees half a file."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Callable, IO
+
+
+def write_atomic(path, write: Callable[[IO[bytes]], None]) -> str:
+  """Calls `write(binary file)` into a temporary file, then renames it to `path`."""
+  path = os.path.abspath(os.fspath(path))
+  folder = os.path.dirname(path)
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  return path
+
+
+def write_json_atomic(path, payload) -> str:
+  """JSON (indented) written atomically."""
+  return write_atomic(path, lambda f: f.write(json.dumps(payload, indent=1).encode()))
+
+
+def save_figure_atomic(figure, path, **savefig_kwargs) -> str:
+  """A matplotlib Figure written as PNG atomically."""
+  return write_atomic(path, lambda f: figure.savefig(f, format="png", **savefig_kwargs))
