@@ -3,22 +3,17 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from clmim.checkpoints import native, registry
 from clmim.errors import ClmimError
-from clmim.train.common import build_encoder
+from tiny_checkpoints import save_random_checkpoint
 from configs import pretrain_simmim
 
 
 def _save_random(directory):
-  config = pretrain_simmim.get_config("runlocal")  # depth 2
-  encoder = build_encoder(config.model)
-  params = encoder.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
-  native.save(str(directory), config, jax.device_get(params), steps=0, final_loss=1.0)
-  return params
+  return save_random_checkpoint(directory, pretrain_simmim, final_loss=1.0)  # depth 2
 
 
 def test_round_trip_and_manifest(tmp_path):

@@ -1,26 +1,20 @@
 """The analysis job in-process: model naming, summary, and the uniform-attention reference."""
 import shutil
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from clmim.analysis import experiment
-from clmim.checkpoints import native
 from clmim.errors import ClmimError
-from clmim.train.common import build_encoder
+from tiny_checkpoints import save_random_checkpoint
 from configs import all as all_config
 from configs import pretrain_simmim
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  config = pretrain_simmim.get_config("runlocal")
-  encoder = build_encoder(config.model)
-  params = encoder.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
   path = tmp_path_factory.mktemp("ckpt") / "step_10"
-  native.save(str(path), config, jax.device_get(params), steps=10)
+  save_random_checkpoint(path, pretrain_simmim, steps=10)
   return path
 
 

@@ -5,13 +5,11 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from clmim.checkpoints import native
-from clmim.train.common import build_encoder
+from tiny_checkpoints import save_random_checkpoint
 from configs import pretrain_moco_v3, pretrain_simmim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,11 +28,8 @@ def checkpoints(tmp_path_factory):
   root = tmp_path_factory.mktemp("ckpts")
   paths = []
   for module, seed in ((pretrain_moco_v3, 0), (pretrain_simmim, 1)):
-    config = module.get_config("runlocal")
-    encoder = build_encoder(config.model)
-    params = encoder.init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3)))["params"]
-    path = str(root / config.name)
-    native.save(path, config, jax.device_get(params), steps=0)
+    path = str(root / module.get_config("runlocal").name)
+    save_random_checkpoint(path, module, seed=seed)
     paths.append(path)
   return paths
 

@@ -17,10 +17,9 @@ import pytest
 from PIL import Image
 
 from clmim.analysis import attention_distance, experiment, fourier, nmi, runner
-from clmim.checkpoints import native
 from clmim.data.eval_data import EvalImages
 from clmim.models.vit import build_vit, forward_with_states
-from clmim.train.common import build_encoder
+from tiny_checkpoints import save_random_checkpoint
 from configs import all as all_config
 from configs import pretrain_moco_v3
 
@@ -51,13 +50,9 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  config = pretrain_moco_v3.get_config("runlocal")
-  encoder = build_encoder(config.model)
-  params = encoder.init(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3)))["params"]
-  # Sharper than the init, so the attention is far from uniform.
-  params = jax.tree.map(lambda x: x * 3.0 if x.ndim == 2 else x, params)
   path = tmp_path_factory.mktemp("ckpt") / "moco"
-  native.save(str(path), config, jax.device_get(params), steps=0)
+  # Sharper than the init, so the attention is far from uniform.
+  save_random_checkpoint(path, pretrain_moco_v3, seed=3, weight_scale=3.0)
   return str(path)
 
 

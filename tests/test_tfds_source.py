@@ -4,8 +4,6 @@ import os
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,13 +11,12 @@ from PIL import Image
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from clmim.analysis import experiment  # noqa: E402
-from clmim.checkpoints import native  # noqa: E402
 from clmim.data import loader  # noqa: E402
 from clmim.data.eval_data import EvalImages  # noqa: E402
 from clmim.data.preprocess import EvalPreprocess  # noqa: E402
 from clmim.data.tfds_source import TfdsImages  # noqa: E402
 from clmim.errors import ClmimError  # noqa: E402
-from clmim.train.common import build_encoder  # noqa: E402
+from tiny_checkpoints import save_random_checkpoint
 from configs import all as all_config  # noqa: E402
 from configs import pretrain_simmim  # noqa: E402
 
@@ -68,11 +65,8 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   """A small random SimMIM-style encoder (depth 2, 32 px)."""
-  config = pretrain_simmim.get_config("runlocal")
-  encoder = build_encoder(config.model)
-  params = encoder.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
   path = tmp_path_factory.mktemp("ckpt") / "simmim"
-  native.save(str(path), config, jax.device_get(params), steps=0)
+  save_random_checkpoint(path, pretrain_simmim)
   return str(path)
 
 
