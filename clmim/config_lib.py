@@ -1,23 +1,29 @@
-"""Building blocks shared by the files in configs/ (configs are code; see design.md).
+"""Building blocks shared by the files in configs/ (configs are code; README.md, "Configs").
 
 Every pretraining config has the fields below; each is documented where it is set.
 """
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def demo_model(**fields) -> ml_collections.ConfigDict:
-  """The demo ViT: 32 px images, patch 4 (an 8x8 token grid), width 128, depth 6, 4 heads."""
+  """The demo ViT: variant mu/4 (width 128, depth 6, 4 heads, MLP 256, patch 4); at 32 px
+  (config.data.image_size) that is an 8x8 token grid."""
   model = dict(
-      variant="",                   # e.g. "B/16"; explicit fields below override it
-      image_size=32, patch_size=4, width=128, depth=6, num_heads=4, mlp_dim=256,
+      variant="mu/4",               # "<size>/<patch>": mu, Ti, S, M, B, L, H (e.g. "B/16") sets
+                                    #   width, depth, num_heads, mlp_dim and patch_size
+      # Set any of these to override the variant's value (None = the variant's). Each needs its
+      # own placeholder: one shared FieldReference would tie the fields together.
+      width=placeholder(int), depth=placeholder(int), num_heads=placeholder(int),
+      mlp_dim=placeholder(int), patch_size=placeholder(int),
       block_style="timm",           # "timm" (fused qkv bias) or "beit" (q/v bias, layer scale)
       position_embedding="learned", # "learned", "sincos" (fixed) or "none"
       rel_pos_bias="none",          # "none", "shared" or "per_block"
-      layer_scale_init=None,        # float or None (no layer scale)
+      layer_scale_init=placeholder(float),  # layer scale's initial value; None = no layer scale
       use_mask_token=False,         # SimMIM/BEiT mask token
-      drop_path=0.0,                # stochastic depth rate of the last block
+      drop_path=0.0,                # stochastic depth rate of the last block (online encoder)
   )
   model.update(fields)
   return ml_collections.ConfigDict(model)
@@ -46,14 +52,12 @@ def pretrain_base(arg: str, name: str, objective: str, family: str) -> ml_collec
   config.keep_checkpoints = 30      # orbax checkpoints kept (snapshots for metrics over training)
   config.snapshot_images = 256      # held-out images per checkpoint for --config.mode=snapshots
   config.data = ml_collections.ConfigDict(dict(
-      source="synthetic",           # procedural shapes x textures (clmim/data/synthetic.py)
-      image_size=32,                # pixels
+      # Procedural shapes x textures (clmim/data/synthetic.py), the only training source so far.
+      image_size=32,                # pixels, for the data and the model alike
       num_train_images=50000,       # size of the procedural training split (then it repeats)
       seed=0,                       # dataset seed
       mean="half", std="half",      # normalisation: "imagenet", "half" or 3-tuples
   ))
-  config.reproduce_command = (f"python -m clmim.main --config configs/pretrain_{objective}.py:"
-                              f"{arg} --workdir runs/{name}")
   return config
 
 
@@ -83,6 +87,8 @@ def analysis_base(arg: str, name: str, analyses: str) -> ml_collections.ConfigDi
   # Comma-separated model specs: known names (clmim/demo_checkpoints/*), checkpoint paths, or
   # random:<spec> for an untrained copy of an architecture.
   config.models = "moco_v3_demo,simmim_demo"
+  config.overwrite = False          # a workdir holding an earlier analysis run: replace its
+                                    #   outputs (True) or stop with an error (False)
   config.include_untrained = True   # also analyse a randomly initialised copy of each model
   config.seed = 0                   # init seed of the untrained copies
   config.batch_size = 64            # images per step over all devices (batch_size // devices each)

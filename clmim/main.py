@@ -2,18 +2,26 @@ r"""clmim's command-line entry point.
 
   python -m clmim.main --config configs/nmi.py [--workdir DIR] [--config.field=value ...]
 
-The config file's `get_config(arg)` returns a locked ConfigDict; `config.mode` selects what runs:
-"analyze" (the analyses of configs/nmi.py, attention_distance.py, fourier.py, all.py) or
-"pretrain" (configs/pretrain_*.py), or "export" (with a pretraining config and its --workdir:
-writes the encoder of the latest orbax checkpoint as a clmim checkpoint), or "snapshots" (the
-analyses over every kept checkpoint of a training run; see clmim/train/snapshots.py).
-A misspelt `--config.x` override fails with one message.
-User errors (bad files, fields, names) print one line and exit with status 1.
+The config file's `get_config(arg)` returns a locked ConfigDict (`--config file.py:arg` picks a
+variant such as `runlocal`); `config.mode` selects what runs:
+  analyze    the analyses of an analysis config (configs/nmi.py, attention_distance.py,
+             fourier.py, all.py): results.json, figures and a summary in the workdir;
+  pretrain   a pretraining config (configs/pretrain_*.py): trains, resuming from the workdir;
+  export     with a pretraining config and its --workdir: the encoder of the latest checkpoint
+             as a clmim checkpoint;
+  snapshots  with a pretraining config and its --workdir: the analyses over every kept
+             checkpoint (metrics over training).
+Every config field is documented in the README's "Configs" section and next to its default in
+clmim/config_lib.py. `--print_config` prints the resolved config and exits.
+Every user error (a bad file, field, name, workdir) is checked before any compute and printed as
+one line "clmim: error: ..." with exit status 1.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
+import shlex
 import sys
 import time
 
@@ -24,6 +32,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file, optionally followed by ':variant'.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output folder. Default: runs/<config name>-<date>-<time>.")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config (after overrides) and exit.")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Show the INFO logs of JAX, orbax and absl (hidden by default).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host runs); also "
     "enabled by CLMIM_DISTRIBUTED=1.")
@@ -58,38 +70,61 @@ def default_workdir(config) -> str:
   return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def run(config, workdir: str):
-  """Runs `config` in `workdir` (what `main` does after parsing flags)."""
-  if config.mode == "pretrain":
+def run(config, workdir: str, invocation: dict | None = None):
+  """Runs `config` in `workdir` (what `main` does after parsing flags).
+
+  Everything that can be checked without loading models or data is checked first
+  (`clmim.preflight`); the jobs then resolve their models and data, still before any compute.
+  `invocation` (command line, overrides, workdir) is recorded in what the run writes.
+  """
+  from clmim import preflight
+  mode = preflight.check_mode(config)  # each job runs the rest of preflight.check_run first
+  invocation = invocation or {"command": None, "overrides": [], "workdir": workdir}
+  if mode == "pretrain":
     from clmim.train import trainer
-    return trainer.train(config, workdir)
-  if config.mode == "export":
+    return trainer.train(config, workdir, invocation)
+  if mode == "export":
     from clmim.train import trainer
-    out = trainer.export_checkpoint(config, workdir)
+    out = trainer.export_checkpoint(config, workdir, invocation=invocation)
     print(f"Exported the encoder of the latest checkpoint in {workdir} to {out}")
     return out
-  if config.mode == "snapshots":
+  if mode == "snapshots":
     from clmim.train import snapshots
     return snapshots.run(config, workdir)
-  if config.mode == "analyze":
-    from clmim.analysis import experiment
-    return experiment.run(config, workdir)
-  from clmim.errors import ClmimError
-  raise ClmimError(f"config.mode={config.mode!r}: expected 'analyze', 'pretrain', 'export' or "
-                   f"'snapshots'.")
+  from clmim.analysis import experiment
+  return experiment.run(config, workdir, invocation)
+
+
+def invocation_record(argv, workdir: str) -> dict:
+  """What a run records about how it was started: the command, its overrides, the workdir."""
+  args = list(argv[1:])
+  return {"command": "python -m clmim.main " + shlex.join(args),
+          "overrides": [a for a in args if a.startswith("--config.")], "workdir": workdir}
+
+
+def quiet_libraries():
+  """Hides the INFO chatter of absl, orbax and JAX (a user reads results, not library logs)."""
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  for name in ("absl", "jax", "orbax", "orbax.checkpoint", "etils"):
+    logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(argv):
-  del argv
   from clmim.errors import ClmimError
   try:
     config = _CONFIG.value
     if config is None:
-      raise app.UsageError("--config is required, e.g. --config configs/nmi.py")
+      _fail("--config is required, e.g. --config configs/nmi.py (see --help).")
     config.get("mode")  # config_flags defers a file's load error to the first access
   except OSError as e:
     _fail(f"cannot load the config file {flags.FLAGS['config'].config_filename!r}: "
           f"{_last_line(e)}")
+  if _PRINT_CONFIG.value:
+    print(config)
+    return
+  if not _VERBOSE.value:
+    quiet_libraries()
   try:
     if _DISTRIBUTED.value or os.environ.get("CLMIM_DISTRIBUTED") == "1":
       initialize_distributed()
@@ -97,14 +132,27 @@ def main(argv):
     if workdir is None:
       workdir = default_workdir(config)
       print(f"No --workdir given; writing to {workdir}")
-    run(config, workdir)
+    run(config, workdir, invocation_record(sys.argv, workdir))  # absl strips argv of flags
   except ClmimError as e:
     _fail(str(e))
 
 
+_HELP_FLAGS = ("-h", "--help", "-?", "--helpshort", "--helpfull")
+
+
+def _print_help():
+  print(__doc__.strip())
+  print("\nFlags:\n" + "\n".join(
+      f"  --{name}: {flags.FLAGS[name].help}" for name in
+      ("config", "workdir", "print_config", "verbose", "distributed")))
+
+
 def parse_flags(argv):
   """absl flag parsing with one clear line (and status 1) instead of a traceback for a bad
-  config file, variant or `--config.field` override."""
+  config file, variant or `--config.field` override; `--help` prints the usage, status 0."""
+  if any(a in _HELP_FLAGS for a in argv[1:]):
+    _print_help()
+    sys.exit(0)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

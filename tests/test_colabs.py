@@ -1,35 +1,135 @@
-"""The Colab notebooks run as written (their code cells, minus the install lines)."""
+"""The Colab notebooks are valid nbformat 4.5 and run as written, from `colabs/`, with clmim found
+only through its (editable) pip install -- no PYTHONPATH, no reliance on the repository root."""
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOKS = sorted(f for f in os.listdir(os.path.join(ROOT, "colabs")) if f.endswith(".ipynb"))
+COLABS = os.path.join(ROOT, "colabs")
+NOTEBOOKS = sorted(f for f in os.listdir(COLABS) if f.endswith(".ipynb"))
+
+# The test rewrites this line (to write into tmp_path); renaming it must fail the test loudly.
+WORKDIR_LINE = 'WORKDIR = os.path.abspath("clmim_colab_demo")'
+
+# Allowed keys per cell type (nbformat 4.5 schema; it forbids any other key).
+CELL_KEYS = {"code": {"id", "cell_type", "metadata", "source", "execution_count", "outputs"},
+             "markdown": {"id", "cell_type", "metadata", "source", "attachments"},
+             "raw": {"id", "cell_type", "metadata", "source", "attachments"}}
+
+# IPython is not a test dependency: its one import line is swapped for stand-ins that check and
+# record every displayed figure. (A fake IPython module in sys.modules confuses matplotlib.)
+DISPLAY_LINE = "from IPython.display import Image, display"
+SHIM = """import atexit, os
+_shown = []
+def Image(filename):
+  assert os.path.getsize(filename) > 0, filename
+  _shown.append(os.path.abspath(filename))
+  return filename
+def display(*objects):
+  pass
+atexit.register(lambda: open({shown!r}, "w").write("\\n".join(_shown)))"""
+
+
+def _load(name):
+  with open(os.path.join(COLABS, name), encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _source(cell):
+  return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_code_runs(name, tmp_path):
-  notebook = json.load(open(os.path.join(ROOT, "colabs", name)))
-  lines = []
+def test_notebook_is_valid_nbformat_with_cell_ids(name):
+  notebook = _load(name)
+  assert set(notebook) == {"cells", "metadata", "nbformat", "nbformat_minor"}
+  assert notebook["nbformat"] == 4 and notebook["nbformat_minor"] >= 5  # ids need 4.5
+  assert isinstance(notebook["metadata"], dict)
+  ids = []
   for cell in notebook["cells"]:
+    assert cell.get("cell_type") in CELL_KEYS, cell
+    assert set(cell) <= CELL_KEYS[cell["cell_type"]], set(cell) - CELL_KEYS[cell["cell_type"]]
+    assert isinstance(cell["metadata"], dict)
+    source = cell["source"]
+    assert isinstance(source, str) or all(isinstance(line, str) for line in source)
+    assert re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", cell.get("id", "")), cell.get("id")
+    ids.append(cell["id"])
     if cell["cell_type"] == "code":
-      source = "".join(cell["source"])
-      lines += [line for line in source.splitlines() if not line.lstrip().startswith(("!", "%"))]
-  # IPython is not a dependency: a shim checks that every displayed figure exists.
-  shim = ("import os\ndef Image(filename):\n  assert os.path.getsize(filename) > 0, filename\n"
-          "  return filename\ndisplay = print")
-  script = "\n".join(lines).replace("from IPython.display import Image, display", shim)
-  script = script.replace('"runs/colab_demo', f'"{tmp_path}/colab_demo').replace(
-      "f\"runs/colab_demo", f"f\"{tmp_path}/colab_demo")
-  script = script.replace('get_config("demo")', 'get_config("runlocal")')
+      assert isinstance(cell["outputs"], list)
+      assert cell["execution_count"] is None or isinstance(cell["execution_count"], int)
+  assert len(ids) == len(set(ids)), "cell ids must be unique"
+
+
+def _install_cell(monkeypatch, absent=()):
+  """The first code cell's source, in a kernel where the modules `absent` and clmim are missing;
+  pip is stubbed and its argument lists recorded in the returned list."""
+  import importlib.util
+  first = next(c for c in _load("clmim_demo.ipynb")["cells"] if c["cell_type"] == "code")
+  real_find_spec = importlib.util.find_spec
+  def find_spec(name, *args):
+    if name == "clmim" or name in absent:
+      return None
+    return real_find_spec(name, *args)
+  monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+  calls = []
+  monkeypatch.setattr(subprocess, "run", lambda args, check: calls.append(list(args)))
+  return _source(first), calls
+
+
+def test_install_cell_asks_for_repo_url_when_clmim_is_missing(monkeypatch):
+  source, pip_calls = _install_cell(monkeypatch)
+  with pytest.raises(RuntimeError, match="REPO_URL"):
+    exec(compile(source, "install-cell", "exec"), {})
+  assert pip_calls == []
+
+
+def test_install_cell_installs_from_repo_url(monkeypatch):
+  source, pip_calls = _install_cell(monkeypatch, absent=("optax",))
+  placeholder = 'REPO_URL = "https://github.com/<your-account>/clmim"'
+  assert source.count(placeholder) == 1
+  source = source.replace(placeholder, 'REPO_URL = "https://example.org/me/clmim"')
+  exec(compile(source, "install-cell", "exec"), {})
+  assert pip_calls == [[sys.executable, "-m", "pip", "install", "-q",
+                        "git+https://example.org/me/clmim"],
+                       [sys.executable, "-m", "pip", "install", "-q", "optax"]]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_code_runs_from_colabs_dir(name, tmp_path):
+  code = "\n".join(_source(c) for c in _load(name)["cells"] if c["cell_type"] == "code")
+  workdir = tmp_path / "workdir"
+  shown = tmp_path / "shown.txt"
+  for line in (WORKDIR_LINE, DISPLAY_LINE):
+    assert code.count(line) == 1, f"the test rewrites {line!r}: the notebook must hold it once"
+  script = code.replace(WORKDIR_LINE, f"WORKDIR = {str(workdir)!r}").replace(
+      DISPLAY_LINE, SHIM.format(shown=str(shown)))
   path = tmp_path / "notebook.py"
   path.write_text(script)
-  # A notebook kernel has its working directory on sys.path; a script run from tmp does not.
-  env = {**os.environ, "MPLBACKEND": "Agg", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": ROOT}
-  result = subprocess.run([sys.executable, str(path)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+  # No PYTHONPATH: clmim must come from the pip install, as in Colab. CLMIM_COLAB_SMALL selects
+  # the small analysis settings; one CPU device as on a Colab CPU runtime.
+  env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+  env.update(CLMIM_COLAB_SMALL="1", MPLBACKEND="Agg", JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  before = set(os.listdir(COLABS))
+  # Run as a kernel would: the working directory (colabs/) first on sys.path, not the script's.
+  runner = f"import runpy; runpy.run_path({str(path)!r}, run_name='__main__')"
+  result = subprocess.run([sys.executable, "-c", runner], cwd=COLABS, env=env,
+                          capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert (tmp_path / "colab_demo" / "query_attention.png").exists()
+  assert set(os.listdir(COLABS)) == before, "the notebook wrote outside WORKDIR"
+  displayed = shown.read_text().splitlines()
+  written = sorted(str(workdir / f) for f in os.listdir(workdir) if f.endswith(".png"))
+  assert displayed and sorted(displayed) == written, "every figure written is displayed"
+  assert all(os.path.getsize(f) > 0 for f in displayed)
+  if name != "clmim_demo.ipynb":
+    return
+  # The small settings really applied (a renamed switch would silently run the full demo).
+  with open(workdir / "results.json") as f:
+    results = json.load(f)
+  assert results["num_images"] == 64 and not results["config"]["include_untrained"]
+  assert {os.path.basename(f) for f in displayed} >= {
+      "attention_distance.png", "nmi.png", "attention_entropy.png", "fourier.png",
+      "query_attention_x4y4_mean.png", "query_attention_x4y4_head0.png"}

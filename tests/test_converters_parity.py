@@ -1,7 +1,7 @@
 """PyTorch parity of the checkpoint converters, one family at a time.
 
 Each test builds a randomly initialised PyTorch reference written from the definitions in
-checkpoints.md (timm-style and BEiT-style blocks, attention written out so the probabilities
+docs/checkpoints.md (timm-style and BEiT-style blocks, attention written out so the probabilities
 can be returned, exact GELU, LayerNorm eps 1e-6; BEiT: q*scale first, + relative position bias,
 layer scale), saves it with torch.save in the family's official layout (prefixes, nesting,
 optimizer, a yacs-like config, an argparse.Namespace), loads it through clmim and compares per
@@ -29,7 +29,7 @@ GRID = IMAGE // PATCH
 
 
 def _rel_index(grid):
-  """BEiT's relative position index, written from the formula in checkpoints.md §2."""
+  """BEiT's relative position index, written from the formula in docs/checkpoints.md (SimMIM)."""
   rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
   coords = torch.stack([rows.flatten(), cols.flatten()])
   rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (grid - 1)
@@ -221,14 +221,14 @@ def yacs(monkeypatch):
   return CfgNode
 
 
-def _moco(path):
+def _moco(path, width=WIDTH, heads=HEADS):
   class MoCo(nn.Module):
     def __init__(self):
       super().__init__()
-      self.base_encoder = TorchViT(pos=_sincos(GRID, WIDTH, True))
-      self.base_encoder.head = _mlp(3, WIDTH, 96, 48)
-      self.momentum_encoder = TorchViT(pos=_sincos(GRID, WIDTH, True))
-      self.momentum_encoder.head = _mlp(3, WIDTH, 96, 48)
+      self.base_encoder = TorchViT(pos=_sincos(GRID, width, True), width=width, heads=heads)
+      self.base_encoder.head = _mlp(3, width, 96, 48)
+      self.momentum_encoder = TorchViT(pos=_sincos(GRID, width, True), width=width, heads=heads)
+      self.momentum_encoder.head = _mlp(3, width, 96, 48)
       self.predictor = _mlp(2, 48, 96, 48)
 
   moco = _randomize(MoCo(), 1)
@@ -242,8 +242,11 @@ def _moco(path):
 def test_moco_v3_parity_and_heads(tmp_path):
   path = str(tmp_path / "vit-b-300ep.pth.tar")
   moco = _moco(path)
-  model = registry.resolve(path)  # family detected from the layout
+  # Family detected from the layout; timm-style files do not store the head count, and width
+  # 128 is not a MoCo v3 size, so the spec says it.
+  model = registry.resolve(f"{path}?num_heads={HEADS}")
   assert model.family == "cl" and model.info["method"] == "moco_v3"
+  assert model.info["architecture_from"]["num_heads"] == f"user (num_heads={HEADS})"
   assert "family" not in model.info  # it would shadow Model.family in results.json
   assert model.preprocessing == {"image_size": IMAGE, "mean": "imagenet", "std": "imagenet",
                                  "interpolation": "bilinear", "crop_pct": 0.875}
@@ -251,7 +254,7 @@ def test_moco_v3_parity_and_heads(tmp_path):
   assert model.info["dropped"]["momentum_encoder"] > 0 and model.vit.num_heads == HEADS
   _compare(moco.base_encoder, model.vit, model.params, _images())
 
-  converted = converters.load(path, "moco_v3", with_heads=True)
+  converted = converters.load(path, "moco_v3", with_heads=True, num_heads=HEADS)
   with torch.no_grad():
     out, _, _ = moco.base_encoder(_images())
     proj = moco.base_encoder.head(out[:, 0])
@@ -313,11 +316,11 @@ def test_mae_parity_and_decoder(tmp_path):
   mae = _randomize(MAE(), 3)
   path = str(tmp_path / "mae_pretrain_vit_base_full.pth")
   torch.save({"model": mae.state_dict()}, path)
-  model = registry.resolve(path)
+  model = registry.resolve(f"{path}?num_heads={HEADS}")
   assert model.info["method"] == "mae" and "col_first" in model.info["pos_embed"]
   _compare(mae, model.vit, model.params, _images(2))
 
-  decoder = converters.load(path, with_heads=True).heads["decoder"]
+  decoder = converters.load(path, with_heads=True, num_heads=HEADS).heads["decoder"]
   with torch.no_grad():
     latent, _, _ = mae(_images(2))
     x = mae.decoder_embed(latent) + mae.decoder_pos_embed
@@ -339,10 +342,10 @@ def test_dino_backbone_and_full_checkpoint(tmp_path):
   student = _randomize(TorchViT(pos=learned()), 5)
   backbone = str(tmp_path / "dino_vitbase16_pretrain.pth")
   torch.save(teacher.state_dict(), backbone)
-  model = registry.resolve(backbone)
+  model = registry.resolve(f"{backbone}?num_heads={HEADS}")
   assert model.info["method"] == "dino" and model.info["pos_embed"] == "learned"
   _compare(teacher, model.vit, model.params, _images(3))
-  untrained = registry.resolve(f"random:{backbone}")
+  untrained = registry.resolve(f"random:{backbone}?num_heads={HEADS}")
   assert untrained.family == "random" and untrained.vit == model.vit
   assert jax.tree.structure(untrained.params) == jax.tree.structure(model.params)
 
@@ -357,11 +360,28 @@ def test_dino_backbone_and_full_checkpoint(tmp_path):
       "optimizer": _adamw_state(student), "epoch": 400,
       "dino_loss": {"center": torch.zeros(1, 100)},
       "args": argparse.Namespace(arch="vit_base", patch_size=PATCH, out_dim=100)}, full)
-  model = registry.resolve(f"dino:{full}")
+  model = registry.resolve(f"dino:{full}?num_heads={HEADS}")
   assert model.info["dropped"] == {"head": 4} and model.info["checkpoint"]["part"] == "teacher"
   _compare(teacher, model.vit, model.params, _images(3))
-  student_model = converters.load(full, "dino", dino_part="student")
+  student_model = converters.load(full, "dino", dino_part="student", num_heads=HEADS)
   _compare(student, student_model.vit, student_model.params, _images(3))
+
+
+def test_head_count_not_in_the_file_is_asked_for(tmp_path):
+  """A width-96, 3-head MoCo v3 file: 96 is no MoCo v3 size, and timm-style files do not store
+  the head count, so loading is refused until the spec says `?num_heads=3`."""
+  path = str(tmp_path / "vit-tiny.pth.tar")
+  moco = _moco(path, width=96, heads=3)
+  with pytest.raises(ClmimError, match=r"does not store the number of attention heads and "
+                                       r"width 96 is not a moco_v3 model size.*\?num_heads=N"):
+    registry.resolve(f"moco_v3:{path}")
+  model = registry.resolve(f"moco_v3:{path}?num_heads=3&name=tiny")
+  assert model.name == "tiny" and model.vit.num_heads == 3
+  assert model.info["architecture_from"]["num_heads"] == "user (num_heads=3)"
+  assert model.info["architecture_from"]["width"] == "file (cls_token)"
+  _compare(moco.base_encoder, model.vit, model.params, _images())
+  with pytest.raises(ClmimError, match="contradict the requested variant 'S/16'"):
+    registry.resolve(f"{path}?variant=S/16")
 
 
 def test_beit_parity(tmp_path):

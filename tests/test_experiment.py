@@ -37,7 +37,10 @@ def test_snapshots_of_one_run_get_distinct_names(checkpoint, tmp_path, capsys):
   a, b = results["models"].values()
   np.testing.assert_array_equal(a["nmi"], b["nmi"])
   out = capsys.readouterr().out
-  assert "NMI, by depth" in out and "simmim_demo [step_20]" in out
+  assert "NMI (mean over heads, by block" in out and "simmim_demo [step_20]" in out
+  # The summary is a table: a header row with the block numbers, then one row per model.
+  header = next(line for line in out.splitlines() if line.strip().startswith("model"))
+  assert header.split()[:4] == ["model", "family", "1", "2"]
   config.models = f"{checkpoint},{checkpoint}"
   with pytest.raises(ClmimError, match="same model twice"):
     experiment.run(config, str(tmp_path / "out2"))

@@ -41,7 +41,12 @@ def test_analysis_run_writes_results_figures_and_summary(checkpoints, tmp_path):
                 f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"Wrote {workdir}/results.json" in result.stdout
-  assert "attention distance (px), by depth" in result.stdout
+  assert "attention distance (px) (mean over heads, by block; uniform attention" in result.stdout
+  assert "high-frequency ΔlogA (highest frequency, by stage):" in result.stdout
+  fourier_header = result.stdout.split("by stage):")[1].splitlines()[1].split()
+  assert fourier_header == ["model", "family", "emb", "1", "2"]  # stage 0 = the embedding
+  assert (workdir / "summary.txt").read_text().startswith("64 images per model")
+  assert results_run_recorded(workdir)
   results = json.load(open(workdir / "results.json"))
   assert set(results["models"]) == {"moco_v3_demo", "simmim_demo", "moco_v3_demo (untrained)",
                                     "simmim_demo (untrained)"}
@@ -58,6 +63,13 @@ def test_analysis_run_writes_results_figures_and_summary(checkpoints, tmp_path):
   for figure in ("attention_distance.png", "nmi.png", "attention_entropy.png", "fourier.png"):
     assert Image.open(workdir / figure).size[0] > 300
   assert sorted(results["figures"]) == sorted(f for f in os.listdir(workdir) if f.endswith(".png"))
+
+
+def results_run_recorded(workdir):
+  """results.json records the real command line, its overrides and the workdir."""
+  run = json.load(open(workdir / "results.json"))["run"]
+  return (run["command"].startswith("python -m clmim.main --config configs/all.py:runlocal")
+          and "--config.batch_size=16" in run["overrides"] and run["workdir"] == str(workdir))
 
 
 def _assert_clean_failure(result, workdir, *fragments):

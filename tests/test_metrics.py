@@ -78,7 +78,7 @@ def _ref_fourier(z):
   maps = z[:, 1:, :].astype(np.float64).reshape(b, g, g, c)
   f = np.log(np.abs(np.fft.fft2(maps, axes=(1, 2))) + 1e-6)
   f = np.fft.fftshift(f, axes=(1, 2)).mean(axis=(0, 3))
-  diag = np.array([f[g // 2 + k, g // 2 + k] for k in range(g // 2)])
+  diag = np.array([f[g // 2 + k, g // 2 + k] for k in range(g - g // 2)])  # diag()[g//2:]
   return diag - diag[0]
 
 

@@ -14,7 +14,7 @@ def _count(model, size):
 
 
 def test_vit_b16_parameter_counts_match_the_official_encoders():
-  # checkpoints.md: timm-style ViT-B/16 (pos_embed included, no head) and SimMIM/BEiT-style.
+  # docs/checkpoints.md: timm-style ViT-B/16 (pos_embed included, no head) and SimMIM/BEiT-style.
   timm = vit_lib.build_vit("B/16", image_size=224)
   beit = vit_lib.build_vit("B/16", image_size=224, block_style="beit", position_embedding="none",
                            rel_pos_bias="shared", layer_scale_init=0.1)

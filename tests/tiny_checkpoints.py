@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 
 from clmim.checkpoints import native
+from clmim.models.vit import vit_fields
 from clmim.train.common import build_encoder
 
 
@@ -13,8 +14,9 @@ def save_random_checkpoint(path, config_module, seed=0, steps=0, weight_scale=1.
   weight_scale > 1 multiplies every matrix, which makes attention far from uniform.
   """
   config = config_module.get_config("runlocal")
-  encoder = build_encoder(config.model)
+  encoder = build_encoder(config)
   params = encoder.init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3)))["params"]
   params = jax.tree.map(lambda x: x * weight_scale if x.ndim == 2 else x, params)
-  native.save(str(path), config, jax.device_get(params), steps=steps, **kwargs)
+  native.save(str(path), config, jax.device_get(params), vit_fields(encoder), steps=steps,
+              **kwargs)
   return params

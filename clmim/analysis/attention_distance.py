@@ -1,4 +1,4 @@
-"""Mean attention distance in pixels, per layer and head (paper.md, "Exact definitions").
+"""Mean attention distance in pixels, per layer and head (docs/definitions.md).
 
 For one image and head: drop the cls row and column, `A = attn[:, :, 1:, 1:] + 1e-32` with rows
 renormalised, `D[i, j] = patch_size * ||grid(i) - grid(j)||_2`, and the value is

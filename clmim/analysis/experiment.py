@@ -15,15 +15,22 @@ results.json:
                      "attention_entropy": [[...]], "fourier": [[per frequency] per stage],
                      "fourier_all_states": [[...]], "num_images": N}},
    "model_info": {name: {"family", "source", "method", "steps", "image_size", "patch_size",
-                         "depth", "num_heads", "preprocessing", "data", "seconds"}},
+                         "depth", "num_heads", "architecture_from": {field: where from},
+                         "preprocessing", "data", "seconds"}},
    "reference": {"attention_distance": uniform-attention distance (px), "nmi": 0,
                  "attention_entropy": 1},
-   "num_images": N, "config": {...}, "versions": {...}, "figures": [...]}
+   "num_images": N, "config": {...}, "run": {"command", "overrides", "workdir"},
+   "versions": {...}, "figures": [exactly this run's figure files]}
+
+A workdir that already holds an analysis run is refused unless `config.overwrite` is True; then
+that run's results.json, summary.txt and the figures it lists are removed before the new ones
+are written, so the workdir never mixes two runs.
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import json
 import os
 import platform
 import time
@@ -35,7 +42,8 @@ from clmim.analysis import attention_distance, plots
 from clmim.analysis.runner import Analyzer
 from clmim.checkpoints import registry
 from clmim.data.eval_data import EvalImages
-from clmim.atomic import write_json_atomic
+from clmim import preflight
+from clmim.atomic import write_atomic, write_json_atomic
 from clmim.errors import ClmimError
 from clmim.models.vit import forward_with_states
 
@@ -74,20 +82,40 @@ def _layer_means(values) -> np.ndarray:
   return np.asarray(values, np.float64).mean(axis=-1)
 
 
+def _table(rows, columns) -> list[str]:
+  """Aligned text table: rows of (model, family, values), one column per entry of `columns`."""
+  width = max([len("model")] + [len(name) for name, _, _ in rows])
+  lines = [f"  {'model':<{width}}  {'family':<6} " + " ".join(f"{c:>7}" for c in columns)]
+  for name, family, values in rows:
+    cells = [f"{v:7.3f}" for v in values] + [" " * 7] * (len(columns) - len(values))
+    lines.append(f"  {name:<{width}}  {family:<6} " + " ".join(cells))
+  return lines
+
+
 def summary(results: dict) -> str:
-  """A short text report: per model and analysis, the per-layer means (over heads)."""
+  """A text report: per analysis, a table of per-layer values (means over heads) per model.
+
+  Attention tables have one column per block (1 .. depth); the Fourier table has the embedding
+  output ("emb") and then each block's output, at the highest frequency read out.
+  """
   lines = [f"{results['num_images']} images per model"]
   for key, (label, _) in LABELS.items():
     rows = [(name, r[key]) for name, r in results["models"].items() if key in r]
     if not rows:
       continue
     reference = results["reference"].get(key)
-    ref = f" (uniform attention: {reference:.3g})" if reference is not None else ""
-    lines.append(f"{label}, by depth{ref}:")
+    ref = f"; uniform attention: {reference:.3g}" if reference is not None else ""
+    fourier = key == "fourier"
+    what = "highest frequency, by stage" if fourier else f"mean over heads, by block{ref}"
+    lines.append(f"{label} ({what}):")
+    table = []
     for name, values in rows:
-      series = ([row[-1] for row in values] if key == "fourier" else _layer_means(values))
-      family = results["model_info"][name]["family"]
-      lines.append(f"  {name:<28} [{family:>6}] " + " ".join(f"{v:7.3f}" for v in series))
+      series = [row[-1] for row in values] if fourier else _layer_means(values)
+      table.append((name, results["model_info"][name]["family"], list(series)))
+    stages = max(len(v) for _, _, v in table)
+    columns = (["emb"] + [str(i) for i in range(1, stages)]) if fourier else \
+        [str(i) for i in range(1, stages + 1)]
+    lines += _table(table, columns)
   lines.append(_comparison(results))
   return "\n".join(line for line in lines if line)
 
@@ -117,8 +145,34 @@ def _comparison(results: dict) -> str:
   return "Paper's directions:\n  " + "\n  ".join(checks)
 
 
-def run(config, workdir: str) -> dict:
-  """Runs the analyses of `config` and writes results.json, figures and a summary."""
+OUTPUTS = ("results.json", "summary.txt")  # besides the figures results.json lists
+
+
+def remove_previous_outputs(workdir: str) -> list[str]:
+  """Deletes the files an earlier analysis run wrote in `workdir` (its results.json, summary
+  and the figures its results.json lists); other files are left alone. Returns their names."""
+  path = os.path.join(workdir, "results.json")
+  try:
+    with open(path) as f:
+      figures = list(json.load(f).get("figures", []))
+  except (OSError, ValueError, AttributeError):
+    figures = []
+  removed = []
+  for name in figures + list(OUTPUTS):
+    target = os.path.join(workdir, os.path.basename(str(name)))
+    if os.path.isfile(target):
+      os.remove(target)
+      removed.append(os.path.basename(target))
+  return removed
+
+
+def run(config, workdir: str, invocation: dict | None = None) -> dict:
+  """Runs the analyses of `config` and writes results.json, figures and summary.txt.
+
+  Every input is checked before any model runs: the config's fields and the workdir
+  (`preflight.check_run`), the analyses, every model spec and every data source.
+  """
+  preflight.check_run(config, workdir, jax.device_count())
   analyses = load_analyses(config.analyses)
   specs = registry.split_specs(config.models)
   if not specs:
@@ -140,16 +194,13 @@ def run(config, workdir: str) -> dict:
 
   results = {"models": {}, "model_info": {}, "reference": {"nmi": 0.0, "attention_entropy": 1.0}}
   uniform = set()
-  max_batches = int(config.data.get("max_batches", 0) or 0)
-  if max_batches < 0:
-    raise ClmimError(f"config.data.max_batches = {max_batches}: expected a non-negative integer "
-                     "(0 = no cap).")
+  max_batches = int(config.data.max_batches)
   main_process = jax.process_index() == 0
+  device_batch = config.batch_size // jax.device_count()  # exact: preflight checked it
   for model, images in jobs:
     started = time.time()
     forward = functools.partial(forward_with_states, model.vit)
-    analyzer = Analyzer(forward, analyses, model.vit.patch_size,
-                        device_batch_size=max(1, config.batch_size // jax.device_count()))
+    analyzer = Analyzer(forward, analyses, model.vit.patch_size, device_batch_size=device_batch)
     num_images = len(images)
     if max_batches:
       num_images = min(num_images, max_batches * analyzer.global_batch_size)
@@ -159,7 +210,8 @@ def run(config, workdir: str) -> dict:
           else ""
       print(f"{model.name}: {images.description}{capped}")
     batches = images.load_batches(plan.local_indices, analyzer.local_batch_size)
-    out = analyzer.run(model.params, batches, progress=config.progress, plan=plan)
+    out = analyzer.run(model.params, batches, progress=config.progress, plan=plan,
+                       desc=model.name)
     results["models"][model.name] = out
     grid = model.vit.grid
     uniform.add(uniform_attention_distance(grid, model.vit.patch_size))
@@ -174,13 +226,19 @@ def run(config, workdir: str) -> dict:
     results["reference"]["attention_distance"] = uniform.pop()
   results["num_images"] = min(r["num_images"] for r in results["models"].values())
   results["config"] = config.to_dict()
+  results["run"] = invocation or {"command": None, "overrides": [], "workdir": workdir}
   results["versions"] = versions()
 
   if main_process:  # only one process writes
     os.makedirs(workdir, exist_ok=True)
+    removed = remove_previous_outputs(workdir) if config.overwrite else []
+    if removed:
+      print(f"Replaced the earlier run's outputs in {workdir} ({len(removed)} files).")
     results["figures"] = [os.path.basename(p) for p in plots.write_all_figures(results, workdir)]
+    text = summary(results)
+    write_atomic(os.path.join(workdir, "summary.txt"), lambda f: f.write(text.encode() + b"\n"))
     path = os.path.join(workdir, "results.json")
-    write_json_atomic(path, results)
-    print(summary(results))
-    print(f"Wrote {path} and {', '.join(results['figures'])} in {workdir}")
+    write_json_atomic(path, results)  # last: a results.json means the run's outputs are whole
+    print(text)
+    print(f"Wrote {path}, summary.txt and {', '.join(results['figures'])} in {workdir}")
   return results

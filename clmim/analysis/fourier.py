@@ -1,9 +1,11 @@
 """Fourier analysis of token maps: relative log amplitude ΔlogA along the diagonal frequencies.
 
-Definition (paper.md, "Exact definitions"): for each residual state z in `zs`, drop cls and reshape
+Definition (docs/definitions.md): for each residual state z in `zs`, drop cls and reshape
 the tokens to a g x g map per channel; F = log(|fft2(z)| + 1e-6) over the two spatial axes; shift
-frequency 0 to the centre (roll by g//2); average F over images and channels; read the
-half-diagonal F[c + k, c + k], k = 0 .. g//2 - 1, c = g//2; subtract its first (DC) value.
+frequency 0 to the centre (roll by c = g//2); average F over images and channels; read the
+diagonal from the centre to the end, F[c + k, c + k] for k = 0 .. g - 1 - c (the official
+notebooks' `diag()[int(g/2):]`: g/2 values for even g, g//2 + 1 for odd g); subtract its first
+(DC) value.
 
 The image/channel mean is linear, so devices and batches only accumulate a [states, g, g] sum of
 channel-averaged F and an image count; the shift and diagonal are read once in `finalize`.
@@ -11,8 +13,10 @@ NOTE: each image's map is stored relative to its own DC value (plus a separate D
 ΔlogA is a small difference of two large log amplitudes: summing absolute values in float32 and
 subtracting at the end lost ~1e-6 relative precision and made results depend on the batching.
 
-Note: the half-diagonal stops at k = g//2 - 1, so for even g the Nyquist frequency (g/2, g/2) --
-where a ±1 checkerboard puts all its energy -- is not part of the reported curve.
+Note: for even g the read-out stops at k = g/2 - 1: the Nyquist frequency (g/2, g/2) -- where a ±1
+checkerboard puts all its energy -- wraps to index 0 after the roll, so it is not part of the
+reported curve. Odd grids have no Nyquist bin; there the last value, k = g//2, is the highest
+diagonal frequency the grid has.
 """
 import jax.numpy as jnp
 import numpy as np
@@ -68,11 +72,17 @@ def batch_sums(zs, attns, weights, patch_size):
 
 
 def delta_log_amplitude(mean_log_amp):
-  """[states, g, g] unshifted mean log amplitude -> [states, g//2] ΔlogA on the half-diagonal."""
+  """[states, g, g] unshifted mean log amplitude -> [states, g - g//2] ΔlogA along the diagonal.
+
+  Reads exactly what the official `roll(F, int(g/2))` then `diag()[int(g/2):]` reads: g/2
+  values for even g, g//2 + 1 for odd g (e.g. 4 values on the 7x7 grid of 224 px / patch 32).
+  """
   g = mean_log_amp.shape[-1]
   c = g // 2
   shifted = np.roll(mean_log_amp, (c, c), axis=(-2, -1))
-  k = np.arange(g // 2)
+  # Every diagonal index from the centre to the end; counting g//2 values instead would drop the
+  # highest frequency on odd grids, where the centre is not the middle of an even split.
+  k = np.arange(g - c)
   diag = shifted[:, c + k, c + k]
   return diag - diag[:, :1]
 

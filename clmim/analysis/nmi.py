@@ -1,6 +1,6 @@
 """Normalised mutual information between queries and keys, and attention entropy.
 
-Definitions (paper.md, "Exact definitions"), per image and head, natural logs:
+Definitions (docs/definitions.md), per image and head, natural logs:
   A = attn[:, :, 1:, 1:] + 1e-8, rows renormalised; p(q) = 1/N; p(k) = sum_q p(q) A[q, k];
   I = sum_q sum_k p(q) A[q, k] log(A[q, k] / p(k)); H(Q) = log N; H(K) = -sum_k p(k) log p(k);
   NMI = I / sqrt(H(Q) H(K)).

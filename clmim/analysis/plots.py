@@ -142,8 +142,9 @@ def plot_fourier(results: dict, path) -> str:
   """Two panels: ΔlogA at the highest frequency vs depth 0..L, and the last stage's full curve.
 
   `results["models"][name]["fourier"]` holds one row per stage (embedding output, then each
-  block's output) of ΔlogA along the half-diagonal of the centred spectrum, DC first. Entry k of a
-  row of F values sits at normalised frequency πk/F (exact for an even token grid, g = 2F).
+  block's output) of ΔlogA along the half-diagonal of the centred spectrum, DC first. Entry k
+  sits at normalised frequency 2πk/g for a g x g token grid (g from model_info; odd grids end
+  just below π).
   """
   names = _models_with(results, "fourier")
   if not names:
@@ -156,7 +157,11 @@ def plot_fourier(results: dict, path) -> str:
     kw = dict(color=style["color"], linestyle=style["linestyle"], label=style["label"])
     ax_depth.plot(np.arange(rows.shape[0]), rows[:, -1], marker="o", markersize=3.5,
                   linewidth=1.8, **kw)
-    freqs = math.pi * np.arange(rows.shape[1]) / rows.shape[1]
+    # Entry k is the spatial frequency 2πk/g of the g x g token grid (π = Nyquist); g from the
+    # model's record, else the even grid that gives this many entries.
+    info = results.get("model_info", {}).get(name, {})
+    grid = (info.get("image_size", 0) // info.get("patch_size", 1)) or 2 * rows.shape[1]
+    freqs = 2 * math.pi * np.arange(rows.shape[1]) / grid
     ax_freq.plot(freqs, rows[-1], linewidth=1.8, **kw)
   ax_depth.xaxis.set_major_locator(MaxNLocator(integer=True))
   _finish_axes(ax_depth, "Depth", "ΔLog amplitude (highest frequency)",

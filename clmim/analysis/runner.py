@@ -211,7 +211,7 @@ class Analyzer:
     put = jax.make_array_from_process_local_data
     return put(self._batch_sharding, images), put(self._batch_sharding, weights)
 
-  def run(self, params, batches, num_images=None, progress=True, plan=None):
+  def run(self, params, batches, num_images=None, progress=True, plan=None, desc="analysis"):
     """Analyses every image of `batches` and returns the merged results.
 
     Args:
@@ -225,6 +225,7 @@ class Analyzer:
       progress: show a tqdm progress bar (images/s, over all processes) on process 0.
       plan: from `self.plan(...)`; required when there are several processes, so that every
         process runs the same number of steps.
+      desc: the progress bar's label (the model's name in the analysis job).
 
     Returns:
       The union of every analysis' `finalize` dict, plus "num_images" (images with weight > 0,
@@ -240,7 +241,7 @@ class Analyzer:
     totals = {a.NAME: None for a in self.analyses}
     totals[_COUNT] = None
     bar = tqdm.tqdm(total=plan.num_images if plan is not None else num_images, unit="img",
-                    desc="analysis", disable=not progress or jax.process_index() != 0)
+                    desc=desc, disable=not progress or jax.process_index() != 0)
 
     def accumulate(out):
       # float64 on the host: many float32 partial sums are added without drift.

@@ -1,7 +1,7 @@
 """Shared pieces of the checkpoint converters: keyed tensor taking with strict accounting, and
 one transformer block's torch -> linen parameter mapping (names as in clmim.models.vit).
 
-Mapping rules (checkpoints.md, "Conversion rules"): Linear weight [out, in] -> kernel = W.T;
+Mapping rules (docs/checkpoints.md, "Conversion rules"): Linear weight [out, in] -> kernel = W.T;
 fused qkv stays fused ([D, 3D] kernel, output split (3, heads, head_dim) like torch); LayerNorm
 weight -> scale; BEiT q_bias/v_bias and gammas as they are.
 """

@@ -1,6 +1,6 @@
 """Official self-supervised ViT checkpoints -> clmim's linen ViT, exactly and strictly.
 
-Families and the layouts they are read from (see ../shared/reference/checkpoints.md):
+Families and the layouts they are read from (see docs/checkpoints.md):
   moco_v3  {'state_dict': {'module.base_encoder.*' (+ 'head.*' projector),
             'module.momentum_encoder.*', 'module.predictor.*'}, 'epoch', 'arch', 'optimizer', ...}
   simmim   {'model': {'encoder.*' (+ 'encoder.mask_token'), 'decoder.0.*'}, 'config', ...}
@@ -10,9 +10,10 @@ Families and the layouts they are read from (see ../shared/reference/checkpoints
   beit     {'model': {BEiT keys, 'mask_token', 'lm_head.*'}}
 Flat tensor files (.safetensors, .npz) holding the inner dict are accepted for every family.
 
-The architecture is inferred from tensor shapes (width, depth, MLP size, patch, grid; heads from
-the relative-position table, else from the width as in the families' own code) and checked
-against a requested variant. Accounting is strict: every ViT parameter is filled, every tensor of
+Each family's facts (layout, block style, head counts, preprocessing) are one record in
+`families.py`. The architecture is inferred from tensor shapes (width, depth, MLP size, patch,
+grid; heads from the relative-position table, else from the user's `num_heads`, the family's own
+sizes or the requested variant, never guessed) and checked against a requested variant. Accounting is strict: every ViT parameter is filled, every tensor of
 the file is used or belongs to a documented drop group (momentum encoder, projector, predictor,
 mask token, decoders, heads); otherwise one ClmimError lists missing, unexpected and mis-shaped
 keys. Position embeddings come from the file; relative-position indices in the file are checked
@@ -28,24 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clmim.checkpoints import convert_heads, native, torch_reader
+from clmim.checkpoints import convert_heads, families, native, torch_reader
 from clmim.checkpoints.convert_common import Taker, block_params, check_index
 from clmim.errors import ClmimError
-from clmim.models.vit import VARIANTS, ViT, parse_variant, sincos_position_embedding
+from clmim.models.vit import ViT, parse_variant, sincos_position_embedding
 
-FAMILY_KIND = {"moco_v3": "cl", "dino": "cl", "simmim": "mim", "mae": "mim", "beit": "mim"}
-FAMILIES = tuple(FAMILY_KIND)
-_LAYOUTS = {
-    "moco_v3": "{'state_dict': {'module.base_encoder.*', 'module.momentum_encoder.*', ...}}",
-    "simmim": "{'model': {'encoder.*', 'decoder.*'}} with BEiT-style blocks (q_bias/v_bias)",
-    "mae": "{'model': {timm ViT keys: cls_token, pos_embed, blocks.*.attn.qkv.bias, ...}}",
-    "dino": "a flat timm ViT state dict, or {'teacher': {'backbone.*'}, 'student': ...}",
-    "beit": "{'model': {BEiT keys: blocks.*.attn.q_bias, rel_pos_bias.*, lm_head.*, ...}}",
-}
-# Groups converted only with `with_heads=True`; the rest of a family's extras are always dropped.
-HEAD_GROUPS = ("projector", "predictor", "decoder", "mask_token")
-# MoCo v3's ViT-S has 12 heads (head dim 32), unlike DeiT/DINO's 6.
-_HEADS_BY_WIDTH = {"moco_v3": {384: 12}}
+FAMILIES = families.NAMES
 
 
 @dataclasses.dataclass
@@ -59,21 +48,12 @@ class Converted:
 
 
 def _fail(source, family, ckpt, why):
-  found = detect_family(ckpt)
+  found = families.detect(ckpt)
   top = sorted(map(str, ckpt))[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
   hint = f"; it looks like a {found} checkpoint (use '{found}:<path>')" if found else ""
-  raise ClmimError(f"{source}: not a {family} checkpoint ({why}). Expected {_LAYOUTS[family]}; "
+  raise ClmimError(f"{source}: not a {family} checkpoint ({why}). Expected "
+                   f"{families.get(family).layout}; "
                    f"found top-level keys {top}{hint}.")
-
-
-def _inner(ckpt, container):
-  if isinstance(ckpt, dict) and isinstance(ckpt.get(container), dict):
-    return ckpt[container]
-  return ckpt
-
-
-def _strip(sd: dict, prefix: str) -> dict:
-  return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
 
 
 def _split(sd: dict, rules) -> dict:
@@ -92,41 +72,21 @@ def _split(sd: dict, rules) -> dict:
 
 def split_checkpoint(family: str, ckpt: Any, source: str, dino_part: str = "teacher"):
   """(groups, meta): the family's tensors sorted into 'encoder' and extra groups."""
-  if family not in FAMILY_KIND:
-    raise ClmimError(f"Unknown checkpoint family {family!r}; expected one of {FAMILIES}.")
+  record = families.get(family)
   if not isinstance(ckpt, dict):
     _fail(source, family, ckpt, "the file does not hold a dict")
   meta = {k: ckpt[k] for k in ("epoch", "arch") if isinstance(ckpt.get(k), (int, str))}
-  if family == "moco_v3":
-    sd = _strip(_inner(ckpt, "state_dict"), "module.")
-    groups = _split(sd, [("base_encoder.head.", "projector", False),
-                         ("momentum_encoder.", "momentum_encoder", False),
-                         ("predictor.", "predictor", False), ("base_encoder.", "encoder", False),
-                         ("", "other", True)])
-  elif family == "simmim":
-    groups = _split(_inner(ckpt, "model"), [
-        ("encoder.mask_token", "mask_token", False), ("decoder.", "decoder", False),
-        ("encoder.", "encoder", False), ("", "other", True)])
-  elif family == "mae":
-    groups = _split(_inner(ckpt, "model"), [("mask_token", "decoder", True),
-                                            ("decoder_", "decoder", True)])
-  elif family == "dino":
-    if "teacher" in ckpt or "student" in ckpt:
-      if not isinstance(ckpt.get(dino_part), dict):
-        _fail(source, family, ckpt, f"no {dino_part!r} entry")
-      groups = _split(_strip(ckpt[dino_part], "module."), [
-          ("backbone.", "encoder", False), ("head.", "head", False), ("", "other", True)])
-      meta["part"] = dino_part
-    else:
-      groups = _split(ckpt, [])
-  else:  # beit
-    groups = _split(_inner(ckpt, "model"), [("mask_token", "mask_token", False),
-                                            ("lm_head.", "lm_head", False)])
+  try:
+    sd, rules, extra = record.state_dict(ckpt, dino_part)
+  except ClmimError as e:
+    raise ClmimError(f"{source}: {e}") from None
+  meta.update(extra)
+  groups = _split(sd, rules)
   encoder = groups.get("encoder", {})
   if "cls_token" not in encoder or "blocks.0.attn.qkv.weight" not in encoder:
     _fail(source, family, ckpt, "no ViT encoder keys (cls_token, blocks.0.attn.qkv.weight)")
   beit_style = "blocks.0.attn.q_bias" in encoder
-  if beit_style != (family in ("simmim", "beit")):
+  if beit_style != (record.block_style == "beit"):
     _fail(source, family, ckpt, f"its blocks are {'BEiT' if beit_style else 'timm'}-style")
   for group in groups.values():
     for key, value in group.items():
@@ -137,29 +97,19 @@ def split_checkpoint(family: str, ckpt: Any, source: str, dino_part: str = "teac
 
 def detect_family(ckpt: Any) -> Optional[str]:
   """Guesses the family from the layout (None when unsure). Flat timm state dicts -> 'dino'."""
-  if not isinstance(ckpt, dict):
-    return None
-  if "teacher" in ckpt or "student" in ckpt:
-    return "dino"
-  for container in ("state_dict", "model", None):
-    sd = ckpt.get(container) if container else ckpt
-    if not isinstance(sd, dict):
-      continue
-    keys = set(map(str, sd))
-    if any(k.startswith(("module.base_encoder.", "base_encoder.")) for k in keys):
-      return "moco_v3"
-    if "encoder.blocks.0.attn.q_bias" in keys:
-      return "simmim"
-    if "blocks.0.attn.q_bias" in keys:
-      return "beit"
-    if "blocks.0.attn.qkv.weight" in keys:
-      return "mae" if container == "model" or "decoder_embed.weight" in keys else "dino"
-  return None
+  return families.detect(ckpt)
 
 
 def infer_architecture(enc: dict, family: str, source: str, variant: Optional[str] = None,
-                       num_heads: Optional[int] = None) -> dict:
-  """ViT fields from the encoder's tensor shapes; checked against `variant` when given."""
+                       num_heads: Optional[int] = None) -> tuple[dict, dict]:
+  """(ViT fields, where each field came from), from the encoder's tensor shapes.
+
+  Shapes fix every field but the head count, which only BEiT-style files store (in their
+  relative-position tables). Otherwise the head count comes from `num_heads` (the user), the
+  family's own sizes (`families.Family.heads_by_width`) or the requested `variant`, in that
+  order; when none applies, one error asks for `?num_heads=N` rather than guessing. A
+  requested `variant` is checked against the shapes.
+  """
   def shape(key, ndim):
     if key not in enc:
       raise ClmimError(f"{source}: the encoder lacks {key!r}, needed to infer the architecture.")
@@ -167,6 +117,7 @@ def infer_architecture(enc: dict, family: str, source: str, variant: Optional[st
       raise ClmimError(f"{source}: {key} has shape {enc[key].shape}, expected {ndim} dimensions.")
     return enc[key].shape
 
+  record = families.get(family)
   width = shape("cls_token", 3)[-1]
   out, chans, kh, kw = shape("patch_embed.proj.weight", 4)
   if (out, chans) != (width, 3) or kh != kw:
@@ -176,45 +127,68 @@ def infer_architecture(enc: dict, family: str, source: str, variant: Optional[st
   fields = dict(width=width, depth=depth, mlp_dim=shape("blocks.0.mlp.fc1.weight", 2)[0],
                 patch_size=kh, block_style="timm", position_embedding="none",
                 rel_pos_bias="none", layer_scale_init=None)
+  origin = {"width": "file (cls_token)", "depth": "file (blocks.*)",
+            "mlp_dim": "file (blocks.0.mlp.fc1)", "patch_size": "file (patch_embed.proj)",
+            "block_style": "file (qkv biases)", "position_embedding": "file (no pos_embed)",
+            "rel_pos_bias": "file (no relative position table)",
+            "layer_scale_init": "file (no gamma_1)"}
   if "blocks.0.attn.q_bias" in enc:
     fields["block_style"] = "beit"
   if "blocks.0.gamma_1" in enc:
     fields["layer_scale_init"] = 0.1  # the value is overwritten by the file's gammas
+    origin["layer_scale_init"] = "file (gamma_1; values from the file)"
   tables = [k for k in ("rel_pos_bias.relative_position_bias_table",
                         "blocks.0.attn.relative_position_bias_table") if k in enc]
   if tables:
     fields["rel_pos_bias"] = "shared" if tables[0].startswith("rel_pos_bias") else "per_block"
+    origin["rel_pos_bias"] = f"file ({tables[0]})"
     rows, fields["num_heads"] = shape(tables[0], 2)
+    origin["num_heads"] = origin["image_size"] = f"file ({tables[0]})"
     grid = int(round((np.sqrt(rows - 3) + 1) / 2))
     if (2 * grid - 1) ** 2 + 3 != rows:
       raise ClmimError(f"{source}: {tables[0]} has {rows} rows, not (2g-1)^2+3 for a grid g.")
   if "pos_embed" in enc:
-    fields["position_embedding"] = "sincos" if family in ("moco_v3", "mae") else "learned"
+    fields["position_embedding"] = record.position_embedding
+    origin["position_embedding"] = f"file (pos_embed) + family {family} ({record.position_embedding})"
     tokens = shape("pos_embed", 3)[1]
     grid = int(round(np.sqrt(tokens - 1)))
     if grid * grid + 1 != tokens:
       raise ClmimError(f"{source}: pos_embed has {tokens} tokens, not a square grid + cls.")
+    origin["image_size"] = "file (pos_embed)"
   if "pos_embed" not in enc and not tables:
     grid = 224 // kh  # nothing in the file fixes the resolution; use the pretraining one
+    origin["image_size"] = "default (224 px; the file does not fix it)"
   fields["image_size"] = grid * kh
-  if variant:
-    want = parse_variant(variant)
+  want = parse_variant(variant) if variant else None
+  if want:
     bad = [f"{k} {fields[k]} (variant {want[k]})"
            for k in ("width", "depth", "mlp_dim", "patch_size") if fields[k] != want[k]]
-    if "num_heads" in fields and fields["num_heads"] != want["num_heads"] and family != "moco_v3":
+    if "num_heads" in fields and fields["num_heads"] != want["num_heads"] \
+        and record.heads_for(width) is None:
       bad.append(f"num_heads {fields['num_heads']} (variant {want['num_heads']})")
     if bad:
       raise ClmimError(f"{source}: the checkpoint's shapes contradict the requested variant "
                        f"{variant!r}: " + ", ".join(bad) + ".")
   if num_heads:
-    fields["num_heads"] = int(num_heads)
-  if "num_heads" not in fields:
-    # Not stored in timm-style files: use the families' own sizes, else head dim 64.
-    by_width = {w: h for w, _, _, h in VARIANTS.values()} | _HEADS_BY_WIDTH.get(family, {})
-    fields["num_heads"] = by_width.get(width, max(1, width // 64))
+    if "num_heads" in fields and int(num_heads) != fields["num_heads"]:
+      raise ClmimError(f"{source}: num_heads={num_heads} contradicts the file, whose "
+                       f"{tables[0]} has {fields['num_heads']} heads.")
+    fields["num_heads"], origin["num_heads"] = int(num_heads), f"user (num_heads={num_heads})"
+  elif "num_heads" not in fields:
+    # timm-style files do not store the head count: never guess it from the width.
+    if record.heads_for(width) is not None:
+      fields["num_heads"] = record.heads_for(width)
+      origin["num_heads"] = f"family table ({family}, width {width})"
+    elif want:
+      fields["num_heads"], origin["num_heads"] = want["num_heads"], f"variant {variant}"
+    else:
+      known = ", ".join(f"{w}: {h}" for w, h in sorted(record.heads_by_width.items()))
+      raise ClmimError(f"{source}: the file does not store the number of attention heads and "
+                       f"width {width} is not a {family} model size ({known}); say it in the "
+                       f"model spec, e.g. '{family}:{source}?num_heads=N'.")
   if width % fields["num_heads"]:
     raise ClmimError(f"{source}: width {width} is not divisible by {fields['num_heads']} heads.")
-  return fields
+  return fields, origin
 
 
 def encoder_params(enc: dict, f: dict, source: str, mask_token=None) -> dict:
@@ -263,7 +237,7 @@ def convert(ckpt: Any, family: str, source: str = "checkpoint", variant: Optiona
   if other:
     raise ClmimError(f"{source}: unexpected keys outside the {family} layout: "
                      f"{sorted(other)[:10]}.")
-  fields = infer_architecture(enc, family, source, variant, num_heads)
+  fields, origin = infer_architecture(enc, family, source, variant, num_heads)
   mask_token = groups.get("mask_token", {}).get("") if with_heads else None
   if mask_token is not None:
     fields["use_mask_token"] = True
@@ -274,13 +248,13 @@ def convert(ckpt: Any, family: str, source: str = "checkpoint", variant: Optiona
   native.check_params(expected, params, source)  # guards the mapping itself
   heads, dropped = {}, {}
   for name, group in groups.items():
-    if with_heads and name in HEAD_GROUPS:
+    if with_heads and name in families.get(family).optional_heads:
       if name != "mask_token":
         heads[name] = convert_heads.convert(family, name, group, fields, source)
     else:
       dropped[name] = len(group)
   # NOTE: no "family" key: registry.Model.info is merged over Model.family ("cl"/"mim").
-  info = {"architecture": dict(fields), "dropped": dropped,
+  info = {"architecture": dict(fields), "architecture_from": origin, "dropped": dropped,
           "checkpoint": meta, "num_params": int(sum(np.size(v) for v in
                                                     jax.tree.leaves(params)))}
   if "pos_embed" in params:

@@ -22,24 +22,12 @@ import urllib.request
 from typing import Optional
 
 from clmim.atomic import write_json_atomic
+from clmim.checkpoints import families
 from clmim.checkpoints.native import sha256_of
 from clmim.errors import ClmimError
 
 CACHE_ENV = "CLMIM_CACHE_DIR"
 OFFLINE_ENV = "CLMIM_OFFLINE"
-
-# Eval preprocessing of each family's own code (checkpoints.md; crop 224 of a 256 resize).
-# NOTE: cl-vs-mim evaluated MoCo v3 *and* SimMIM with timm 0.5.4's default: bilinear.
-PREPROCESSING = {
-    "moco_v3": {"mean": "imagenet", "std": "imagenet", "interpolation": "bilinear",
-                "crop_pct": 0.875},
-    "simmim": {"mean": "imagenet", "std": "imagenet", "interpolation": "bicubic",
-               "crop_pct": 0.875},
-    "mae": {"mean": "imagenet", "std": "imagenet", "interpolation": "bicubic", "crop_pct": 0.875},
-    "dino": {"mean": "imagenet", "std": "imagenet", "interpolation": "bicubic", "crop_pct": 0.875},
-    "beit": {"mean": "half", "std": "half", "interpolation": "bicubic", "crop_pct": 0.875},
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class Known:
@@ -55,7 +43,7 @@ class Known:
 
   @property
   def preprocessing(self) -> dict:
-    return dict(PREPROCESSING[self.family])
+    return dict(families.get(self.family).preprocessing)
 
 
 _FB = "https://dl.fbaipublicfiles.com"

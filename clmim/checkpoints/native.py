@@ -29,9 +29,14 @@ def sha256_of(path: str) -> str:
   return digest.hexdigest()
 
 
-def save(directory: str, config, encoder_params, steps: int, final_loss=None,
-         extra: dict | None = None) -> str:
-  """Writes encoder.npz + manifest.json into `directory`; returns the directory."""
+def save(directory: str, config, encoder_params, model_fields: dict, steps: int,
+         final_loss=None, invocation: dict | None = None, extra: dict | None = None) -> str:
+  """Writes encoder.npz + manifest.json into `directory`; returns the directory.
+
+  `model_fields` is the encoder's architecture (`clmim.models.vit.vit_fields`), recorded as
+  resolved values so the checkpoint does not depend on how a config spelt them.
+  `invocation` (command, config overrides, workdir) says how the run was started.
+  """
   os.makedirs(directory, exist_ok=True)
   flat = {"/".join(k): np.asarray(v, np.float32)
           for k, v in traverse_util.flatten_dict(encoder_params).items()}
@@ -42,15 +47,15 @@ def save(directory: str, config, encoder_params, steps: int, final_loss=None,
       "name": cfg.get("name", os.path.basename(os.path.normpath(directory))),
       "method": cfg.get("objective"),
       "family": cfg.get("family"),
-      "model": cfg["model"],
-      "preprocessing": {"image_size": cfg["data"]["image_size"], "mean": cfg["data"]["mean"],
+      "model": dict(model_fields),
+      "preprocessing": {"image_size": model_fields["image_size"], "mean": cfg["data"]["mean"],
                         "std": cfg["data"]["std"]},
       "steps": steps,
       "final_loss": final_loss,
       "num_params": int(sum(v.size for v in flat.values())),
       "file": WEIGHTS,
       "sha256": sha256_of(weights_path),
-      "command": cfg.get("reproduce_command"),
+      **{k: (invocation or {}).get(k) for k in ("command", "overrides", "workdir")},
       "config": cfg,
       **(extra or {}),
   }

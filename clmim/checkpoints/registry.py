@@ -7,25 +7,39 @@ A model spec is one of
   downloaded to the cache on first use;
 - a path to a clmim checkpoint directory (encoder.npz + manifest.json);
 - a path to an official checkpoint file (.pth, .pth.tar, .safetensors, .npz), optionally as
-  `<family>:<path>` (family one of converters.FAMILIES; otherwise detected from the layout);
-- `random:<spec>`: the same architecture as <spec>, randomly initialised (an untrained baseline).
-`resolve` turns a spec into a `Model`, verifying the file and that every parameter fits.
+  `<family>:<path>` (family one of `families.NAMES`; otherwise detected from the layout);
+- `random:<variant>` (e.g. `random:B/16`): an untrained timm-style ViT of that size (offline);
+- `random:<spec>`: the architecture of any spec above, randomly initialised (the untrained
+  baseline a trained model must differ from).
+Options follow a `?`, joined by `&`:
+- official files and known names: `num_heads=N` (timm-style files do not store it),
+  `variant=S/16` (checked against the file's shapes), `name=...`;
+- `random:<variant>`: any ViT field (`image_size=224`, `block_style=beit`,
+  `position_embedding=sincos`, `num_heads=3`, ...) and `name`;
+- clmim checkpoint directories: `name` (the name shown in results and figures).
+`resolve` turns a spec into a `Model`, verifying the file and that every parameter fits, and
+records in `Model.info["architecture_from"]` where each architecture field came from.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from clmim.checkpoints import converters, known, native
+from clmim.checkpoints import converters, families, known, native
 from clmim.errors import ClmimError
-from clmim.models.vit import ViT, build_vit
+from clmim.models.vit import VIT_FIELDS, ViT, build_vit, parse_variant
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "demo_checkpoints")
+# Eval preprocessing of a model that says nothing about it (timm's defaults).
+DEFAULT_PREPROCESSING = {"mean": "imagenet", "std": "imagenet", "interpolation": "bicubic",
+                         "crop_pct": 0.875}
+_FILE_OPTIONS = ("name", "num_heads", "variant")
 
 
 @dataclasses.dataclass
@@ -36,7 +50,7 @@ class Model:
   vit: ViT
   params: Any
   preprocessing: dict    # image_size, mean, std (+ interpolation, crop_pct when known)
-  source: str            # where it came from (path or description)
+  source: str            # where it came from (the path as given, or a description)
   info: dict             # manifest facts worth recording (method, steps, sha256, ...)
 
 
@@ -51,11 +65,65 @@ def known_names() -> list[str]:
 _FILE_SUFFIXES = (".pth", ".pth.tar", ".tar", ".pt", ".bin", ".safetensors", ".npz")
 
 
+def split_specs(specs: str) -> list[str]:
+  """"a, b,c" -> ["a", "b", "c"] (empty entries dropped)."""
+  return [s.strip() for s in str(specs).split(",") if s.strip()]
+
+
+def _value(text: str):
+  """An option's value: int, float, None, bool or the string itself."""
+  lowered = text.lower()
+  if lowered in ("none", "null"):
+    return None
+  if lowered in ("true", "false"):
+    return lowered == "true"
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
+def parse_options(spec: str) -> tuple[str, dict]:
+  """"path?a=1&b=x" -> ("path", {"a": 1, "b": "x"}); one error for a malformed option."""
+  base, sep, query = spec.rpartition("?")
+  if not sep:
+    return spec, {}
+  options = {}
+  for item in filter(None, query.split("&")):
+    key, eq, value = item.partition("=")
+    if not eq or not re.fullmatch(r"[A-Za-z_]\w*", key.strip()):
+      raise ClmimError(f"model spec {spec!r}: option {item!r} is not 'key=value' (options follow "
+                       f"'?' and are joined by '&', e.g. '?num_heads=3&name=mine').")
+    options[key.strip()] = _value(value.strip())
+  return base, options
+
+
+def _check_options(spec: str, options: dict, allowed) -> None:
+  unknown = sorted(set(options) - set(allowed))
+  if unknown:
+    raise ClmimError(f"model spec {spec!r}: unknown option {unknown[0]!r} (expected some of "
+                     f"{', '.join(sorted(allowed))}).")
+
+
+def _family_prefix(spec: str):
+  """(family, path) for '<family>:<path>' specs; an unknown family is an error."""
+  match = re.fullmatch(r"([A-Za-z_][\w]*):(.+)", spec)
+  if not match or os.path.exists(spec):
+    return None
+  family, path = match.groups()
+  if family not in families.FAMILIES:
+    raise ClmimError(f"model spec {spec!r}: unknown family {family!r} (expected "
+                     f"{', '.join(families.NAMES)}, or 'random:' for an untrained copy).")
+  return family, path
+
+
 def _official_file(spec: str):
   """(family or None, path) when `spec` names an official checkpoint file, else None."""
-  family, sep, rest = spec.partition(":")
-  if sep and family in converters.FAMILIES:
-    return family, rest
+  prefixed = _family_prefix(spec)
+  if prefixed:
+    return prefixed
   is_native_npz = spec.endswith(".npz") and os.path.exists(
       os.path.join(os.path.dirname(spec), native.MANIFEST))
   if spec.endswith(_FILE_SUFFIXES) and not is_native_npz:
@@ -63,20 +131,16 @@ def _official_file(spec: str):
   return None
 
 
-def _from_official(name: str, family, path: str, variant=None, info=None) -> Model:
+def _from_official(name: str, family, path: str, options: dict, info=None) -> Model:
   if not os.path.exists(path):
     raise ClmimError(f"Checkpoint {path!r} does not exist.")
-  converted = converters.load(path, family, variant=variant)
-  preprocessing = {"image_size": converted.vit.image_size,
-                   **known.PREPROCESSING[converted.family]}
-  return Model(name=name, family=converters.FAMILY_KIND[converted.family], vit=converted.vit,
+  converted = converters.load(path, family, variant=options.get("variant"),
+                              num_heads=options.get("num_heads"))
+  record = families.get(converted.family)
+  preprocessing = {"image_size": converted.vit.image_size, **record.preprocessing}
+  return Model(name=options.get("name") or name, family=record.kind, vit=converted.vit,
                params=jax.tree.map(jnp.asarray, converted.params), preprocessing=preprocessing,
                source=path, info={"method": converted.family, **converted.info, **(info or {})})
-
-
-def split_specs(specs: str) -> list[str]:
-  """"a, b,c" -> ["a", "b", "c"] (empty entries dropped)."""
-  return [s.strip() for s in str(specs).split(",") if s.strip()]
 
 
 def _locate(spec: str) -> str:
@@ -87,7 +151,8 @@ def _locate(spec: str) -> str:
   names = known_names() + sorted(known.KNOWN)
   raise ClmimError(f"Unknown model {spec!r}: not a known name ({', '.join(names)}) nor an "
                    f"existing checkpoint path (a clmim checkpoint directory, or a .pth/.pth.tar/"
-                   f".safetensors file, optionally as '<family>:<path>').")
+                   f".safetensors file, optionally as '<family>:<path>'), nor 'random:<variant>' "
+                   f"such as 'random:B/16'.")
 
 
 def _build(manifest: dict, source: str) -> ViT:
@@ -98,32 +163,72 @@ def _build(manifest: dict, source: str) -> ViT:
     raise ClmimError(f"Checkpoint {source!r}: its manifest's model fields are invalid: {e}") from e
 
 
+def _init_params(vit: ViT, seed: int):
+  images = jnp.zeros((1, vit.image_size, vit.image_size, 3), jnp.float32)
+  return vit.init(jax.random.PRNGKey(seed), images)["params"]
+
+
+def _random_variant(spec: str, variant: str, options: dict, seed: int) -> Model:
+  """`random:<variant>?field=value...`: an untrained ViT of a variant, nothing loaded."""
+  _check_options(spec, options, ("name",) + VIT_FIELDS)
+  fields = {"image_size": 224, **parse_variant(variant)}
+  origin = {k: f"variant {variant}" for k in fields}
+  origin["image_size"] = "default (224 px)"
+  user = {k: v for k, v in options.items() if k != "name"}
+  fields.update(user)
+  origin.update({k: f"user ({k}={v})" for k, v in user.items()})
+  vit = build_vit(None, **fields)
+  if vit.image_size % vit.patch_size:
+    raise ClmimError(f"model spec {spec!r}: image_size {vit.image_size} is not a multiple of the "
+                     f"patch size {vit.patch_size}.")
+  return Model(name=options.get("name") or f"{variant} (untrained)", family="random", vit=vit,
+               params=_init_params(vit, seed),
+               preprocessing={"image_size": vit.image_size, **DEFAULT_PREPROCESSING},
+               source=f"random init, seed {seed}",
+               info={"method": "untrained", "architecture_from": origin})
+
+
 def resolve(spec: str, seed: int = 0) -> Model:
   """Loads the model a spec names (see the module docstring)."""
   if spec.startswith("random:"):
-    base = resolve(spec[len("random:"):], seed)
-    images = jnp.zeros((1, base.vit.image_size, base.vit.image_size, 3), jnp.float32)
-    params = base.vit.init(jax.random.PRNGKey(seed), images)["params"]
+    inner = spec[len("random:"):]
+    base_spec, options = parse_options(inner)
+    if re.fullmatch(r"\w+/\d+", base_spec):
+      return _random_variant(spec, base_spec, options, seed)
+    base = resolve(inner, seed)
     return dataclasses.replace(base, name=f"{base.name} (untrained)", family="random",
-                               params=params, source=f"random init, seed {seed}",
-                               info={"method": "untrained", "architecture_of": base.name})
-  if spec in known.KNOWN:
-    entry = known.KNOWN[spec]
-    path = known.fetch(spec)
-    return _from_official(spec, entry.family, path, entry.variant,
+                               params=_init_params(base.vit, seed),
+                               source=f"random init, seed {seed}",
+                               info={"method": "untrained", "architecture_of": base.name,
+                                     "architecture_from": base.info.get("architecture_from")})
+  base_spec, options = parse_options(spec)
+  if base_spec in known.KNOWN:
+    _check_options(spec, options, _FILE_OPTIONS)
+    entry = known.KNOWN[base_spec]
+    path = known.fetch(base_spec)
+    options = {"variant": entry.variant, **options}
+    return _from_official(base_spec, entry.family, path, options,
                           {"url": entry.url, "sha256": known.cached_sha256(path)})
-  official = _official_file(spec)
+  official = _official_file(base_spec)
   if official:
+    _check_options(spec, options, _FILE_OPTIONS)
     family, path = official
-    return _from_official(os.path.basename(path), family, path)
-  path = _locate(spec)
+    return _from_official(os.path.basename(path), family, path, options)
+  _check_options(spec, options, ("name",))
+  path = _locate(base_spec)
   manifest, params = native.load(path)
   vit = _build(manifest, path)
   images = jnp.zeros((1, vit.image_size, vit.image_size, 3), jnp.float32)
   expected = jax.eval_shape(lambda: vit.init(jax.random.PRNGKey(0), images))["params"]
   native.check_params(expected, params, path)
-  return Model(name=manifest.get("name") or os.path.basename(os.path.normpath(path)),
+  shipped = base_spec in known_names() and path == os.path.join(DEMO_DIR, base_spec)
+  info = {k: manifest[k] for k in ("method", "steps", "final_loss", "sha256", "version")
+          if k in manifest}
+  info["architecture_from"] = {k: "checkpoint manifest" for k in manifest["model"]}
+  return Model(name=options.get("name") or manifest.get("name")
+               or os.path.basename(os.path.normpath(path)),
                family=manifest.get("family") or "other", vit=vit,
                params=jax.tree.map(jnp.asarray, params),
-               preprocessing=dict(manifest.get("preprocessing", {})), source=path,
-               info={k: manifest.get(k) for k in ("method", "steps", "final_loss", "sha256")})
+               preprocessing=dict(manifest.get("preprocessing", {})),
+               # A shipped checkpoint is named, not located: results hold no machine's paths.
+               source=f"{base_spec} (shipped with clmim)" if shipped else path, info=info)

@@ -1,6 +1,6 @@
 """Heads that sit on a ViT during pretraining: MoCo v3 projector/predictor and SimMIM's pixel head.
 
-Parameter names follow the official files where one exists (see checkpoints.md), so the
+Parameter names follow the official files where one exists (see docs/checkpoints.md), so the
 converters can fill them: the MoCo MLP layers are `linear_{i}` (no bias) and `bn_{i}`.
 """
 from __future__ import annotations

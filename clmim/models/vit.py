@@ -264,19 +264,30 @@ class ViT(nn.Module):
     return nn.LayerNorm(epsilon=1e-6, name="norm")(x)
 
 
+VIT_FIELDS = tuple(k for k in ViT.__dataclass_fields__ if k not in ("parent", "name"))
+
+
 def build_vit(variant: Optional[str] = None, **overrides: Any) -> ViT:
-  """Builds a ViT from a variant name ("S/16") and/or explicit fields; overrides win."""
+  """Builds a ViT from a variant name ("S/16") and/or explicit fields; overrides win.
+
+  A field given as None is "not set": the variant's value (or the ViT default) is used.
+  """
   fields = parse_variant(variant) if variant else {}
   fields.update({k: v for k, v in overrides.items() if v is not None})
-  unknown = set(fields) - set(ViT.__dataclass_fields__) - {"parent", "name"}
+  unknown = set(fields) - set(VIT_FIELDS)
   if unknown:
     raise ClmimError(f"Unknown ViT field(s) {sorted(unknown)}; expected some of "
-                     f"{sorted(k for k in ViT.__dataclass_fields__ if k not in ('parent', 'name'))}.")
+                     f"{sorted(VIT_FIELDS)}.")
   return ViT(**fields)
 
 
+def vit_fields(vit: ViT) -> dict:
+  """The architecture of `vit` as plain fields (what a checkpoint manifest records)."""
+  return {k: getattr(vit, k) for k in VIT_FIELDS}
+
+
 def collect_states(intermediates: dict, depth: int) -> tuple[list, list]:
-  """Unpacks sown intermediates into (zs, attns) as defined in paper.md.
+  """Unpacks sown intermediates into (zs, attns) as defined in docs/definitions.md.
 
   zs: 2*depth+1 residual states [B, N+1, D] (embedding, then after-attention and after-MLP of
   each block); attns: depth attention probabilities [B, heads, N+1, N+1].

@@ -4,13 +4,27 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from clmim.data.preprocess import resolve_stats
+from clmim.errors import ClmimError
 from clmim.models.vit import build_vit
 
 
-def build_encoder(model_cfg):
-  """Builds the ViT described by `config.model` (see `clmim.models.vit.build_vit`)."""
-  fields = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
-  return build_vit(fields.pop("variant", None) or None, **fields)
+def build_encoder(config):
+  """The ViT of a pretraining config: `config.model.variant` sets the size and patch, the
+  `config.model` fields the user set (not None) override it, and `config.data.image_size` is
+  the resolution (one field for model and data). See `clmim.models.vit.build_vit`."""
+  fields = dict(config.model.to_dict())
+  variant = fields.pop("variant", None) or None
+  try:
+    vit = build_vit(variant, image_size=config.data.image_size, **fields)
+  except ClmimError as e:
+    raise ClmimError(f"config.model: {e}") from None
+  if vit.image_size % vit.patch_size:
+    raise ClmimError(f"config.data.image_size={vit.image_size} is not a multiple of the patch "
+                     f"size {vit.patch_size} (config.model.variant={variant!r}, "
+                     f"config.model.patch_size={config.model.patch_size}).")
+  if vit.width % vit.num_heads:
+    raise ClmimError(f"config.model: width {vit.width} is not divisible by {vit.num_heads} heads.")
+  return vit
 
 
 def mean_std(data_cfg):

@@ -24,8 +24,10 @@ class EncoderWithProjector(nn.Module):
   out_dim: int
 
   @nn.compact
-  def __call__(self, images, train: bool):
-    cls = self.encoder(images)[:, 0]
+  def __call__(self, images, train: bool, stochastic_depth: bool = False):
+    # Stochastic depth (config.model.drop_path) acts on the online encoder only, never on the
+    # momentum encoder, whose outputs are targets.
+    cls = self.encoder(images, deterministic=not stochastic_depth)[:, 0]
     return BatchNormMLP(3, self.hidden_dim, self.out_dim, name="projector")(cls, train)
 
 
@@ -50,7 +52,7 @@ class Objective:
   def __init__(self, config):
     self.config = config
     cfg = config.moco
-    self.encoder = build_encoder(config.model)
+    self.encoder = build_encoder(config)
     self.online = EncoderWithProjector(self.encoder, cfg.hidden_dim, cfg.out_dim)
     self.predictor = BatchNormMLP(2, cfg.hidden_dim, cfg.out_dim)
 
@@ -75,14 +77,16 @@ class Objective:
 
   def loss(self, params, state, images, rng, step):
     cfg = self.config.moco
-    k1, k2 = jax.random.split(rng)
+    k1, k2, k_drop = jax.random.split(rng, 3)
     views = [normalise(contrastive_view(k, images, self.config.augment, i), self.config.data)
              for i, k in enumerate((k1, k2))]
     stats = dict(state["batch_stats"])
     queries, keys = [], []
-    for view in views:
+    for i, view in enumerate(views):
       z, upd = self.online.apply({"params": params["online"], "batch_stats": stats["online"]},
-                                 view, train=True, mutable=["batch_stats"])
+                                 view, train=True, stochastic_depth=True,
+                                 mutable=["batch_stats"],
+                                 rngs={"dropout": jax.random.fold_in(k_drop, i)})
       stats["online"] = upd["batch_stats"]
       q, upd = self.predictor.apply({"params": params["predictor"],
                                      "batch_stats": stats["predictor"]},

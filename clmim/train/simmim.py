@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from clmim.data.augment import crop_flip_view
+from clmim.errors import ClmimError
 from clmim.models.heads import PixelHead, patchify
 from clmim.train.common import build_encoder, normalise
 
@@ -32,7 +33,12 @@ class Objective:
 
   def __init__(self, config):
     self.config = config
-    self.encoder = build_encoder(config.model)
+    self.encoder = build_encoder(config)
+    patch, grid, mask_patch = self.encoder.patch_size, self.encoder.grid, config.simmim.mask_patch
+    if mask_patch < patch or mask_patch % patch or grid % (mask_patch // patch):
+      raise ClmimError(f"config.simmim.mask_patch={mask_patch}: expected a multiple of the patch "
+                       f"size {patch} that tiles the {grid}x{grid} token grid (e.g. "
+                       f"{patch * max(1, min(2, grid))}).")
     self.head = PixelHead(self.encoder.patch_size)
 
   def init(self, rng, images):

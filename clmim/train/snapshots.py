@@ -16,9 +16,9 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from matplotlib.figure import Figure
 
+from clmim import preflight
 from clmim.analysis import attention_distance, fourier, nmi
 from clmim.analysis.experiment import uniform_attention_distance
 from clmim.atomic import save_figure_atomic, write_json_atomic
@@ -41,11 +41,12 @@ def _per_layer(key, values):
 
 def run(config, workdir: str) -> dict:
   """Analyses every kept checkpoint of `workdir`; returns the snapshots dict."""
-  objective = trainer.load_objective(config)
-  manager = trainer.checkpoint_manager(workdir, config.keep_checkpoints)
-  steps = sorted(manager.all_steps())
+  preflight.check_run(config, workdir, jax.device_count())
+  steps = preflight.checkpoint_steps(workdir)  # looked up first: orbax would create the folder
   if not steps:
     raise ClmimError(f"No checkpoints in {workdir}/checkpoints to analyse.")
+  objective = trainer.load_objective(config)
+  manager = trainer.checkpoint_manager(workdir, config.keep_checkpoints)
   template, _, _ = trainer.initial_state(config, objective)
   vit = objective.encoder
   mean, std = (np.asarray(v, np.float32) for v in mean_std(config.data))
@@ -55,7 +56,7 @@ def run(config, workdir: str) -> dict:
                       device_batch_size=max(1, 64 // jax.device_count()))
   snapshots = {"steps": [], **{key: [] for key, _ in PANELS}}
   for step in steps:
-    state = manager.restore(step, args=ocp.args.StandardRestore(template))
+    state = trainer.restore(manager, step, template, workdir)
     params = objective.encoder_params(state["params"], state["state"])
     batches = ((b["image"] - mean) / std for b in images.batches(64))
     out = analyzer.run(params, batches, progress=False)

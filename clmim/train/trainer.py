@@ -19,9 +19,12 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from clmim import preflight
+from clmim.atomic import write_json_atomic
 from clmim.data.synthetic import ShapesTextures, training_stream
 from clmim.errors import ClmimError
 from clmim.checkpoints import native as export
+from clmim.models.vit import vit_fields
 
 
 def _path_str(path) -> str:
@@ -74,21 +77,37 @@ def checkpoint_manager(workdir: str, keep: int):
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1))
 
 
-def export_checkpoint(config, workdir: str, step=None, out_dir=None) -> str:
+def restore(manager, step: int, template, workdir: str):
+  """Restores checkpoint `step`; a checkpoint of another model or objective is one error, not
+  orbax's traceback (workdirs written before config.json existed are caught here)."""
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(template))
+  except Exception as e:  # orbax raises ValueError, KeyError, TypeError, ... for a mismatch
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    raise ClmimError(f"cannot restore step {step} of {workdir}/checkpoints with this config "
+                     f"(was it trained with another model or objective?): "
+                     f"{(lines[-1] if lines else type(e).__name__)[:300]}; use the run's own "
+                     f"config, or a new --workdir to start fresh.") from None
+
+
+def export_checkpoint(config, workdir: str, step=None, out_dir=None, invocation=None) -> str:
   """Exports the encoder of orbax checkpoint `step` (default: latest) of a training workdir."""
+  preflight.check_run(config, workdir, jax.device_count())
+  steps = preflight.checkpoint_steps(workdir)  # looked up first: orbax would create the folder
+  step = (steps[-1] if steps else None) if step is None else step
+  if step is None or step not in steps:
+    raise ClmimError(f"No checkpoint{'' if step is None else f' of step {step}'} in "
+                     f"{workdir}/checkpoints to export (it has {steps or 'none'}).")
   objective = load_objective(config)
   manager = checkpoint_manager(workdir, config.keep_checkpoints)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise ClmimError(f"No checkpoint in {workdir}/checkpoints to export.")
   train_state, _, _ = initial_state(config, objective)
-  train_state = manager.restore(step, args=ocp.args.StandardRestore(train_state))
+  train_state = restore(manager, step, train_state, workdir)
   encoder = objective.encoder_params(train_state["params"], train_state["state"])
   metrics = read_metrics(workdir)
   record = next((m for m in reversed(metrics) if m["step"] <= step), {})
   out_dir = out_dir or os.path.join(workdir, f"export_step_{step}")
-  return export.save(out_dir, config, jax.device_get(encoder), steps=int(step),
-                     final_loss=record.get("loss"),
+  return export.save(out_dir, config, jax.device_get(encoder), vit_fields(objective.encoder),
+                     steps=int(step), final_loss=record.get("loss"), invocation=invocation,
                      extra={"training_time_s": record.get("elapsed_s")})
 
 
@@ -101,21 +120,21 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def train(config, workdir: str) -> dict:
+def train(config, workdir: str, invocation: dict | None = None) -> dict:
   """Pretrains per `config` (see configs/pretrain_*.py), resuming from `workdir` if possible.
 
-  Writes orbax checkpoints to workdir/checkpoints, a metrics log workdir/metrics.jsonl and, at
-  the end, the encoder as an exported checkpoint (workdir/export/) with its manifest.
-  Returns the final metrics.
+  Writes the config to workdir/config.json (a later run with another model, objective or data
+  refuses to resume), orbax checkpoints to workdir/checkpoints, a metrics log
+  workdir/metrics.jsonl and, at the end, the encoder as an exported checkpoint
+  (workdir/export/) with its manifest. Returns the final metrics.
   """
+  preflight.check_run(config, workdir, jax.device_count())
   # --- Objective ------------------------------------------------------------------------
   objective = load_objective(config)
 
   # --- Mesh: one data axis over every device; the batch is split across it ---------------
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  if config.batch_size % mesh.size:
-    raise ClmimError(f"config.batch_size={config.batch_size} must be a multiple of the "
-                     f"{mesh.size} devices.")
+  preflight.check_int(config, "batch_size", 1, mesh.size)
   batch_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
 
@@ -128,10 +147,10 @@ def train(config, workdir: str) -> dict:
   rng = jax.random.PRNGKey(config.seed)
   train_state, tx, schedule = initial_state(config, objective)
   os.makedirs(workdir, exist_ok=True)
+  write_json_atomic(os.path.join(workdir, preflight.CONFIG_RECORD), config.to_dict())
   manager = checkpoint_manager(workdir, config.keep_checkpoints)
   if manager.latest_step() is not None:
-    train_state = manager.restore(manager.latest_step(),
-                                  args=ocp.args.StandardRestore(train_state))
+    train_state = restore(manager, manager.latest_step(), train_state, workdir)
     print(f"Resumed from step {manager.latest_step()} in {workdir}/checkpoints")
   train_state = jax.device_put(train_state, replicated)
   start_step = int(train_state["step"])
@@ -185,7 +204,8 @@ def train(config, workdir: str) -> dict:
   encoder = objective.encoder_params(train_state["params"], train_state["state"])
   elapsed = (read_metrics(workdir) or [{}])[-1].get("elapsed_s")
   out = export.save(os.path.join(workdir, "export"), config, jax.device_get(encoder),
-                    steps=int(train_state["step"]), final_loss=final.get("loss"),
+                    vit_fields(objective.encoder), steps=int(train_state["step"]),
+                    final_loss=final.get("loss"), invocation=invocation,
                     extra={"training_time_s": elapsed})
   print(f"Exported encoder to {out}")
   return final

@@ -1,0 +1,201 @@
+"""Checks that run before any compute: a mistake costs seconds, not the hours of a run.
+
+`check_run(config, workdir, devices)` is what every job (analysis, pretraining, export,
+snapshots) calls first: the mode against the kind of config, the workdir, the numeric fields
+(batch sizes, counts), a resumed run's config. The jobs then resolve their models and data
+sources, still before the first forward pass. Nothing here
+creates a file or a folder: a refused run leaves the disk as it was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from clmim.errors import ClmimError
+
+ANALYSIS_MODES = ("analyze",)
+PRETRAINING_MODES = ("pretrain", "export", "snapshots")
+MODES = ANALYSIS_MODES + PRETRAINING_MODES
+CONFIG_RECORD = "config.json"  # a pretraining workdir's config, for resume checks
+# Sections and fields of a pretraining config that fix the model, the objective or the data:
+# resuming a workdir with other values would continue a different run (or fail inside orbax).
+IDENTITY_FIELDS = ("objective", "seed", "batch_size", "model", "data", "moco", "simmim",
+                   "augment")
+
+
+def config_kind(config) -> str:
+  """"analysis" (configs/nmi.py, all.py, ...) or "pretraining" (configs/pretrain_*.py)."""
+  if "analyses" in config:
+    return "analysis"
+  if "objective" in config:
+    return "pretraining"
+  raise ClmimError("the config has neither 'analyses' (an analysis config) nor 'objective' (a "
+                   "pretraining config); start from a file in configs/.")
+
+
+def check_mode(config) -> str:
+  """The config's mode, checked against its kind; returns the mode."""
+  mode, kind = config.get("mode"), config_kind(config)
+  allowed = ANALYSIS_MODES if kind == "analysis" else PRETRAINING_MODES
+  if mode not in MODES:
+    raise ClmimError(f"config.mode={mode!r}: expected one of {', '.join(MODES)}.")
+  if mode not in allowed:
+    other = "configs/pretrain_*.py" if kind == "analysis" else "configs/nmi.py, all.py, ..."
+    article = "an" if kind == "analysis" else "a"
+    raise ClmimError(f"config.mode={mode!r} does not apply to {article} {kind} config (its "
+                     f"modes: "
+                     f"{', '.join(allowed)}); mode {mode!r} needs a config like {other}.")
+  return mode
+
+
+def _nearest_existing(path: str) -> str:
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    parent = os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  return path
+
+
+def check_workdir(workdir: str, must_exist: bool = False) -> None:
+  """The workdir can be written: an existing folder, or one that can be created. Checked by
+  creating and removing a temporary folder in it (or in its nearest existing parent), so a
+  read-only file system, a file in the way or /proc are caught before any compute."""
+  if not workdir:
+    raise ClmimError("--workdir is empty: name an output folder.")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ClmimError(f"--workdir {workdir}: is a file, not a folder.")
+  if must_exist and not os.path.isdir(workdir):
+    raise ClmimError(f"--workdir {workdir}: no such folder (this mode reads a training run's "
+                     f"workdir).")
+  anchor = _nearest_existing(workdir)
+  if not os.path.isdir(anchor):
+    raise ClmimError(f"--workdir {workdir}: cannot be created, {anchor} is a file.")
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix=".clmim-write-check-", dir=anchor))
+  except OSError as e:
+    where = "" if anchor == os.path.abspath(workdir) else f" (in {anchor})"
+    raise ClmimError(f"--workdir {workdir}: cannot write there{where}: "
+                     f"{e.strerror or e}.") from None
+
+
+def check_int(config, field: str, minimum: int, multiple_of: int = 1, why: str = "") -> int:
+  """config.<field> (dotted) as an int >= minimum and a multiple of `multiple_of`."""
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise ClmimError(f"config.{field}={value!r}: expected an integer.")
+  if value < minimum:
+    raise ClmimError(f"config.{field}={value}: expected an integer >= {minimum}"
+                     f"{' (' + why + ')' if why else ''}.")
+  if multiple_of > 1 and value % multiple_of:
+    raise ClmimError(f"config.{field}={value}: expected a multiple of the {multiple_of} devices "
+                     f"(each device gets the same share), e.g. {_multiples(value, multiple_of)}.")
+  return value
+
+
+def _multiples(value: int, of: int) -> str:
+  below = max(of, value // of * of)
+  return f"{below} or {below + of}" if below != value else str(value)
+
+
+def check_fields(config, mode: str, devices: int) -> None:
+  """Numeric fields every run of this kind needs, before anything is loaded."""
+  if config_kind(config) == "analysis":
+    check_int(config, "batch_size", 1, devices)
+    check_int(config, "data.num_images", 0, why="0 = all images")
+    check_int(config, "data.max_batches", 0, why="0 = no cap")
+    check_int(config, "data.max_images_per_class", 0, why="0 = all")
+    check_int(config, "data.num_workers", 0, why="0 = one per CPU core, at most 8")
+    if not 0.0 <= float(config.data.fraction_per_class) <= 1.0:
+      raise ClmimError(f"config.data.fraction_per_class={config.data.fraction_per_class}: "
+                       f"expected a fraction in [0, 1] (0 = all).")
+    return
+  check_int(config, "batch_size", 1, devices)
+  for field in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                "snapshot_images", "data.image_size", "data.num_train_images"):
+    check_int(config, field, 1)
+  check_int(config, "warmup_steps", 0)
+
+
+def saved_config(workdir: str):
+  """The config dict a pretraining workdir recorded (None when it has none)."""
+  path = os.path.join(workdir, CONFIG_RECORD)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ClmimError(f"{path} cannot be read ({e}); it records the run's config.") from None
+
+
+def _flatten(tree, prefix=""):
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+  return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """'field: saved -> current' for every identity field (see IDENTITY_FIELDS) that differs,
+  in the order of IDENTITY_FIELDS; a section only one config has is one entry."""
+  differences = []
+  for key in IDENTITY_FIELDS:
+    before, after = saved.get(key), current.get(key)
+    if isinstance(before, dict) and isinstance(after, dict):
+      flat_before, flat_after = _flatten(before, f"{key}."), _flatten(after, f"{key}.")
+      differences += [f"{k}: {flat_before.get(k)!r} -> {flat_after.get(k)!r}"
+                      for k in sorted(set(flat_before) | set(flat_after))
+                      if flat_before.get(k) != flat_after.get(k)]
+    elif _flatten(before) != _flatten(after):
+      shown = lambda v: "(a section)" if isinstance(v, dict) else repr(v)
+      differences.append(f"{key}: {shown(before)} -> {shown(after)}")
+  return differences
+
+
+def check_resume(config, workdir: str) -> None:
+  """A workdir trained with another model, objective or data is not resumed (nor exported)."""
+  saved = saved_config(workdir)
+  if saved is None:
+    return
+  differences = config_differences(saved, config.to_dict())
+  if differences:
+    shown = "; ".join(differences[:6]) + ("; ..." if len(differences) > 6 else "")
+    raise ClmimError(f"--workdir {workdir} holds a run with a different config ({shown}); "
+                     f"use the same config to resume it (its config is in "
+                     f"{os.path.join(workdir, CONFIG_RECORD)}), or a new --workdir to start "
+                     f"fresh.")
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Steps of the orbax checkpoints in workdir/checkpoints, read without creating anything."""
+  root = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(root):
+    return []
+  return sorted(int(d) for d in os.listdir(root)
+                if d.isdigit() and os.path.isdir(os.path.join(root, d)))
+
+
+def check_run(config, workdir: str, devices: int) -> str:
+  """Everything `clmim.main` checks before a job starts; returns the mode."""
+  mode = check_mode(config)
+  check_fields(config, mode, devices)
+  check_workdir(workdir, must_exist=mode in ("export", "snapshots"))
+  if mode in PRETRAINING_MODES:
+    check_resume(config, workdir)
+  if mode == "analyze" and os.path.exists(os.path.join(workdir, "results.json")) \
+      and not config.overwrite:
+    raise ClmimError(f"--workdir {workdir} already holds an analysis run (results.json); "
+                     f"choose a new --workdir, or add --config.overwrite=True to replace that "
+                     f"run's outputs.")
+  if mode in ("export", "snapshots") and not checkpoint_steps(workdir):
+    raise ClmimError(f"--workdir {workdir}: no checkpoints in {workdir}/checkpoints to "
+                     f"{'export' if mode == 'export' else 'analyse'} (train first with "
+                     f"--config.mode=pretrain).")
+  return mode

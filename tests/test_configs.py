@@ -1,0 +1,86 @@
+"""Every config file builds the model it describes, and its fields do what their comments say."""
+import importlib
+import os
+
+import jax
+import pytest
+
+from clmim import preflight
+from clmim.checkpoints import registry
+from clmim.errors import ClmimError
+from clmim.models.vit import vit_fields
+from clmim.train.common import build_encoder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
+                 if f.endswith(".py") and not f.startswith("_"))
+PRETRAINING = [c for c in CONFIGS if c.startswith("pretrain_")]
+ANALYSIS = [c for c in CONFIGS if c not in PRETRAINING]
+# The demo ViT (variant mu/4 at 32 px): width, depth, heads, MLP, patch, image size.
+DEMO = dict(width=128, depth=6, num_heads=4, mlp_dim=256, patch_size=4, image_size=32)
+
+
+def _config(name, arg="demo"):
+  return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+def test_every_config_file_is_covered():
+  assert PRETRAINING and ANALYSIS
+  for name in CONFIGS:
+    kind = preflight.config_kind(_config(name))
+    assert kind == ("pretraining" if name in PRETRAINING else "analysis"), name
+
+
+@pytest.mark.parametrize("name", PRETRAINING)
+def test_pretraining_config_builds_its_model(name):
+  config = _config(name)
+  vit = build_encoder(config)
+  assert {k: getattr(vit, k) for k in DEMO} == DEMO
+  assert vit.grid == 8
+  params = jax.eval_shape(lambda: vit.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 32, 32, 3))))
+  num_params = sum(p.size for p in jax.tree.leaves(params))
+  assert 0.75e6 < num_params < 0.85e6, num_params  # the README's "0.8 M parameters"
+  objective = importlib.import_module(f"clmim.train.{config.objective}").Objective(config)
+  assert vit_fields(objective.encoder) == vit_fields(vit)
+  # runlocal shrinks depth only
+  small = build_encoder(_config(name, "runlocal"))
+  assert (small.depth, small.width) == (2, 128)
+
+
+@pytest.mark.parametrize("name", PRETRAINING)
+def test_variant_sets_the_size_and_explicit_fields_override_it(name):
+  config = _config(name)
+  config.model.variant = "S/16"
+  config.data.image_size = 224  # one image size for data and model
+  vit = build_encoder(config)
+  assert (vit.width, vit.depth, vit.num_heads, vit.mlp_dim, vit.patch_size, vit.image_size) == \
+      (384, 12, 6, 1536, 16, 224)
+  config.model.depth = 3  # set explicitly: overrides the variant, and nothing else changes
+  vit = build_encoder(config)
+  assert (vit.width, vit.depth, vit.num_heads, vit.mlp_dim) == (384, 3, 6, 1536)
+
+
+def test_bad_model_fields_are_named():
+  config = _config("pretrain_moco_v3")
+  config.data.image_size = 30  # not a multiple of patch 4
+  with pytest.raises(ClmimError, match="config.data.image_size=30"):
+    build_encoder(config)
+  config = _config("pretrain_moco_v3")
+  config.model.variant = "Q/16"
+  with pytest.raises(ClmimError, match="config.model: Unknown ViT variant 'Q/16'"):
+    build_encoder(config)
+  config = _config("pretrain_simmim")
+  config.simmim.mask_patch = 6  # not a multiple of patch 4
+  with pytest.raises(ClmimError, match="config.simmim.mask_patch=6"):
+    importlib.import_module("clmim.train.simmim").Objective(config)
+
+
+@pytest.mark.parametrize("name", ANALYSIS)
+def test_analysis_config_resolves_its_models(name):
+  config = _config(name)
+  for spec in registry.split_specs(config.models):
+    model = registry.resolve(spec)
+    assert {k: getattr(model.vit, k) for k in DEMO} == DEMO, spec
+    assert model.source == f"{spec} (shipped with clmim)"  # no machine's path in results
+  assert config.analyses
+  assert config.overwrite is False

@@ -1,0 +1,201 @@
+"""Every user error is found before any compute, named in one line, and leaves the disk as it was.
+
+Most cases run in-process through `clmim.main.run` with the analysis/training compute replaced
+by a tripwire, so a check that came too late fails the test; a few go through the command line
+to show the one-line format and the exit status.
+"""
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from clmim import main as clmim_main
+from clmim import preflight
+from clmim.analysis import runner
+from clmim.errors import ClmimError
+from clmim.train import trainer
+from configs import nmi, pretrain_moco_v3, pretrain_simmim
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+  """Any forward pass or training step fails the test: errors must come before them."""
+  def tripwire(*args, **kwargs):
+    raise AssertionError("compute started before the bad input was reported")
+  monkeypatch.setattr(runner.Analyzer, "run", tripwire)
+  monkeypatch.setattr(trainer, "initial_state", tripwire)
+
+
+def _listing(root):
+  return sorted(os.path.relpath(os.path.join(d, f), root)
+                for d, dirs, files in os.walk(root) for f in files + dirs)
+
+
+def _refused(config, workdir, *fragments, root=None):
+  """Runs config, expects one ClmimError containing `fragments`, and nothing new on disk."""
+  root = root or os.path.dirname(str(workdir))
+  before = _listing(root)
+  with pytest.raises(ClmimError) as error:
+    clmim_main.run(config, str(workdir))
+  message = str(error.value)
+  assert "\n" not in message, message
+  for fragment in fragments:
+    assert fragment in message, message
+  assert _listing(root) == before
+  return message
+
+
+def _analysis(**fields):
+  config = nmi.get_config("runlocal")
+  for key, value in fields.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+@pytest.mark.parametrize("value", [0, -4, 3])
+def test_analysis_batch_size_must_split_over_the_devices(tmp_path, no_compute, value):
+  assert jax.device_count() == 8
+  _refused(_analysis(batch_size=value), tmp_path / "out", f"config.batch_size={value}")
+
+
+def test_negative_counts_are_refused(tmp_path, no_compute):
+  _refused(_analysis(**{"data.num_images": -1}), tmp_path / "out", "config.data.num_images=-1",
+           ">= 0")
+  _refused(_analysis(**{"data.max_batches": -2}), tmp_path / "out", "config.data.max_batches")
+
+
+def test_workdir_that_is_a_file_or_unwritable(tmp_path, no_compute):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  _refused(_analysis(), blocker, "is a file")
+  _refused(_analysis(), blocker / "sub", "is a file")
+  _refused(_analysis(), "/proc/clmim-out", "/proc/clmim-out", "cannot write", root=str(tmp_path))
+
+
+def test_read_only_workdir(tmp_path, no_compute):
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+  try:
+    if os.access(locked, os.W_OK) and os.geteuid() == 0:
+      pytest.skip("root writes into read-only folders; /proc covers unwritable workdirs")
+    _refused(_analysis(), locked / "out", "cannot write")
+  finally:
+    locked.chmod(stat.S_IRWXU)
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "export", "snapshots"])
+def test_analysis_config_in_a_training_mode(tmp_path, no_compute, mode):
+  _refused(_analysis(mode=mode), tmp_path / "out", f"config.mode={mode!r}", "analysis config")
+
+
+def test_pretraining_config_in_analyze_mode(tmp_path, no_compute):
+  config = pretrain_moco_v3.get_config("runlocal")
+  config.mode = "analyze"
+  _refused(config, tmp_path / "out", "config.mode='analyze'", "pretraining config")
+
+
+def test_unknown_family_and_missing_heads(tmp_path, no_compute):
+  _refused(_analysis(models="mea:/x.pth"), tmp_path / "out", "unknown family 'mea'", "moco_v3")
+  _refused(_analysis(models="moco_v3_demo?heads=3"), tmp_path / "out", "unknown option 'heads'")
+
+
+def test_pretraining_batch_size_zero_leaves_no_checkpoints(tmp_path, no_compute):
+  config = pretrain_simmim.get_config("runlocal")
+  config.batch_size = 0
+  _refused(config, tmp_path / "run", "config.batch_size=0")
+  config.batch_size = 12  # not a multiple of 8 devices
+  _refused(config, tmp_path / "run", "config.batch_size=12", "multiple of the 8 devices")
+
+
+@pytest.mark.parametrize("mode", ["export", "snapshots"])
+def test_export_and_snapshots_without_checkpoints_create_nothing(tmp_path, no_compute, mode):
+  config = pretrain_moco_v3.get_config("runlocal")
+  config.mode = mode
+  _refused(config, tmp_path / "missing", "no such folder")
+  (tmp_path / "empty").mkdir()
+  _refused(config, tmp_path / "empty", "no checkpoints")
+
+
+def test_resuming_with_another_objective_names_the_fields(tmp_path, no_compute):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  saved = pretrain_moco_v3.get_config("runlocal").to_dict()
+  (workdir / preflight.CONFIG_RECORD).write_text(json.dumps(saved))
+  message = _refused(pretrain_simmim.get_config("runlocal"), workdir, "different config",
+                     "objective: 'moco_v3' -> 'simmim'", "new --workdir")
+  assert "model.block_style" in message
+  same = pretrain_moco_v3.get_config("runlocal")
+  same.total_steps = 99  # not an identity field: resuming with a longer schedule is fine
+  preflight.check_resume(same, str(workdir))
+
+
+def test_reused_analysis_workdir_is_refused_then_replaced(tmp_path, monkeypatch):
+  workdir = tmp_path / "out"
+  workdir.mkdir()
+  (workdir / "results.json").write_text(json.dumps({"figures": ["old_figure.png"]}))
+  (workdir / "old_figure.png").write_bytes(b"png")
+  (workdir / "notes.txt").write_text("mine")
+  config = _analysis(**{"data.num_images": 8}, batch_size=8, models="random:mu/4")
+  _refused(config, workdir, "already holds an analysis run", "--config.overwrite=True")
+  config.overwrite = True
+  config.progress = False
+  results = clmim_main.run(config, str(workdir))
+  assert not (workdir / "old_figure.png").exists()
+  assert (workdir / "notes.txt").read_text() == "mine"  # not ours: left alone
+  pngs = sorted(f for f in os.listdir(workdir) if f.endswith(".png"))
+  assert sorted(results["figures"]) == pngs == ["attention_entropy.png", "nmi.png"]
+  assert results["run"]["workdir"] == str(workdir)
+
+
+def _cli(*args):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "clmim.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_command_line_prints_one_line_and_exits_1(tmp_path):
+  result = _cli("--config", "configs/all.py:runlocal", "--workdir", "/proc/clmim-x")
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      "clmim: error: --workdir /proc/clmim-x: cannot write there"), result.stderr
+  result = _cli("--config", "configs/nmi.py", "--config.mode=pretrain", f"--workdir={tmp_path}/o")
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert "config.mode='pretrain' does not apply to an analysis config" in result.stderr
+  assert not os.path.exists(tmp_path / "o")
+
+
+def test_help_and_print_config_exit_0():
+  result = _cli("--help")
+  assert result.returncode == 0, result.stderr
+  assert "README" in result.stdout and "--print_config" in result.stdout
+  result = _cli("--config", "configs/pretrain_simmim.py:runlocal", "--config.model.variant=S/16",
+                "--print_config")
+  assert result.returncode == 0, result.stderr
+  assert "variant: S/16" in result.stdout and "objective: simmim" in result.stdout
+
+
+def test_random_variant_runs_offline(tmp_path, monkeypatch):
+  monkeypatch.setenv("CLMIM_OFFLINE", "1")
+  config = _analysis(models="random:B/16", batch_size=8, progress=False,
+                     **{"data.num_images": 2})
+  results = clmim_main.run(config, str(tmp_path / "out"))
+  info = results["model_info"]["B/16 (untrained)"]
+  assert (info["image_size"], info["patch_size"], info["depth"], info["num_heads"]) == \
+      (224, 16, 12, 12)
+  assert info["architecture_from"]["width"] == "variant B/16"
+  assert np.shape(results["models"]["B/16 (untrained)"]["nmi"]) == (12, 12)
+  assert results["num_images"] == 2
