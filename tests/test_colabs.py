@@ -64,14 +64,14 @@ def test_notebook_is_valid_nbformat_with_cell_ids(name):
   assert len(ids) == len(set(ids)), "cell ids must be unique"
 
 
-def _install_cell(monkeypatch, absent=()):
-  """The first code cell's source, in a kernel where the modules `absent` and clmim are missing;
-  pip is stubbed and its argument lists recorded in the returned list."""
+def _install_cell(monkeypatch):
+  """The first code cell's source, in a kernel where clmim is missing; pip is stubbed and its
+  argument lists recorded in the returned list."""
   import importlib.util
   first = next(c for c in _load("clmim_demo.ipynb")["cells"] if c["cell_type"] == "code")
   real_find_spec = importlib.util.find_spec
   def find_spec(name, *args):
-    if name == "clmim" or name in absent:
+    if name == "clmim":
       return None
     return real_find_spec(name, *args)
   monkeypatch.setattr(importlib.util, "find_spec", find_spec)
@@ -88,14 +88,14 @@ def test_install_cell_asks_for_repo_url_when_clmim_is_missing(monkeypatch):
 
 
 def test_install_cell_installs_from_repo_url(monkeypatch):
-  source, pip_calls = _install_cell(monkeypatch, absent=("optax",))
+  source, pip_calls = _install_cell(monkeypatch)
   placeholder = 'REPO_URL = "https://github.com/<your-account>/clmim"'
   assert source.count(placeholder) == 1
   source = source.replace(placeholder, 'REPO_URL = "https://example.org/me/clmim"')
   exec(compile(source, "install-cell", "exec"), {})
+  # One install: clmim's dependencies come with it (pyproject.toml).
   assert pip_calls == [[sys.executable, "-m", "pip", "install", "-q",
-                        "git+https://example.org/me/clmim"],
-                       [sys.executable, "-m", "pip", "install", "-q", "optax"]]
+                        "git+https://example.org/me/clmim"]]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

@@ -147,11 +147,12 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
   rng = jax.random.PRNGKey(config.seed)
   train_state, tx, schedule = initial_state(config, objective)
   os.makedirs(workdir, exist_ok=True)
-  write_json_atomic(os.path.join(workdir, preflight.CONFIG_RECORD), config.to_dict())
   manager = checkpoint_manager(workdir, config.keep_checkpoints)
   if manager.latest_step() is not None:
     train_state = restore(manager, manager.latest_step(), train_state, workdir)
     print(f"Resumed from step {manager.latest_step()} in {workdir}/checkpoints")
+  # Recorded once the checkpoints are known to fit: a refused resume must not relabel the run.
+  write_json_atomic(os.path.join(workdir, preflight.CONFIG_RECORD), config.to_dict())
   train_state = jax.device_put(train_state, replicated)
   start_step = int(train_state["step"])
 
