@@ -1,9 +1,9 @@
 """Attention maps of one query patch, as in the paper's attention figures.
 
 `query_attention_map` follows docs/definitions.md: drop the cls row and column, renormalise the
-rows, take row y*g + x and reshape it to g x g. `plot_query_attention` draws, for a few images, each model's
-map next to the image with the query patch marked at patch size: the mean over heads (default),
-one head (the official notebook shows head 0) or every head in its own column.
+rows, take row y*g + x and reshape it to g x g. `plot_query_attention` draws, for a few images,
+each model's map next to the image with the query patch marked at patch size: the mean over heads
+(default), one head (the official notebook shows head 0) or every head in its own column.
 """
 from __future__ import annotations
 

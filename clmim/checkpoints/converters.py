@@ -13,9 +13,10 @@ Flat tensor files (.safetensors, .npz) holding the inner dict are accepted for e
 Each family's facts (layout, block style, head counts, preprocessing) are one record in
 `families.py`. The architecture is inferred from tensor shapes (width, depth, MLP size, patch,
 grid; heads from the relative-position table, else from the user's `num_heads`, the family's own
-sizes or the requested variant, never guessed) and checked against a requested variant. Accounting is strict: every ViT parameter is filled, every tensor of
-the file is used or belongs to a documented drop group (momentum encoder, projector, predictor,
-mask token, decoders, heads); otherwise one ClmimError lists missing, unexpected and mis-shaped
+sizes or the requested variant, never guessed) and checked against a requested variant.
+Accounting is strict: every ViT parameter is filled, every tensor of the file is used or belongs
+to a documented drop group (momentum encoder, projector, predictor, mask token, decoders, heads);
+otherwise one ClmimError lists missing, unexpected and mis-shaped
 keys. Position embeddings come from the file; relative-position indices in the file are checked
 to equal the ones the ViT computes, so attention cannot silently differ.
 """
