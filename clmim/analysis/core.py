@@ -1,0 +1,145 @@
+"""The analysis core: what an analysis module declares, and the registry that finds them.
+
+Every analysis is one module `clmim/analysis/<name>.py` that says everything about itself; the
+runner, the jobs, the summary, the figures and the report learn about it only through `load`:
+
+  NAME = "<name>"              # the module's file name; what `config.analyses` lists
+  READS = ("attn", "zs")       # the states it reads (informational; jit prunes the rest)
+  OPTIONS = {"key": default}   # its options (config.analysis_options.<name>.<key>), documented
+                               #   in the module docstring; plain scalars, strings or tuples
+  RESULTS = (Result(...), ...) # the keys it adds to results.json, with labels and layouts
+  def partial_sums(batch: Batch, options: dict) -> dict[str, jnp.ndarray]
+      pure jnp, per device: SUMS over the device's images (padding has weight 0), never means;
+      the runner psums every entry over devices and adds batches on the host in float64
+  def finalize(sums: dict[str, np.ndarray], options: dict) -> dict[str, nested lists]
+      divides once; returns exactly the keys of RESULTS
+  optional:
+  def figures(results: dict, options: dict) -> dict[str, Figure]
+      file name -> figure, from the run's results.json dict (all models side by side); without
+      it, every Result with a `series` gets the shared depth-curve figure
+  def check(vit, options: dict) -> None
+      raises ClmimError before any compute when a model cannot be analysed (e.g. no decoder)
+
+Per-image selections ("these images", "this query") use `Batch.index`, the image's position in
+the stream: a sum over the batch of `(index == chosen) * value` is that image's value, exactly
+once, whatever the batching and device count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from clmim.errors import ClmimError
+
+# Modules of clmim/analysis/ that are not analyses.
+_NOT_ANALYSES = {"core", "runner", "common", "plots", "report"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  """One device's share of a step, as an analysis' `partial_sums` receives it.
+
+  Attributes:
+    zs: 2*depth+1 residual states [b, N+1, D] (cls at index 0): the embedding output, then per
+      block the state after the attention branch and after the MLP branch (before the final
+      norm).
+    attns: depth post-softmax attention maps [b, heads, N+1, N+1].
+    weights: [b] float32, 1 for real images, 0 for padding.
+    index: [b] int32, each image's position in the stream (0 .. num_images - 1), -1 = padding.
+    patch_size: the patch side in pixels (static).
+  """
+  zs: Sequence[Any]
+  attns: Sequence[Any]
+  weights: Any
+  index: Any
+  patch_size: int
+
+
+def per_block_mean_over_heads(values) -> list:
+  """[[per head] per block] -> [per block] (the usual depth curve of an attention metric)."""
+  return np.asarray(values, np.float64).mean(axis=-1).tolist()
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+  """One key an analysis adds to results.json["models"][name], and how to show it.
+
+  Attributes:
+    key: the results.json key.
+    label: axis label / table title, with the unit (e.g. "attention distance (px)").
+    layout: what the nested lists index, e.g. "[block][head]" or "[stage][frequency]".
+    x: what a depth curve's x axis counts: "block" (1 .. depth), "stage" (0 = embedding, then
+      each block) or None when the result is no depth curve.
+    series: values -> one float per x position (the curve the summary, the figures, snapshots
+      and the report show), or None.
+    reference: the value of an uninformative model (e.g. uniform attention), a float, a
+      callable (results_by_model, model_info) -> float or None, or None.
+    cl_direction: "higher" or "lower" when the paper finds CL higher / lower than MIM on it (the
+      report's CL-like / MIM-like verdict uses the later half of the curve), else None.
+    description: one line for the report.
+  """
+  key: str
+  label: str
+  layout: str
+  x: Optional[str] = "block"
+  series: Optional[Callable] = per_block_mean_over_heads
+  reference: Any = None
+  cl_direction: Optional[str] = None
+  description: str = ""
+
+
+def available() -> list[str]:
+  """Names of every analysis module in clmim/analysis/."""
+  import clmim.analysis as package
+  return sorted(m.name for m in pkgutil.iter_modules(package.__path__)
+                if m.name not in _NOT_ANALYSES and not m.name.startswith("_"))
+
+
+def load(name: str):
+  """The analysis module `name`, checked to declare the protocol above."""
+  names = available()
+  if name not in names:
+    raise ClmimError(f"config.analyses: unknown analysis {name!r}; expected some of "
+                     f"{', '.join(names)}.")
+  module = importlib.import_module(f"clmim.analysis.{name}")
+  missing = [a for a in ("NAME", "RESULTS", "OPTIONS", "partial_sums", "finalize")
+             if not hasattr(module, a)]
+  if missing or module.NAME != name:
+    raise ClmimError(f"clmim/analysis/{name}.py is not an analysis module (missing "
+                     f"{missing or ['NAME == ' + repr(name)]}).")
+  return module
+
+
+def load_all(names) -> list:
+  """Modules for a comma-separated string or a list of names (at least one)."""
+  if isinstance(names, str):
+    names = [n.strip() for n in names.split(",") if n.strip()]
+  if not names:
+    raise ClmimError(f"config.analyses is empty; expected some of {', '.join(available())}.")
+  return [load(n) for n in names]
+
+
+def resolve_options(module, given: Optional[dict]) -> dict:
+  """The module's OPTIONS overridden by `given`; an unknown option is an error."""
+  given = dict(given or {})
+  unknown = sorted(set(given) - set(module.OPTIONS))
+  if unknown:
+    raise ClmimError(f"config.analysis_options.{module.NAME}: unknown option {unknown[0]!r} "
+                     f"(expected some of {', '.join(sorted(module.OPTIONS)) or 'none'}).")
+  return {**module.OPTIONS, **given}
+
+
+def results_of(module) -> dict:
+  """{key: Result} of a module."""
+  return {r.key: r for r in module.RESULTS}
+
+
+def reference_value(result: Result, results: dict) -> Optional[float]:
+  """The Result's reference for a whole run's results.json dict, or None."""
+  if callable(result.reference):
+    return result.reference(results)
+  return result.reference
