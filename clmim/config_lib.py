@@ -7,6 +7,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from clmim.analysis import core
+
 
 def demo_model(**fields) -> ml_collections.ConfigDict:
   """The demo ViT: variant mu/4 (width 128, depth 6, 4 heads, MLP 256, patch 4); at 32 px
@@ -51,6 +53,7 @@ def pretrain_base(arg: str, name: str, objective: str, family: str) -> ml_collec
   config.checkpoint_every = 250     # steps between orbax checkpoints (and resumable points)
   config.keep_checkpoints = 30      # orbax checkpoints kept (snapshots for metrics over training)
   config.snapshot_images = 256      # held-out images per checkpoint for --config.mode=snapshots
+  config.snapshot_analyses = "attention_distance,nmi,fourier"  # analyses of --config.mode=snapshots
   config.data = ml_collections.ConfigDict(dict(
       # Procedural shapes x textures (clmim/data/synthetic.py), the only training source so far.
       image_size=32,                # pixels, for the data and the model alike
@@ -83,7 +86,10 @@ def analysis_base(arg: str, name: str, analyses: str) -> ml_collections.ConfigDi
   config = ml_collections.ConfigDict()
   config.mode = "analyze"           # what clmim.main does with this config
   config.name = name                # default workdir prefix
-  config.analyses = analyses        # comma-separated: attention_distance, nmi, fourier
+  config.analyses = analyses        # comma-separated names of clmim/analysis/ modules (README)
+  # Per-analysis options, config.analysis_options.<analysis>.<option>: every analysis' OPTIONS
+  # with their defaults (documented in its module docstring), whether it runs or not.
+  config.analysis_options = {name: dict(core.load(name).OPTIONS) for name in core.available()}
   # Comma-separated model specs: known names (clmim/demo_checkpoints/*), checkpoint paths, or
   # random:<spec> for an untrained copy of an architecture.
   config.models = "moco_v3_demo,simmim_demo"

@@ -89,10 +89,10 @@ def run(config, workdir: str, invocation: dict | None = None):
     print(f"Exported the encoder of the latest checkpoint in {workdir} to {out}")
     return out
   if mode == "snapshots":
-    from clmim.train import snapshots
+    from clmim.jobs import snapshots
     return snapshots.run(config, workdir)
-  from clmim.analysis import experiment
-  return experiment.run(config, workdir, invocation)
+  from clmim.jobs import analyze
+  return analyze.run(config, workdir, invocation)
 
 
 def invocation_record(argv, workdir: str) -> dict:

@@ -4,7 +4,8 @@ import shutil
 import numpy as np
 import pytest
 
-from clmim.analysis import experiment
+from clmim.analysis import attention_distance
+from clmim.jobs import analyze as experiment
 from clmim.errors import ClmimError
 from tiny_checkpoints import save_random_checkpoint
 from configs import all as all_config
@@ -22,7 +23,7 @@ def test_uniform_attention_distance_brute_force():
   grid, patch = 3, 2
   coords = [(r, c) for r in range(grid) for c in range(grid)]
   brute = np.mean([patch * np.hypot(a[0] - b[0], a[1] - b[1]) for a in coords for b in coords])
-  assert experiment.uniform_attention_distance(grid, patch) == pytest.approx(brute, rel=1e-6)
+  assert attention_distance.uniform_attention_distance(grid, patch) == pytest.approx(brute, rel=1e-6)
 
 
 def test_snapshots_of_one_run_get_distinct_names(checkpoint, tmp_path, capsys):

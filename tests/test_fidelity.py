@@ -5,6 +5,8 @@ import jax
 import numpy as np
 import pytest
 
+import analysis_testing
+
 from clmim.analysis import attention_maps, fourier
 from clmim.errors import ClmimError
 
@@ -51,13 +53,13 @@ def test_fourier_full_path_odd_grid_matches_float64_reference():
   g, b, c = 7, 5, 6
   zs = [rng.normal(size=(b, g * g + 1, c)).astype(np.float32) for _ in range(3)]
   ones = np.ones(b, np.float32)
-  sums = jax.jit(lambda z, w: fourier.batch_sums(z, None, w, 4))
+  sums = jax.jit(lambda z, w: analysis_testing.partial_sums(fourier, z, None, w))
   # Two batches (3 + 2 images) accumulated, as the runner does over devices and steps.
   first = sums([z[:3] for z in zs], ones[:3])
   second = sums([z[3:] for z in zs], ones[3:])
   total = jax.tree.map(lambda u, v: np.asarray(u, np.float64) + np.asarray(v, np.float64),
                        first, second)
-  res = fourier.finalize(total)
+  res = analysis_testing.finalize(fourier, total)
   expected = np.array([_official_fourier(z) for z in zs])
   assert expected.shape == (3, g - g // 2)
   np.testing.assert_allclose(res["fourier_all_states"], expected, rtol=1e-5, atol=1e-6)
@@ -71,8 +73,8 @@ def test_fourier_odd_grid_reports_its_highest_diagonal_frequency():
   stripes = np.cos(2 * np.pi * (g // 2) * (x + y) / g)
   z = np.zeros((1, g * g + 1, c), np.float32)
   z[0, 1:, :] = stripes.reshape(-1, 1)
-  sums = fourier.batch_sums([z], None, np.ones(1, np.float32), 4)
-  delta = np.array(fourier.finalize(jax.tree.map(np.asarray, sums))["fourier"][0])
+  sums = analysis_testing.partial_sums(fourier, [z], None, np.ones(1, np.float32))
+  delta = np.array(analysis_testing.finalize(fourier, sums)["fourier"][0])
   assert len(delta) == g // 2 + 1
   assert np.argmax(delta) == g // 2 and delta[-1] > 10
 

@@ -7,6 +7,8 @@ import jax
 import numpy as np
 import pytest
 
+import analysis_testing
+
 from clmim.analysis import attention_distance, fourier, nmi
 from clmim.errors import ClmimError
 
@@ -32,8 +34,9 @@ def _random_softmax(rng, b, h, t):
 def _finalize(module, zs, attns, patch_size=4, weights=None):
   b = (attns or zs)[0].shape[0]
   weights = np.ones(b, np.float32) if weights is None else np.asarray(weights, np.float32)
-  sums = jax.jit(lambda z, a, w: module.batch_sums(z, a, w, patch_size))(zs, attns, weights)
-  return module.finalize(jax.tree.map(np.asarray, sums))
+  sums = jax.jit(lambda z, a, w: analysis_testing.partial_sums(module, z, a, w, patch_size))(
+      zs, attns, weights)
+  return analysis_testing.finalize(module, sums)
 
 
 # ---------------------------------------------------------------- float64 references (loops)
@@ -143,7 +146,8 @@ def test_fourier_checkerboard():
   # A true ±1 checkerboard puts everything at the Nyquist frequency (g/2, g/2), which the
   # half-diagonal (k < g/2) leaves out; it shows in the accumulated spectrum, not the curve.
   z[0, 1:, :] = ((-1.0) ** (x + y)).reshape(-1, 1)
-  sums = fourier.batch_sums([z], None, np.ones(1, np.float32), 4)["rel_log_amplitude_sum"][0]
+  sums = analysis_testing.partial_sums(fourier, [z], None, np.ones(1, np.float32))[
+      "rel_log_amplitude_sum"][0]
   assert np.unravel_index(np.argmax(sums), sums.shape) == (g // 2, g // 2)
 
 
@@ -185,9 +189,11 @@ def test_weights_mask_images():
 
 def test_errors():
   with pytest.raises(ClmimError):
-    attention_distance.batch_sums(None, [np.zeros((1, 1, 6, 6), np.float32)], np.ones(1), 4)
+    analysis_testing.partial_sums(attention_distance, None, [np.zeros((1, 1, 6, 6), np.float32)],
+                                  np.ones(1))
   with pytest.raises(ClmimError):
-    nmi.finalize({"nmi_sum": np.zeros((1, 1)), "entropy_sum": np.zeros((1, 1)), "count": 0.0})
+    analysis_testing.finalize(nmi, {"nmi_sum": np.zeros((1, 1)), "entropy_sum": np.zeros((1, 1)),
+                                    "count": 0.0})
 
 
 def test_query_attention_map_known_answer(tmp_path):

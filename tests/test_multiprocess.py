@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clmim.analysis import attention_distance, experiment, fourier, nmi, runner
+from clmim.analysis import attention_distance, fourier, nmi, runner
+from clmim.jobs import analyze as experiment
 from clmim.data.eval_data import EvalImages
 from clmim.models.vit import build_vit, forward_with_states
 from tiny_checkpoints import save_random_checkpoint

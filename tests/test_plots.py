@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clmim.analysis import plots
+from clmim.analysis import attention_distance, core, fourier, nmi, plots
 from clmim.errors import ClmimError
+
+MODULES = [attention_distance, nmi, fourier]
 
 
 def _results(depth=4, heads=3):
@@ -26,8 +28,8 @@ def _results(depth=4, heads=3):
   models["mystery"].pop("fourier")
   models["dino"]["nmi"][1] = [float("nan")] * heads  # A gap, not a crash.
   info = {"moco": "cl", "dino": "CL", "simmim": "mim", "mae": "mim", "random_init": "random"}
-  return {"models": models, "model_info": {n: {"family": f} for n, f in info.items()},
-          "reference": {"attention_distance": 57.3}}
+  return {"models": models, "model_info": {n: {"family": f, "uniform_attention_distance": 57.3}
+                                           for n, f in info.items()}}
 
 
 def _assert_png(path):
@@ -36,9 +38,9 @@ def _assert_png(path):
     im.load()
 
 
-def test_write_all_figures(tmp_path):
+def test_write_figures(tmp_path):
   out = tmp_path / "figs"
-  written = plots.write_all_figures(_results(), out)
+  written = plots.write_figures(_results(), MODULES, {}, out)
   names = sorted(os.path.basename(p) for p in written)
   assert names == ["attention_distance.png", "attention_entropy.png", "fourier.png", "nmi.png"]
   for p in written:
@@ -48,12 +50,14 @@ def test_write_all_figures(tmp_path):
 
 def test_only_figures_with_data(tmp_path):
   results = {"models": {"m": {"nmi": [[0.1, 0.2], [0.3, 0.4]]}}}
-  written = plots.write_all_figures(results, tmp_path)
+  written = plots.write_figures(results, [nmi], {}, tmp_path)
   assert [os.path.basename(p) for p in written] == ["nmi.png"]
-  # Per-layer scalars (already averaged over heads) and a per-layer reference also plot.
-  p = plots.plot_per_layer({"models": {"m": {"x": [1.0, 2.0, 3.0]}}}, "x", tmp_path / "x.png",
-                           "y", "t", reference=[1.5, 1.5, 2.0], reference_label="ref")
-  _assert_png(p)
+  # Per-block scalars (no head axis) and a stage axis also plot.
+  result = core.Result(key="x", label="y", layout="[stage]", x="stage",
+                       series=lambda v: v, reference=1.5, reference_label="ref")
+  fig = plots.curve_figure({"models": {"m": {"x": [1.0, 2.0, 3.0]}}}, result)
+  line = fig.axes[0].lines[0]
+  assert list(line.get_xdata()) == [0, 1, 2] and list(line.get_ydata()) == [1.0, 2.0, 3.0]
 
 
 def test_styles_by_family():
@@ -74,13 +78,19 @@ def test_no_partial_file_on_error(tmp_path, monkeypatch):
 
   monkeypatch.setattr(plots.Figure, "savefig", boom)
   with pytest.raises(RuntimeError, match="disk full"):
-    plots.plot_per_layer(_results(), "nmi", target, "NMI", "NMI")
+    plots.write_figures(_results(), [nmi], {}, tmp_path)
   assert os.listdir(tmp_path) == ["nmi.png"] and target.read_bytes() == b"old"
+
+
+def test_reference_line_comes_from_the_result():
+  fig = plots.curve_figure(_results(), attention_distance.RESULTS[0])
+  labels = [line.get_label() for line in fig.axes[0].lines]
+  assert "uniform attention" in labels
 
 
 def test_bad_results_raise_clmim_error(tmp_path):
   with pytest.raises(ClmimError, match="nmi"):
-    plots.plot_per_layer({"models": {}}, "nmi", tmp_path / "a.png", "NMI", "NMI")
+    plots.curve_figure({"models": {}}, nmi.RESULTS[0])
   with pytest.raises(ClmimError, match=r"\['m'\]\['fourier'\]"):
-    plots.plot_fourier({"models": {"m": {"fourier": [[1.0, 2.0], [3.0]]}}}, tmp_path / "f.png")
+    plots.fourier_figure({"models": {"m": {"fourier": [[1.0, 2.0], [3.0]]}}})
   assert os.listdir(tmp_path) == []

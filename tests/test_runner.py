@@ -4,6 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import analysis_testing
+
 from clmim.analysis import attention_distance, fourier, nmi, runner
 from clmim.errors import ClmimError
 
@@ -89,13 +91,13 @@ def test_matches_one_big_batch(reference, params, data):
   weights = np.ones(NUM_IMAGES, np.float32)
   assert reference["num_images"] == NUM_IMAGES
   for module in ANALYSES:
-    sums = jax.jit(lambda z, a, w, m=module: m.batch_sums(z, a, w, PATCH))(zs, attns, weights)
-    sums = jax.tree.map(np.asarray, sums)
-    for key, value in module.finalize(sums).items():
+    sums = jax.jit(lambda z, a, w, m=module: analysis_testing.partial_sums(m, z, a, w, PATCH))(
+        zs, attns, weights)
+    for key, value in analysis_testing.finalize(module, sums).items():
       np.testing.assert_allclose(reference[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
   assert np.shape(reference["attention_distance"]) == (DEPTH, HEADS)
-  assert np.shape(reference["fourier"]) == (DEPTH + 1, G // 2)
-  assert np.shape(reference["fourier_all_states"]) == (2 * DEPTH + 1, G // 2)
+  assert np.shape(reference["fourier"]) == (DEPTH + 1, G - G // 2)
+  assert np.shape(reference["fourier_all_states"]) == (2 * DEPTH + 1, G - G // 2)
 
 
 @pytest.mark.parametrize("batch_size", [1, 7])
@@ -140,3 +142,42 @@ def test_errors(analyzer8, params, data):
     analyzer8.run(params, iter([data[0]]), progress=False)  # not a batch
   with pytest.raises(ClmimError):
     runner.Analyzer(_toy_forward, [nmi, nmi], PATCH)
+
+
+class _IndexProbe:
+  """A minimal analysis module (the core protocol) that records which stream positions it saw
+  and the first pixel of each: sums of one-hot rows, so each image must arrive exactly once."""
+  NAME, READS, OPTIONS, RESULTS = "index_probe", (), {"slots": NUM_IMAGES + 5}, ()
+
+  @staticmethod
+  def partial_sums(batch, options):
+    onehot = (batch.index[:, None] == jnp.arange(options["slots"])[None]).astype(jnp.float32)
+    pixel = batch.zs[0][:, 1, 0]  # any per-image value
+    return {"seen": onehot.sum(0), "value": (onehot * pixel[:, None]).sum(0)}
+
+  @staticmethod
+  def finalize(sums, options):
+    return {"seen": sums["seen"].tolist(), "value": sums["value"].tolist()}
+
+
+@pytest.mark.parametrize("batch_size,devices", [(1, 8), (7, 8), (64, 1)])
+def test_stream_index_reaches_every_image_exactly_once(params, data, batch_size, devices):
+  mesh = runner.make_mesh(jax.devices()[:devices])
+  analyzer = runner.Analyzer(_toy_forward, [_IndexProbe], PATCH, mesh=mesh, device_batch_size=3)
+  batches = (data[i:i + batch_size] for i in range(0, NUM_IMAGES, batch_size))
+  out = analyzer.run(params, batches, progress=False)
+  assert out["seen"] == [1.0] * NUM_IMAGES + [0.0] * 5
+  zs, _ = jax.jit(_toy_forward)(params, data)
+  np.testing.assert_allclose(out["value"][:NUM_IMAGES], np.asarray(zs[0][:, 1, 0]), rtol=1e-6)
+  # With a plan (the multi-process path), the positions are the plan's.
+  plan = analyzer.plan(NUM_IMAGES)
+  slots = [data[i] if i >= 0 else np.zeros_like(data[0]) for i in plan.local_indices]
+  weights = (plan.local_indices >= 0).astype(np.float32)
+  out = analyzer.run(params, [(np.stack(slots), weights)], progress=False, plan=plan)
+  assert out["seen"] == [1.0] * NUM_IMAGES + [0.0] * 5
+  assert analyzer.compilations == 1  # two runs, one compiled step
+
+
+def test_options_are_checked(params):
+  with pytest.raises(ClmimError, match=r"analysis_options.index_probe: unknown option 'slot'"):
+    runner.Analyzer(_toy_forward, [_IndexProbe], PATCH, options={"index_probe": {"slot": 3}})

@@ -10,7 +10,7 @@ from PIL import Image
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from clmim.analysis import experiment  # noqa: E402
+from clmim.jobs import analyze as experiment  # noqa: E402
 from clmim.data import loader  # noqa: E402
 from clmim.data.eval_data import EvalImages  # noqa: E402
 from clmim.data.preprocess import EvalPreprocess  # noqa: E402

@@ -6,7 +6,8 @@ import pytest
 
 from clmim.checkpoints import registry
 from clmim.errors import ClmimError
-from clmim.train import moco_v3, simmim, snapshots, trainer
+from clmim.jobs import snapshots
+from clmim.train import moco_v3, simmim, trainer
 from configs import pretrain_moco_v3, pretrain_simmim
 
 
@@ -53,6 +54,8 @@ def test_runlocal_trains_resumes_and_exports(tmp_path, config_module, capsys):
     assert model.params["block_0"]["gamma_1"].shape == (128,)
     curves = snapshots.run(config, str(tmp_path))  # metrics over the kept checkpoints
     assert curves["steps"] == [3, 6] and np.shape(curves["nmi"]) == (2, 2)
+    assert curves["compilations"] == 1  # one compiled step for every checkpoint
+    assert np.shape(curves["fourier"]) == (2, 3)  # embedding + 2 blocks
     assert (tmp_path / "snapshots.png").exists()
   # Resume: two more steps continue from the last checkpoint instead of starting over.
   config.unlock()

@@ -10,10 +10,13 @@ copy of the [B, H, N, N] maps is built: one fused multiply-reduce and one row su
 import jax.numpy as jnp
 import numpy as np
 
+from clmim.analysis import core
 from clmim.analysis.common import grid_side, image_count, weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "attention_distance"
+READS = ("attn",)
+OPTIONS = {}
 
 _EPS = 1e-32
 
@@ -26,19 +29,36 @@ def grid_distances(g, patch_size):
   return (patch_size * d).astype(np.float32)
 
 
-def batch_sums(zs, attns, weights, patch_size):
+def uniform_attention_distance(grid: int, patch_size: int) -> float:
+  """Mean distance (px) between two patches drawn uniformly on a grid x grid lattice: the value
+  of uniform attention, the reference a model's curve is read against."""
+  return float(grid_distances(grid, patch_size).astype(np.float64).mean())
+
+
+def _uniform_reference(results: dict):
+  """The uniform-attention distance of the run's models, when they all share one grid."""
+  values = {round(info.get("uniform_attention_distance", float("nan")), 9)
+            for info in results.get("model_info", {}).values()}
+  return values.pop() if len(values) == 1 else None
+
+
+RESULTS = (core.Result(
+    key="attention_distance", label="attention distance (px)", layout="[block][head]",
+    reference=_uniform_reference, reference_label="uniform attention", cl_direction="higher",
+    title="Attention distance",
+    description="mean distance (px) between a query patch and the patches it attends to"),)
+
+
+def partial_sums(batch: core.Batch, options: dict):
   """Weighted sums over the batch of per-image attention distances.
 
-  Args:
-    zs: unused (part of the uniform analysis signature).
-    attns: list of `depth` arrays [B, heads, N+1, N+1], post-softmax, cls at index 0.
-    weights: [B] float, 1 for real images and 0 for padding.
-    patch_size: patch side in pixels.
+  Reads `batch.attns` ([B, heads, N+1, N+1] per block), `batch.weights` and `batch.patch_size`.
 
   Returns:
     {"distance_sum": [layers, heads], "count": []} (sums, not means).
   """
-  del zs
+  del options
+  attns, weights, patch_size = batch.attns, batch.weights, batch.patch_size
   n = attns[0].shape[-1] - 1
   g = grid_side(n, "attention maps")
   dist = jnp.asarray(grid_distances(g, patch_size))
@@ -57,7 +77,7 @@ def batch_sums(zs, attns, weights, patch_size):
   return {"distance_sum": jnp.stack(per_layer), "count": count}
 
 
-def finalize(total_sums):
+def finalize(total_sums, options):
   """Divides the accumulated sums by the image count: {"attention_distance": [[head] layer]}."""
   count = float(total_sums["count"])
   if count <= 0:

@@ -81,6 +81,8 @@ class Result:
     cl_direction: "higher" or "lower" when the paper finds CL higher / lower than MIM on it (the
       report's CL-like / MIM-like verdict uses the later half of the curve), else None.
     description: one line for the report.
+    title: the figure's title (default: the label).
+    reference_label: the legend entry of the reference line (e.g. "uniform attention").
   """
   key: str
   label: str
@@ -90,6 +92,8 @@ class Result:
   reference: Any = None
   cl_direction: Optional[str] = None
   description: str = ""
+  title: str = ""
+  reference_label: str = ""
 
 
 def available() -> list[str]:

@@ -21,10 +21,22 @@ diagonal frequency the grid has.
 import jax.numpy as jnp
 import numpy as np
 
+from clmim.analysis import core
 from clmim.analysis.common import grid_side, image_count, weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "fourier"
+READS = ("zs",)
+OPTIONS = {}
+RESULTS = (
+    core.Result(key="fourier", label="high-frequency ΔlogA", layout="[stage][frequency]",
+                x="stage", series=lambda values: [row[-1] for row in values],
+                cl_direction="lower",
+                description="log amplitude of the highest spatial frequency of the token maps, "
+                            "relative to frequency 0 (higher = more high-frequency content)"),
+    core.Result(key="fourier_all_states", label="ΔlogA (every state)",
+                layout="[state][frequency]", x=None, series=None),
+)
 
 _EPS = 1e-6
 
@@ -45,21 +57,18 @@ def log_amplitude(z):
   return half[:, rows, cols]
 
 
-def batch_sums(zs, attns, weights, patch_size):
+def partial_sums(batch: core.Batch, options: dict):
   """Weighted sums over the batch of the channel-averaged log amplitude spectrum of every state.
 
-  Args:
-    zs: list of residual states [B, N+1, C] (2*depth+1 of them), cls at index 0.
-    attns: unused (part of the uniform analysis signature).
-    weights: [B] float, 1 for real images and 0 for padding.
-    patch_size: unused.
+  Reads `batch.zs` (2*depth+1 residual states [B, N+1, C], cls at index 0) and `batch.weights`.
 
   Returns:
     {"rel_log_amplitude_sum": [states, g, g], F minus each image's own F[0, 0] (unshifted
      frequencies), "dc_log_amplitude_sum": [states], F[0, 0], "count": []}. The absolute F sum
      is rel + dc.
   """
-  del attns, patch_size
+  del options
+  zs, weights = batch.zs, batch.weights
   rel_sums, dc_sums = [], []
   for z in zs:
     log_amp = log_amplitude(z)
@@ -87,7 +96,7 @@ def delta_log_amplitude(mean_log_amp):
   return diag - diag[:, :1]
 
 
-def finalize(total_sums):
+def finalize(total_sums, options):
   """{"fourier": [[freq] stage] for zs[0], zs[2], ..., "fourier_all_states": [[freq] state]}."""
   count = float(total_sums["count"])
   if count <= 0:
@@ -96,3 +105,11 @@ def finalize(total_sums):
   delta = delta_log_amplitude(np.asarray(total_sums["rel_log_amplitude_sum"], np.float64) / count)
   # Stages are the embedding output and each block's post-MLP state (even indices of zs).
   return {"fourier": delta[0::2].tolist(), "fourier_all_states": delta.tolist()}
+
+
+def figures(results: dict, options: dict) -> dict:
+  """The paper's two panels: ΔlogA at the highest frequency vs depth, and the last stage's
+  full curve over frequency (every model side by side)."""
+  from clmim.analysis import plots  # matplotlib only when figures are drawn
+  del options
+  return {"fourier.png": plots.fourier_figure(results)}

@@ -19,10 +19,25 @@ import jax.numpy as jnp
 from jax.scipy.special import xlogy
 import numpy as np
 
+from clmim.analysis import core
 from clmim.analysis.common import image_count, weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "nmi"
+READS = ("attn",)
+OPTIONS = {}
+RESULTS = (
+    core.Result(key="nmi", label="NMI", layout="[block][head]", reference=0.0,
+                reference_label="query-independent attention", cl_direction="lower",
+                title="Normalised mutual information (query, key)",
+                description="normalised mutual information between query and key (0 = every "
+                            "query attends alike)"),
+    core.Result(key="attention_entropy", label="attention entropy / log N",
+                layout="[block][head]", reference=1.0, reference_label="uniform attention",
+                title="Attention entropy",
+                description="mean row entropy over log N (1 = uniform attention): low NMI with "
+                            "low entropy is collapse, with entropy near 1 no attention at all"),
+)
 
 _EPS = 1e-8
 
@@ -68,19 +83,16 @@ def per_image(attn):
   return nmi, mean_row_entropy / log_n
 
 
-def batch_sums(zs, attns, weights, patch_size):
+def partial_sums(batch: core.Batch, options: dict):
   """Weighted sums over the batch of per-image NMI and attention entropy.
 
-  Args:
-    zs: unused (part of the uniform analysis signature).
-    attns: list of `depth` arrays [B, heads, N+1, N+1], post-softmax, cls at index 0.
-    weights: [B] float, 1 for real images and 0 for padding.
-    patch_size: unused.
+  Reads `batch.attns` ([B, heads, N+1, N+1] per block) and `batch.weights`.
 
   Returns:
     {"nmi_sum": [layers, heads], "entropy_sum": [layers, heads], "count": []}.
   """
-  del zs, patch_size
+  del options
+  attns, weights = batch.attns, batch.weights
   nmi_sums, ent_sums = [], []
   for attn in attns:
     nmi, ent = per_image(attn)
@@ -90,7 +102,7 @@ def batch_sums(zs, attns, weights, patch_size):
   return {"nmi_sum": jnp.stack(nmi_sums), "entropy_sum": jnp.stack(ent_sums), "count": count}
 
 
-def finalize(total_sums):
+def finalize(total_sums, options):
   """Divides by the image count: {"nmi": [[head] layer], "attention_entropy": [[head] layer]}."""
   count = float(total_sums["count"])
   if count <= 0:

@@ -102,43 +102,46 @@ def _finish_axes(ax, xlabel: str, ylabel: str, title: str, legend: bool = True):
     ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def plot_per_layer(results: dict, key: str, path, ylabel: str, title: str,
-                   reference: Reference = None, reference_label: Optional[str] = None) -> str:
-  """Plots a per-(layer, head) metric against depth 1..L for every model that has `key`.
-
-  One line per model (mean over heads) with small dots for the individual heads. `reference`
-  draws a dotted line: a number (horizontal) or one value per layer. Returns the path written.
-  """
+def curve_figure(results: dict, result) -> Figure:
+  """One `core.Result`'s depth curve for every model that has it: `result.series(values)`
+  against depth (blocks 1..L, or stages 0..L with 0 = the embedding), one line per model, small
+  dots for the heads of "[block][head]" results, the reference (if any) dotted."""
+  from clmim.analysis import core
+  key = result.key
   names = _models_with(results, key)
   if not names:
     raise ClmimError(f"results has no model with values for {key!r}: nothing to plot.")
   styles = model_styles(results, names)
   fig = Figure(figsize=(5.2, 3.8))
   ax = fig.add_subplot()
+  first = 0 if result.x == "stage" else 1
   for name in names:
-    layers, style = _per_layer(results, name, key), styles[name]
-    depth = np.arange(1, len(layers) + 1)
-    for x, heads in zip(depth, layers):
-      if heads.size > 1:
-        ax.scatter(np.full(heads.size, x), heads, s=7, color=style["color"], alpha=0.3,
-                   linewidths=0, zorder=1)
-    with np.errstate(all="ignore"):  # An all-NaN layer plots as a gap, not a warning.
-      means = [np.nanmean(h) if np.isfinite(h).any() else np.nan for h in layers]
-    ax.plot(depth, means, marker="o", markersize=3.5, linewidth=1.8, zorder=2,
+    style = styles[name]
+    values = results["models"][name][key]
+    try:
+      curve = np.asarray(result.series(values), np.float64)
+    except (TypeError, ValueError, IndexError) as e:
+      raise ClmimError(f"results['models'][{name!r}][{key!r}]: not the layout "
+                       f"{result.layout} ({e}).") from e
+    depth = np.arange(first, first + len(curve))
+    if result.layout.endswith("[head]"):
+      for x, heads in zip(depth, _per_layer(results, name, key)):
+        if heads.size > 1:
+          ax.scatter(np.full(heads.size, x), heads, s=7, color=style["color"], alpha=0.3,
+                     linewidths=0, zorder=1)
+    ax.plot(depth, curve, marker="o", markersize=3.5, linewidth=1.8, zorder=2,
             color=style["color"], linestyle=style["linestyle"], label=style["label"])
+  reference = core.reference_value(result, results)
   if reference is not None:
-    ref = np.atleast_1d(np.asarray(reference, np.float64))
-    if ref.size == 1:
-      ax.axhline(ref[0], color="k", linestyle=":", linewidth=1.1, label=reference_label)
-    else:
-      ax.plot(np.arange(1, ref.size + 1), ref, color="k", linestyle=":", linewidth=1.1,
-              label=reference_label)
+    ax.axhline(reference, color="k", linestyle=":", linewidth=1.1,
+               label=result.reference_label or "reference")
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-  _finish_axes(ax, "Depth", ylabel, title)
-  return _save(fig, path)
+  _finish_axes(ax, "Depth" + (" (0 = embedding)" if result.x == "stage" else ""), result.label,
+               result.title or result.label)
+  return fig
 
 
-def plot_fourier(results: dict, path) -> str:
+def fourier_figure(results: dict) -> Figure:
   """Two panels: ΔlogA at the highest frequency vs depth 0..L, and the last stage's full curve.
 
   `results["models"][name]["fourier"]` holds one row per stage (embedding output, then each
@@ -170,30 +173,28 @@ def plot_fourier(results: dict, path) -> str:
   ax_freq.set_xticks([0, math.pi / 2, math.pi], ["0", "π/2", "π"])
   _finish_axes(ax_freq, "Frequency", "ΔLog amplitude", "Last stage: ΔLog amplitude")
   fig.tight_layout()
-  return _save(fig, path)
+  return fig
 
 
-def write_all_figures(results: dict, workdir) -> List[str]:
-  """Writes every figure the results support into `workdir`; returns the paths written.
+def analysis_figures(results: dict, module, options: dict) -> Dict[str, Figure]:
+  """{file name: Figure} of one analysis module: its own `figures`, or else one depth-curve
+  figure per Result that has a series and values in `results`."""
+  if hasattr(module, "figures"):
+    return dict(module.figures(results, options))
+  return {f"{r.key}.png": curve_figure(results, r) for r in module.RESULTS
+          if r.series is not None and _models_with(results, r.key)}
 
-  attention_distance.png, nmi.png, attention_entropy.png, fourier.png, each only when some model
-  has the corresponding key.
+
+def write_figures(results: dict, modules, options: dict, workdir) -> List[str]:
+  """Writes the figures of every analysis module into `workdir`; returns the paths written.
+
+  `options` is {analysis name: options}. File names must be unique across analyses.
   """
-  workdir = os.fspath(workdir)
-  reference = results.get("reference", {}) or {}
-  specs = [
-      ("attention_distance", "Attention distance (px)", "Attention distance",
-       reference.get("attention_distance"), "uniform attention"),
-      ("nmi", "NMI", "Normalised mutual information (query, key)", 0.0,
-       "query-independent attention"),
-      ("attention_entropy", "Attention entropy / log N", "Attention entropy", 1.0,
-       "uniform attention"),
-  ]
   written = []
-  for key, ylabel, title, ref, ref_label in specs:
-    if _models_with(results, key):
-      written.append(plot_per_layer(results, key, os.path.join(workdir, f"{key}.png"),
-                                    ylabel, title, ref, ref_label if ref is not None else None))
-  if _models_with(results, "fourier"):
-    written.append(plot_fourier(results, os.path.join(workdir, "fourier.png")))
+  for module in modules:
+    for name, fig in analysis_figures(results, module, options.get(module.NAME, {})).items():
+      path = os.path.join(os.fspath(workdir), name)
+      if path in written:
+        raise ClmimError(f"two analyses both draw {name}; figure names must be unique.")
+      written.append(_save(fig, path))
   return written

@@ -1,6 +1,7 @@
 """Streams image batches through a model and the analyses, exactly, on all devices.
 
-Each step runs `forward_fn` and every analysis' `batch_sums` inside one jit-compiled function,
+Each step runs `forward_fn` and every analysis' `partial_sums` (the protocol of
+`clmim.analysis.core`) inside one jit-compiled function,
 mapped over a 1-D 'data' mesh with `jax.shard_map` (params replicated, batch split); devices are
 combined with `psum`. Every batch is padded to one fixed global batch size (zeros, weight 0), so
 there is a single compilation and padding cannot change the result. The host adds the returned
@@ -30,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import tqdm
 
+from clmim.analysis import core
 from clmim.errors import ClmimError
 
 _COUNT = "__num_images__"
@@ -89,18 +91,24 @@ def _as_images_and_weights(batch):
 class Analyzer:
   """Runs several analyses over a stream of image batches in one sharded pass per batch."""
 
-  def __init__(self, forward_fn, analyses, patch_size, mesh=None, device_batch_size=8):
+  def __init__(self, forward_fn, analyses, patch_size, mesh=None, device_batch_size=8,
+               options=None):
     """Builds (but does not yet compile) the sharded step.
 
     Args:
       forward_fn: `forward_fn(params, images[B, H, W, 3] float32) -> (zs, attns)`; see
-        `clmim.analysis` metric modules for the shapes.
-      analyses: metric modules, each with `NAME`, `batch_sums` and `finalize`.
+        `clmim.analysis.core.Batch` for the shapes.
+      analyses: analysis modules (`clmim.analysis.core` protocol).
       patch_size: patch side in pixels (attention distances are reported in pixels).
       mesh: a 1-D mesh with axis 'data'; default `make_mesh()` over all devices.
       device_batch_size: images per device per step (the compiled batch); incoming batches of
         any size are re-cut to it. Results do not depend on the incoming batch sizes nor on the
         device count; changing device_batch_size itself changes float32 rounding (~1e-6).
+      options: {analysis name: {option: value}}, merged over each module's OPTIONS.
+
+    The step is compiled once per Analyzer (on the first `run`) and reused for every `run`,
+    also with other params of the same structure: models of one architecture share it.
+    `compilations` counts the traces.
     """
     if device_batch_size < 1:
       raise ClmimError(f"Analyzer: device_batch_size must be >= 1, got {device_batch_size}.")
@@ -109,14 +117,17 @@ class Analyzer:
       raise ClmimError("Analyzer: no analyses given.")
     names = []
     for a in analyses:
-      if not all(hasattr(a, attr) for attr in ("NAME", "batch_sums", "finalize")):
-        raise ClmimError(f"Analyzer: {a!r} is not an analysis module (needs NAME, batch_sums, "
+      if not all(hasattr(a, attr) for attr in ("NAME", "partial_sums", "finalize")):
+        raise ClmimError(f"Analyzer: {a!r} is not an analysis module (needs NAME, partial_sums, "
                          "finalize).")
       names.append(a.NAME)
     if len(set(names)) != len(names):
       raise ClmimError(f"Analyzer: analysis names must be unique; got {names}.")
     self.analyses = list(analyses)
+    self.options = {a.NAME: core.resolve_options(a, (options or {}).get(a.NAME))
+                    for a in self.analyses}
     self.patch_size = patch_size
+    self.compilations = 0
     self.mesh = make_mesh() if mesh is None else mesh
     if self.mesh.axis_names != ("data",):
       raise ClmimError(f"Analyzer: the mesh must be 1-D with axis 'data'; got axes "
@@ -127,15 +138,18 @@ class Analyzer:
     self._batch_sharding = NamedSharding(self.mesh, P("data"))
     self._replicated = NamedSharding(self.mesh, P())
 
-    def local_step(params, images, weights):
+    def local_step(params, images, weights, index):
+      self.compilations += 1  # runs when traced, not per step
       zs, attns = forward_fn(params, images)
-      sums = {a.NAME: a.batch_sums(zs, attns, weights, patch_size) for a in self.analyses}
+      batch = core.Batch(zs, attns, weights, index, patch_size)
+      sums = {a.NAME: a.partial_sums(batch, self.options[a.NAME]) for a in self.analyses}
       sums[_COUNT] = (weights > 0).sum().astype(np.float32)
       return jax.lax.psum(sums, "data")
 
     # Built once, so repeated `run` calls (and new params of the same structure) reuse the jit.
     self._step = jax.jit(jax.shard_map(
-        local_step, mesh=self.mesh, in_specs=(P(), P("data"), P("data")), out_specs=P()))
+        local_step, mesh=self.mesh, in_specs=(P(), P("data"), P("data"), P("data")),
+        out_specs=P()))
 
   @property
   def local_batch_size(self) -> int:
@@ -165,15 +179,16 @@ class Analyzer:
     local = np.where(slots < num_images, slots, PAD).astype(np.int64)
     return Plan(int(num_images), steps, global_batch, local)
 
-  def _chunks(self, batches, num_images):
-    """Re-cuts the stream into (images, weights) pieces of exactly the fixed local batch.
+  def _chunks(self, batches, num_images, plan=None):
+    """Re-cuts the stream into (images, weights, index) pieces of exactly the fixed local batch.
 
     Every device always sees `device_batch_size` images, whatever the incoming batch sizes and
     device count, so each image goes through the same compiled computation: that is what makes
     results independent of batching (a matmul rounds differently for different batch shapes).
-    Only the last piece is short; `_put` pads it.
+    `index` is each image's position in the stream (the plan's slots, or the count of real
+    images so far), -1 for padding. Only the last piece is short; `_put` pads it.
     """
-    seen, buffer, buffered = 0, [], 0
+    seen, real_seen, slots, buffer, buffered = 0, 0, 0, [], 0
     local_batch = self.local_batch_size
     self._image_shape = None
     for batch in batches:
@@ -190,26 +205,38 @@ class Analyzer:
       if images.shape[1:] != self._image_shape:
         raise ClmimError(f"all images must have shape {self._image_shape}; got a batch of "
                          f"{images.shape[1:]}.")
+      if plan is not None:
+        index = plan.local_indices[slots:slots + len(images)].astype(np.int32)
+        if len(index) < len(images):
+          raise ClmimError(f"Analyzer.run: the batches hold more images than the plan's "
+                           f"{len(plan.local_indices)} slots.")
+        index = np.where(weights > 0, index, PAD).astype(np.int32)
+      else:
+        real = weights > 0
+        index = np.where(real, real_seen + np.cumsum(real) - 1, PAD).astype(np.int32)
+        real_seen += int(real.sum())
       seen += len(images)
-      buffer.append((images, weights))
+      slots += len(images)
+      buffer.append((images, weights, index))
       buffered += len(images)
       while buffered >= local_batch:
-        images = np.concatenate([b[0] for b in buffer])
-        weights = np.concatenate([b[1] for b in buffer])
-        yield images[:local_batch], weights[:local_batch]
-        buffer = [(images[local_batch:], weights[local_batch:])]
+        parts = [np.concatenate([b[i] for b in buffer]) for i in range(3)]
+        yield tuple(p[:local_batch] for p in parts)
+        buffer = [tuple(p[local_batch:] for p in parts)]
         buffered -= local_batch
     if buffered:
-      yield np.concatenate([b[0] for b in buffer]), np.concatenate([b[1] for b in buffer])
+      yield tuple(np.concatenate([b[i] for b in buffer]) for i in range(3))
 
-  def _put(self, images, weights):
-    """Pads one piece to the fixed local batch (zeros, weight 0) and shards it over the mesh."""
+  def _put(self, images, weights, index):
+    """Pads one piece to the fixed local batch (zeros, weight 0, index -1) and shards it."""
     pad = self.local_batch_size - len(images)
     if pad:
       images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
       weights = np.concatenate([weights, np.zeros(pad, weights.dtype)])
+      index = np.concatenate([index, np.full(pad, PAD, np.int32)])
     put = jax.make_array_from_process_local_data
-    return put(self._batch_sharding, images), put(self._batch_sharding, weights)
+    return (put(self._batch_sharding, images), put(self._batch_sharding, weights),
+            put(self._batch_sharding, index))
 
   def run(self, params, batches, num_images=None, progress=True, plan=None, desc="analysis"):
     """Analyses every image of `batches` and returns the merged results.
@@ -252,11 +279,11 @@ class Analyzer:
     pending = None  # keep one step in flight so the host work overlaps the device work
     steps = 0
     try:
-      for images, weights in self._chunks(batches, num_images):
+      for images, weights, index in self._chunks(batches, num_images, plan):
         if plan is not None and steps == plan.num_steps:
           raise ClmimError(f"Analyzer.run: the batches hold more than the plan's "
                            f"{plan.num_steps} steps.")
-        out = self._step(params, *self._put(images, weights))
+        out = self._step(params, *self._put(images, weights, index))
         if pending is not None:
           accumulate(pending)
         pending = out
@@ -274,6 +301,6 @@ class Analyzer:
       raise ClmimError("Analyzer.run: no images to analyse (empty stream or all weights 0).")
     results = {}
     for a in self.analyses:
-      results.update(a.finalize(totals[a.NAME]))
+      results.update(a.finalize(totals[a.NAME], self.options[a.NAME]))
     results["num_images"] = int(round(float(totals[_COUNT])))
     return results

@@ -1,0 +1,220 @@
+"""The analysis job behind `python -m clmim.main --config configs/nmi.py` (config.mode "analyze").
+
+For every model of `config.models` (plus, optionally, an untrained copy of each architecture)
+it streams the evaluation images through the sharded `Analyzer` and collects the analyses of
+`config.analyses` (modules of `clmim.analysis`, see `clmim.analysis.core`), with the options of
+`config.analysis_options.<name>`. Everything that can be wrong with the input (workdir, fields,
+analysis names and options, model specs, files, data) is checked before any compute. Models of
+one architecture share one compiled step. results.json is written atomically at the end, last,
+so a failed run leaves no partial result behind.
+
+With several processes (jax.distributed), each process reads only the images of its own
+devices (`Analyzer.plan`), all run the same number of steps, psum combines the sums over every
+device, and only process 0 prints and writes files.
+
+results.json:
+  {"models": {name: {<every key of every analysis' RESULTS>, "num_images": N}},
+   "model_info": {name: {"family", "source", "method", "steps", "image_size", "patch_size",
+                         "depth", "num_heads", "architecture_from": {field: where from},
+                         "uniform_attention_distance", "preprocessing", "data", "seconds"}},
+   "analyses": {name: {"options": {...}, "results": {key: {"label", "layout", "x", ...}}}},
+   "num_images": N, "compilations": C, "config": {...},
+   "run": {"command", "overrides", "workdir"}, "versions": {...},
+   "figures": [exactly this run's figure files]}
+
+A workdir that already holds an analysis run is refused unless `config.overwrite` is True; then
+that run's results.json, summary.txt, report.md/html and the figures it lists are removed before
+the new ones are written, so the workdir never mixes two runs.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+
+from clmim import preflight
+from clmim.analysis import attention_distance, core, plots
+from clmim.analysis.runner import Analyzer
+from clmim.atomic import write_atomic, write_json_atomic
+from clmim.checkpoints import registry
+from clmim.data.eval_data import EvalImages
+from clmim.errors import ClmimError
+from clmim.jobs import report
+from clmim.models.vit import forward_with_states, vit_fields
+
+OUTPUTS = ("results.json", "summary.txt", "report.md", "report.html")  # besides the figures
+
+
+def versions() -> dict:
+  import flax
+  import clmim
+  return {"clmim": clmim.__version__, "jax": jax.__version__, "flax": flax.__version__,
+          "numpy": np.__version__, "python": platform.python_version(),
+          "backend": jax.default_backend(), "devices": jax.device_count(),
+          "processes": jax.process_count()}
+
+
+def analysis_setup(names, options_config) -> tuple[list, dict]:
+  """(modules, {name: options}) for `config.analyses` and `config.analysis_options`; unknown
+  names and options fail here, before anything is loaded."""
+  modules = core.load_all(names)
+  given = options_config.to_dict() if hasattr(options_config, "to_dict") else \
+      dict(options_config or {})
+  options = {m.NAME: core.resolve_options(m, given.get(m.NAME)) for m in modules}
+  return modules, options
+
+
+def describe_analyses(modules, options) -> dict:
+  """What results.json records about each analysis: its options and its result keys."""
+  return {m.NAME: {"options": options[m.NAME], "results": {
+      r.key: {"label": r.label, "layout": r.layout, "x": r.x, "cl_direction": r.cl_direction,
+              "description": r.description} for r in m.RESULTS}} for m in modules}
+
+
+class Session:
+  """Runs analyses over models, sharing one compiled step per architecture.
+
+  `analyze(model, images)` returns (results of that model, its model_info entry).
+  """
+
+  def __init__(self, modules, options, batch_size: int, progress: bool, max_batches: int = 0):
+    self.modules, self.options = modules, options
+    self.device_batch = batch_size // jax.device_count()  # exact: preflight checked it
+    self.progress, self.max_batches = progress, max_batches
+    self._analyzers = {}
+
+  def analyzer(self, vit) -> Analyzer:
+    """The Analyzer of `vit`'s architecture (built once: models of one architecture share the
+    jit-compiled step, so an untrained copy costs no compilation)."""
+    key = tuple(sorted(vit_fields(vit).items()))
+    if key not in self._analyzers:
+      self._analyzers[key] = Analyzer(functools.partial(forward_with_states, vit), self.modules,
+                                      vit.patch_size, device_batch_size=self.device_batch,
+                                      options=self.options)
+    return self._analyzers[key]
+
+  @property
+  def compilations(self) -> int:
+    return sum(a.compilations for a in self._analyzers.values())
+
+  def analyze(self, model, images, params=None, quiet=False) -> tuple[dict, dict]:
+    started = time.time()
+    analyzer = self.analyzer(model.vit)
+    num_images = len(images)
+    if self.max_batches:
+      num_images = min(num_images, self.max_batches * analyzer.global_batch_size)
+    plan = analyzer.plan(num_images)
+    if jax.process_index() == 0 and not quiet:
+      capped = f" (first {num_images}: max_batches={self.max_batches})" \
+          if num_images < len(images) else ""
+      print(f"{model.name}: {images.description}{capped}")
+    batches = images.load_batches(plan.local_indices, analyzer.local_batch_size)
+    out = analyzer.run(model.params if params is None else params, batches,
+                       progress=self.progress and not quiet, plan=plan, desc=model.name)
+    vit = model.vit
+    info = {"family": model.family, "source": model.source, **model.info,
+            "image_size": vit.image_size, "patch_size": vit.patch_size, "depth": vit.depth,
+            "num_heads": vit.num_heads,
+            "uniform_attention_distance": attention_distance.uniform_attention_distance(
+                vit.grid, vit.patch_size),
+            "preprocessing": model.preprocessing, "data": images.description,
+            "seconds": round(time.time() - started, 2)}
+    return out, info
+
+
+def resolve_models(config) -> list:
+  """[(Model, EvalImages)] for every spec of config.models (+ untrained copies), all loaded and
+  checked before any compute; names made unique or refused."""
+  specs = registry.split_specs(config.models)
+  if not specs:
+    raise ClmimError("config.models is empty: name at least one model, e.g. 'moco_v3_demo'.")
+  if config.include_untrained:
+    specs += [f"random:{s}" for s in specs if not s.startswith("random:")]
+  jobs = []
+  for spec in specs:
+    model = registry.resolve(spec, seed=config.seed)
+    jobs.append((model, EvalImages(config.data, model.preprocessing)))
+  names = [m.name for m, _ in jobs]
+  for model, _ in jobs:  # e.g. two snapshots of one run: tell them apart by their folder
+    if names.count(model.name) > 1 and model.family != "random":
+      model.name = f"{model.name} [{os.path.basename(os.path.normpath(model.source))}]"
+  names = [m.name for m, _ in jobs]
+  if len(set(names)) != len(names):
+    raise ClmimError(f"config.models names the same model twice: {names}.")
+  return jobs
+
+
+def check_models(modules, options, jobs) -> None:
+  """Each analysis' own `check` on every model (e.g. a decoder it needs), before any compute."""
+  for module in modules:
+    if hasattr(module, "check"):
+      for model, _ in jobs:
+        try:
+          module.check(model.vit, options[module.NAME])
+        except ClmimError as e:
+          raise ClmimError(f"analysis {module.NAME!r} on model {model.name!r}: {e}") from None
+
+
+def remove_previous_outputs(workdir: str) -> list[str]:
+  """Deletes the files an earlier analysis run wrote in `workdir` (its results.json, summary,
+  report and the figures its results.json lists); other files are left alone."""
+  path = os.path.join(workdir, "results.json")
+  try:
+    with open(path) as f:
+      figures = list(json.load(f).get("figures", []))
+  except (OSError, ValueError, AttributeError):
+    figures = []
+  removed = []
+  for name in figures + list(OUTPUTS):
+    target = os.path.join(workdir, os.path.basename(str(name)))
+    if os.path.isfile(target):
+      os.remove(target)
+      removed.append(os.path.basename(target))
+  return removed
+
+
+def run(config, workdir: str, invocation: dict | None = None) -> dict:
+  """Runs the analyses of `config`; writes results.json, figures, summary.txt and the report."""
+  preflight.check_run(config, workdir, jax.device_count())
+  modules, options = analysis_setup(config.analyses, config.get("analysis_options"))
+  jobs = resolve_models(config)
+  check_models(modules, options, jobs)
+
+  session = Session(modules, options, config.batch_size, config.progress,
+                    int(config.data.max_batches))
+  results = {"models": {}, "model_info": {}}
+  for model, images in jobs:
+    results["models"][model.name], results["model_info"][model.name] = \
+        session.analyze(model, images)
+  results["analyses"] = describe_analyses(modules, options)
+  results["num_images"] = min(r["num_images"] for r in results["models"].values())
+  results["compilations"] = session.compilations
+  results["config"] = config.to_dict()
+  results["run"] = invocation or {"command": None, "overrides": [], "workdir": workdir}
+  results["versions"] = versions()
+  if jax.process_index() == 0:  # only one process writes
+    write_outputs(results, modules, options, workdir, config.overwrite)
+  return results
+
+
+def write_outputs(results: dict, modules, options, workdir: str, overwrite: bool) -> None:
+  """Figures, summary.txt, report.md/html, and results.json last."""
+  os.makedirs(workdir, exist_ok=True)
+  removed = remove_previous_outputs(workdir) if overwrite else []
+  if removed:
+    print(f"Replaced the earlier run's outputs in {workdir} ({len(removed)} files).")
+  paths = plots.write_figures(results, modules, options, workdir)
+  results["figures"] = [os.path.basename(p) for p in paths]
+  text = report.summary(results, modules)
+  write_atomic(os.path.join(workdir, "summary.txt"), lambda f: f.write(text.encode() + b"\n"))
+  report.write(results, modules, workdir)
+  path = os.path.join(workdir, "results.json")
+  write_json_atomic(path, results)  # last: a results.json means the run's outputs are whole
+  print(text)
+  print(f"Wrote {path}, summary.txt, report.md, report.html and "
+        f"{', '.join(results['figures'])} in {workdir}")

@@ -1,0 +1,213 @@
+"""What a person reads after an analysis run: the printed summary, report.md and report.html.
+
+Everything here is derived from results.json and the analysis modules' declarations
+(`clmim.analysis.core.Result`): a table per depth curve, and one line per *finding* — a result
+on which the paper finds CL and MIM apart (`cl_direction`) — with each model's value over the
+later half of its blocks. A model is called "CL-like" or "MIM-like" on a finding when its value
+is nearer the run's first contrastive model's or first masked-image model's (so the verdicts
+need one of each); the last column says whether that CL/MIM pair shows the paper's direction.
+report.html is self-contained (figures embedded), report.md links the figures beside it.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import time
+
+import numpy as np
+
+from clmim.atomic import write_atomic
+
+
+def later_half(result, values) -> float:
+  """Mean of a depth curve over the later half of the blocks (a stage curve's embedding entry,
+  stage 0, is not a block)."""
+  curve = np.asarray(result.series(values), np.float64)
+  if result.x == "stage":
+    curve = curve[1:]
+  return float(np.mean(curve[len(curve) // 2:]))
+
+
+def curve_tables(results: dict, modules) -> list[tuple[str, list, list]]:
+  """(title, column names, rows of (model, family, values)) per depth-curve result."""
+  tables = []
+  for module in modules:
+    for result in module.RESULTS:
+      names = [n for n, r in results["models"].items() if result.key in r]
+      if result.series is None or not names:
+        continue
+      rows = [(n, results["model_info"][n]["family"],
+               [float(v) for v in result.series(results["models"][n][result.key])])
+              for n in names]
+      length = max(len(v) for _, _, v in rows)
+      columns = (["emb"] + [str(i) for i in range(1, length)]) if result.x == "stage" else \
+          [str(i) for i in range(1, length + 1)]
+      what = "by stage, emb = embedding" if result.x == "stage" else "by block"
+      if result.layout.endswith("[head]"):
+        what = "mean over heads, " + what
+      from clmim.analysis import core
+      reference = core.reference_value(result, results)
+      if reference is not None:
+        what += f"; {result.reference_label or 'reference'}: {reference:.3g}"
+      tables.append((f"{result.label} ({what})", columns, rows))
+  return tables
+
+
+def findings(results: dict, modules) -> list[dict]:
+  """One entry per result with a `cl_direction`: values per model, verdicts, the paper's check."""
+  info, models = results["model_info"], results["models"]
+  cl = next((n for n in models if info[n]["family"] == "cl"), None)
+  mim = next((n for n in models if info[n]["family"] == "mim"), None)
+  out = []
+  for module in modules:
+    for result in module.RESULTS:
+      if result.cl_direction is None or result.series is None:
+        continue
+      values = {n: later_half(result, r[result.key]) for n, r in models.items()
+                if result.key in r}
+      if not values:
+        continue
+      entry = {"key": result.key, "label": result.label, "paper": f"CL {result.cl_direction}",
+               "values": values, "verdicts": {}, "as_in_paper": None}
+      if cl in values and mim in values:
+        a, b = values[cl], values[mim]
+        entry["as_in_paper"] = (a > b) if result.cl_direction == "higher" else (a < b)
+        for name, v in values.items():
+          entry["verdicts"][name] = "CL-like" if abs(v - a) < abs(v - b) else "MIM-like"
+      out.append(entry)
+  return out
+
+
+def _table_lines(columns, rows, width=7) -> list[str]:
+  name_width = max([len("model")] + [len(n) for n, _, _ in rows])
+  lines = [f"  {'model':<{name_width}}  {'family':<6} " + " ".join(f"{c:>{width}}" for c in columns)]
+  for name, family, values in rows:
+    cells = [f"{v:{width}.3f}" for v in values] + [" " * width] * (len(columns) - len(values))
+    lines.append(f"  {name:<{name_width}}  {family:<6} " + " ".join(cells))
+  return lines
+
+
+def summary(results: dict, modules) -> str:
+  """The printed text: a table per depth curve, then the findings."""
+  lines = [f"{results['num_images']} images per model; {results.get('compilations', '?')} "
+           f"compilation(s) of the analysis step"]
+  for title, columns, rows in curve_tables(results, modules):
+    lines.append(f"{title}:")
+    lines += _table_lines(columns, rows)
+  found = findings(results, modules)
+  if found:
+    lines.append("Findings (mean over the later half of the blocks):")
+    for f in found:
+      values = ", ".join(f"{n} {v:.3f}" + (f" [{f['verdicts'][n]}]" if n in f["verdicts"] else "")
+                         for n, v in f["values"].items())
+      check = {True: "as in the paper", False: "NOT as in the paper",
+               None: "needs a CL and a MIM model"}[f["as_in_paper"]]
+      lines.append(f"  {f['label']} (paper: {f['paper']}): {values} -> {check}")
+  return "\n".join(lines)
+
+
+def _blocks(results: dict, modules) -> list[tuple]:
+  """The report as blocks: ("h1"|"h2"|"p"|"code", text), ("table", header, rows), ("img", file)."""
+  blocks = [("h1", "clmim analysis report"),
+            ("p", f"{results['num_images']} images per model, "
+                  f"{len(results['models'])} models, analyses: "
+                  f"{', '.join(m.NAME for m in modules)}. Written "
+                  f"{time.strftime('%Y-%m-%d %H:%M')}."),
+            ("code", (results.get("run") or {}).get("command") or "(run from Python)")]
+  found = findings(results, modules)
+  if found:
+    names = list(results["models"])
+    rows = [[f["label"], f["paper"]] + [
+        f"{f['values'][n]:.3f}" + (f" ({f['verdicts'][n]})" if n in f["verdicts"] else "")
+        if n in f["values"] else "" for n in names] +
+        [{True: "yes", False: "**no**", None: "—"}[f["as_in_paper"]]] for f in found]
+    blocks += [("h2", "Findings"),
+               ("p", "Mean over the later half of the blocks. A model is CL-like (MIM-like) on "
+                     "a finding when its value is nearer the first contrastive (masked-image) "
+                     "model's; the last column says whether that pair shows the paper's "
+                     "direction."),
+               ("table", ["finding", "paper"] + names + ["as in the paper"], rows)]
+  figures = list(results.get("figures", []))
+  for module in modules:
+    blocks.append(("h2", module.NAME))
+    blocks += [("p", f"**{r.label}** — {r.description}") for r in module.RESULTS
+               if r.description]
+    mine = [f for f in figures if f.startswith(module.NAME) or any(
+        f.startswith(r.key) for r in module.RESULTS)]
+    blocks += [("img", f) for f in mine]
+    figures = [f for f in figures if f not in mine]
+  blocks += [("img", f) for f in figures]
+  info = results["model_info"]
+  blocks += [("h2", "Models"), ("table", ["model", "family", "source", "method", "steps",
+                                          "image size / patch", "depth × heads"],
+                                [[n, i.get("family"), i.get("source"), i.get("method"),
+                                  i.get("steps"), f"{i.get('image_size')} / {i.get('patch_size')}",
+                                  f"{i.get('depth')} × {i.get('num_heads')}"]
+                                 for n, i in info.items()])]
+  blocks += [("h2", "Versions"), ("code", json.dumps(results.get("versions", {}))),
+             ("h2", "Config"), ("code", json.dumps(results.get("config", {}), indent=1))]
+  return blocks
+
+
+def markdown(results: dict, modules) -> str:
+  out = []
+  for block in _blocks(results, modules):
+    kind = block[0]
+    if kind in ("h1", "h2"):
+      out.append(("# " if kind == "h1" else "## ") + block[1])
+    elif kind == "p":
+      out.append(block[1])
+    elif kind == "code":
+      out.append("```\n" + block[1] + "\n```")
+    elif kind == "img":
+      out.append(f"![{block[1]}]({block[1]})")
+    else:
+      header, rows = block[1], block[2]
+      out.append("\n".join(["| " + " | ".join(map(str, header)) + " |",
+                            "|" + "---|" * len(header)] +
+                           ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]))
+  return "\n\n".join(out) + "\n"
+
+
+def _inline(text: str) -> str:
+  parts = html.escape(text).split("**")
+  return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def html_page(results: dict, modules, workdir: str) -> str:
+  body = []
+  for block in _blocks(results, modules):
+    kind = block[0]
+    if kind in ("h1", "h2"):
+      body.append(f"<{kind}>{html.escape(block[1])}</{kind}>")
+    elif kind == "p":
+      body.append(f"<p>{_inline(block[1])}</p>")
+    elif kind == "code":
+      body.append(f"<pre>{html.escape(block[1])}</pre>")
+    elif kind == "img":
+      with open(os.path.join(workdir, block[1]), "rb") as f:
+        data = base64.b64encode(f.read()).decode()
+      body.append(f'<figure><img alt="{html.escape(block[1])}" '
+                  f'src="data:image/png;base64,{data}"><figcaption>{html.escape(block[1])}'
+                  f"</figcaption></figure>")
+    else:
+      header = "".join(f"<th>{html.escape(str(c))}</th>" for c in block[1])
+      rows = "".join("<tr>" + "".join(f"<td>{_inline(str(c))}</td>" for c in row) + "</tr>"
+                     for row in block[2])
+      body.append(f"<table><tr>{header}</tr>{rows}</table>")
+  style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+           "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;"
+           "text-align:left}img{max-width:100%}pre{background:#f4f4f4;padding:8px;"
+           "overflow-x:auto}")
+  return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>clmim report</title>"
+          f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def write(results: dict, modules, workdir: str) -> None:
+  """Writes report.md and the self-contained report.html into `workdir` (figures already there)."""
+  write_atomic(os.path.join(workdir, "report.md"),
+               lambda f: f.write(markdown(results, modules).encode()))
+  write_atomic(os.path.join(workdir, "report.html"),
+               lambda f: f.write(html_page(results, modules, workdir).encode()))
