@@ -42,10 +42,11 @@ def test_analysis_run_writes_results_figures_and_summary(checkpoints, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"Wrote {workdir}/results.json" in result.stdout
   assert "attention distance (px) (mean over heads, by block; uniform attention" in result.stdout
-  assert "high-frequency ΔlogA (highest frequency, by stage):" in result.stdout
-  fourier_header = result.stdout.split("by stage):")[1].splitlines()[1].split()
+  assert "high-frequency ΔlogA (by stage, emb = embedding):" in result.stdout
+  fourier_header = result.stdout.split("emb = embedding):")[1].splitlines()[1].split()
   assert fourier_header == ["model", "family", "emb", "1", "2"]  # stage 0 = the embedding
-  assert (workdir / "summary.txt").read_text().startswith("64 images per model")
+  assert (workdir / "summary.txt").read_text().startswith("64 images per model; 2 compilation(s)")
+  assert "NMI (paper: CL lower)" in result.stdout
   assert results_run_recorded(workdir)
   results = json.load(open(workdir / "results.json"))
   assert set(results["models"]) == {"moco_v3_demo", "simmim_demo", "moco_v3_demo (untrained)",
@@ -57,7 +58,8 @@ def test_analysis_run_writes_results_figures_and_summary(checkpoints, tmp_path):
     assert np.shape(r["fourier"]) == (3, 4) and np.shape(r["fourier_all_states"]) == (5, 4)
   assert results["model_info"]["moco_v3_demo"]["family"] == "cl"
   assert results["model_info"]["simmim_demo (untrained)"]["family"] == "random"
-  assert results["reference"]["attention_distance"] == pytest.approx(16.546, abs=1e-3)
+  assert results["model_info"]["moco_v3_demo"]["uniform_attention_distance"] == \
+      pytest.approx(16.546, abs=1e-3)
   assert results["config"]["analyses"] == "attention_distance,nmi,fourier"
   assert results["versions"]["jax"] == jax.__version__
   for figure in ("attention_distance.png", "nmi.png", "attention_entropy.png", "fourier.png"):
@@ -112,8 +114,8 @@ def test_unknown_config_field(tmp_path):
 
 def test_unknown_analysis(checkpoints, tmp_path):
   result = _cli("--config", "configs/nmi.py:runlocal", f"--config.models={checkpoints[0]}",
-                "--config.analyses=nmi,svd", f"--workdir={tmp_path}")
-  _assert_clean_failure(result, tmp_path, "'svd'")
+                "--config.analyses=nmi,nmy", f"--workdir={tmp_path}")
+  _assert_clean_failure(result, tmp_path, "unknown analysis 'nmy'", "attention_distance", "fourier")
 
 
 def test_image_folder_without_images(checkpoints, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from clmim.analysis import attention_distance, fourier, nmi, runner
-from clmim.jobs import analyze as experiment
+from clmim.jobs import analyze
 from clmim.data.eval_data import EvalImages
 from clmim.models.vit import build_vit, forward_with_states
 from tiny_checkpoints import save_random_checkpoint
@@ -98,7 +98,7 @@ def _free_port():
 
 def test_two_processes_match_one(checkpoint, folder, tmp_path):
   config = _config(checkpoint, folder)
-  want = experiment.run(config, str(tmp_path / "one"))  # this process: 8 devices
+  want = analyze.run(config, str(tmp_path / "one"))  # this process: 8 devices
   port = _free_port()
   procs = []
   for pid in range(2):

@@ -10,7 +10,7 @@ from PIL import Image
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from clmim.jobs import analyze as experiment  # noqa: E402
+from clmim.jobs import analyze  # noqa: E402
 from clmim.data import loader  # noqa: E402
 from clmim.data.eval_data import EvalImages  # noqa: E402
 from clmim.data.preprocess import EvalPreprocess  # noqa: E402
@@ -129,7 +129,7 @@ def test_mock_imagenet2012_validation_end_to_end(checkpoint, tmp_path):
     assert len(images) == 11 and images.dataset.route == "array_record-decoded"
     first = np.concatenate(list(images.batches(4)))
     np.testing.assert_array_equal(np.concatenate(list(images.batches(11))), first)
-    results = experiment.run(run_config, str(tmp_path / "out"))
+    results = analyze.run(run_config, str(tmp_path / "out"))
   assert results["num_images"] == 11
   assert "imagenet2012" in results["model_info"]["simmim_demo"]["data"]
   assert np.isfinite(np.asarray(results["models"]["simmim_demo"]["nmi"])).all()
@@ -140,7 +140,7 @@ def test_mock_imagenet2012_validation_end_to_end(checkpoint, tmp_path):
 def test_max_batches_caps_the_images(checkpoint, tmp_path, data_dir):
   run_config = _cfg(tfds_name="clmim_tiny_images", data_dir=data_dir, max_batches=1)
   run_config.models, run_config.batch_size, run_config.progress = checkpoint, 8, False
-  results = experiment.run(run_config, str(tmp_path / "out"))
+  results = analyze.run(run_config, str(tmp_path / "out"))
   assert results["num_images"] == 8  # one step of 8 out of 12 images
 
 
