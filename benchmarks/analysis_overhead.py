@@ -54,7 +54,8 @@ def main():
   analyzer = runner.Analyzer(functools.partial(forward_with_states, model), analyses,
                              model.patch_size, mesh=mesh, device_batch_size=args.batch)
   weights = jnp.ones((args.batch,), jnp.float32)
-  step = lambda: analyzer._step(params, images, weights)
+  index = jnp.arange(args.batch, dtype=jnp.int32)
+  step = lambda: analyzer._step(params, images, weights, index)
   full_s, full_all = _time(step, args.repeats)
 
   print(json.dumps({

@@ -177,12 +177,14 @@ def fourier_figure(results: dict) -> Figure:
 
 
 def analysis_figures(results: dict, module, options: dict) -> Dict[str, Figure]:
-  """{file name: Figure} of one analysis module: its own `figures`, or else one depth-curve
-  figure per Result that has a series and values in `results`."""
+  """{file name: Figure} of one analysis module: one depth-curve figure per Result that has a
+  series and values in `results` ("<key>.png"), plus the module's own `figures`, which replace
+  a curve figure of the same name (e.g. fourier.png's two panels)."""
+  out = {f"{r.key}.png": curve_figure(results, r) for r in module.RESULTS
+         if r.series is not None and _models_with(results, r.key)}
   if hasattr(module, "figures"):
-    return dict(module.figures(results, options))
-  return {f"{r.key}.png": curve_figure(results, r) for r in module.RESULTS
-          if r.series is not None and _models_with(results, r.key)}
+    out.update(module.figures(results, options))
+  return out
 
 
 def write_figures(results: dict, modules, options: dict, workdir) -> List[str]:
