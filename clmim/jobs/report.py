@@ -27,7 +27,8 @@ def later_half(result, values) -> float:
   curve = np.asarray(result.series(values), np.float64)
   if result.x == "stage":
     curve = curve[1:]
-  return float(np.mean(curve[len(curve) // 2:]))
+  later = curve[len(curve) // 2:]
+  return float(np.nanmean(later)) if np.isfinite(later).any() else float("nan")
 
 
 def curve_tables(results: dict, modules) -> list[tuple[str, list, list]]:
@@ -71,11 +72,12 @@ def findings(results: dict, modules) -> list[dict]:
         continue
       entry = {"key": result.key, "label": result.label, "paper": f"CL {result.cl_direction}",
                "values": values, "verdicts": {}, "as_in_paper": None}
-      if cl in values and mim in values:
+      if cl in values and mim in values and np.isfinite([values[cl], values[mim]]).all():
         a, b = values[cl], values[mim]
         entry["as_in_paper"] = (a > b) if result.cl_direction == "higher" else (a < b)
         for name, v in values.items():
-          entry["verdicts"][name] = "CL-like" if abs(v - a) < abs(v - b) else "MIM-like"
+          if np.isfinite(v):
+            entry["verdicts"][name] = "CL-like" if abs(v - a) < abs(v - b) else "MIM-like"
       out.append(entry)
   return out
 

@@ -1,0 +1,227 @@
+"""Linear CKA between every pair of stages of one model, exact over all images.
+
+Definition (docs/analyses/cka.md, Kornblith et al. 2019): samples are images; a stage is the
+embedding output zs[0] or a block's output zs[2b] (depth + 1 stages); each stage gives two
+features per image: the mean of its patch tokens ("mean_tokens") and its cls token ("cls"). For
+the n x D feature matrices X, Y of two stages, centred over the images (Xc, Yc):
+
+  CKA(X, Y) = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)
+
+Streaming: the centred products are linear in the per-image outer products, so each device
+returns the feature sums Σx [S, D], the cross second moments Σ x_i x_j^T of the stage pairs
+i <= j it needs ([P, D, D], pairs listed by `stage_pairs`; the lower triangle is the transpose)
+and the image count. `finalize` centres in float64, Σ (x - μx)(y - μy)^T = Σ x y^T - n μx μy^T,
+and forms the matrices.
+
+Memory: P D^2 floats per feature kind; all stages: P = S(S+1)/2, for ViT-B (S = 13, D = 768)
+91 x 768^2 x 4 B = 215 MB per kind on each device, twice that in float64 on the host. Options:
+  features: "mean_tokens,cls" (default), "mean_tokens" or "cls".
+  stages: "all" (default) or a tuple / comma-separated string of stage indices (0 = embedding,
+    b = block b's output); the matrices then cover the chosen stages only (P = their pairs plus
+    the at most 2S - 1 pairs of the adjacent curve).
+
+Results: "cka_mean_tokens", "cka_cls": [stage][stage] (None when not computed; NaN for a stage
+whose feature is constant over the images, e.g. the cls token at stage 0); "cka_adjacent":
+[block] CKA(stage b-1, stage b), b = 1 .. depth, always every block, of the mean-token features
+(cls when only those are computed).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from matplotlib.figure import Figure
+
+from clmim.analysis import core, plots
+from clmim.errors import ClmimError
+
+NAME = "cka"
+READS = ("zs",)
+OPTIONS = {"features": "mean_tokens,cls", "stages": "all"}
+KINDS = ("mean_tokens", "cls")
+
+# A stage whose centred variance is below this fraction of its raw second moment is treated as
+# constant over the images: float32 rounding (~1e-7) would otherwise pose as signal.
+_CONSTANT_RTOL = 1e-5
+
+
+def _adjacent_series(values):
+  """The curve of "cka_adjacent": its values as they are, one per block."""
+  return np.asarray(values, np.float64).tolist()
+
+
+RESULTS = (
+    core.Result("cka_mean_tokens", "linear CKA (mean patch token)", "[stage][stage]", x=None,
+                series=None, description="linear CKA between stages, mean-token features"),
+    core.Result("cka_cls", "linear CKA (cls token)", "[stage][stage]", x=None, series=None,
+                description="linear CKA between stages, cls-token features"),
+    core.Result("cka_adjacent", "CKA(stage b-1, stage b)", "[block]", x="block",
+                series=_adjacent_series, cl_direction="higher",
+                description="how alike consecutive stages are (linear CKA, mean tokens)",
+                title="Similarity of consecutive stages (linear CKA)"),
+)
+
+
+def feature_kinds(options) -> tuple:
+  """The feature kinds of option `features`, in canonical order."""
+  given = options["features"]
+  names = [s.strip() for s in given.split(",")] if isinstance(given, str) else list(given)
+  names = [n for n in names if n]
+  unknown = [n for n in names if n not in KINDS]
+  if unknown or not names:
+    raise ClmimError(f"config.analysis_options.cka.features: expected a comma-separated subset "
+                     f"of {', '.join(KINDS)}; got {given!r}.")
+  return tuple(k for k in KINDS if k in names)
+
+
+def chosen_stages(options, num_stages=None) -> list:
+  """Stage indices of option `stages` (sorted); checked against `num_stages` when given."""
+  given = options["stages"]
+  if isinstance(given, str) and given.strip() == "all":
+    if num_stages is None:
+      return None
+    return list(range(num_stages))
+  try:
+    parts = given.split(",") if isinstance(given, str) else list(given)
+    stages = sorted({int(s) for s in parts})
+  except (TypeError, ValueError) as e:
+    raise ClmimError(f"config.analysis_options.cka.stages: expected 'all' or stage indices; "
+                     f"got {given!r}.") from e
+  bad = [s for s in stages if s < 0 or (num_stages is not None and s >= num_stages)]
+  if bad or not stages:
+    limit = f"0 .. {num_stages - 1}" if num_stages is not None else ">= 0"
+    raise ClmimError(f"config.analysis_options.cka.stages: stage indices must be {limit} "
+                     f"(0 = embedding, b = block b's output); got {given!r}.")
+  return stages
+
+
+def check(model, options) -> None:
+  """Rejects bad options before any compute."""
+  vit = getattr(model, "vit", model)  # the registry Model, or a bare ViT
+  feature_kinds(options)
+  chosen_stages(options, vit.depth + 1)
+
+
+def stage_feature(z, kind):
+  """[b, N+1, D] state -> [b, D] float32: the mean of the patch tokens or the cls token."""
+  z = z.astype(jnp.float32)
+  return jnp.mean(z[:, 1:, :], axis=1) if kind == "mean_tokens" else z[:, 0, :]
+
+
+def stage_pairs(num_stages: int, stages, adjacent: bool) -> list:
+  """The (i, j), i <= j, stage pairs whose moments are kept, sorted: every pair of the chosen
+  `stages`, plus, when `adjacent`, every (s, s) and (s - 1, s) of all `num_stages` stages (the
+  cka_adjacent curve always spans the whole depth; that costs at most 2S - 1 pairs)."""
+  pairs = {(i, j) for a, i in enumerate(stages) for j in stages[a:]}
+  if adjacent:
+    pairs |= {(s, s) for s in range(num_stages)}
+    pairs |= {(s - 1, s) for s in range(1, num_stages)}
+  return sorted(pairs)
+
+
+def _pairs_of(kind, kinds, num_stages, options):
+  """The stage pairs of feature `kind`; the first kind also carries the adjacent curve."""
+  return stage_pairs(num_stages, chosen_stages(options, num_stages), kind == kinds[0])
+
+
+def partial_sums(batch: core.Batch, options) -> dict:
+  """Per-device sums: feature sums, stage-pair cross moments and the image count.
+
+  Returns:
+    {"count": [], "sum_<kind>": [S, D] (all stages), "moment_<kind>": [P, D, D]} per chosen
+    kind, where moment[p] = Σ_images w x_i x_j^T for the p-th pair (i, j) of `stage_pairs`.
+  """
+  states = list(batch.zs[0::2])
+  kinds = feature_kinds(options)
+  w = jnp.where(batch.weights > 0, batch.weights, 0).astype(jnp.float32)
+  real = (w > 0)[None, :, None]
+  out = {"count": jnp.sum(w)}
+  for kind in kinds:
+    rows, cols = np.asarray(_pairs_of(kind, kinds, len(states), options)).T
+    # Padding may hold anything (even NaN): zero it, as weight 0 alone would give 0 * NaN.
+    f = jnp.where(real, jnp.stack([stage_feature(z, kind) for z in states]), 0)
+    fw = f * w[None, :, None]
+    out[f"sum_{kind}"] = jnp.sum(fw, axis=1)
+    # HIGHEST: accelerators otherwise run float32 matmuls in reduced precision (TF32/bf16), and
+    # the centring in finalize subtracts large numbers from these moments.
+    out[f"moment_{kind}"] = jnp.einsum("pbd,pbe->pde", fw[rows], f[cols],
+                                       precision=jax.lax.Precision.HIGHEST)
+  return out
+
+
+def pair_cka(moments, sums, count, pairs) -> dict:
+  """{(i, j): float64 linear CKA} from raw moments [P, D, D] of `pairs`, sums [S, D] and the
+  total weight. Every stage in `pairs` must have its (s, s) pair. A pair involving a stage that
+  is constant over the images is NaN (CKA is undefined there)."""
+  sums = np.asarray(sums, np.float64)
+  cross, constant = {}, {}
+  for p, (i, j) in enumerate(pairs):
+    # One pair at a time: a centred copy of all pairs would double the (large) memory.
+    raw = np.asarray(moments[p], np.float64)
+    centred = raw - np.outer(sums[i], sums[j]) / count
+    cross[i, j] = np.vdot(centred, centred)  # ||Xc^T Yc||_F^2
+    if i == j:
+      constant[i] = np.trace(centred) <= _CONSTANT_RTOL * np.trace(raw)
+  out = {}
+  for (i, j), value in cross.items():
+    if constant[i] or constant[j]:
+      out[i, j] = float("nan")
+    else:  # ||Xc^T Xc||_F ||Yc^T Yc||_F
+      out[i, j] = float(value / np.sqrt(cross[i, i] * cross[j, j]))
+  return out
+
+
+def finalize(sums, options) -> dict:
+  """{"cka_mean_tokens": [S][S] | None, "cka_cls": [S][S] | None, "cka_adjacent": [block]}."""
+  count = float(sums["count"])
+  if count < 2:
+    raise ClmimError(f"cka: needs at least 2 images (CKA centres over images); got {count:g}.")
+  kinds = feature_kinds(options)
+  num = np.asarray(sums[f"sum_{kinds[0]}"]).shape[0]
+  stages = chosen_stages(options, num)
+  out = {f"cka_{k}": None for k in KINDS}
+  for kind in kinds:
+    values = pair_cka(sums[f"moment_{kind}"], sums[f"sum_{kind}"], count,
+                      _pairs_of(kind, kinds, num, options))
+    out[f"cka_{kind}"] = [[values[min(i, j), max(i, j)] for j in stages] for i in stages]
+    if kind == kinds[0]:
+      out["cka_adjacent"] = [values[b - 1, b] for b in range(1, num)]
+  return out
+
+
+def _models_with(results, key):
+  return [n for n, v in (results.get("models") or {}).items()
+          if isinstance(v, dict) and v.get(key) is not None and len(v[key]) > 0]
+
+
+def figures(results, options) -> dict:
+  """cka.png: one heatmap per model and feature kind (the shared depth-curve figure draws
+  cka_adjacent.png)."""
+  kinds = [k for k in KINDS if _models_with(results, f"cka_{k}")]
+  names = [n for n in (results.get("models") or {}) if any(
+      n in _models_with(results, f"cka_{k}") for k in kinds)]
+  if not names:
+    return {}
+  styles = plots.model_styles(results, names)
+  fig = Figure(figsize=(3.2 * len(names) + 0.8, 3.2 * len(kinds)), layout="constrained")
+  axes = np.asarray(fig.subplots(len(kinds), len(names), squeeze=False))
+  image = None
+  for r, kind in enumerate(kinds):
+    for c, name in enumerate(names):
+      ax = axes[r, c]
+      values = results["models"][name].get(f"cka_{kind}")
+      if values is None:
+        ax.axis("off")
+        continue
+      matrix = np.asarray(values, np.float64)
+      labels = chosen_stages(options) or list(range(len(matrix)))
+      image = ax.imshow(matrix, vmin=0, vmax=1, cmap="magma", origin="lower")
+      ticks = range(0, len(labels), max(1, len(labels) // 6))
+      ax.set_xticks(list(ticks), [str(labels[t]) for t in ticks], fontsize=8)
+      ax.set_yticks(list(ticks), [str(labels[t]) for t in ticks], fontsize=8)
+      ax.set_title(f"{styles[name]['label']}\n{kind.replace('_', ' ')}", fontsize=10,
+                   color=styles[name]["color"])
+      ax.set_xlabel("stage", fontsize=9)
+      if c == 0:
+        ax.set_ylabel("stage", fontsize=9)
+  if image is not None:
+    fig.colorbar(image, ax=axes, shrink=0.8, label="linear CKA")
+  return {"cka.png": fig}
