@@ -1,5 +1,9 @@
 r"""The whole suite: every analysis clmim has, one report (report.md / report.html).
 
+`decoder` is left out by default: it needs a checkpoint with a decoder. With one (e.g. the MAE
+file with its decoder), add it: --config.models=mae_vitb16_full?decoder=1 and
+--config.analyses=<the default list>,decoder (--print_config shows the list).
+
 Embedded default (demo MoCo v3 + SimMIM and untrained copies, 512 procedural images, no download):
 
   python -m clmim.main --config configs/paper.py
@@ -21,4 +25,6 @@ from clmim.analysis import core
 
 def get_config(arg: str = "demo"):
   """Returns the locked ConfigDict for variant `arg`."""
-  return config_lib.analysis_base(arg, name="paper", analyses=",".join(core.available()))
+  # Every analysis but `decoder`, which only applies to checkpoints loaded with a decoder.
+  analyses = ",".join(n for n in core.available() if n != "decoder")
+  return config_lib.analysis_base(arg, name="paper", analyses=analyses)

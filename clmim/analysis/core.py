@@ -17,8 +17,9 @@ runner, the jobs, the summary, the figures and the report learn about it only th
   def figures(results: dict, options: dict) -> dict[str, Figure]
       file name -> figure, from the run's results.json dict (all models side by side); without
       it, every Result with a `series` gets the shared depth-curve figure
-  def check(vit, options: dict) -> None
-      raises ClmimError before any compute when a model cannot be analysed (e.g. no decoder)
+  def check(model, options: dict) -> None
+      raises ClmimError before any compute when a model cannot be analysed (e.g. no decoder);
+      `model` is the registry's `Model` (its `vit`, `decoder`, `name`, ...)
 
 Per-image selections ("these images", "this query") use `Batch.index`, the image's position in
 the stream: a sum over the batch of `(index == chosen) * value` is that image's value, exactly
@@ -51,12 +52,19 @@ class Batch:
     weights: [b] float32, 1 for real images, 0 for padding.
     index: [b] int32, each image's position in the stream (0 .. num_images - 1), -1 = padding.
     patch_size: the patch side in pixels (static).
+    decoder_zs: the pretraining decoder's states when the model has one (see
+      `clmim.models.heads.decoder_states`: MAE: its blocks' input, then after-attention and
+      after-MLP of each decoder block; SimMIM: its one output), else empty.
+    decoder_attns: the decoder blocks' attention maps [b, heads, N+1, N+1] (empty for SimMIM's
+      block-less decoder and for models without a decoder).
   """
   zs: Sequence[Any]
   attns: Sequence[Any]
   weights: Any
   index: Any
   patch_size: int
+  decoder_zs: Sequence[Any] = ()
+  decoder_attns: Sequence[Any] = ()
 
 
 def per_block_mean_over_heads(values) -> list:

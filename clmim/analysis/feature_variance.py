@@ -53,9 +53,9 @@ def _normalize(options: dict) -> bool:
   return bool(value)
 
 
-def check(vit, options: dict) -> None:
+def check(model, options: dict) -> None:
   """Validates the options before any compute."""
-  del vit
+  del model
   _normalize(options)
 
 

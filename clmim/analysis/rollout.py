@@ -97,9 +97,9 @@ def positions(options: dict) -> tuple:
   return tuple(int(i) for i in chosen)
 
 
-def check(vit, options: dict) -> None:
+def check(model, options: dict) -> None:
   """Validates the options before any compute."""
-  del vit
+  del model
   positions(options)
 
 

@@ -96,7 +96,8 @@ class Analyzer:
     """Builds (but does not yet compile) the sharded step.
 
     Args:
-      forward_fn: `forward_fn(params, images[B, H, W, 3] float32) -> (zs, attns)`; see
+      forward_fn: `forward_fn(params, images[B, H, W, 3] float32) -> (zs, attns)`, or
+        `(zs, attns, decoder_zs, decoder_attns)` for a model run with its decoder; see
         `clmim.analysis.core.Batch` for the shapes.
       analyses: analysis modules (`clmim.analysis.core` protocol).
       patch_size: patch side in pixels (attention distances are reported in pixels).
@@ -140,8 +141,11 @@ class Analyzer:
 
     def local_step(params, images, weights, index):
       self.compilations += 1  # runs when traced, not per step
-      zs, attns = forward_fn(params, images)
-      batch = core.Batch(zs, attns, weights, index, patch_size)
+      states = tuple(forward_fn(params, images))
+      if len(states) not in (2, 4):
+        raise ClmimError(f"Analyzer: forward_fn must return (zs, attns) or (zs, attns, "
+                         f"decoder_zs, decoder_attns); got {len(states)} values.")
+      batch = core.Batch(states[0], states[1], weights, index, patch_size, *states[2:])
       sums = {a.NAME: a.partial_sums(batch, self.options[a.NAME]) for a in self.analyses}
       sums[_COUNT] = (weights > 0).sum().astype(np.float32)
       return jax.lax.psum(sums, "data")

@@ -13,7 +13,9 @@ A model spec is one of
   baseline a trained model must differ from).
 Options follow a `?`, joined by `&`:
 - official files and known names: `num_heads=N` (timm-style files do not store it),
-  `variant=S/16` (checked against the file's shapes), `name=...`;
+  `variant=S/16` (checked against the file's shapes), `name=...`, `decoder=1` (also convert the
+  pretraining decoder of an MAE _full/visualize or SimMIM file into `Model.decoder`; a file
+  without one is an error);
 - `random:<variant>`: any ViT field (`image_size=224`, `block_style=beit`,
   `position_embedding=sincos`, `num_heads=3`, ...) and `name`;
 - clmim checkpoint directories: `name` (the name shown in results and figures).
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 
 from clmim.checkpoints import converters, families, known, native
 from clmim.errors import ClmimError
+from clmim.models import heads
 from clmim.models.vit import VIT_FIELDS, ViT, build_vit, parse_variant
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -39,7 +42,7 @@ DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 # Eval preprocessing of a model that says nothing about it (timm's defaults).
 DEFAULT_PREPROCESSING = {"mean": "imagenet", "std": "imagenet", "interpolation": "bicubic",
                          "crop_pct": 0.875}
-_FILE_OPTIONS = ("name", "num_heads", "variant")
+_FILE_OPTIONS = ("name", "num_heads", "variant", "decoder")
 
 
 @dataclasses.dataclass
@@ -52,6 +55,9 @@ class Model:
   preprocessing: dict    # image_size, mean, std (+ interpolation, crop_pct when known)
   source: str            # where it came from (the path as given, or a description)
   info: dict             # manifest facts worth recording (method, steps, sha256, ...)
+  # The pretraining decoder when the spec asked for it (`?decoder=1`): {"kind": "mae" | "simmim",
+  # "params", "config"} (see `clmim.models.heads.decoder_states`), else None.
+  decoder: Any = None
 
 
 def known_names() -> list[str]:
@@ -134,13 +140,43 @@ def _official_file(spec: str):
 def _from_official(name: str, family, path: str, options: dict, info=None) -> Model:
   if not os.path.exists(path):
     raise ClmimError(f"Checkpoint {path!r} does not exist.")
+  want_decoder = bool(options.get("decoder"))
   converted = converters.load(path, family, variant=options.get("variant"),
-                              num_heads=options.get("num_heads"))
+                              num_heads=options.get("num_heads"), with_heads=want_decoder)
+  vit, params, decoder = converted.vit, converted.params, None
+  if want_decoder:
+    head = converted.heads.get("decoder")
+    if head is None:
+      raise ClmimError(f"{path}: '?decoder=1' asks for the pretraining decoder, but this "
+                       f"{converted.family} file has none (MAE's _full/visualize files and "
+                       f"SimMIM's have one).")
+    decoder = {"kind": converted.family, "params": jax.tree.map(jnp.asarray, head["params"]),
+               "config": dict(head["config"])}
+    if vit.use_mask_token:
+      # with_heads also keeps SimMIM's encoder mask token; the analyses never mask, so the
+      # encoder stays exactly what the spec without `decoder=1` gives.
+      vit = vit.clone(use_mask_token=False)
+      params = {k: v for k, v in params.items() if k != "mask_token"}
+      converted.info["architecture"].pop("use_mask_token", None)
   record = families.get(converted.family)
-  preprocessing = {"image_size": converted.vit.image_size, **record.preprocessing}
-  return Model(name=options.get("name") or name, family=record.kind, vit=converted.vit,
-               params=jax.tree.map(jnp.asarray, converted.params), preprocessing=preprocessing,
-               source=path, info={"method": converted.family, **converted.info, **(info or {})})
+  preprocessing = {"image_size": vit.image_size, **record.preprocessing}
+  extra = {"decoder": {"kind": decoder["kind"], **decoder["config"]}} if decoder else {}
+  return Model(name=options.get("name") or name, family=record.kind, vit=vit,
+               params=jax.tree.map(jnp.asarray, params), preprocessing=preprocessing,
+               source=path, info={"method": converted.family, **converted.info, **extra,
+                                  **(info or {})},
+               decoder=decoder)
+
+
+def _random_decoder(decoder, vit: ViT, seed: int):
+  """An untrained decoder of the same kind and sizes (None stays None)."""
+  if decoder is None:
+    return None
+  latent = jnp.zeros((1, vit.grid * vit.grid + 1, vit.width), jnp.float32)
+  # A seed other than the encoder's: the two inits must not share random streams.
+  params = heads.init_decoder(decoder["kind"], decoder["config"], latent,
+                              jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+  return {**decoder, "params": params}
 
 
 def _locate(spec: str) -> str:
@@ -198,6 +234,7 @@ def resolve(spec: str, seed: int = 0) -> Model:
     base = resolve(inner, seed)
     return dataclasses.replace(base, name=f"{base.name} (untrained)", family="random",
                                params=_init_params(base.vit, seed),
+                               decoder=_random_decoder(base.decoder, base.vit, seed),
                                source=f"random init, seed {seed}",
                                info={"method": "untrained", "architecture_of": base.name,
                                      "architecture_from": base.info.get("architecture_from")})

@@ -45,6 +45,7 @@ from clmim.checkpoints import registry
 from clmim.data.eval_data import EvalImages
 from clmim.errors import ClmimError
 from clmim.jobs import report
+from clmim.models.heads import forward_with_decoder
 from clmim.models.vit import forward_with_states, vit_fields
 
 OUTPUTS = ("results.json", "summary.txt", "report.md", "report.html")  # besides the figures
@@ -88,14 +89,21 @@ class Session:
     self.progress, self.max_batches = progress, max_batches
     self._analyzers = {}
 
-  def analyzer(self, vit) -> Analyzer:
-    """The Analyzer of `vit`'s architecture (built once: models of one architecture share the
-    jit-compiled step, so an untrained copy costs no compilation)."""
+  def analyzer(self, model) -> Analyzer:
+    """The Analyzer of `model`'s architecture, its decoder's included (built once: models of one
+    architecture share the jit-compiled step, so an untrained copy costs no compilation)."""
+    vit, decoder = model.vit, getattr(model, "decoder", None)
     key = tuple(sorted(vit_fields(vit).items()))
+    if decoder is None:
+      forward = functools.partial(forward_with_states, vit)
+    else:
+      # The decoder runs in the same step, on the encoder's output (params become
+      # {"encoder", "decoder"}, see `analyze`).
+      key += (("decoder", decoder["kind"], tuple(sorted(decoder["config"].items()))),)
+      forward = functools.partial(forward_with_decoder, vit, decoder["kind"], decoder["config"])
     if key not in self._analyzers:
-      self._analyzers[key] = Analyzer(functools.partial(forward_with_states, vit), self.modules,
-                                      vit.patch_size, device_batch_size=self.device_batch,
-                                      options=self.options)
+      self._analyzers[key] = Analyzer(forward, self.modules, vit.patch_size,
+                                      device_batch_size=self.device_batch, options=self.options)
     return self._analyzers[key]
 
   @property
@@ -104,7 +112,7 @@ class Session:
 
   def analyze(self, model, images, params=None, quiet=False) -> tuple[dict, dict]:
     started = time.time()
-    analyzer = self.analyzer(model.vit)
+    analyzer = self.analyzer(model)
     num_images = len(images)
     if self.max_batches:
       num_images = min(num_images, self.max_batches * analyzer.global_batch_size)
@@ -114,7 +122,10 @@ class Session:
           if num_images < len(images) else ""
       print(f"{model.name}: {images.description}{capped}")
     batches = images.load_batches(plan.local_indices, analyzer.local_batch_size)
-    out = analyzer.run(model.params if params is None else params, batches,
+    params = model.params if params is None else params
+    if getattr(model, "decoder", None) is not None:
+      params = {"encoder": params, "decoder": model.decoder["params"]}
+    out = analyzer.run(params, batches,
                        progress=self.progress and not quiet, plan=plan, desc=model.name)
     vit = model.vit
     info = {"family": model.family, "source": model.source, **model.info,
@@ -155,7 +166,7 @@ def check_models(modules, options, jobs) -> None:
     if hasattr(module, "check"):
       for model, _ in jobs:
         try:
-          module.check(model.vit, options[module.NAME])
+          module.check(model, options[module.NAME])
         except ClmimError as e:
           raise ClmimError(f"analysis {module.NAME!r} on model {model.name!r}: {e}") from None
 

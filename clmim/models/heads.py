@@ -1,11 +1,23 @@
-"""Heads that sit on a ViT during pretraining: MoCo v3 projector/predictor and SimMIM's pixel head.
+"""Heads that sit on a ViT during pretraining: MoCo v3 projector/predictor, SimMIM's pixel head
+and MAE's transformer decoder.
 
 Parameter names follow the official files where one exists (see docs/checkpoints.md), so the
-converters can fill them: the MoCo MLP layers are `linear_{i}` (no bias) and `bn_{i}`.
+converters can fill them: the MoCo MLP layers are `linear_{i}` (no bias) and `bn_{i}`; the MAE
+decoder is {mask_token, embed, pos_embed, block_{i}, norm, pred} with `clmim.models.vit.Block`'s
+names inside the blocks.
+
+A decoder as the registry attaches it to a model is {"kind": "mae" | "simmim", "params",
+"config"}; `decoder_states` runs one on the encoder's output and returns what the analyses read.
 """
 from __future__ import annotations
 
 import flax.linen as nn
+import jax.numpy as jnp
+
+from clmim.errors import ClmimError
+from clmim.models.vit import Block, collect_states, sincos_position_embedding
+
+DECODER_KINDS = ("mae", "simmim")
 
 
 class BatchNormMLP(nn.Module):
@@ -55,3 +67,94 @@ def unpatchify(patches, patch_size: int, grid: int):
   batch = patches.shape[0]
   x = patches.reshape(batch, grid, grid, patch_size, patch_size, 3)
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, grid * patch_size, grid * patch_size, 3)
+
+
+class MaeDecoder(nn.Module):
+  """MAE's decoder (models_mae.py `forward_decoder`): embed -> (+ mask tokens) -> + pos_embed ->
+  timm-style blocks -> norm -> pred, on the encoder's final-normed tokens [B, N+1, D_enc].
+
+  Sows like the encoder ("embedding": the blocks' input, then per block "attn",
+  "after_attention", "after_mlp"), so `clmim.models.vit.collect_states` reads its states.
+  `mask` [B, N] (True = masked) replaces those tokens' embeddings by the mask token, as MAE's
+  un-shuffle does; the analyses pass none (see `decoder_states`).
+  """
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  patch_size: int
+
+  @nn.compact
+  def __call__(self, latent, mask=None):
+    tokens = latent.shape[1]
+    grid = int(round((tokens - 1) ** 0.5))
+    if grid * grid + 1 != tokens:
+      raise ClmimError(f"MaeDecoder: {tokens} tokens are not a square grid + cls.")
+    init = nn.initializers.xavier_uniform()  # MAE's _init_weights for every Linear
+    x = nn.Dense(self.width, name="embed", kernel_init=init)(latent)
+    mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.width))
+    if mask is not None:
+      masked = jnp.concatenate([jnp.zeros_like(mask[:, :1]), mask], axis=1)  # cls is never masked
+      x = jnp.where(masked[..., None], mask_token.astype(x.dtype), x)
+    # MAE's decoder table is a fixed column-first sin-cos one; a file's own values replace it.
+    table = sincos_position_embedding(grid, self.width, "col_first")
+    x = x + self.param("pos_embed", lambda *_: jnp.asarray(table), table.shape)
+    self.sow("intermediates", "embedding", x)
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_dim, name=f"block_{i}")(x)
+    x = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
+    return nn.Dense(self.patch_size * self.patch_size * 3, name="pred", kernel_init=init)(x)
+
+
+def decoder_module(kind: str, config: dict) -> nn.Module:
+  """The linen module of a decoder of `kind` with the converter's `config`."""
+  if kind == "mae":
+    return MaeDecoder(**config)
+  if kind == "simmim":
+    return PixelHead(**config)
+  raise ClmimError(f"unknown decoder kind {kind!r}; expected one of {', '.join(DECODER_KINDS)}.")
+
+
+def _decoder_input(kind: str, latent):
+  # SimMIM's decoder reads the patch tokens only (its encoder drops cls before the 1x1 conv).
+  return latent[:, 1:] if kind == "simmim" else latent
+
+
+def init_decoder(kind: str, config: dict, latent, rng):
+  """Fresh params of a decoder for encoder outputs shaped like `latent` [B, N+1, D_enc]."""
+  return decoder_module(kind, config).init(rng, _decoder_input(kind, latent))["params"]
+
+
+def decoder_states(kind: str, config: dict, params, latent) -> tuple[list, list]:
+  """(zs, attns) of a decoder run on the encoder's final-normed tokens `latent` [B, N+1, D].
+
+  NOTE: nothing is masked: the decoder sees every token of the unmasked image, as the encoder
+  does in the analyses (the paper analyses full images). MAE never trained its decoder on this
+  input (it sees 25% visible tokens + mask tokens), so the states describe the decoder applied
+  to a full image's encoding, not a reconstruction.
+
+  - "mae": zs = the blocks' input (embed(latent) + pos_embed), then per block the state after
+    the attention branch and after the MLP branch ([B, N+1, width], like the encoder's zs);
+    attns = per block [B, heads, N+1, N+1].
+  - "simmim": the decoder is one linear map per token (no blocks): zs = [its output,
+    [B, N+1, p*p*3] with a zero row standing in for cls (the head has none; analyses drop it)],
+    attns = [].
+  """
+  x = _decoder_input(kind, latent)
+  module = decoder_module(kind, config)
+  if kind == "simmim":
+    pixels = module.apply({"params": params}, x)
+    return [jnp.concatenate([jnp.zeros_like(pixels[:, :1]), pixels], axis=1)], []
+  _, state = module.apply({"params": params}, x, mutable=["intermediates"])
+  return collect_states(state, module.depth)
+
+
+def forward_with_decoder(vit, kind: str, config: dict, params, images):
+  """(zs, attns, decoder_zs, decoder_attns) of the encoder `vit` and its decoder on `images`.
+
+  `params` is {"encoder": the ViT's params, "decoder": the decoder's}; see `decoder_states`.
+  """
+  latent, state = vit.apply({"params": params["encoder"]}, images, mutable=["intermediates"])
+  zs, attns = collect_states(state, vit.depth)
+  decoder_zs, decoder_attns = decoder_states(kind, config, params["decoder"], latent)
+  return zs, attns, decoder_zs, decoder_attns

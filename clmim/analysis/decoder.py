@@ -1,0 +1,149 @@
+"""Through the pretraining decoder: is MAE's explicit decoder low-pass while its encoder is not?
+
+The paper (Park et al., ICLR 2023, the MAE discussion) finds that MAE's decoder, not its
+encoder, does the low-pass work that reconstruction needs: the encoder keeps high-frequency
+content, the decoder's blocks lose it. This analysis runs the decoder on the encoder's output
+and applies the repository's own definitions to its states (docs/analyses/decoder.md):
+
+  decoder_fourier[stage][frequency]  `fourier`'s ΔlogA (same function, same read-out) of the
+      decoder's stages: MAE: the blocks' input (embed(latent) + pos_embed), then each decoder
+      block's output; SimMIM: one stage, the 1x1-conv head's per-token output (p*p*3 channels).
+  decoder_nmi[block][head]  `nmi`'s NMI of each decoder block's attention (empty for SimMIM,
+      whose decoder has no attention).
+  encoder_decoder_fourier[stage]  ΔlogA at the highest frequency of the encoder's stages
+      (`fourier`'s curve) followed by the decoder's: the paper's figure as one curve.
+
+The decoder sees every token of the unmasked image (`clmim.models.heads.decoder_states`): the
+paper analyses full images, and masking would make the stream depend on random masks.
+
+Models need a decoder: load an MAE _full/visualize or SimMIM checkpoint with `?decoder=1`
+(`check` refuses any other model before compute). No options.
+"""
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from clmim.analysis import core, fourier, nmi
+from clmim.analysis.common import image_count, weighted_sum
+from clmim.errors import ClmimError
+
+NAME = "decoder"
+READS = ("zs", "decoder_zs", "decoder_attns")
+OPTIONS = {}
+
+# Exactly fourier's curve: the last (highest) frequency of each stage.
+_HIGHEST = core.results_of(fourier)["fourier"].series
+
+
+def _nmi_series(values):
+  """Per-block mean over heads; [] for a decoder without attention (SimMIM)."""
+  return core.per_block_mean_over_heads(values) if len(values) else []
+
+
+RESULTS = (
+    core.Result(key="decoder_fourier", label="high-frequency ΔlogA (decoder)",
+                layout="[stage][frequency]", x="stage", series=_HIGHEST,
+                title="Decoder: high-frequency ΔlogA",
+                description="fourier's ΔlogA through the pretraining decoder (stage 0 = its "
+                            "embedded input; SimMIM: the single stage is its pixel head's "
+                            "output); falling = the decoder is low-pass"),
+    core.Result(key="decoder_nmi", label="NMI (decoder)", layout="[block][head]",
+                series=_nmi_series, reference=0.0,
+                reference_label="query-independent attention",
+                title="Decoder: normalised mutual information (query, key)",
+                description="nmi's NMI of each decoder block's attention (empty for SimMIM, "
+                            "whose decoder has no attention)"),
+    core.Result(key="encoder_decoder_fourier", label="high-frequency ΔlogA",
+                layout="[stage]", x=None, series=None,
+                title="High-frequency ΔlogA through encoder and decoder",
+                description="ΔlogA at the highest frequency of the encoder's stages followed by "
+                            "the decoder's (decoder.png; the dotted line marks the decoder)"),
+)
+
+
+def check(model, options: dict) -> None:
+  """Refuses a model without a decoder, before any compute."""
+  del options
+  if getattr(model, "decoder", None) is None:
+    name = getattr(model, "name", "?")
+    raise ClmimError(f"model {name!r} has no decoder: load an MAE _full/visualize or SimMIM "
+                     f"checkpoint with '?decoder=1'.")
+
+
+def partial_sums(batch: core.Batch, options: dict):
+  """Weighted sums of fourier's spectra of the encoder's and the decoder's states, and of the
+  decoder blocks' per-image NMI.
+
+  Returns:
+    {"encoder_fourier": fourier's sums of batch.zs, "decoder_fourier": fourier's sums of
+     batch.decoder_zs, "nmi_sum": [decoder blocks, heads] (absent without decoder attention),
+     "count": []}.
+  """
+  del options
+  if not batch.decoder_zs:
+    raise ClmimError("decoder: the forward gave no decoder states; load the model with "
+                     "'?decoder=1' (an MAE _full/visualize or SimMIM checkpoint).")
+  # fourier's own sums (its DC-relative accumulation included), so the definition is shared.
+  sums = {"encoder_fourier": fourier.partial_sums(batch, {}),
+          "decoder_fourier": fourier.partial_sums(
+              dataclasses.replace(batch, zs=tuple(batch.decoder_zs)), {}),
+          "count": image_count(batch.weights)}
+  if batch.decoder_attns:
+    sums["nmi_sum"] = jnp.stack([weighted_sum(nmi.per_image(a)[0], batch.weights)
+                                 for a in batch.decoder_attns])
+  return sums
+
+
+def finalize(total_sums, options):
+  """{"decoder_fourier": [[freq] stage], "decoder_nmi": [[head] block] or [],
+  "encoder_decoder_fourier": [stage]}."""
+  del options
+  count = float(total_sums["count"])
+  if count <= 0:
+    raise ClmimError("decoder: no images were analysed (total weight is 0).")
+  encoder = fourier.finalize(total_sums["encoder_fourier"], {})["fourier"]
+  decoder = fourier.finalize(total_sums["decoder_fourier"], {})["fourier"]
+  decoder_nmi = (np.asarray(total_sums["nmi_sum"], np.float64) / count).tolist() \
+      if "nmi_sum" in total_sums else []
+  return {"decoder_fourier": decoder, "decoder_nmi": decoder_nmi,
+          "encoder_decoder_fourier": list(_HIGHEST(encoder)) + list(_HIGHEST(decoder))}
+
+
+def figures(results: dict, options: dict) -> dict:
+  """decoder.png: ΔlogA at the highest frequency vs depth through the encoder then the decoder,
+  one line per model, a dotted vertical line where each model's decoder starts; the per-Result
+  depth curves (decoder_fourier.png, decoder_nmi.png) are drawn by the shared figure code."""
+  from matplotlib.figure import Figure  # matplotlib only when figures are drawn
+  from matplotlib.ticker import MaxNLocator
+  from clmim.analysis import plots
+  del options
+  models = results.get("models", {})
+  names = [n for n, r in models.items() if r.get("encoder_decoder_fourier")]
+  if not names:
+    return {}
+  styles = plots.model_styles(results, names)
+  fig = Figure(figsize=(6.2, 3.8))
+  ax = fig.add_subplot()
+  starts = {}
+  for name in names:
+    curve = np.asarray(models[name]["encoder_decoder_fourier"], np.float64)
+    # The decoder's stages are the last len(decoder_fourier) entries.
+    start = len(curve) - len(models[name]["decoder_fourier"])
+    starts.setdefault(start, []).append(name)
+    style = styles[name]
+    ax.plot(np.arange(len(curve)), curve, marker="o", markersize=3.5, linewidth=1.8,
+            color=style["color"], linestyle=style["linestyle"], label=style["label"])
+  for start, owners in sorted(starts.items()):
+    # One shared boundary in black; per-model colours only when the encoders' depths differ.
+    color = "k" if len(starts) == 1 else styles[owners[0]]["color"]
+    ax.axvline(start - 0.5, color=color, linestyle=":", linewidth=1.2,
+               label="decoder starts" if start == min(starts) else None)
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.set_xlabel("Stage (encoder: 0 = embedding; then the decoder)", fontsize=11)
+  ax.set_ylabel("ΔLog amplitude (highest frequency)", fontsize=11)
+  ax.set_title("High-frequency amplitude through encoder and decoder", fontsize=12)
+  ax.grid(alpha=0.25, linewidth=0.6)
+  ax.spines[["top", "right"]].set_visible(False)
+  ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  return {"decoder.png": fig}

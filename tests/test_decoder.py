@@ -1,0 +1,275 @@
+"""The `decoder` analysis: MAE / SimMIM decoders loaded with `?decoder=1`, their states against a
+PyTorch reference, the analysis against float64 numpy definitions, exactness through the runner,
+and the errors for models and files without a decoder."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clmim.analysis import core, decoder, fourier, plots, runner
+from clmim.checkpoints import registry
+from clmim.errors import ClmimError
+from clmim.jobs import analyze, report
+from clmim.models import heads
+from configs import all as all_config
+
+torch = pytest.importorskip("torch")
+
+import test_converters_parity as tcp  # noqa: E402  (its PyTorch reference modules)
+
+DEC_WIDTH, DEC_HEADS, DEC_DEPTH, DEC_MLP = 32, 16, 2, 64  # MAE decoders always have 16 heads
+NUM_IMAGES = 16
+
+
+class MAE(tcp.TorchViT):
+  """An MAE with a small decoder, in models_mae.py's parameter names."""
+
+  def __init__(self):
+    super().__init__(pos=tcp._sincos(tcp.GRID, tcp.WIDTH, row_first=False))
+    self.mask_token = torch.nn.Parameter(torch.zeros(1, 1, DEC_WIDTH))
+    self.decoder_embed = torch.nn.Linear(tcp.WIDTH, DEC_WIDTH)
+    self.decoder_pos_embed = torch.nn.Parameter(tcp._sincos(tcp.GRID, DEC_WIDTH, False),
+                                                requires_grad=False)
+    self.decoder_blocks = torch.nn.ModuleList(
+        [tcp.TorchBlock(DEC_WIDTH, DEC_HEADS, DEC_MLP, False) for _ in range(DEC_DEPTH)])
+    self.decoder_norm = torch.nn.LayerNorm(DEC_WIDTH, eps=1e-6)
+    self.decoder_pred = torch.nn.Linear(DEC_WIDTH, tcp.PATCH * tcp.PATCH * 3)
+
+  def states(self, images):
+    """(encoder zs, decoder zs, decoder attns, pred) on full (unmasked) images."""
+    latent, zs, _ = self(images)
+    x = self.decoder_embed(latent) + self.decoder_pos_embed
+    dzs, dattns = [x], []
+    for block in self.decoder_blocks:
+      x, x1, attn = block(x)
+      dzs += [x1, x]
+      dattns.append(attn)
+    return zs, dzs, dattns, self.decoder_pred(self.decoder_norm(x))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("mae")
+  mae = tcp._randomize(MAE(), 11)
+  full = str(folder / "mae_pretrain_vit_base_full.pth")
+  torch.save({"model": mae.state_dict()}, full)
+  # The encoder-only release: the same encoder, no decoder tensors.
+  plain = str(folder / "mae_pretrain_vit_base.pth")
+  torch.save({"model": {k: v for k, v in mae.state_dict().items()
+                        if not k.startswith(("decoder_", "mask_token"))}}, plain)
+  return mae, full, plain
+
+
+@pytest.fixture(scope="module")
+def model(files):
+  return registry.resolve(f"{files[1]}?decoder=1&num_heads={tcp.HEADS}")
+
+
+@pytest.fixture(scope="module")
+def images():
+  return np.random.default_rng(0).normal(
+      size=(NUM_IMAGES, tcp.IMAGE, tcp.IMAGE, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def torch_states(files, images):
+  with torch.no_grad():
+    zs, dzs, dattns, pred = files[0].states(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+  as64 = lambda xs: [x.numpy().astype(np.float64) for x in xs]
+  return as64(zs), as64(dzs), as64(dattns), pred.numpy()
+
+
+def _forward(model):
+  d = model.decoder
+  return functools.partial(heads.forward_with_decoder, model.vit, d["kind"], d["config"])
+
+
+def _params(model):
+  return {"encoder": model.params, "decoder": model.decoder["params"]}
+
+
+@pytest.fixture(scope="module")
+def analyzer8(model):
+  return runner.Analyzer(_forward(model), [decoder], tcp.PATCH, device_batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def reference(analyzer8, model, images):
+  return analyzer8.run(_params(model), [images], progress=False)
+
+
+def _delta_log_amplitude(states):
+  """fourier's definition in float64 numpy: ΔlogA along the centred diagonal, per state."""
+  rows = []
+  for z in states:
+    b, t, c = z.shape
+    g = int(round(np.sqrt(t - 1)))
+    maps = z[:, 1:].reshape(b, g, g, c)
+    f = np.log(np.abs(np.fft.fft2(maps, axes=(1, 2))) + 1e-6).mean(axis=(0, 3))
+    f = np.roll(f, (g // 2, g // 2), axis=(0, 1))
+    diag = np.diagonal(f)[g // 2:]
+    rows.append(diag - diag[0])
+  return np.array(rows)
+
+
+def _nmi(attn):
+  """NMI per head, averaged over images, from the definition (docs/definitions.md)."""
+  a = attn[:, :, 1:, 1:] + 1e-8
+  a = a / a.sum(-1, keepdims=True)
+  n = a.shape[-1]
+  p_key = a.mean(-2)  # [B, H, N]
+  mutual = (a * np.log(a / p_key[..., None, :])).sum(-1).mean(-1)
+  h_key = -(p_key * np.log(p_key)).sum(-1)
+  return (mutual / np.sqrt(np.log(n) * h_key)).mean(0)
+
+
+def test_decoder_params_and_states_match_torch(model, files, images, torch_states):
+  assert model.decoder["kind"] == "mae" and model.info["decoder"]["depth"] == DEC_DEPTH
+  assert model.decoder["config"] == {"width": DEC_WIDTH, "depth": DEC_DEPTH,
+                                     "num_heads": DEC_HEADS, "mlp_dim": DEC_MLP,
+                                     "patch_size": tcp.PATCH}
+  # MaeDecoder's parameter tree is exactly the converter's.
+  module = heads.MaeDecoder(**model.decoder["config"])
+  latent = jnp.zeros((1, tcp.GRID ** 2 + 1, tcp.WIDTH))
+  expected = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), latent))["params"]
+  assert jax.tree.map(lambda x: x.shape, expected) == \
+      jax.tree.map(lambda x: x.shape, model.decoder["params"])
+  # The encoder is what the spec without ?decoder=1 gives.
+  plain = registry.resolve(f"{files[1]}?num_heads={tcp.HEADS}")
+  assert plain.decoder is None and plain.vit == model.vit
+  zs, attns, dzs, dattns = jax.jit(_forward(model))(_params(model), images)
+  ref_zs, ref_dzs, ref_dattns, ref_pred = torch_states
+  assert len(dzs) == 2 * DEC_DEPTH + 1 and len(dattns) == DEC_DEPTH
+  for i, (got, want) in enumerate(zip(dattns, ref_dattns)):
+    assert float(np.abs(np.asarray(got) - want).max()) <= 1e-5, f"decoder block {i}"
+  for i, (got, want) in enumerate(zip(list(zs) + list(dzs), ref_zs + ref_dzs)):
+    err = float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
+    assert err <= 1e-4, f"state {i}: relative error {err}"
+  latent = model.vit.apply({"params": model.params}, images)
+  pred = module.apply({"params": model.decoder["params"]}, latent)
+  np.testing.assert_allclose(np.asarray(pred), ref_pred, atol=1e-4 * np.abs(ref_pred).max())
+
+
+def test_results_match_the_float64_definitions(reference, torch_states):
+  ref_zs, ref_dzs, ref_dattns, _ = torch_states
+  assert reference["num_images"] == NUM_IMAGES
+  decoder_fourier = _delta_log_amplitude(ref_dzs)[0::2]  # blocks' input, then each block
+  np.testing.assert_allclose(reference["decoder_fourier"], decoder_fourier, atol=1e-5)
+  assert np.shape(reference["decoder_fourier"]) == (DEC_DEPTH + 1, tcp.GRID // 2)
+  encoder_fourier = _delta_log_amplitude(ref_zs)[0::2]
+  np.testing.assert_allclose(reference["encoder_decoder_fourier"],
+                             np.concatenate([encoder_fourier[:, -1], decoder_fourier[:, -1]]),
+                             atol=1e-5)
+  np.testing.assert_allclose(reference["decoder_nmi"], [_nmi(a) for a in ref_dattns],
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7])
+def test_batch_size_invariance(analyzer8, reference, model, images, batch_size):
+  batches = [images[i:i + batch_size] for i in range(0, NUM_IMAGES, batch_size)]
+  got = analyzer8.run(_params(model), batches, progress=False)
+  for key in decoder.RESULTS:
+    np.testing.assert_array_equal(got[key.key], reference[key.key], err_msg=key.key)
+  assert analyzer8.compilations == 1
+
+
+def test_one_device_vs_eight(reference, model, images):
+  mesh = runner.make_mesh(jax.devices()[:1])
+  got = runner.Analyzer(_forward(model), [decoder], tcp.PATCH, mesh=mesh,
+                        device_batch_size=2).run(_params(model), [images], progress=False)
+  for result in decoder.RESULTS:
+    np.testing.assert_allclose(got[result.key], reference[result.key], rtol=1e-6, atol=1e-7,
+                               err_msg=result.key)
+
+
+def test_analysis_job_end_to_end_and_refusals(files, tmp_path):
+  config = all_config.get_config("runlocal")
+  config.models = f"{files[1]}?decoder=1&num_heads={tcp.HEADS}&name=mae"
+  config.analyses = "decoder,fourier"
+  config.include_untrained = True  # the untrained copy gets an untrained decoder
+  config.progress = False
+  config.data.num_images = 8
+  config.batch_size = 8
+  results = analyze.run(config, str(tmp_path / "out"))
+  assert results["compilations"] == 1  # the copy shares the step
+  mae, untrained = results["models"]["mae"], results["models"]["mae (untrained)"]
+  # decoder's encoder half is fourier's curve, computed by the same function.
+  np.testing.assert_array_equal(mae["encoder_decoder_fourier"][:tcp.DEPTH + 1],
+                                [row[-1] for row in mae["fourier"]])
+  assert mae["decoder_fourier"] != untrained["decoder_fourier"]
+  assert {"decoder.png", "decoder_fourier.png", "decoder_nmi.png"} <= set(results["figures"])
+  assert results["model_info"]["mae"]["decoder"]["kind"] == "mae"
+
+  # A model without a decoder: one line from `check`, before any compute or output.
+  config.models = f"{files[2]}?num_heads={tcp.HEADS}"
+  config.include_untrained = False
+  with pytest.raises(ClmimError) as error:
+    analyze.run(config, str(tmp_path / "refused"))
+  message = str(error.value)
+  assert "\n" not in message and "has no decoder" in message and "'?decoder=1'" in message
+  assert not (tmp_path / "refused").exists()
+
+
+def test_decoder_option_errors(files):
+  with pytest.raises(ClmimError) as error:
+    registry.resolve(f"{files[2]}?decoder=1&num_heads={tcp.HEADS}")
+  assert "\n" not in str(error.value) and files[2] in str(error.value)
+  assert "has none" in str(error.value)
+  with pytest.raises(ClmimError, match="unknown option 'decoder'"):
+    registry.resolve("random:mu/4?decoder=1")
+
+
+def test_simmim_decoder_is_its_pixel_head(tmp_path, images):
+  class SimMIM(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.encoder = tcp.TorchViT(beit=True, mask_token=True)
+      self.decoder = torch.nn.Sequential(
+          torch.nn.Conv2d(tcp.WIDTH, tcp.PATCH ** 2 * 3, 1), torch.nn.PixelShuffle(tcp.PATCH))
+
+  simmim = tcp._randomize(SimMIM(), 12)
+  path = str(tmp_path / "simmim_pretrain__vit_base__img224__800ep.pth")
+  torch.save({"model": simmim.state_dict()}, path)
+  model = registry.resolve(f"simmim:{path}?decoder=1")
+  assert model.decoder["kind"] == "simmim" and not model.vit.use_mask_token
+  assert "mask_token" not in model.params
+  decoder.check(model, {})
+  few = images[:4]
+  _, _, dzs, dattns = jax.jit(_forward(model))(_params(model), few)
+  assert len(dzs) == 1 and not dattns
+  with torch.no_grad():
+    tokens, _, _ = simmim.encoder(torch.from_numpy(few.transpose(0, 3, 1, 2)))
+    grid = tokens[:, 1:].transpose(1, 2).reshape(len(few), tcp.WIDTH, tcp.GRID, tcp.GRID)
+    pixels = simmim.decoder(grid).numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(
+      np.asarray(heads.unpatchify(dzs[0][:, 1:], tcp.PATCH, tcp.GRID)), pixels,
+      atol=1e-4 * np.abs(pixels).max())
+  out = runner.Analyzer(_forward(model), [decoder], tcp.PATCH, device_batch_size=1).run(
+      _params(model), [few], progress=False)
+  assert out["decoder_nmi"] == [] and len(out["decoder_fourier"]) == 1
+  reference = _delta_log_amplitude([np.concatenate(
+      [np.zeros((len(few), 1, tcp.PATCH ** 2 * 3)),
+       heads.patchify(pixels.astype(np.float64), tcp.PATCH)], axis=1)])
+  np.testing.assert_allclose(out["decoder_fourier"], reference, atol=1e-5)
+  # The shared figures and the summary tables cope with the empty decoder_nmi.
+  results = {"models": {"simmim": out}, "model_info": {"simmim": {"family": "mim"}}}
+  figures = plots.analysis_figures(results, decoder, {})
+  assert set(figures) == {"decoder.png", "decoder_fourier.png"}
+  assert any("NMI (decoder)" in title for title, _, _ in report.curve_tables(results, [decoder]))
+  untrained = registry.resolve(f"random:simmim:{path}?decoder=1")
+  assert jax.tree.structure(untrained.decoder["params"]) == \
+      jax.tree.structure(model.decoder["params"])
+  assert not np.allclose(untrained.decoder["params"]["linear"]["kernel"],
+                         model.decoder["params"]["linear"]["kernel"])
+
+
+def test_check_names_the_model():
+  plain = registry.Model(name="moco", family="cl", vit=None, params=None, preprocessing={},
+                         source="", info={})
+  with pytest.raises(ClmimError, match=r"^model 'moco' has no decoder: load an MAE "
+                                       r"_full/visualize or SimMIM checkpoint with "
+                                       r"'\?decoder=1'\.$"):
+    decoder.check(plain, core.resolve_options(decoder, None))
+  assert fourier.NAME in core.available() and decoder.NAME in core.available()
