@@ -13,7 +13,8 @@ COLABS = os.path.join(ROOT, "colabs")
 NOTEBOOKS = sorted(f for f in os.listdir(COLABS) if f.endswith(".ipynb"))
 
 # The test rewrites this line (to write into tmp_path); renaming it must fail the test loudly.
-WORKDIR_LINE = 'WORKDIR = os.path.abspath("clmim_colab_demo")'
+# Each notebook names its own folder, so two notebooks run in one Colab never share outputs.
+WORKDIR_LINE = re.compile(r'^WORKDIR = os\.path\.abspath\("[\w.-]+"\)$', re.MULTILINE)
 
 # Allowed keys per cell type (nbformat 4.5 schema; it forbids any other key).
 CELL_KEYS = {"code": {"id", "cell_type", "metadata", "source", "execution_count", "outputs"},
@@ -64,11 +65,11 @@ def test_notebook_is_valid_nbformat_with_cell_ids(name):
   assert len(ids) == len(set(ids)), "cell ids must be unique"
 
 
-def _install_cell(monkeypatch):
+def _install_cell(monkeypatch, name):
   """The first code cell's source, in a kernel where clmim is missing; pip is stubbed and its
   argument lists recorded in the returned list."""
   import importlib.util
-  first = next(c for c in _load("clmim_demo.ipynb")["cells"] if c["cell_type"] == "code")
+  first = next(c for c in _load(name)["cells"] if c["cell_type"] == "code")
   real_find_spec = importlib.util.find_spec
   def find_spec(name, *args):
     if name == "clmim":
@@ -80,15 +81,17 @@ def _install_cell(monkeypatch):
   return _source(first), calls
 
 
-def test_install_cell_asks_for_repo_url_when_clmim_is_missing(monkeypatch):
-  source, pip_calls = _install_cell(monkeypatch)
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_install_cell_asks_for_repo_url_when_clmim_is_missing(monkeypatch, name):
+  source, pip_calls = _install_cell(monkeypatch, name)
   with pytest.raises(RuntimeError, match="REPO_URL"):
     exec(compile(source, "install-cell", "exec"), {})
   assert pip_calls == []
 
 
-def test_install_cell_installs_from_repo_url(monkeypatch):
-  source, pip_calls = _install_cell(monkeypatch)
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_install_cell_installs_from_repo_url(monkeypatch, name):
+  source, pip_calls = _install_cell(monkeypatch, name)
   placeholder = 'REPO_URL = "https://github.com/<your-account>/clmim"'
   assert source.count(placeholder) == 1
   source = source.replace(placeholder, 'REPO_URL = "https://example.org/me/clmim"')
@@ -98,14 +101,39 @@ def test_install_cell_installs_from_repo_url(monkeypatch):
                         "git+https://example.org/me/clmim"]]
 
 
+# What each notebook must show at the small settings: (images analysed, figures at least). A
+# notebook added to colabs/ needs an entry here, so its small settings are checked too.
+EXPECTED = {
+    "clmim_demo.ipynb": (64, {
+        "attention_distance.png", "nmi.png", "attention_entropy.png", "fourier.png",
+        "query_attention_x4y4_mean.png", "query_attention_x4y4_head0.png"}),
+    "self_attention_analysis.ipynb": (32, {
+        "query_attention_x4y4_block6_head0.png", "query_attention_x4y4_block6_all_heads.png",
+        "attention_maps_x4y4.png", "attention_maps_x1y1.png", "attention_distance.png",
+        "nmi.png", "attention_entropy.png", "head_similarity.png", "query_similarity.png",
+        "depth_similarity.png", "query_map_similarity.png", "rollout_spread.png",
+        "rollout_entropy.png", "rollout_map.png"}),
+    "representation_analysis.ipynb": (32, {
+        "fourier.png", "tsne.png", "tsne_images.png", "tsne_knn_image_accuracy.png",
+        "svd_spectrum.png", "effective_rank.png", "token_shift_ratio.png", "svd_projection.png",
+        "cka.png", "cka_adjacent.png", "feature_variance.png"}),
+}
+
+
+def test_every_notebook_has_expectations():
+  assert sorted(EXPECTED) == NOTEBOOKS
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_code_runs_from_colabs_dir(name, tmp_path):
   code = "\n".join(_source(c) for c in _load(name)["cells"] if c["cell_type"] == "code")
   workdir = tmp_path / "workdir"
   shown = tmp_path / "shown.txt"
-  for line in (WORKDIR_LINE, DISPLAY_LINE):
-    assert code.count(line) == 1, f"the test rewrites {line!r}: the notebook must hold it once"
-  script = code.replace(WORKDIR_LINE, f"WORKDIR = {str(workdir)!r}").replace(
+  assert len(WORKDIR_LINE.findall(code)) == 1, \
+      f"the test rewrites {WORKDIR_LINE.pattern!r}: the notebook must hold it once"
+  assert code.count(DISPLAY_LINE) == 1, \
+      f"the test rewrites {DISPLAY_LINE!r}: the notebook must hold it once"
+  script = WORKDIR_LINE.sub(lambda _: f"WORKDIR = {str(workdir)!r}", code).replace(
       DISPLAY_LINE, SHIM.format(shown=str(shown)))
   path = tmp_path / "notebook.py"
   path.write_text(script)
@@ -124,12 +152,9 @@ def test_notebook_code_runs_from_colabs_dir(name, tmp_path):
   written = sorted(str(workdir / f) for f in os.listdir(workdir) if f.endswith(".png"))
   assert displayed and sorted(displayed) == written, "every figure written is displayed"
   assert all(os.path.getsize(f) > 0 for f in displayed)
-  if name != "clmim_demo.ipynb":
-    return
-  # The small settings really applied (a renamed switch would silently run the full demo).
+  # The small settings really applied (a renamed switch would silently run the full analysis).
+  num_images, figures = EXPECTED[name]
   with open(workdir / "results.json") as f:
     results = json.load(f)
-  assert results["num_images"] == 64 and not results["config"]["include_untrained"]
-  assert {os.path.basename(f) for f in displayed} >= {
-      "attention_distance.png", "nmi.png", "attention_entropy.png", "fourier.png",
-      "query_attention_x4y4_mean.png", "query_attention_x4y4_head0.png"}
+  assert results["num_images"] == num_images and not results["config"]["include_untrained"]
+  assert {os.path.basename(f) for f in displayed} >= figures

@@ -181,3 +181,11 @@ def test_stream_index_reaches_every_image_exactly_once(params, data, batch_size,
 def test_options_are_checked(params):
   with pytest.raises(ClmimError, match=r"analysis_options.index_probe: unknown option 'slot'"):
     runner.Analyzer(_toy_forward, [_IndexProbe], PATCH, options={"index_probe": {"slot": 3}})
+
+
+def test_text_options_are_read_as_literals():
+  from clmim.analysis import core
+  options = core.resolve_options(_IndexProbe, {"slots": "12"})
+  assert options == {"slots": 12}
+  assert core._literal("((1, 1), (2, 3))") == ((1, 1), (2, 3))
+  assert core._literal("mean") == "mean" and core._literal("0,6") == (0, 6)

@@ -27,6 +27,7 @@ once, whatever the batching and device count.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import pkgutil
@@ -142,7 +143,22 @@ def resolve_options(module, given: Optional[dict]) -> dict:
   if unknown:
     raise ClmimError(f"config.analysis_options.{module.NAME}: unknown option {unknown[0]!r} "
                      f"(expected some of {', '.join(sorted(module.OPTIONS)) or 'none'}).")
-  return {**module.OPTIONS, **given}
+  return {**module.OPTIONS, **{k: _literal(v) for k, v in given.items()}}
+
+
+def _literal(value):
+  """A text value that is a Python literal becomes that literal ("0" -> 0, "(1, 2)" -> (1, 2)).
+
+  The command line can only give a config field a value of the field's own type, so an option
+  whose default is a word ("mean") but that also takes a number or a tuple arrives as text.
+  Words that are no literal ("mean", "last") stay text.
+  """
+  if not isinstance(value, str):
+    return value
+  try:
+    return ast.literal_eval(value.strip())
+  except (ValueError, SyntaxError, MemoryError, RecursionError):
+    return value
 
 
 def results_of(module) -> dict:
