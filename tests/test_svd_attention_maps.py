@@ -1,0 +1,264 @@
+"""Known answers, option errors and batch invariance of the svd and attention_maps analyses."""
+import functools
+import itertools
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from clmim.analysis import attention_maps, core, runner, svd
+from clmim.data.synthetic import ShapesTextures
+from clmim.errors import ClmimError
+from clmim.models.vit import build_vit, forward_with_states
+
+
+def _analyse(module, zs=(), attns=(), index=None, **options):
+  """partial_sums on one batch (jit, like the runner), then finalize."""
+  b = (list(zs) or list(attns))[0].shape[0]
+  index = np.arange(b, dtype=np.int32) if index is None else np.asarray(index, np.int32)
+  options = core.resolve_options(module, options)
+  weights = (index >= 0).astype(np.float32)
+  sums = jax.jit(lambda z, a, w, i: module.partial_sums(core.Batch(z, a, w, i, 4), options))(
+      list(zs), list(attns), weights, index)
+  return module.finalize(jax.tree.map(lambda x: np.asarray(x, np.float64), sums), options)
+
+
+def _with_cls(tokens, rng):
+  """[B, N, D] patch tokens -> [B, N+1, D] with a random cls token (which must be dropped)."""
+  cls = rng.normal(size=(tokens.shape[0], 1, tokens.shape[2])) * 100
+  return np.concatenate([cls, tokens], axis=1).astype(np.float32)
+
+
+# ---------------------------------------------------------------- svd known answers
+
+
+@pytest.mark.parametrize("r", [1, 3, 5])
+def test_rank_r_tokens_have_r_singular_values(r):
+  rng = np.random.default_rng(r)
+  n, d = 16, 12
+  # Equal singular values: Z = 2 * U_r V_r^T with orthonormal columns.
+  u = np.linalg.qr(rng.normal(size=(n, n)))[0][:, :r]
+  v = np.linalg.qr(rng.normal(size=(d, d)))[0][:, :r]
+  equal = 2 * u @ v.T
+  skewed = rng.normal(size=(n, r)) @ rng.normal(size=(r, d))
+  zs = [_with_cls(np.stack([equal, skewed]), rng)] * 3  # depth 1: 3 states
+  out = _analyse(svd, zs, max_rank=100)
+  values = np.asarray(out["singular_values"])
+  assert values.shape == (3, min(n, d))  # max_rank above min(N, D) keeps the whole spectrum
+  np.testing.assert_allclose(values[:, r:], 0, atol=1e-6)
+  assert (values[:, :r] > 1e-3).all()
+  per_image = jnp.stack([jnp.asarray(equal), jnp.asarray(skewed)])
+  p, erank = svd.spectrum(per_image)
+  np.testing.assert_allclose(p[0, :r], 1 / r, rtol=1e-5)
+  np.testing.assert_allclose(erank[0], r, rtol=1e-5)  # equal singular values: exactly r
+  assert 1 - 1e-5 <= erank[1] <= r + 1e-5
+  np.testing.assert_allclose(out["effective_rank"], (r + float(erank[1])) / 2, rtol=1e-5)
+  assert len(_analyse(svd, zs, max_rank=2)["singular_values"][0]) == 2
+
+
+def test_centring_removes_the_common_token():
+  rng = np.random.default_rng(0)
+  common = rng.normal(size=(1, 1, 8)) * 10
+  tokens = common + rng.normal(size=(2, 16, 1)) * rng.normal(size=(1, 1, 8))  # rank 2
+  zs = [_with_cls(tokens, rng)] * 3
+  plain = np.asarray(_analyse(svd, zs)["singular_values"])
+  centred = np.asarray(_analyse(svd, zs, centre=True)["singular_values"])
+  assert (plain[:, 1] > 1e-3).all() and (plain[:, 2:] < 1e-6).all()
+  np.testing.assert_allclose(centred[:, 0], 1, rtol=1e-5)
+
+
+def _shift_states(rng, displacement):
+  before = rng.normal(size=(3, 64, 16))
+  return [_with_cls(before, rng), _with_cls(before + displacement, rng), _with_cls(before, rng)]
+
+
+def test_tokens_moving_together_have_shift_ratio_one():
+  rng = np.random.default_rng(1)
+  out = _analyse(svd, _shift_states(rng, rng.normal(size=(3, 1, 16))), images=(0, 2))
+  np.testing.assert_allclose(out["svd_shift_ratio"], 1, rtol=1e-6)
+  np.testing.assert_allclose(out["token_shift_ratio"], [1], rtol=1e-6)
+
+
+def test_independent_moves_have_small_shift_ratio():
+  rng = np.random.default_rng(2)
+  out = _analyse(svd, _shift_states(rng, rng.normal(size=(3, 64, 16))), images=(1,))
+  # Independent isotropic moves of N tokens: about 1/sqrt(N) = 0.125.
+  assert out["svd_shift_ratio"][0] < 0.25 and out["token_shift_ratio"][0] < 0.25
+
+
+def test_projection_picks_the_chosen_image_and_keeps_its_geometry():
+  rng = np.random.default_rng(3)
+  b, n, d = 6, 9, 3  # D = 3: the top-3 projection is a rotation of the tokens
+  zs = [_with_cls(rng.normal(size=(b, n, d)), rng) for _ in range(5)]  # depth 2
+  index = np.array([5, 4, -1, 3, 0, 1])  # stream positions, one padding slot
+  out = _analyse(svd, zs, index=index, images=(3, 0), block=2)
+  coords = np.asarray(out["svd_projection"])
+  assert coords.shape == (2, 2, n, 3)
+  for k, position in enumerate((3, 0)):
+    row = list(index).index(position)
+    tokens = np.concatenate([zs[2][row, 1:], zs[3][row, 1:]]).astype(np.float64)
+    got = coords[k].reshape(2 * n, 3)
+    dist = lambda x: np.linalg.norm(x[:, None] - x[None], axis=-1)  # noqa: E731
+    np.testing.assert_allclose(dist(got), dist(tokens), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out["svd_shift_ratio"][k],
+                               svd.shift_ratio(zs[2][row, 1:], zs[3][row, 1:]), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- attention_maps known answers
+
+
+def _one_hot_attns(b, heads, g, depth):
+  """Image i, block l, head h, query q attends (mass 0.5; 0.5 on cls) to key (i+l+h+q) % N."""
+  n = g * g
+  attns = np.zeros((depth, b, heads, n + 1, n + 1), np.float32)
+  attns[..., 0] = 0.5
+  for i, l, h, q in np.ndindex(b, depth, heads, n):
+    attns[l, i, h, 1 + q, 1 + (i + l + h + q) % n] = 0.5
+  return list(attns)
+
+
+def test_one_hot_maps_come_back_at_their_image_query_and_block():
+  g, heads, depth = 4, 3, 3
+  attns = _one_hot_attns(5, heads, g, depth)
+  index = np.array([2, 0, 4, 1, 3])  # stream position of each slot
+  out = _analyse(attention_maps, attns=attns, index=index, images=(4, 1), blocks=(3, 1),
+                 queries=((2, 1), (0, 3), (3, 3)))["attention_maps"]
+  assert out["images"] == [4, 1] and out["blocks"] == [3, 1]
+  assert out["queries"] == [[2, 1], [0, 3], [3, 3]]
+  maps = np.asarray(out["maps"])
+  assert maps.shape == (2, 3, 2, heads, g, g)
+  for (k, position), (qi, (x, y)), (bi, block), h in itertools.product(
+      enumerate((4, 1)), enumerate(out["queries"]), enumerate((3, 1)), range(heads)):
+    slot = list(index).index(position)
+    want = np.zeros(g * g)
+    want[(slot + block - 1 + h + y * g + x) % (g * g)] = 1.0  # cls mass renormalised away
+    np.testing.assert_array_equal(maps[k, qi, bi, h].ravel(), want)
+
+
+def test_query_map_similarity_known_answers():
+  g, n = 4, 16
+  uniform = np.full((2, 2, n + 1, n + 1), 1 / (n + 1), np.float32)
+  out = _analyse(attention_maps, attns=[uniform, uniform], images=(0,))
+  np.testing.assert_allclose(out["query_map_similarity"], [1, 1], rtol=1e-6)
+  # One-hot rows on different keys: orthogonal maps.
+  out = _analyse(attention_maps, attns=_one_hot_attns(2, 2, g, 2), images=(0,))
+  np.testing.assert_allclose(out["query_map_similarity"], [0, 0], atol=1e-7)
+  assert out["attention_maps"]["queries"] == [[2, 2], [1, 1]]  # "centre_corner" on 4 x 4
+
+
+# ---------------------------------------------------------------- option errors
+
+
+@pytest.mark.parametrize("option, value", [
+    ("max_rank", 0), ("max_rank", True), ("max_rank", 2.0), ("images", ()), ("images", (-1,)),
+    ("images", (1, 1)), ("images", "all"), ("block", 0), ("block", 3), ("block", "first"),
+    ("centre", "yes")])
+def test_svd_bad_options_raise(option, value):
+  zs = [np.zeros((2, 5, 4), np.float32)] * 5  # depth 2, 2x2 grid
+  with pytest.raises(ClmimError, match=rf"config\.analysis_options\.svd\.{option}"):
+    _analyse(svd, zs, **{option: value})
+  with pytest.raises(ClmimError, match=rf"config\.analysis_options\.svd\.{option}"):
+    svd.check(types.SimpleNamespace(depth=2), core.resolve_options(svd, {option: value}))
+
+
+@pytest.mark.parametrize("option, value", [
+    ("images", (0, -2)), ("images", None), ("queries", "centre"), ("queries", ((0, 0),)),
+    ("queries", ((0, 0), (0, 0))), ("queries", ((4, 0), (0, 0))), ("queries", ((0,), (1, 1))),
+    ("blocks", 0), ("blocks", (3,)), ("blocks", "first"), ("blocks", ()), ("heads", "max"),
+    ("heads", 3), ("heads", True)])
+def test_attention_maps_bad_options_raise(option, value):
+  attns = _one_hot_attns(1, 3, 4, 2)
+  pattern = rf"config\.analysis_options\.attention_maps\.{option}"
+  with pytest.raises(ClmimError, match=pattern):
+    _analyse(attention_maps, attns=attns, **{option: value})
+  vit = types.SimpleNamespace(depth=2, num_heads=3, image_size=16, patch_size=4)
+  with pytest.raises(ClmimError, match=pattern):
+    attention_maps.check(vit, core.resolve_options(attention_maps, {option: value}))
+
+
+@pytest.mark.parametrize("module", [svd, attention_maps])
+def test_images_past_the_stream_raise(module):
+  zs = [np.ones((3, 17, 4), np.float32)] * 5
+  attns = _one_hot_attns(3, 2, 4, 2)
+  with pytest.raises(ClmimError, match=rf"analysis_options\.{module.NAME}\.images.* 3 images"):
+    _analyse(module, zs, attns, images=(1, 3))
+
+
+# ---------------------------------------------------------------- through the runner
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model = build_vit("mu/4", image_size=16, depth=2, block_style="beit", position_embedding="none",
+                    rel_pos_bias="shared", layer_scale_init=0.1)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  params = jax.tree.map(lambda x: x * 3.0 if x.ndim == 2 else x, params)  # non-uniform attention
+  images = ShapesTextures(16, "validation", 70).batch(range(70))["image"] * 2 - 1
+  return functools.partial(forward_with_states, model), params, np.asarray(images, np.float32)
+
+
+OPTIONS = {"svd": {"images": (69, 0, 33), "block": 1},
+           "attention_maps": {"images": (0, 33, 69), "blocks": (1, 2), "heads": "all"}}
+
+
+def _run(setup, batch_size, devices=8):
+  forward, params, images = setup
+  analyzer = runner.Analyzer(forward, [svd, attention_maps], 4, device_batch_size=4,
+                             mesh=runner.make_mesh(jax.devices()[:devices]), options=OPTIONS)
+  batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+  return analyzer.run(params, batches, progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+  return _run(setup, 64)
+
+
+@pytest.mark.parametrize("batch_size, devices", [(1, 8), (7, 8), (7, 1)])
+def test_runner_results_do_not_depend_on_batching(setup, reference, batch_size, devices):
+  got = _run(setup, batch_size, devices)
+  # Selected images are copied, never summed with others: bit-identical.
+  for key in ("svd_projection", "svd_shift_ratio"):
+    np.testing.assert_array_equal(got[key], reference[key], err_msg=key)
+  np.testing.assert_array_equal(got["attention_maps"]["maps"], reference["attention_maps"]["maps"])
+  for key in ("singular_values", "effective_rank", "token_shift_ratio", "query_map_similarity"):
+    np.testing.assert_allclose(got[key], reference[key], rtol=1e-6, atol=1e-9, err_msg=key)
+  assert got["num_images"] == 70
+
+
+def test_runner_picks_the_chosen_images(setup, reference):
+  forward, params, images = setup
+  chosen = reference["attention_maps"]["images"]
+  zs, attns = forward(params, images[np.array(chosen)])
+  maps = np.asarray(reference["attention_maps"]["maps"])  # [image][query][block][head][g][g]
+  assert maps.shape == (3, 2, 2, 4, 4, 4)
+  for qi, (x, y) in enumerate(reference["attention_maps"]["queries"]):
+    for block in (1, 2):
+      want = attention_maps.query_attention_map(attns[block - 1], x, y)
+      np.testing.assert_allclose(maps[:, qi, block - 1], want, rtol=1e-4, atol=1e-6)
+  assert 0 < min(reference["query_map_similarity"]) < 0.99  # attention is not uniform
+  rows = [chosen.index(i) for i in OPTIONS["svd"]["images"]]
+  for k, row in enumerate(rows):
+    want = svd.projection(np.asarray(zs[0][row, 1:]), np.asarray(zs[1][row, 1:]))
+    np.testing.assert_allclose(reference["svd_projection"][k], want, rtol=1e-3, atol=1e-3)
+
+
+def test_figures(setup, reference, tmp_path):
+  results = {"models": {"a": reference, "b": reference},
+             "model_info": {"a": {"family": "cl"}, "b": {"family": "random"}}}
+  options = {name: core.resolve_options(m, OPTIONS[name])
+             for name, m in (("svd", svd), ("attention_maps", attention_maps))}
+  svd_figures = svd.figures(results, options["svd"])
+  assert set(svd_figures) == {"svd_spectrum.png", "effective_rank.png",
+                              "token_shift_ratio.png", "svd_projection.png"}
+  map_figures = attention_maps.figures(results, options["attention_maps"])
+  assert set(map_figures) == {f"attention_maps_x{x}y{y}_block{b}.png" for x, y in ((2, 2), (1, 1))
+                              for b in (1, 2)} | {"query_map_similarity.png"}
+  assert all(isinstance(f, Figure) for f in [*svd_figures.values(), *map_figures.values()])
+  # Every map drawn: 3 images x 2 models x 4 heads, the query outlined on each.
+  figure = map_figures["attention_maps_x1y1_block2.png"]
+  assert len(figure.axes) == 3 * 2 * 4 and all(len(a.patches) == 1 for a in figure.axes)
+  svd_figures["svd_projection.png"].savefig(tmp_path / "projection.png")
