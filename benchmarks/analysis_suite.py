@@ -8,6 +8,7 @@ of compilations of the analysis step (one per architecture) and the analyses run
   python benchmarks/analysis_suite.py [--images 1000] [--batch 64] [--workdir /tmp/suite]
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -42,7 +43,8 @@ def main():
   workdir = args.workdir or tempfile.mkdtemp(prefix="clmim-suite-")
   shutil.rmtree(workdir, ignore_errors=True)
   started = time.perf_counter()
-  results = analyze.run(config, workdir)
+  with contextlib.redirect_stdout(sys.stderr):  # the job's tables; stdout is the JSON only
+    results = analyze.run(config, workdir)
   seconds = time.perf_counter() - started
   peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   print(json.dumps({

@@ -167,9 +167,10 @@ def markdown(results: dict, modules) -> str:
       out.append(f"![{block[1]}]({block[1]})")
     else:
       header, rows = block[1], block[2]
-      out.append("\n".join(["| " + " | ".join(map(str, header)) + " |",
+      cell = lambda c: str(c).replace("|", "\\|")  # a label such as |mean d| is not a column
+      out.append("\n".join(["| " + " | ".join(map(cell, header)) + " |",
                             "|" + "---|" * len(header)] +
-                           ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]))
+                           ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]))
   return "\n\n".join(out) + "\n"
 
 
