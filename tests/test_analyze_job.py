@@ -80,3 +80,43 @@ def test_unknown_analysis_is_refused_before_compute(checkpoint, tmp_path):
     config.analyses = "nmi,nmy"
     analyze.run(config, str(tmp_path / "a"))
   assert not (tmp_path / "a").exists()
+
+
+def test_cka_between_a_model_and_itself_is_its_own_cka(checkpoint, tmp_path):
+  """Two specs of one checkpoint: the between-model matrix must equal the model's own CKA
+  matrix (1 on the diagonal), the paired pass running through the same `cka` analysis."""
+  config = all_config.get_config("runlocal")
+  config.analyses = "cka"
+  config.models = f"{checkpoint},{checkpoint}?name=copy"
+  config.progress = False
+  config.data.num_images = 24
+  config.batch_size = 8
+  results = analyze.run(config, str(tmp_path / "out"))
+  pair = results["cka_between_models"]["simmim_demo ~ copy"]
+  own = np.asarray(results["models"]["copy"]["cka_mean_tokens"])
+  np.testing.assert_allclose(pair["cka_mean_tokens"], own, rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(np.diag(own), 1.0, rtol=1e-6)
+  assert pair["stages"] == [3, 3] and "cka_between_models.png" in results["figures"]
+  assert results["compilations"] == 2  # one shared per-model step, one paired step
+
+
+def test_cka_between_models_pairs_only_trained_models_seeing_the_same_input(checkpoint,
+                                                                            tmp_path):
+  from clmim.checkpoints import registry
+  from clmim.data.eval_data import EvalImages
+  from clmim.jobs import between_models
+  config = all_config.get_config("runlocal")
+  config.analyses = "cka"
+  config.models = f"{checkpoint},random:mu/4?image_size=16&name=small"
+  config.progress = False
+  config.data.num_images = 8
+  config.batch_size = 8
+  results = analyze.run(config, str(tmp_path / "out"))
+  assert results["cka_between_models"] == {}  # untrained models are not paired
+  a, b = registry.resolve(str(checkpoint)), registry.resolve("random:mu/4?image_size=16")
+  why = between_models._same_input(a, EvalImages(config.data, a.preprocessing),
+                                   b, EvalImages(config.data, b.preprocessing))
+  assert why == "image sizes differ (32 vs 16 px)"
+  config.models = f"{checkpoint},{checkpoint}?name=copy"
+  config.analysis_options.cka.between_models = False
+  assert "cka_between_models" not in analyze.run(config, str(tmp_path / "out2"))

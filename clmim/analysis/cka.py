@@ -19,6 +19,9 @@ Memory: P D^2 floats per feature kind; all stages: P = S(S+1)/2, for ViT-B (S = 
   stages: "all" (default) or a tuple / comma-separated string of stage indices (0 = embedding,
     b = block b's output); the matrices then cover the chosen stages only (P = their pairs plus
     the at most 2S - 1 pairs of the adjacent curve).
+  between_models: True (default): the analysis job also computes CKA between the stages of every
+    two trained models of the run on the same images (clmim/jobs/between_models.py;
+    results.json "cka_between_models", figure cka_between_models.png).
 
 Results: "cka_mean_tokens", "cka_cls": [stage][stage] (None when not computed; NaN for a stage
 whose feature is constant over the images, e.g. the cls token at stage 0); "cka_adjacent":
@@ -35,7 +38,7 @@ from clmim.errors import ClmimError
 
 NAME = "cka"
 READS = ("zs",)
-OPTIONS = {"features": "mean_tokens,cls", "stages": "all"}
+OPTIONS = {"features": "mean_tokens,cls", "stages": "all", "between_models": True}
 KINDS = ("mean_tokens", "cls")
 
 # A stage whose centred variance is below this fraction of its raw second moment is treated as

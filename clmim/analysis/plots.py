@@ -85,7 +85,7 @@ def _stage_rows(results: dict, name: str) -> np.ndarray:
   return rows
 
 
-def _save(fig: Figure, path) -> str:
+def save(fig: Figure, path) -> str:
   """Writes `fig` as PNG to `path` atomically; on any failure no file (partial or temp) stays."""
   return save_figure_atomic(fig, path, dpi=DPI, bbox_inches="tight")
 
@@ -198,5 +198,5 @@ def write_figures(results: dict, modules, options: dict, workdir) -> List[str]:
       path = os.path.join(os.fspath(workdir), name)
       if path in written:
         raise ClmimError(f"two analyses both draw {name}; figure names must be unique.")
-      written.append(_save(fig, path))
+      written.append(save(fig, path))
   return written

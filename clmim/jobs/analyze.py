@@ -18,6 +18,8 @@ results.json:
                          "depth", "num_heads", "architecture_from": {field: where from},
                          "uniform_attention_distance", "preprocessing", "data", "seconds"}},
    "analyses": {name: {"options": {...}, "results": {key: {"label", "layout", "x", ...}}}},
+   "cka_between_models": {"A ~ B": {"cka_mean_tokens": [stage of A][stage of B], ...}} (when
+     cka runs with its between_models option and the run has two trained models),
    "num_images": N, "compilations": C, "config": {...},
    "run": {"command", "overrides", "workdir"}, "versions": {...},
    "figures": [exactly this run's figure files]}
@@ -44,7 +46,7 @@ from clmim.atomic import write_atomic, write_json_atomic
 from clmim.checkpoints import registry
 from clmim.data.eval_data import EvalImages
 from clmim.errors import ClmimError
-from clmim.jobs import report
+from clmim.jobs import between_models, report
 from clmim.models.heads import forward_with_decoder
 from clmim.models.vit import forward_with_states, vit_fields
 
@@ -202,9 +204,14 @@ def run(config, workdir: str, invocation: dict | None = None) -> dict:
   for model, images in jobs:
     results["models"][model.name], results["model_info"][model.name] = \
         session.analyze(model, images)
+  compilations = session.compilations
+  if options.get("cka", {}).get("between_models"):
+    results["cka_between_models"], extra = between_models.cka_between_models(
+        jobs, options["cka"], session.device_batch, config.progress)
+    compilations += extra
   results["analyses"] = describe_analyses(modules, options)
   results["num_images"] = min(r["num_images"] for r in results["models"].values())
-  results["compilations"] = session.compilations
+  results["compilations"] = compilations
   results["config"] = config.to_dict()
   results["run"] = invocation or {"command": None, "overrides": [], "workdir": workdir}
   results["versions"] = versions()
@@ -220,6 +227,9 @@ def write_outputs(results: dict, modules, options, workdir: str, overwrite: bool
   if removed:
     print(f"Replaced the earlier run's outputs in {workdir} ({len(removed)} files).")
   paths = plots.write_figures(results, modules, options, workdir)
+  pairs_figure = between_models.figure(results.get("cka_between_models") or {})
+  if pairs_figure is not None:
+    paths.append(plots.save(pairs_figure, os.path.join(workdir, "cka_between_models.png")))
   results["figures"] = [os.path.basename(p) for p in paths]
   text = report.summary(results, modules)
   write_atomic(os.path.join(workdir, "summary.txt"), lambda f: f.write(text.encode() + b"\n"))

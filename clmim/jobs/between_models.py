@@ -1,0 +1,94 @@
+"""Linear CKA between the layers of two different models, exact over the same images.
+
+CKA compares two representations of the same samples, so both models must run on each batch.
+For every two trained models of a run (untrained copies are left out) this builds a paired
+forward pass whose states are model A's stages followed by model B's — each stage at an even
+position of `zs`, which is where the `cka` analysis reads stages — and streams it through the
+`cka` analysis itself (same sums, same centring, same invariance). The cross block of the
+resulting [SA + SB] x [SA + SB] matrix is CKA(stage i of A, stage j of B).
+
+A pair is skipped, with the reason recorded, when its models do not see the same input (other
+preprocessing or resolution) or have different widths (their features would not stack).
+Enabled by `config.analysis_options.cka.between_models` when `cka` runs.
+Memory: the `cka` analysis' statement with S = SA + SB stages.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from clmim.analysis import cka
+from clmim.analysis.runner import Analyzer
+from clmim.models.vit import forward_with_states
+
+
+def _paired_forward(vit_a, vit_b):
+  def forward(params, images):
+    stages = (forward_with_states(vit_a, params[0], images)[0][0::2]
+              + forward_with_states(vit_b, params[1], images)[0][0::2])
+    # Each stage at an even index (cka reads zs[0::2]); the odd slots repeat it and are unread.
+    return [s for stage in stages for s in (stage, stage)][:-1], []
+  return forward
+
+
+def _same_input(a, images_a, b, images_b) -> str:
+  """"" when A and B see identical inputs, else why not."""
+  if a.vit.image_size != b.vit.image_size:
+    return f"image sizes differ ({a.vit.image_size} vs {b.vit.image_size} px)"
+  if images_a.description != images_b.description or not (
+      np.allclose(images_a.mean, images_b.mean) and np.allclose(images_a.std, images_b.std)):
+    return "the two models preprocess their images differently"
+  if a.vit.width != b.vit.width:
+    return f"widths differ ({a.vit.width} vs {b.vit.width})"
+  return ""
+
+
+def cka_between_models(jobs, options: dict, device_batch: int, progress: bool):
+  """({"A ~ B": {"stages": [SA, SB], "cka_<kind>": [SA][SB], ...} or {"skipped": why}},
+  compilations) for every two trained models of `jobs` ([(Model, EvalImages)])."""
+  trained = [(m, images) for m, images in jobs if m.family != "random"]
+  out, compilations = {}, 0
+  for (a, images_a), (b, images_b) in itertools.combinations(trained, 2):
+    name = f"{a.name} ~ {b.name}"
+    why = _same_input(a, images_a, b, images_b)
+    if why:
+      out[name] = {"skipped": why}
+      continue
+    pair_options = {**options, "stages": "all"}
+    analyzer = Analyzer(_paired_forward(a.vit, b.vit), [cka], a.vit.patch_size,
+                        device_batch_size=device_batch, options={"cka": pair_options})
+    plan = analyzer.plan(len(images_a))
+    batches = images_a.load_batches(plan.local_indices, analyzer.local_batch_size)
+    result = analyzer.run((a.params, b.params), batches, progress=progress, plan=plan,
+                          desc=name)
+    split = a.vit.depth + 1
+    entry = {"stages": [split, b.vit.depth + 1], "num_images": result["num_images"]}
+    for kind in cka.feature_kinds(pair_options):
+      matrix = np.asarray(result[f"cka_{kind}"], np.float64)
+      entry[f"cka_{kind}"] = matrix[:split, split:].tolist()
+    out[name] = entry
+    compilations += analyzer.compilations
+  return out, compilations
+
+
+def figure(pairs: dict) -> Figure | None:
+  """One heatmap per computed pair (mean-token features, else cls): rows = A's stages, columns =
+  B's stages (0 = embedding)."""
+  shown = {n: p for n, p in pairs.items() if "skipped" not in p}
+  if not shown:
+    return None
+  fig = Figure(figsize=(3.6 * len(shown) + 0.8, 3.4), layout="constrained")
+  axes = np.atleast_1d(fig.subplots(1, len(shown)))
+  image = None
+  for ax, (name, pair) in zip(axes, shown.items()):
+    kind = "mean_tokens" if "cka_mean_tokens" in pair else "cls"
+    image = ax.imshow(np.asarray(pair[f"cka_{kind}"], np.float64), vmin=0, vmax=1,
+                      cmap="magma", origin="lower")
+    first, second = name.split(" ~ ", 1)
+    ax.set_xlabel(f"{second}: stage", fontsize=9)
+    ax.set_ylabel(f"{first}: stage", fontsize=9)
+    ax.set_title(f"linear CKA between models\n({kind.replace('_', ' ')})", fontsize=10)
+  fig.colorbar(image, ax=axes, shrink=0.8, label="linear CKA")
+  return fig
