@@ -1,5 +1,4 @@
 """Linear CKA and token k-NN / t-SNE: known answers, a float64 reference and exact streaming."""
-import functools
 import importlib.util
 import io
 import sys
@@ -11,10 +10,9 @@ import pytest
 
 import analysis_testing
 
-from clmim.analysis import cka, plots, runner, tsne
-from clmim.data.synthetic import ShapesTextures
+from clmim.analysis import cka, plots, tsne
 from clmim.errors import ClmimError
-from clmim.models.vit import build_vit, forward_with_states
+from clmim.models.vit import build_vit
 
 FAST_TSNE = {"iterations": 250, "perplexity": 5.0}
 
@@ -182,24 +180,14 @@ def test_tsne_reports_missing_sklearn_before_compute(monkeypatch):
 
 @pytest.fixture(scope="module")
 def setup():
-  model = build_vit("mu/4", image_size=16, depth=2, block_style="beit", position_embedding="none",
-                    rel_pos_bias="shared", layer_scale_init=0.1)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
-  params = jax.tree.map(lambda x: x * 3.0 if x.ndim == 2 else x, params)
-  images = ShapesTextures(16, "validation", 70).batch(range(70))["image"] * 2 - 1
-  return functools.partial(forward_with_states, model), params, images
+  return analysis_testing.small_vit()
 
 
 OPTIONS = {"tsne": {"images": (0, 5, 33, 64, 69, 90), **FAST_TSNE}}
 
 
 def _run(setup, batch_size, devices=8):
-  forward, params, images = setup
-  mesh = runner.make_mesh(jax.devices()[:devices])
-  analyzer = runner.Analyzer(forward, [cka, tsne], 4, mesh=mesh, device_batch_size=4,
-                             options=OPTIONS)
-  batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
-  return analyzer.run(params, batches, progress=False)
+  return analysis_testing.run_stream(setup, [cka, tsne], batch_size, devices, options=OPTIONS)
 
 
 @pytest.fixture(scope="module")

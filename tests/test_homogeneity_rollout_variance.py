@@ -1,5 +1,4 @@
 """Known answers, float64 references and exactness for homogeneity, rollout and feature_variance."""
-import functools
 import itertools
 import math
 
@@ -7,12 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from matplotlib.figure import Figure
 
-from clmim.analysis import core, feature_variance, homogeneity, plots, rollout, runner
-from clmim.data.synthetic import ShapesTextures
+import analysis_testing
+
+from clmim.analysis import core, feature_variance, homogeneity, plots, rollout
 from clmim.errors import ClmimError
-from clmim.models.vit import build_vit, forward_with_states
 
 MODULES = [homogeneity, rollout, feature_variance]
 
@@ -262,22 +262,12 @@ def test_figures_of_two_models():
 
 @pytest.fixture(scope="module")
 def setup():
-  model = build_vit("mu/4", image_size=16, depth=2, block_style="beit", position_embedding="none",
-                    rel_pos_bias="shared", layer_scale_init=0.1)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
-  # Larger random weights than the init so the attention is far from uniform.
-  params = jax.tree.map(lambda x: x * 3.0 if x.ndim == 2 else x, params)
-  images = ShapesTextures(16, "validation", 70).batch(range(70))["image"] * 2 - 1
-  return functools.partial(forward_with_states, model), params, images
+  return analysis_testing.small_vit()
 
 
 def _run(setup, batch_size, devices=8):
-  forward, params, images = setup
-  mesh = runner.make_mesh(jax.devices()[:devices])
-  analyzer = runner.Analyzer(forward, MODULES, 4, mesh=mesh, device_batch_size=4,
-                             options={"rollout": {"images": (3, 69, 70)}})
-  batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
-  return analyzer.run(params, batches, progress=False)
+  return analysis_testing.run_stream(setup, MODULES, batch_size, devices,
+                                     options={"rollout": {"images": (3, 69, 70)}})
 
 
 @pytest.fixture(scope="module")

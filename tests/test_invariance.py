@@ -1,36 +1,22 @@
 """Exactness on a real ViT: the same numbers for any batching, padding and device count."""
-import functools
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clmim.analysis import attention_distance, fourier, nmi, runner
-from clmim.data.synthetic import ShapesTextures
-from clmim.models.vit import build_vit, forward_with_states
+import analysis_testing
+
+from clmim.analysis import attention_distance, fourier, nmi
 
 ANALYSES = [attention_distance, nmi, fourier]
 
 
 @pytest.fixture(scope="module")
 def setup():
-  model = build_vit("mu/4", image_size=16, depth=2, block_style="beit", position_embedding="none",
-                    rel_pos_bias="shared", layer_scale_init=0.1)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
-  # Larger random weights than the init so the attention is far from uniform.
-  params = jax.tree.map(lambda x: x * 3.0 if x.ndim == 2 else x, params)
-  images = ShapesTextures(16, "validation", 70).batch(range(70))["image"] * 2 - 1
-  forward = functools.partial(forward_with_states, model)
-  return forward, params, images
+  return analysis_testing.small_vit()
 
 
 def _run(setup, batch_size, devices=8, device_batch_size=4):
-  forward, params, images = setup
-  mesh = runner.make_mesh(jax.devices()[:devices])
-  analyzer = runner.Analyzer(forward, ANALYSES, 4, mesh=mesh, device_batch_size=device_batch_size)
-  batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
-  return analyzer.run(params, batches, progress=False)
+  return analysis_testing.run_stream(setup, ANALYSES, batch_size, devices, device_batch_size)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """Known answers, option errors and batch invariance of the svd and attention_maps analyses."""
-import functools
 import itertools
 import types
 
@@ -7,12 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from matplotlib.figure import Figure
 
-from clmim.analysis import attention_maps, core, runner, svd
-from clmim.data.synthetic import ShapesTextures
+import analysis_testing
+
+from clmim.analysis import attention_maps, core, svd
 from clmim.errors import ClmimError
-from clmim.models.vit import build_vit, forward_with_states
 
 
 def _analyse(module, zs=(), attns=(), index=None, **options):
@@ -192,12 +192,7 @@ def test_images_past_the_stream_raise(module):
 
 @pytest.fixture(scope="module")
 def setup():
-  model = build_vit("mu/4", image_size=16, depth=2, block_style="beit", position_embedding="none",
-                    rel_pos_bias="shared", layer_scale_init=0.1)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
-  params = jax.tree.map(lambda x: x * 3.0 if x.ndim == 2 else x, params)  # non-uniform attention
-  images = ShapesTextures(16, "validation", 70).batch(range(70))["image"] * 2 - 1
-  return functools.partial(forward_with_states, model), params, np.asarray(images, np.float32)
+  return analysis_testing.small_vit()
 
 
 OPTIONS = {"svd": {"images": (69, 0, 33), "block": 1},
@@ -205,11 +200,8 @@ OPTIONS = {"svd": {"images": (69, 0, 33), "block": 1},
 
 
 def _run(setup, batch_size, devices=8):
-  forward, params, images = setup
-  analyzer = runner.Analyzer(forward, [svd, attention_maps], 4, device_batch_size=4,
-                             mesh=runner.make_mesh(jax.devices()[:devices]), options=OPTIONS)
-  batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
-  return analyzer.run(params, batches, progress=False)
+  return analysis_testing.run_stream(setup, [svd, attention_maps], batch_size, devices,
+                                     options=OPTIONS)
 
 
 @pytest.fixture(scope="module")
