@@ -155,13 +155,16 @@ def test_decoder_params_and_states_match_torch(model, files, images, torch_state
 def test_results_match_the_float64_definitions(reference, torch_states):
   ref_zs, ref_dzs, ref_dattns, _ = torch_states
   assert reference["num_images"] == NUM_IMAGES
+  # The JAX states match torch's to ~1e-5 relative (float32 matmuls in another order), and log
+  # amplitudes of small high-frequency components amplify that: 1e-4 here, as for the states; a
+  # wrong read-out would be off by far more (~0.1).
   decoder_fourier = _delta_log_amplitude(ref_dzs)[0::2]  # blocks' input, then each block
-  np.testing.assert_allclose(reference["decoder_fourier"], decoder_fourier, atol=1e-5)
+  np.testing.assert_allclose(reference["decoder_fourier"], decoder_fourier, atol=1e-4)
   assert np.shape(reference["decoder_fourier"]) == (DEC_DEPTH + 1, tcp.GRID // 2)
   encoder_fourier = _delta_log_amplitude(ref_zs)[0::2]
   np.testing.assert_allclose(reference["encoder_decoder_fourier"],
                              np.concatenate([encoder_fourier[:, -1], decoder_fourier[:, -1]]),
-                             atol=1e-5)
+                             atol=1e-4)
   np.testing.assert_allclose(reference["decoder_nmi"], [_nmi(a) for a in ref_dattns],
                              atol=1e-6)
 
@@ -180,7 +183,8 @@ def test_one_device_vs_eight(reference, model, images):
   got = runner.Analyzer(_forward(model), [decoder], tcp.PATCH, mesh=mesh,
                         device_batch_size=2).run(_params(model), [images], progress=False)
   for result in decoder.RESULTS:
-    np.testing.assert_allclose(got[result.key], reference[result.key], rtol=1e-6, atol=1e-7,
+    # Another device batch size rounds float32 differently (~1e-6, see runner.Analyzer).
+    np.testing.assert_allclose(got[result.key], reference[result.key], rtol=1e-5, atol=1e-6,
                                err_msg=result.key)
 
 
@@ -252,7 +256,7 @@ def test_simmim_decoder_is_its_pixel_head(tmp_path, images):
   reference = _delta_log_amplitude([np.concatenate(
       [np.zeros((len(few), 1, tcp.PATCH ** 2 * 3)),
        heads.patchify(pixels.astype(np.float64), tcp.PATCH)], axis=1)])
-  np.testing.assert_allclose(out["decoder_fourier"], reference, atol=1e-5)
+  np.testing.assert_allclose(out["decoder_fourier"], reference, atol=1e-4)  # JAX vs torch
   # The shared figures and the summary tables cope with the empty decoder_nmi.
   results = {"models": {"simmim": out}, "model_info": {"simmim": {"family": "mim"}}}
   figures = plots.analysis_figures(results, decoder, {})
