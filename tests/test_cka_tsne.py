@@ -211,7 +211,7 @@ def test_runner_batch_size_invariance(setup, reference, batch_size):
 
 
 def test_runner_one_vs_eight_devices(setup, reference):
-  _assert_same(_run(setup, 7, devices=1), reference, rtol=1e-7)  # measured 3e-9
+  _assert_same(_run(setup, 7, devices=1), reference, rtol=1e-6)  # measured 3e-9; psum order
 
 
 def test_runner_values_and_figures(reference):
