@@ -189,3 +189,11 @@ def test_text_options_are_read_as_literals():
   assert options == {"slots": 12}
   assert core._literal("((1, 1), (2, 3))") == ((1, 1), (2, 3))
   assert core._literal("mean") == "mean" and core._literal("0,6") == (0, 6)
+
+
+def test_compile_time_is_counted_once(params, data):
+  analyzer = runner.Analyzer(_toy_forward, ANALYSES, PATCH, device_batch_size=2)
+  analyzer.run(params, [data[:20]], progress=False)
+  first = analyzer.compile_seconds
+  analyzer.run(params, [data[20:40]], progress=False)
+  assert analyzer.compilations == 1 and first > 0 and analyzer.compile_seconds == first

@@ -25,6 +25,7 @@ one-process run. Slots past the last image are padding (weight 0).
   results = analyzer.run(params, batches, plan=plan)
 """
 import dataclasses
+import time
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -109,7 +110,8 @@ class Analyzer:
 
     The step is compiled once per Analyzer (on the first `run`) and reused for every `run`,
     also with other params of the same structure: models of one architecture share it.
-    `compilations` counts the traces.
+    `compilations` counts the traces, `compile_seconds` the wall time of the steps that compiled
+    (tracing, compilation and that first step).
     """
     if device_batch_size < 1:
       raise ClmimError(f"Analyzer: device_batch_size must be >= 1, got {device_batch_size}.")
@@ -129,6 +131,7 @@ class Analyzer:
                     for a in self.analyses}
     self.patch_size = patch_size
     self.compilations = 0
+    self.compile_seconds = 0.0  # wall time of the steps that traced and compiled
     self.mesh = make_mesh() if mesh is None else mesh
     if self.mesh.axis_names != ("data",):
       raise ClmimError(f"Analyzer: the mesh must be 1-D with axis 'data'; got axes "
@@ -287,7 +290,12 @@ class Analyzer:
         if plan is not None and steps == plan.num_steps:
           raise ClmimError(f"Analyzer.run: the batches hold more than the plan's "
                            f"{plan.num_steps} steps.")
+        traced = self.compilations
+        started = time.perf_counter()
         out = self._step(params, *self._put(images, weights, index))
+        if self.compilations > traced:  # this call compiled: time it to the end of its step
+          jax.block_until_ready(out)
+          self.compile_seconds += time.perf_counter() - started
         if pending is not None:
           accumulate(pending)
         pending = out

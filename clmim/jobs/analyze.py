@@ -20,7 +20,8 @@ results.json:
    "analyses": {name: {"options": {...}, "results": {key: {"label", "layout", "x", ...}}}},
    "cka_between_models": {"A ~ B": {"cka_mean_tokens": [stage of A][stage of B], ...}} (when
      cka runs with its between_models option and the run has two trained models),
-   "num_images": N, "compilations": C, "config": {...},
+   "num_images": N, "compilations": C, "compile_seconds": s (the per-model steps' compilation,
+   including their first step), "config": {...},
    "run": {"command", "overrides", "workdir"}, "versions": {...},
    "figures": [exactly this run's figure files]}
 
@@ -111,6 +112,10 @@ class Session:
   @property
   def compilations(self) -> int:
     return sum(a.compilations for a in self._analyzers.values())
+
+  @property
+  def compile_seconds(self) -> float:
+    return sum(a.compile_seconds for a in self._analyzers.values())
 
   def analyze(self, model, images, params=None, quiet=False) -> tuple[dict, dict]:
     started = time.time()
@@ -212,6 +217,7 @@ def run(config, workdir: str, invocation: dict | None = None) -> dict:
   results["analyses"] = describe_analyses(modules, options)
   results["num_images"] = min(r["num_images"] for r in results["models"].values())
   results["compilations"] = compilations
+  results["compile_seconds"] = round(session.compile_seconds, 2)
   results["config"] = config.to_dict()
   results["run"] = invocation or {"command": None, "overrides": [], "workdir": workdir}
   results["versions"] = versions()
