@@ -1,8 +1,10 @@
 """Figures in the paper's style, drawn from the numbers in results.json.
 
-`results` is the runner's dict: {"models": {name: {key: values}}, "model_info": {name: {"family":
-"cl" | "mim" | "random" | "other"}}, "reference": {key: value}}. Colours say the family: contrastive
-models in blues, masked-image models in reds/oranges, untrained baselines grey and dashed.
+`results` is the analysis job's dict: {"models": {name: {key: values}}, "model_info": {name:
+{"family": "cl" | "mim" | "random" | "other", ...}}}. Which curves exist, their labels and
+reference lines come from the analysis modules' `core.Result` declarations. Colours say the
+family: contrastive models in blues, masked-image models in reds/oranges, untrained baselines
+grey and dashed.
 
 Figures are built on `matplotlib.figure.Figure` directly (no pyplot), so nothing touches global
 state or the interactive backend, and each file is written atomically: a temporary file in the
