@@ -90,9 +90,11 @@ def test_cka_between_a_model_and_itself_is_its_own_cka(checkpoint, tmp_path):
   config.models = f"{checkpoint},{checkpoint}?name=copy"
   config.progress = False
   config.data.num_images = 24
+  config.data.max_batches = 2  # the paired pass obeys the same cap as the models' passes
   config.batch_size = 8
   results = analyze.run(config, str(tmp_path / "out"))
   pair = results["cka_between_models"]["simmim_demo ~ copy"]
+  assert pair["num_images"] == results["models"]["copy"]["num_images"] == 16
   own = np.asarray(results["models"]["copy"]["cka_mean_tokens"])
   np.testing.assert_allclose(pair["cka_mean_tokens"], own, rtol=1e-6, atol=1e-9)
   np.testing.assert_allclose(np.diag(own), 1.0, rtol=1e-6)

@@ -109,6 +109,29 @@ class Session:
                                       device_batch_size=self.device_batch, options=self.options)
     return self._analyzers[key]
 
+  def extra_analyzer(self, key, forward, modules, patch_size, options) -> Analyzer:
+    """An Analyzer for another pass over the same data (e.g. two models at once, see
+    `between_models`), with this session's batching and counted in its compilations."""
+    if key not in self._analyzers:
+      self._analyzers[key] = Analyzer(forward, modules, patch_size,
+                                      device_batch_size=self.device_batch, options=options)
+    return self._analyzers[key]
+
+  def stream(self, analyzer: Analyzer, images, params, desc: str, quiet: bool = False) -> dict:
+    """Every image of `images` (up to config.data.max_batches steps) through `analyzer`, with
+    the multi-process plan: what every pass of the job runs."""
+    num_images = len(images)
+    if self.max_batches:
+      num_images = min(num_images, self.max_batches * analyzer.global_batch_size)
+    plan = analyzer.plan(num_images)
+    if jax.process_index() == 0 and not quiet:
+      capped = f" (first {num_images}: max_batches={self.max_batches})" \
+          if num_images < len(images) else ""
+      print(f"{desc}: {images.description}{capped}")
+    batches = images.load_batches(plan.local_indices, analyzer.local_batch_size)
+    return analyzer.run(params, batches, progress=self.progress and not quiet, plan=plan,
+                        desc=desc)
+
   @property
   def compilations(self) -> int:
     return sum(a.compilations for a in self._analyzers.values())
@@ -119,21 +142,10 @@ class Session:
 
   def analyze(self, model, images, params=None, quiet=False) -> tuple[dict, dict]:
     started = time.time()
-    analyzer = self.analyzer(model)
-    num_images = len(images)
-    if self.max_batches:
-      num_images = min(num_images, self.max_batches * analyzer.global_batch_size)
-    plan = analyzer.plan(num_images)
-    if jax.process_index() == 0 and not quiet:
-      capped = f" (first {num_images}: max_batches={self.max_batches})" \
-          if num_images < len(images) else ""
-      print(f"{model.name}: {images.description}{capped}")
-    batches = images.load_batches(plan.local_indices, analyzer.local_batch_size)
     params = model.params if params is None else params
     if getattr(model, "decoder", None) is not None:
       params = {"encoder": params, "decoder": model.decoder["params"]}
-    out = analyzer.run(params, batches,
-                       progress=self.progress and not quiet, plan=plan, desc=model.name)
+    out = self.stream(self.analyzer(model), images, params, model.name, quiet)
     vit = model.vit
     info = {"family": model.family, "source": model.source, **model.info,
             "image_size": vit.image_size, "patch_size": vit.patch_size, "depth": vit.depth,
@@ -209,15 +221,14 @@ def run(config, workdir: str, invocation: dict | None = None) -> dict:
   for model, images in jobs:
     results["models"][model.name], results["model_info"][model.name] = \
         session.analyze(model, images)
-  compilations = session.compilations
+  compile_seconds = session.compile_seconds  # the per-model steps only
   if options.get("cka", {}).get("between_models"):
-    results["cka_between_models"], extra = between_models.cka_between_models(
-        jobs, options["cka"], session.device_batch, config.progress)
-    compilations += extra
+    results["cka_between_models"] = between_models.cka_between_models(jobs, options["cka"],
+                                                                      session)
   results["analyses"] = describe_analyses(modules, options)
   results["num_images"] = min(r["num_images"] for r in results["models"].values())
-  results["compilations"] = compilations
-  results["compile_seconds"] = round(session.compile_seconds, 2)
+  results["compilations"] = session.compilations
+  results["compile_seconds"] = round(compile_seconds, 2)
   results["config"] = config.to_dict()
   results["run"] = invocation or {"command": None, "overrides": [], "workdir": workdir}
   results["versions"] = versions()

@@ -20,7 +20,6 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from clmim.analysis import cka
-from clmim.analysis.runner import Analyzer
 from clmim.models.vit import forward_with_states
 
 
@@ -45,11 +44,12 @@ def _same_input(a, images_a, b, images_b) -> str:
   return ""
 
 
-def cka_between_models(jobs, options: dict, device_batch: int, progress: bool):
-  """({"A ~ B": {"stages": [SA, SB], "cka_<kind>": [SA][SB], ...} or {"skipped": why}},
-  compilations) for every two trained models of `jobs` ([(Model, EvalImages)])."""
+def cka_between_models(jobs, options: dict, session) -> dict:
+  """{"A ~ B": {"stages": [SA, SB], "cka_<kind>": [SA][SB], ...} or {"skipped": why}} for every
+  two trained models of `jobs` ([(Model, EvalImages)]), each pair streamed by the analysis job's
+  `session` (its batching, max_batches and multi-process plan; counted in its compilations)."""
   trained = [(m, images) for m, images in jobs if m.family != "random"]
-  out, compilations = {}, 0
+  out = {}
   for (a, images_a), (b, images_b) in itertools.combinations(trained, 2):
     name = f"{a.name} ~ {b.name}"
     why = _same_input(a, images_a, b, images_b)
@@ -57,20 +57,16 @@ def cka_between_models(jobs, options: dict, device_batch: int, progress: bool):
       out[name] = {"skipped": why}
       continue
     pair_options = {**options, "stages": "all"}
-    analyzer = Analyzer(_paired_forward(a.vit, b.vit), [cka], a.vit.patch_size,
-                        device_batch_size=device_batch, options={"cka": pair_options})
-    plan = analyzer.plan(len(images_a))
-    batches = images_a.load_batches(plan.local_indices, analyzer.local_batch_size)
-    result = analyzer.run((a.params, b.params), batches, progress=progress, plan=plan,
-                          desc=name)
+    analyzer = session.extra_analyzer(("cka pair", name), _paired_forward(a.vit, b.vit), [cka],
+                                      a.vit.patch_size, {"cka": pair_options})
+    result = session.stream(analyzer, images_a, (a.params, b.params), name)
     split = a.vit.depth + 1
     entry = {"stages": [split, b.vit.depth + 1], "num_images": result["num_images"]}
     for kind in cka.feature_kinds(pair_options):
       matrix = np.asarray(result[f"cka_{kind}"], np.float64)
       entry[f"cka_{kind}"] = matrix[:split, split:].tolist()
     out[name] = entry
-    compilations += analyzer.compilations
-  return out, compilations
+  return out
 
 
 def figure(pairs: dict) -> Figure | None:

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from clmim.analysis import core
 from clmim.atomic import write_atomic
 
 
@@ -48,7 +49,6 @@ def curve_tables(results: dict, modules) -> list[tuple[str, list, list]]:
       what = "by stage, emb = embedding" if result.x == "stage" else "by block"
       if result.layout.endswith("[head]"):
         what = "mean over heads, " + what
-      from clmim.analysis import core
       reference = core.reference_value(result, results)
       if reference is not None:
         what += f"; {result.reference_label or 'reference'}: {reference:.3g}"
