@@ -122,9 +122,18 @@ def analysis_base(arg: str, name: str, analyses: str) -> ml_collections.ConfigDi
                                     #   then centre crop; 0 = the model's own (0.875 if unknown)
       interpolation="",             # "bilinear" / "bicubic"; "" = the model's own
       mean="", std="",              # "imagenet", "half" or 3 numbers; "" = the model's own
+      # The probes' other image sets (read by the probing and robustness analyses only):
+      train_split="train",          # synthetic/tfds: the split the probes are fitted on
+      train_path="",                # image_folder: folder of labelled training images (one
+                                    #   sub-folder per class, the classes of config.data.path)
+      num_train_images=4000,        # probe training images, the first in dataset order after
+                                    #   per-class subsampling (0 = all of them)
+      cue_conflict_path="",         # image_folder/tfds: a cue-conflict folder (docs/probing.md
+                                    #   "Cue-conflict images"); synthetic uses its own split
   ))
   if arg == "runlocal":
     config.data.num_images = 64
+    config.data.num_train_images = 256
     config.include_untrained = False
   config.lock()
   return config

@@ -110,6 +110,7 @@ def check_fields(config, mode: str, devices: int) -> None:
     check_int(config, "data.max_batches", 0, why="0 = no cap")
     check_int(config, "data.max_images_per_class", 0, why="0 = all")
     check_int(config, "data.num_workers", 0, why="0 = one per CPU core, at most 8")
+    check_int(config, "data.num_train_images", 0, why="0 = the whole training split")
     if not 0.0 <= float(config.data.fraction_per_class) <= 1.0:
       raise ClmimError(f"config.data.fraction_per_class={config.data.fraction_per_class}: "
                        f"expected a fraction in [0, 1] (0 = all).")

@@ -21,6 +21,17 @@ runner, the jobs, the summary, the figures and the report learn about it only th
       raises ClmimError before any compute when a model cannot be analysed (e.g. no decoder);
       `model` is the registry's `Model` (its `vit`, `decoder`, `name`, ...)
 
+Analyses that need several passes over labelled data (a probe is fitted on training images,
+then evaluated) declare, instead of `partial_sums` and `finalize`:
+
+  def check_data(data, options) -> None
+      opens every image source it will read (`data` is the model's `clmim.data.labelled.
+      ProbeData`) and raises ClmimError when one is missing or has no labels: before any compute
+  def measure(model, data, passes, options) -> dict
+      runs its passes with `passes.run(stage, images, labels, context, desc)` (a `Stage` is a
+      partial_sums/finalize pair streamed like an analysis, see `Stage`) and returns the keys of
+      RESULTS that apply to the data (e.g. no texture probe on a folder with one label)
+
 Per-image selections ("these images", "this query") use `Batch.index`, the image's position in
 the stream: a sum over the batch of `(index == chosen) * value` is that image's value, exactly
 once, whatever the batching and device count.
@@ -38,7 +49,7 @@ import numpy as np
 from clmim.errors import ClmimError
 
 # Modules of clmim/analysis/ that are not analyses.
-_NOT_ANALYSES = {"core", "runner", "common", "plots", "report"}
+_NOT_ANALYSES = {"core", "runner", "common", "plots", "report", "linear_probe"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +69,12 @@ class Batch:
       after-MLP of each decoder block; SimMIM: its one output), else empty.
     decoder_attns: the decoder blocks' attention maps [b, heads, N+1, N+1] (empty for SimMIM's
       block-less decoder and for models without a decoder).
+    images: the model's input [b, H, W, 3] (normalised as the model expects).
+    labels: int32 [b, K], each image's row of the pass's label table (-1 = none or padding;
+      K = 0 when the pass has no labels).
+    context: the pass's replicated pytree (e.g. a fitted probe), or {}.
+    forward: `forward(images) -> (zs, attns, ...)` with this step's params, for analyses that
+      run the model again on changed inputs (e.g. `robustness`).
   """
   zs: Sequence[Any]
   attns: Sequence[Any]
@@ -66,6 +83,10 @@ class Batch:
   patch_size: int
   decoder_zs: Sequence[Any] = ()
   decoder_attns: Sequence[Any] = ()
+  images: Any = None
+  labels: Any = None
+  context: Any = None
+  forward: Optional[Callable] = None
 
 
 def per_block_mean_over_heads(values) -> list:
@@ -82,7 +103,9 @@ class Result:
     label: axis label / table title, with the unit (e.g. "attention distance (px)").
     layout: what the nested lists index, e.g. "[block][head]" or "[stage][frequency]".
     x: what a depth curve's x axis counts: "block" (1 .. depth), "stage" (0 = embedding, then
-      each block) or None when the result is no depth curve.
+      each block), another word for a curve over something else (e.g. "band": drawn by the
+      module's own `figures`; the report's finding uses its second half), or None when the
+      result is no curve.
     series: values -> one float per x position (the curve the summary, the figures, snapshots
       and the report show), or None.
     reference: the value of an uninformative model (e.g. uniform attention), a float, a
@@ -92,6 +115,8 @@ class Result:
     description: one line for the report.
     title: the figure's title (default: the label).
     reference_label: the legend entry of the reference line (e.g. "uniform attention").
+    columns: for a curve that is not over depth (x names another axis, e.g. "band"), a callable
+      (results) -> the label of each position (the summary's column heads), or None.
   """
   key: str
   label: str
@@ -103,6 +128,31 @@ class Result:
   description: str = ""
   title: str = ""
   reference_label: str = ""
+  columns: Optional[Callable] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One pass of a multi-pass analysis, in the shape the runner streams (`NAME`, `OPTIONS`,
+  `partial_sums`, `finalize`).
+
+  Attributes:
+    NAME: a name unique within the pass.
+    key: hashable; the job compiles one step per (architecture, key), so stages with the same
+      key must have the same `partial_sums` (settings that change its shapes belong in it).
+    partial_sums, finalize: as in the module protocol; the options are `OPTIONS`.
+    OPTIONS: the settings `partial_sums` and `finalize` read (static).
+  """
+  NAME: str
+  key: Any
+  partial_sums: Callable
+  finalize: Callable
+  OPTIONS: dict = dataclasses.field(default_factory=dict)
+
+
+def is_multi_pass(module) -> bool:
+  """True for an analysis that runs its own passes (`measure`) instead of one stream."""
+  return hasattr(module, "measure")
 
 
 def available() -> list[str]:
@@ -119,8 +169,8 @@ def load(name: str):
     raise ClmimError(f"config.analyses: unknown analysis {name!r}; expected some of "
                      f"{', '.join(names)}.")
   module = importlib.import_module(f"clmim.analysis.{name}")
-  missing = [a for a in ("NAME", "RESULTS", "OPTIONS", "partial_sums", "finalize")
-             if not hasattr(module, a)]
+  needs = ("measure", "check_data") if is_multi_pass(module) else ("partial_sums", "finalize")
+  missing = [a for a in ("NAME", "RESULTS", "OPTIONS") + needs if not hasattr(module, a)]
   if missing or module.NAME != name:
     raise ClmimError(f"clmim/analysis/{name}.py is not an analysis module (missing "
                      f"{missing or ['NAME == ' + repr(name)]}).")

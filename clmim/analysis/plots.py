@@ -92,7 +92,7 @@ def save(fig: Figure, path) -> str:
   return save_figure_atomic(fig, path, dpi=DPI, bbox_inches="tight")
 
 
-def _finish_axes(ax, xlabel: str, ylabel: str, title: str, legend: bool = True):
+def finish_axes(ax, xlabel: str, ylabel: str, title: str, legend: bool = True):
   ax.set_xlabel(xlabel, fontsize=11)
   ax.set_ylabel(ylabel, fontsize=11)
   ax.set_title(title, fontsize=12)
@@ -138,7 +138,7 @@ def curve_figure(results: dict, result) -> Figure:
     ax.axhline(reference, color="k", linestyle=":", linewidth=1.1,
                label=result.reference_label or "reference")
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-  _finish_axes(ax, "Depth" + (" (0 = embedding)" if result.x == "stage" else ""), result.label,
+  finish_axes(ax, "Depth" + (" (0 = embedding)" if result.x == "stage" else ""), result.label,
                result.title or result.label)
   return fig
 
@@ -169,21 +169,21 @@ def fourier_figure(results: dict) -> Figure:
     freqs = 2 * math.pi * np.arange(rows.shape[1]) / grid
     ax_freq.plot(freqs, rows[-1], linewidth=1.8, **kw)
   ax_depth.xaxis.set_major_locator(MaxNLocator(integer=True))
-  _finish_axes(ax_depth, "Depth", "ΔLog amplitude (highest frequency)",
+  finish_axes(ax_depth, "Depth", "ΔLog amplitude (highest frequency)",
                "High-frequency amplitude vs depth", legend=False)
   ax_freq.set_xlim(0, math.pi)
   ax_freq.set_xticks([0, math.pi / 2, math.pi], ["0", "π/2", "π"])
-  _finish_axes(ax_freq, "Frequency", "ΔLog amplitude", "Last stage: ΔLog amplitude")
+  finish_axes(ax_freq, "Frequency", "ΔLog amplitude", "Last stage: ΔLog amplitude")
   fig.tight_layout()
   return fig
 
 
 def analysis_figures(results: dict, module, options: dict) -> Dict[str, Figure]:
   """{file name: Figure} of one analysis module: one depth-curve figure per Result that has a
-  series and values in `results` ("<key>.png"), plus the module's own `figures`, which replace
+  series over blocks or stages and values in `results` ("<key>.png"), plus the module's own `figures`, which replace
   a curve figure of the same name (e.g. fourier.png's two panels)."""
   out = {f"{r.key}.png": curve_figure(results, r) for r in module.RESULTS
-         if r.series is not None and _models_with(results, r.key)}
+         if r.series is not None and r.x in ("block", "stage") and _models_with(results, r.key)}
   if hasattr(module, "figures"):
     out.update(module.figures(results, options))
   return out

@@ -89,6 +89,31 @@ def _as_images_and_weights(batch):
   return images, weights
 
 
+def _label_table(labels):
+  """The `labels` argument of `Analyzer.run` as int32 [n, K] (K = 0 when None)."""
+  if labels is None:
+    return np.zeros((0, 0), np.int32)
+  table = np.asarray(labels)
+  if table.ndim == 1:
+    table = table[:, None]
+  if table.ndim != 2 or not np.issubdtype(table.dtype, np.integer):
+    raise ClmimError(f"Analyzer.run: labels must be an integer table [num_images, K]; got "
+                     f"{table.dtype} of shape {table.shape}.")
+  return table.astype(np.int32)
+
+
+def _label_rows(table, index):
+  """Rows of `table` at the stream positions `index` (-1 rows for padding, index -1)."""
+  rows = np.full((len(index), table.shape[1]), PAD, np.int32)
+  real = index != PAD
+  if table.shape[1] and real.any():
+    if index[real].max() >= len(table):
+      raise ClmimError(f"Analyzer.run: image {int(index[real].max())} has no row in the labels "
+                       f"table of {len(table)} rows.")
+    rows[real] = table[index[real]]
+  return rows
+
+
 class Analyzer:
   """Runs several analyses over a stream of image batches in one sharded pass per batch."""
 
@@ -142,21 +167,23 @@ class Analyzer:
     self._batch_sharding = NamedSharding(self.mesh, P("data"))
     self._replicated = NamedSharding(self.mesh, P())
 
-    def local_step(params, images, weights, index):
+    def local_step(params, context, images, weights, index, labels):
       self.compilations += 1  # runs when traced, not per step
       states = tuple(forward_fn(params, images))
       if len(states) not in (2, 4):
         raise ClmimError(f"Analyzer: forward_fn must return (zs, attns) or (zs, attns, "
                          f"decoder_zs, decoder_attns); got {len(states)} values.")
-      batch = core.Batch(states[0], states[1], weights, index, patch_size, *states[2:])
+      batch = core.Batch(states[0], states[1], weights, index, patch_size, *states[2:],
+                         images=images, labels=labels, context=context,
+                         forward=lambda x: tuple(forward_fn(params, x)))
       sums = {a.NAME: a.partial_sums(batch, self.options[a.NAME]) for a in self.analyses}
       sums[_COUNT] = (weights > 0).sum().astype(np.float32)
       return jax.lax.psum(sums, "data")
 
     # Built once, so repeated `run` calls (and new params of the same structure) reuse the jit.
     self._step = jax.jit(jax.shard_map(
-        local_step, mesh=self.mesh, in_specs=(P(), P("data"), P("data"), P("data")),
-        out_specs=P()))
+        local_step, mesh=self.mesh,
+        in_specs=(P(), P(), P("data"), P("data"), P("data"), P("data")), out_specs=P()))
 
   @property
   def local_batch_size(self) -> int:
@@ -186,14 +213,16 @@ class Analyzer:
     local = np.where(slots < num_images, slots, PAD).astype(np.int64)
     return Plan(int(num_images), steps, global_batch, local)
 
-  def _chunks(self, batches, num_images, plan=None):
-    """Re-cuts the stream into (images, weights, index) pieces of exactly the fixed local batch.
+  def _chunks(self, batches, num_images, plan=None, labels=None):
+    """Re-cuts the stream into (images, weights, index, labels) pieces of exactly the fixed local
+    batch.
 
     Every device always sees `device_batch_size` images, whatever the incoming batch sizes and
     device count, so each image goes through the same compiled computation: that is what makes
     results independent of batching (a matmul rounds differently for different batch shapes).
     `index` is each image's position in the stream (the plan's slots, or the count of real
-    images so far), -1 for padding. Only the last piece is short; `_put` pads it.
+    images so far), -1 for padding; `labels` [piece, K] are the rows of the `labels` table at
+    those positions (-1 for padding). Only the last piece is short; `_put` pads it.
     """
     seen, real_seen, slots, buffer, buffered = 0, 0, 0, [], 0
     local_batch = self.local_batch_size
@@ -224,28 +253,30 @@ class Analyzer:
         real_seen += int(real.sum())
       seen += len(images)
       slots += len(images)
-      buffer.append((images, weights, index))
+      buffer.append((images, weights, index, _label_rows(labels, index)))
       buffered += len(images)
       while buffered >= local_batch:
-        parts = [np.concatenate([b[i] for b in buffer]) for i in range(3)]
+        parts = [np.concatenate([b[i] for b in buffer]) for i in range(4)]
         yield tuple(p[:local_batch] for p in parts)
         buffer = [tuple(p[local_batch:] for p in parts)]
         buffered -= local_batch
     if buffered:
-      yield tuple(np.concatenate([b[i] for b in buffer]) for i in range(3))
+      yield tuple(np.concatenate([b[i] for b in buffer]) for i in range(4))
 
-  def _put(self, images, weights, index):
-    """Pads one piece to the fixed local batch (zeros, weight 0, index -1) and shards it."""
+  def _put(self, images, weights, index, labels):
+    """Pads one piece to the fixed local batch (zeros, weight 0, index and labels -1) and
+    shards it."""
     pad = self.local_batch_size - len(images)
     if pad:
       images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
       weights = np.concatenate([weights, np.zeros(pad, weights.dtype)])
       index = np.concatenate([index, np.full(pad, PAD, np.int32)])
+      labels = np.concatenate([labels, np.full((pad,) + labels.shape[1:], PAD, np.int32)])
     put = jax.make_array_from_process_local_data
-    return (put(self._batch_sharding, images), put(self._batch_sharding, weights),
-            put(self._batch_sharding, index))
+    return tuple(put(self._batch_sharding, x) for x in (images, weights, index, labels))
 
-  def run(self, params, batches, num_images=None, progress=True, plan=None, desc="analysis"):
+  def run(self, params, batches, num_images=None, progress=True, plan=None, desc="analysis",
+          labels=None, context=None):
     """Analyses every image of `batches` and returns the merged results.
 
     Args:
@@ -260,6 +291,12 @@ class Analyzer:
       plan: from `self.plan(...)`; required when there are several processes, so that every
         process runs the same number of steps.
       desc: the progress bar's label (the model's name in the analysis job).
+      labels: optional int table [num_images, K] (or [num_images]) indexed by the image's
+        position in the stream (the plan's global order): each image's row reaches the analyses
+        as `Batch.labels` (-1 = no label; padding gets -1). Default: K = 0 columns.
+      context: optional pytree of arrays, replicated on every device, that the analyses read as
+        `Batch.context` (e.g. a fitted probe's weights). Its shapes are part of the compiled
+        step: a new shape compiles again, new values of the same shape do not.
 
     Returns:
       The union of every analysis' `finalize` dict, plus "num_images" (images with weight > 0,
@@ -272,6 +309,8 @@ class Analyzer:
       num_images = None
     # Works across processes too: every process holds the same params (same file, same seed).
     params = jax.device_put(params, self._replicated)
+    context = jax.device_put({} if context is None else context, self._replicated)
+    labels = _label_table(labels)
     totals = {a.NAME: None for a in self.analyses}
     totals[_COUNT] = None
     bar = tqdm.tqdm(total=plan.num_images if plan is not None else num_images, unit="img",
@@ -286,13 +325,13 @@ class Analyzer:
     pending = None  # keep one step in flight so the host work overlaps the device work
     steps = 0
     try:
-      for images, weights, index in self._chunks(batches, num_images, plan):
+      for images, weights, index, rows in self._chunks(batches, num_images, plan, labels):
         if plan is not None and steps == plan.num_steps:
           raise ClmimError(f"Analyzer.run: the batches hold more than the plan's "
                            f"{plan.num_steps} steps.")
         traced = self.compilations
         started = time.perf_counter()
-        out = self._step(params, *self._put(images, weights, index))
+        out = self._step(params, context, *self._put(images, weights, index, rows))
         if self.compilations > traced:  # this call compiled: time it to the end of its step
           jax.block_until_ready(out)
           self.compile_seconds += time.perf_counter() - started

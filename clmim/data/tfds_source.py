@@ -135,6 +135,7 @@ class TfdsImages:
     except Exception as e:  # noqa: BLE001 (TFDS raises many types for "not there")
       info = self._open_unprepared_or_tfrecord(tfds, e, where)
     features = info.features
+    self._features = features
     self.image_key = _feature_key(features, tfds.features.Image, "image", name, True)
     self.label_key = _feature_key(features, tfds.features.ClassLabel, "label", name, False)
     if self._decoded is not None:
@@ -219,6 +220,12 @@ class TfdsImages:
       labels = [int(ex[key]) for ex in self._tf_examples()]
     self._labels = np.asarray(labels, np.int64)
     return self._labels
+
+  def class_names(self) -> tuple:
+    """The names of the label ids (the ClassLabel's names), or their numbers when it has none."""
+    feature = self._features[self.label_key]
+    names = list(getattr(feature, "names", None) or [])
+    return tuple(names) if names else tuple(str(i) for i in range(int(feature.num_classes)))
 
   def _decode(self, data, position) -> np.ndarray:
     try:

@@ -46,6 +46,7 @@ from clmim.analysis.runner import Analyzer
 from clmim.atomic import write_atomic, write_json_atomic
 from clmim.checkpoints import registry
 from clmim.data.eval_data import EvalImages
+from clmim.data.labelled import ProbeData
 from clmim.errors import ClmimError
 from clmim.jobs import between_models, report
 from clmim.models.heads import forward_with_decoder
@@ -87,7 +88,11 @@ class Session:
   """
 
   def __init__(self, modules, options, batch_size: int, progress: bool, max_batches: int = 0):
-    self.modules, self.options = modules, options
+    # Multi-pass analyses (probing, robustness) run their own passes (`measure`); the others
+    # share the one stream per model.
+    self.modules = [m for m in modules if not core.is_multi_pass(m)]
+    self.multi_pass = [m for m in modules if core.is_multi_pass(m)]
+    self.options = options
     self.device_batch = batch_size // jax.device_count()  # exact: preflight checked it
     self.progress, self.max_batches = progress, max_batches
     self._analyzers = {}
@@ -117,9 +122,17 @@ class Session:
                                       device_batch_size=self.device_batch, options=options)
     return self._analyzers[key]
 
-  def stream(self, analyzer: Analyzer, images, params, desc: str, quiet: bool = False) -> dict:
+  def stage_analyzer(self, model, stage) -> Analyzer:
+    """The Analyzer of one multi-pass stage on `model`'s architecture (encoder only)."""
+    key = ("stage", stage.key) + tuple(sorted(vit_fields(model.vit).items()))
+    return self.extra_analyzer(key, functools.partial(forward_with_states, model.vit), [stage],
+                               model.vit.patch_size, {stage.NAME: stage.OPTIONS})
+
+  def stream(self, analyzer: Analyzer, images, params, desc: str, quiet: bool = False,
+             labels=None, context=None) -> dict:
     """Every image of `images` (up to config.data.max_batches steps) through `analyzer`, with
-    the multi-process plan: what every pass of the job runs."""
+    the multi-process plan: what every pass of the job runs. `labels` and `context` go to
+    `Analyzer.run`."""
     num_images = len(images)
     if self.max_batches:
       num_images = min(num_images, self.max_batches * analyzer.global_batch_size)
@@ -130,7 +143,7 @@ class Session:
       print(f"{desc}: {images.description}{capped}")
     batches = images.load_batches(plan.local_indices, analyzer.local_batch_size)
     return analyzer.run(params, batches, progress=self.progress and not quiet, plan=plan,
-                        desc=desc)
+                        desc=desc, labels=labels, context=context)
 
   @property
   def compilations(self) -> int:
@@ -140,12 +153,23 @@ class Session:
   def compile_seconds(self) -> float:
     return sum(a.compile_seconds for a in self._analyzers.values())
 
-  def analyze(self, model, images, params=None, quiet=False) -> tuple[dict, dict]:
+  def analyze(self, model, images, params=None, quiet=False, probe_data=None) -> tuple[dict,
+                                                                                     dict]:
+    """Runs every analysis on `model`: the one-stream analyses over `images`, then each
+    multi-pass analysis' `measure` with `probe_data` (the model's `ProbeData`)."""
     started = time.time()
     params = model.params if params is None else params
-    if getattr(model, "decoder", None) is not None:
-      params = {"encoder": params, "decoder": model.decoder["params"]}
-    out = self.stream(self.analyzer(model), images, params, model.name, quiet)
+    out = {}
+    if self.modules:
+      both = params
+      if getattr(model, "decoder", None) is not None:
+        both = {"encoder": params, "decoder": model.decoder["params"]}
+      out = self.stream(self.analyzer(model), images, both, model.name, quiet)
+    passes = Passes(self, model, params, quiet)
+    for module in self.multi_pass:
+      measured = module.measure(model, probe_data, passes, self.options[module.NAME])
+      out.update({k: v for k, v in measured.items() if k != "num_images"})
+    out.setdefault("num_images", passes.num_images)
     vit = model.vit
     info = {"family": model.family, "source": model.source, **model.info,
             "image_size": vit.image_size, "patch_size": vit.patch_size, "depth": vit.depth,
@@ -155,6 +179,28 @@ class Session:
             "preprocessing": model.preprocessing, "data": images.description,
             "seconds": round(time.time() - started, 2)}
     return out, info
+
+
+class Passes:
+  """What a multi-pass analysis' `measure` runs its passes with, for one model.
+
+  `run(stage, images, labels, context, desc)` streams `images` (an `EvalImages`) through the
+  model and `stage` on all devices (one compiled step per architecture and stage key) and
+  returns the stage's `finalize` output; `cache` holds what several analyses of this model
+  share (e.g. fitted probes); `num_images` is the size of the largest pass.
+  """
+
+  def __init__(self, session: Session, model, params, quiet: bool):
+    self.session, self.model, self.params, self.quiet = session, model, params, quiet
+    self.cache = {}
+    self.num_images = 0
+
+  def run(self, stage, images, labels, context, desc: str) -> dict:
+    analyzer = self.session.stage_analyzer(self.model, stage)
+    out = self.session.stream(analyzer, images, self.params, f"{self.model.name}: {desc}",
+                              self.quiet, labels=labels, context=context)
+    self.num_images = max(self.num_images, out["num_images"])
+    return out
 
 
 def resolve_models(config) -> list:
@@ -179,15 +225,23 @@ def resolve_models(config) -> list:
   return jobs
 
 
-def check_models(modules, options, jobs) -> None:
-  """Each analysis' own `check` on every model (e.g. a decoder it needs), before any compute."""
+def check_models(modules, options, jobs, data_cfg=None) -> dict:
+  """Each analysis' own `check` on every model (e.g. a decoder it needs), and the multi-pass
+  analyses' `check_data` (which opens their image sets), before any compute. Returns
+  {model name: ProbeData} (empty when no multi-pass analysis runs)."""
+  probe_data = {}
   for module in modules:
-    if hasattr(module, "check"):
-      for model, _ in jobs:
-        try:
+    for model, _ in jobs:
+      try:
+        if hasattr(module, "check"):
           module.check(model, options[module.NAME])
-        except ClmimError as e:
-          raise ClmimError(f"analysis {module.NAME!r} on model {model.name!r}: {e}") from None
+        if core.is_multi_pass(module):
+          if model.name not in probe_data:
+            probe_data[model.name] = ProbeData(data_cfg, model.preprocessing)
+          module.check_data(probe_data[model.name], options[module.NAME])
+      except ClmimError as e:
+        raise ClmimError(f"analysis {module.NAME!r} on model {model.name!r}: {e}") from None
+  return probe_data
 
 
 def remove_previous_outputs(workdir: str) -> list[str]:
@@ -213,14 +267,14 @@ def run(config, workdir: str, invocation: dict | None = None) -> dict:
   preflight.check_run(config, workdir, jax.device_count())
   modules, options = analysis_setup(config.analyses, config.get("analysis_options"))
   jobs = resolve_models(config)
-  check_models(modules, options, jobs)
+  probe_data = check_models(modules, options, jobs, config.data)
 
   session = Session(modules, options, config.batch_size, config.progress,
                     int(config.data.max_batches))
   results = {"models": {}, "model_info": {}}
   for model, images in jobs:
     results["models"][model.name], results["model_info"][model.name] = \
-        session.analyze(model, images)
+        session.analyze(model, images, probe_data=probe_data.get(model.name))
   compile_seconds = session.compile_seconds  # the per-model steps only
   if options.get("cka", {}).get("between_models"):
     results["cka_between_models"] = between_models.cka_between_models(jobs, options["cka"],

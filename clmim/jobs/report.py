@@ -24,7 +24,7 @@ from clmim.atomic import write_atomic
 
 def later_half(result, values) -> float:
   """Mean of a depth curve over the later half of the blocks (a stage curve's embedding entry,
-  stage 0, is not a block)."""
+  stage 0, is not a block); of another curve (e.g. over noise bands), over its second half."""
   curve = np.asarray(result.series(values), np.float64)
   if result.x == "stage":
     curve = curve[1:]
@@ -46,7 +46,11 @@ def curve_tables(results: dict, modules) -> list[tuple[str, list, list]]:
       length = max(len(v) for _, _, v in rows)
       columns = (["emb"] + [str(i) for i in range(1, length)]) if result.x == "stage" else \
           [str(i) for i in range(1, length + 1)]
-      what = "by stage, emb = embedding" if result.x == "stage" else "by block"
+      what = {"stage": "by stage, emb = embedding", "block": "by block"}.get(
+          result.x, f"by {result.x}")
+      labels = result.columns(results) if result.columns is not None else None
+      if labels is not None and len(labels) == length:
+        columns = list(labels)
       if result.layout.endswith("[head]"):
         what = "mean over heads, " + what
       reference = core.reference_value(result, results)
@@ -100,7 +104,8 @@ def summary(results: dict, modules) -> str:
     lines += _table_lines(columns, rows)
   found = findings(results, modules)
   if found:
-    lines.append("Findings (mean over the later half of the blocks):")
+    lines.append("Findings (mean over the later half of the blocks; of noise bands: the higher "
+                 "half):")
     for f in found:
       values = ", ".join(f"{n} {v:.3f}" + (f" [{f['verdicts'][n]}]" if n in f["verdicts"] else "")
                          for n, v in f["values"].items())
@@ -126,7 +131,8 @@ def _blocks(results: dict, modules) -> list[tuple]:
         if n in f["values"] else "" for n in names] +
         [{True: "yes", False: "**no**", None: "—"}[f["as_in_paper"]]] for f in found]
     blocks += [("h2", "Findings"),
-               ("p", "Mean over the later half of the blocks. A model is CL-like (MIM-like) on "
+               ("p", "Mean over the later half of the blocks (over noise bands: the higher-"
+                     "frequency half). A model is CL-like (MIM-like) on "
                      "a finding when its value is nearer the first contrastive (masked-image) "
                      "model's; the last column says whether that pair shows the paper's "
                      "direction."),

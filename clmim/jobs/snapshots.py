@@ -23,6 +23,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from clmim import preflight
+from clmim.analysis import core
 from clmim.atomic import save_figure_atomic, write_json_atomic
 from clmim.checkpoints.registry import Model
 from clmim.data.eval_data import EvalImages
@@ -54,6 +55,11 @@ def run(config, workdir: str) -> dict:
   if not steps:
     raise ClmimError(f"No checkpoints in {workdir}/checkpoints to analyse.")
   modules, options = analysis_setup(config.snapshot_analyses, None)
+  several = [m.NAME for m in modules if core.is_multi_pass(m)]
+  if several:
+    raise ClmimError(f"config.snapshot_analyses: {several[0]!r} fits probes on labelled images "
+                     f"in several passes, which snapshots do not run; analyse exported "
+                     f"checkpoints with --config.mode=analyze (configs/probing.py) instead.")
   objective = trainer.load_objective(config)
   manager = trainer.checkpoint_manager(workdir, config.keep_checkpoints)
   template, _, _ = trainer.initial_state(config, objective)

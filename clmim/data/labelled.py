@@ -1,0 +1,114 @@
+"""The labelled image sets a probe needs, for one model: training, evaluation, cue-conflict.
+
+`ProbeData(config.data, preprocessing)` opens them lazily (each once) and checks their labels;
+an analysis calls its getters in `check_data`, so a missing folder or a set without labels is
+reported before any compute.
+
+  source        training images                      evaluation images      cue-conflict images
+  synthetic     split data.train_split (shape and    split data.split       split "cue_conflict"
+                texture drawn independently; or
+                "aligned": texture = the shape's)
+  image_folder  folder data.train_path               folder data.path       folder data.cue_conflict_path
+  tfds          split data.train_split               split data.split       folder data.cue_conflict_path
+
+Targets (the label columns a probe is fitted to): synthetic "shape" and "texture"; otherwise
+"label". The cue-conflict decision — does the probe name the image's shape or its texture? —
+needs a probe whose classes are both: on synthetic data the "shape" probe of the aligned
+training set (class k = shape k with texture k), otherwise the "label" probe, whose class names
+the cue-conflict folder's shape and texture classes must be among.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+from clmim.data.eval_data import EvalImages, Labels
+from clmim.errors import ClmimError
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledImages:
+  """An image stream and its labels (row i = image i)."""
+  images: EvalImages
+  labels: Labels
+
+  def column(self, name: str) -> np.ndarray:
+    """The labels of column `name` [n] int64."""
+    return self.labels.values[:, self.labels.columns.index(name)]
+
+  @property
+  def description(self) -> str:
+    return self.images.description
+
+
+class ProbeData:
+  """The labelled sets of one model's preprocessing (see the module docstring)."""
+
+  def __init__(self, data_cfg, preprocessing: dict):
+    self.cfg, self.preprocessing = data_cfg, preprocessing
+    self.synthetic = data_cfg.source == "synthetic"
+    self.targets = ("shape", "texture") if self.synthetic else ("label",)
+    # (training pairing, target) of the probe that makes the cue-conflict decision.
+    self.decision = ("aligned", "shape") if self.synthetic else ("independent", "label")
+    self._opened = {}
+
+  def _open(self, key, **overrides) -> LabelledImages:
+    if key not in self._opened:
+      images = EvalImages(self.cfg, self.preprocessing, **overrides)
+      labels = images.labels()
+      self._opened[key] = LabelledImages(images, labels)
+    return self._opened[key]
+
+  def train(self, pairing: str = "independent") -> LabelledImages:
+    """The images the probes are fitted on."""
+    count = int(self.cfg.num_train_images)
+    if self.synthetic:
+      return self._open(("train", pairing), split=self.cfg.train_split, num_images=count,
+                        pairing=pairing)
+    if self.cfg.source == "image_folder":
+      if not self.cfg.train_path:
+        raise ClmimError("config.data.train_path is empty: a probe is fitted on labelled "
+                         "training images; set it to a folder with one sub-folder per class "
+                         "(the classes of config.data.path).")
+      opened = self._open(("train", pairing), path=self.cfg.train_path, num_images=count)
+    else:
+      opened = self._open(("train", pairing), split=self.cfg.train_split, num_images=count)
+    evaluation = self.evaluation()
+    if opened.labels.classes["label"] != evaluation.labels.classes["label"]:
+      raise ClmimError(f"the probes' training images ({opened.description}) and evaluation "
+                       f"images ({evaluation.description}) have different classes: expected "
+                       "the same class names in the same order.")
+    return opened
+
+  def evaluation(self, pairing: str = "independent") -> LabelledImages:
+    """The images the probes are tested on (config.data's stream)."""
+    if self.synthetic:
+      return self._open(("evaluation", pairing), pairing=pairing)
+    return self._open(("evaluation", pairing))
+
+  def cue_conflict(self) -> Optional[LabelledImages]:
+    """The cue-conflict images with columns ("shape", "texture") as class ids of the decision
+    probe; None when the source has none (a folder or TFDS run without cue_conflict_path)."""
+    if self.synthetic:
+      return self._open(("cue_conflict",), split="cue_conflict")
+    if not self.cfg.cue_conflict_path:
+      return None
+    if ("cue_conflict",) in self._opened:
+      return self._opened[("cue_conflict",)]
+    opened = self._open(("cue_conflict_raw",), source="image_folder",
+                        path=self.cfg.cue_conflict_path, num_images=0, cue_conflict=True)
+    classes = self.train().labels.classes["label"]
+    folder = opened.labels.classes["shape"]
+    missing = [c for c in folder if c not in classes]
+    if missing:
+      raise ClmimError(f"config.data.cue_conflict_path: class {missing[0]!r} of "
+                       f"{self.cfg.cue_conflict_path!r} is not a class of the probes' training "
+                       f"images ({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}); "
+                       "the decision probe can only name classes it was trained on.")
+    remap = np.asarray([classes.index(c) for c in folder], np.int64)
+    values = remap[opened.labels.values]
+    labels = Labels(("shape", "texture"), values, {"shape": classes, "texture": classes})
+    self._opened[("cue_conflict",)] = LabelledImages(opened.images, labels)
+    return self._opened[("cue_conflict",)]
