@@ -30,7 +30,8 @@ then evaluated) declare, instead of `partial_sums` and `finalize`:
   def measure(model, data, passes, options) -> dict
       runs its passes with `passes.run(stage, images, labels, context, desc)` (a `Stage` is a
       partial_sums/finalize pair streamed like an analysis, see `Stage`) and returns the keys of
-      RESULTS that apply to the data (e.g. no texture probe on a folder with one label)
+      RESULTS that apply to the data (e.g. no texture probe on a folder with one label) and
+      "num_images", the number of evaluation images
 
 Per-image selections ("these images", "this query") use `Batch.index`, the image's position in
 the stream: a sum over the batch of `(index == chosen) * value` is that image's value, exactly

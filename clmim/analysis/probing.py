@@ -53,6 +53,8 @@ OPTIONS = {"features": "cls,mean_tokens", "holdout_fraction": 0.1,
 KINDS = ("cls", "mean_tokens")
 TARGETS = ("shape", "texture", "label")
 _GOLDEN = (5 ** 0.5 - 1) / 2
+# Moments and probe scores in full float32: GPUs otherwise multiply in TF32 (~1e-3 relative).
+_HIGHEST = jax.lax.Precision.HIGHEST
 _KIND_LABEL = {"cls": "cls token", "mean_tokens": "mean patch token"}
 
 
@@ -163,10 +165,10 @@ def _fit_sums(targets, batch, options):
     xw = x * w[None, None, :, None]
     out[f"n{p}"] = w.sum()
     out[f"sx{p}"] = xw.sum(2)
-    out[f"sxx{p}"] = jnp.einsum("lkbd,lkbe->lkde", xw, x)
+    out[f"sxx{p}"] = jnp.einsum("lkbd,lkbe->lkde", xw, x, precision=_HIGHEST)
     for t, (name, classes) in enumerate(targets):
       y = jax.nn.one_hot(batch.labels[:, 1 + t], classes, dtype=jnp.float32)
-      out[f"sxy{p}_{name}"] = jnp.einsum("lkbd,bc->lkdc", xw, y)
+      out[f"sxy{p}_{name}"] = jnp.einsum("lkbd,bc->lkdc", xw, y, precision=_HIGHEST)
       out[f"sy{p}_{name}"] = (y * w[:, None]).sum(0)
   return out
 
@@ -229,7 +231,7 @@ def _eval_sums(pairs, batch, options):
   for index, (target, column) in enumerate(pairs):
     if target not in predictions:
       w, b = batch.context[target]["weights"], batch.context[target]["bias"]
-      logits = jnp.einsum("lkbd,lkdc->lkbc", x, w) + b[:, :, None, :]
+      logits = jnp.einsum("lkbd,lkdc->lkbc", x, w, precision=_HIGHEST) + b[:, :, None, :]
       predictions[target] = jnp.argmax(logits, axis=-1)
     y = batch.labels[:, column]
     valid = batch.weights * (y >= 0)
@@ -296,6 +298,7 @@ def measure(model, data, passes, options) -> dict:
   if conflict is not None:
     out.update(_shape_bias(data, passes, options, conflict, kinds, picked, details))
   out["probing_details"] = details
+  out["num_images"] = details["targets"][data.targets[0]]["evaluation_images"]
   return out
 
 

@@ -149,7 +149,8 @@ def _noisy_sums(block, kind, seed, batch, options):
 
   def hits(zs):
     x = probing.block_features(zs, kinds=(probing.KINDS[k],), blocks=(block,))[0, 0]
-    return ((jnp.argmax(x @ w + b, axis=-1) == y) * valid).sum()
+    scores = jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST) + b
+    return ((jnp.argmax(scores, axis=-1) == y) * valid).sum()
 
   index = jnp.maximum(batch.index, 0)  # padding (-1) has weight 0; any key will do
   shape = batch.images.shape[1:]
@@ -187,6 +188,7 @@ def measure(model, data, passes, options) -> dict:
   noisy = np.asarray(sums["noisy"], np.float64) / count
   bands = len(options["bands"])
   return {
+      "num_images": int(round(float(sums["count"]))),
       "band_noise_drop": (clean - noisy[:bands]).tolist(),
       "white_noise_drop": (clean - noisy[bands:]).tolist(),
       "robustness_details": {

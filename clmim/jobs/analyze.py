@@ -167,9 +167,10 @@ class Session:
       out = self.stream(self.analyzer(model), images, both, model.name, quiet)
     passes = Passes(self, model, params, quiet)
     for module in self.multi_pass:
-      measured = module.measure(model, probe_data, passes, self.options[module.NAME])
-      out.update({k: v for k, v in measured.items() if k != "num_images"})
-    out.setdefault("num_images", passes.num_images)
+      measured = dict(module.measure(model, probe_data, passes, self.options[module.NAME]))
+      evaluated = measured.pop("num_images")  # its evaluation images (not its training ones)
+      out.update(measured)
+      out.setdefault("num_images", evaluated)
     vit = model.vit
     info = {"family": model.family, "source": model.source, **model.info,
             "image_size": vit.image_size, "patch_size": vit.patch_size, "depth": vit.depth,
@@ -187,20 +188,17 @@ class Passes:
   `run(stage, images, labels, context, desc)` streams `images` (an `EvalImages`) through the
   model and `stage` on all devices (one compiled step per architecture and stage key) and
   returns the stage's `finalize` output; `cache` holds what several analyses of this model
-  share (e.g. fitted probes); `num_images` is the size of the largest pass.
+  share (e.g. fitted probes).
   """
 
   def __init__(self, session: Session, model, params, quiet: bool):
     self.session, self.model, self.params, self.quiet = session, model, params, quiet
     self.cache = {}
-    self.num_images = 0
 
   def run(self, stage, images, labels, context, desc: str) -> dict:
     analyzer = self.session.stage_analyzer(self.model, stage)
-    out = self.session.stream(analyzer, images, self.params, f"{self.model.name}: {desc}",
-                              self.quiet, labels=labels, context=context)
-    self.num_images = max(self.num_images, out["num_images"])
-    return out
+    return self.session.stream(analyzer, images, self.params, f"{self.model.name}: {desc}",
+                               self.quiet, labels=labels, context=context)
 
 
 def resolve_models(config) -> list:
