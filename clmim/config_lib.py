@@ -106,7 +106,7 @@ def analysis_base(arg: str, name: str, analyses: str) -> ml_collections.ConfigDi
       num_images=512,               # images per model, the first ones in dataset order after
                                     #   per-class subsampling (0 = all of them)
       max_batches=0,                # cap: at most this many steps of batch_size images per
-                                    #   model (0 = no cap)
+                                    #   model and pass (probes: per image set; 0 = no cap)
       seed=0,                       # synthetic dataset seed
       path="",                      # image_folder: root with one sub-folder per class
       tfds_name="",                 # tfds: dataset name, e.g. "imagenet2012", "imagenette",

@@ -44,6 +44,8 @@ def no_compute(monkeypatch):
 
 def test_procedural_probes_bias_and_robustness_in_one_run(tmp_path, capsys):
   config = _config()
+  config.batch_size = 64
+  config.data.max_batches = 1  # caps every pass: 64 of the 96 training images
   results = analyze.run(config, str(tmp_path))
   out = capsys.readouterr().out
   # probing and robustness share the probe fit: one pass over the training images.
@@ -53,7 +55,7 @@ def test_procedural_probes_bias_and_robustness_in_one_run(tmp_path, capsys):
               "probe_texture_mean_tokens", "shape_bias_cls", "shape_bias_mean_tokens"):
     assert len(values[key]) == 2 and all(0 <= v <= 1 for v in values[key]), key
   details = values["probing_details"]
-  assert details["targets"]["shape"]["train_images"] == 96
+  assert details["targets"]["shape"]["train_images"] == 64
   assert details["targets"]["shape"]["evaluation_images"] == 40
   assert details["cue_conflict"]["images"] == 40
   assert len(details["cue_conflict"]["decision_top1"]) == 2

@@ -89,8 +89,9 @@ def fit(m: Moments, alpha: float) -> tuple[np.ndarray, np.ndarray]:
 
 def squared_error(w: np.ndarray, b: np.ndarray, m: Moments) -> float:
   """Σ_i ||Wᵀ x_i + b - y_i||² over the set with moments `m`, exactly."""
-  value = (np.einsum("dc,de,ec->", w, m.sxx, w) + 2 * b @ (w.T @ m.sx) + m.n * b @ b
-           - 2 * np.einsum("dc,dc->", w, m.sxy) - 2 * b @ m.sy + m.syy)
+  # tr(Wᵀ Sxx W) as a sum of (Sxx W) ∘ W: two matmul-sized steps, not a three-operand loop.
+  value = (np.sum((m.sxx @ w) * w) + 2 * b @ (w.T @ m.sx) + m.n * b @ b
+           - 2 * np.sum(w * m.sxy) - 2 * b @ m.sy + m.syy)
   return float(value)
 
 

@@ -172,6 +172,11 @@ class EvalImages:
     values = np.asarray(self.dataset.labels(), np.int64)[self._positions]
     return Labels(("label",), values[:, None], {"label": self.dataset.class_names()})
 
+  @property
+  def positions(self) -> np.ndarray:
+    """The dataset index of each image of the stream, in stream order."""
+    return self._positions
+
   def _synthetic(self, position: int) -> np.ndarray:
     return (self.dataset[int(position)]["image"] - self.mean) / self.std
 

@@ -79,8 +79,25 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
   return rng.uniform(0.0, 1.0, size=3).astype(np.float32)
 
 
-def render(shape: str, texture: str, rng: np.random.Generator, image_size: int) -> np.ndarray:
-  """One image [S, S, 3] float32 in [0, 1] with random colours, position, scale and rotation."""
+def render(shape: str, texture: str, rng: np.random.Generator, image_size: int,
+           background: Optional[np.ndarray] = None) -> np.ndarray:
+  """One image [S, S, 3] float32 in [0, 1] with random colours, position, scale and rotation.
+  `background` [S, S, 3] replaces the image's own (the draws stay the same)."""
+  own, coverage, x, y = _layout(shape, rng, image_size)
+  background = own if background is None else background
+  pattern = _texture(texture, x, y, rng, image_size)
+  fg0, fg1 = _random_colour(rng), _random_colour(rng)
+  # Texture colours must differ enough for the texture to be visible.
+  if np.abs(fg0 - fg1).sum() < 0.6:
+    fg1 = 1.0 - fg0
+  foreground = fg0 * pattern[..., None] + fg1 * (1 - pattern[..., None])
+  image = background * (1 - coverage[..., None]) + foreground * coverage[..., None]
+  return image.astype(np.float32)
+
+
+def _layout(shape: str, rng: np.random.Generator, image_size: int):
+  """(background [S, S, 3], object coverage [S, S] in [0, 1], x, y): the draws of an image that
+  come before its texture, in the order `render` makes them."""
   pixel = 2.0 / image_size
   coords = (np.arange(image_size, dtype=np.float32) + 0.5) * pixel - 1.0
   x, y = np.meshgrid(coords, coords)  # x: column, y: row (downwards)
@@ -100,15 +117,7 @@ def render(shape: str, texture: str, rng: np.random.Generator, image_size: int) 
   ly = (-sx * np.sin(rotation) + sy * np.cos(rotation)) / scale
   distance = _shape_distance(shape, lx, ly) * scale
   coverage = np.clip(0.5 - distance / pixel, 0.0, 1.0)  # anti-aliased edge
-
-  pattern = _texture(texture, x, y, rng, image_size)
-  fg0, fg1 = _random_colour(rng), _random_colour(rng)
-  # Texture colours must differ enough for the texture to be visible.
-  if np.abs(fg0 - fg1).sum() < 0.6:
-    fg1 = 1.0 - fg0
-  foreground = fg0 * pattern[..., None] + fg1 * (1 - pattern[..., None])
-  image = background * (1 - coverage[..., None]) + foreground * coverage[..., None]
-  return image.astype(np.float32)
+  return background, coverage, x, y
 
 
 class ShapesTextures:
@@ -167,6 +176,26 @@ class ShapesTextures:
     shape, texture, rng = self.labels(index)
     image = render(self.shapes[shape], self.textures[texture], rng, self.image_size)
     return {"image": image, "shape": shape, "texture": texture}
+
+  def object_mask(self, index: int) -> np.ndarray:
+    """The share of each pixel the object covers [S, S] float32 in [0, 1] (anti-aliased edge),
+    without rendering the texture."""
+    if not 0 <= index < self.num_images:
+      raise IndexError(index)
+    shape, _, rng = self.labels(index)
+    return _layout(self.shapes[shape], rng, self.image_size)[1].astype(np.float32)
+
+  def background(self, index: int) -> np.ndarray:
+    """Image `index`'s background [S, S, 3] (float64), without its object."""
+    shape, _, rng = self.labels(index)
+    return _layout(self.shapes[shape], rng, self.image_size)[0]
+
+  def composite(self, index: int, background_of: int) -> np.ndarray:
+    """Image `index` (its object: shape, texture, colours, pose) on the background of image
+    `background_of`: the probe of what a model matches images by (README, "diagnosis")."""
+    shape, texture, rng = self.labels(index)
+    return render(self.shapes[shape], self.textures[texture], rng, self.image_size,
+                  background=self.background(background_of))
 
   def batch(self, indices: Sequence[int]) -> dict:
     """Stacks examples: image [b,S,S,3] float32, shape [b], texture [b] int32."""
