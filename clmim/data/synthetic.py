@@ -212,22 +212,40 @@ class ShapesTextures:
 
 
 def training_stream(dataset: ShapesTextures, batch_size: int, start_step: int = 0,
-                    prefetch: int = 2) -> Iterator[dict]:
+                    prefetch: int = 2, swap_background: bool = False) -> Iterator[dict]:
   """Endless batches for step start_step, start_step+1, ... (resumable: depends only on step).
+
+  With `swap_background`, each batch also holds "swapped" [b, S, S, 3]: every image's object
+  (shape, texture, colours, pose) on the background of another training image, chosen by
+  (step, position) — a second view that shares only the object with "image", so a contrastive
+  model cannot tell instances apart by their background.
 
   Images are rendered in a background thread so the accelerator is not kept waiting.
   """
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
     step = start_step
-    pending = [pool.submit(_step_batch, dataset, batch_size, s)
-               for s in range(step, step + prefetch)]
+    render = lambda s: pool.submit(_step_batch, dataset, batch_size, s, swap_background)
+    pending = [render(s) for s in range(step, step + prefetch)]
     while True:
       batch = pending.pop(0).result()
-      pending.append(pool.submit(_step_batch, dataset, batch_size, step + prefetch))
+      pending.append(render(step + prefetch))
       step += 1
       yield batch
 
 
-def _step_batch(dataset: ShapesTextures, batch_size: int, step: int) -> dict:
+def background_donor(index: int, step: int, size: int) -> int:
+  """The training image whose background image `index` borrows at `step` (never itself)."""
+  offset = 1 + (index * 7919 + step * 104729) % (size - 1)
+  return (index + offset) % size
+
+
+def _step_batch(dataset: ShapesTextures, batch_size: int, step: int,
+                swap_background: bool = False) -> dict:
   start = step * batch_size
-  return dataset.batch(range(start, start + batch_size))
+  batch = dataset.batch(range(start, start + batch_size))
+  if swap_background:
+    size = len(dataset)
+    indices = [i % size for i in range(start, start + batch_size)]
+    batch["swapped"] = np.stack([
+        dataset.composite(i, background_donor(i, step, size)) for i in indices])
+  return batch
