@@ -52,6 +52,19 @@ def test_training_stream_is_resumable():
   np.testing.assert_array_equal(batches[3]["image"], resumed["image"])
 
 
+def test_swapped_backgrounds_keep_the_object_and_change_the_rest():
+  ds = ShapesTextures(32, "train", 20)
+  batch = next(training_stream(ds, 6, start_step=2, swap_background=True))
+  assert batch["swapped"].shape == batch["image"].shape
+  for i in range(6):
+    mask = ds.object_mask((2 * 6 + i) % 20)  # step 2 of batch 6 holds images 12 ... 17
+    inside, outside = mask > 0.999, mask < 0.001  # fully covered: the object's own colours
+    np.testing.assert_allclose(batch["swapped"][i][inside], batch["image"][i][inside], atol=1e-6)
+    assert np.abs(batch["swapped"][i][outside] - batch["image"][i][outside]).mean() > 0.01
+  again = next(training_stream(ds, 6, start_step=2, swap_background=True))
+  np.testing.assert_array_equal(again["swapped"], batch["swapped"])  # resumable
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(split="test"), "split"), (dict(pairing="random"), "pairing"),
     (dict(shapes=("hexagon",)), "shape"), (dict(textures=("plaid",)), "texture"),
