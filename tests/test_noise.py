@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clmim.data import noise
+from clmim.analysis import noise
 from clmim.errors import ClmimError
 
 CENTRES = tuple(round(0.1 * i, 1) for i in range(1, 10))
@@ -230,7 +230,7 @@ def test_check_strengths_accepts():
 
 
 def test_import_does_not_pull_tensorflow_or_pil():
-  code = ("import sys, clmim.data.noise; "
+  code = ("import sys, clmim.analysis.noise; "
           "bad = [m for m in ('tensorflow', 'PIL') if m in sys.modules]; "
           "assert not bad, bad")
   env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -50,7 +50,7 @@ import numpy as np
 from clmim.errors import ClmimError
 
 # Modules of clmim/analysis/ that are not analyses.
-_NOT_ANALYSES = {"core", "runner", "common", "plots", "report", "linear_probe"}
+_NOT_ANALYSES = {"core", "runner", "common", "plots", "report", "linear_probe", "noise"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ transformers work?", 2022):
   when both analyses run) on one block's feature, fitted on clean training images.
 - Band noise: Gaussian noise restricted to the square annulus of frequencies whose radius
   max(|ky|, |kx|) lies in [f - w/2, f + w/2)·π, scaled to the same root-mean-square `band_rms`
-  for every band (pixel units, images in [0, 1]; `clmim.data.noise`), added to every evaluation
+  for every band (pixel units, images in [0, 1]; `clmim.analysis.noise`), added to every evaluation
   image before the model's normalisation; one condition per centre f of `bands`.
 - White noise: i.i.d. Gaussian of standard deviation s for each s of `white_rms`.
 - Drop: clean top-1 minus top-1 under the noise (higher = hurt more), per condition. The noise
@@ -38,7 +38,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from clmim.analysis import core, plots, probing
-from clmim.data import noise
+from clmim.analysis import noise
 from clmim.errors import ClmimError
 
 NAME = "robustness"
