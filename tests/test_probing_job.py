@@ -147,6 +147,44 @@ def test_bad_robustness_options_are_refused(option, value, message, tmp_path, no
     analyze.run(config, str(tmp_path))
 
 
+def _png(value):
+  out = io.BytesIO()
+  Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(out, "PNG")
+  return io.BytesIO(out.getvalue())
+
+
+def test_a_labelled_tfds_dataset_is_probed_and_too_few_training_images_are_refused(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  class ClmimGreys(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Three classes of flat grey images: dark, middle, light."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(encoding_format="png"),
+          "label": tfds.features.ClassLabel(names=["dark", "middle", "light"])}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(30), "validation": self._generate_examples(12)}
+
+    def _generate_examples(self, count):
+      for i in range(count):
+        yield i, {"image": _png(40 + 80 * (i % 3) + i % 7), "label": i % 3}
+
+  ClmimGreys(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+  config = _config(source="tfds", tfds_name="clmim_greys", data_dir=str(tmp_path / "tfds"),
+                   num_images=0, num_train_images=0)
+  config.analyses = "probing"
+  values = next(iter(analyze.run(config, str(tmp_path / "out"))["models"].values()))
+  details = values["probing_details"]["targets"]["label"]
+  assert details["classes"] == ["dark", "middle", "light"] and details["train_images"] == 30
+  assert values["probe_label_mean_tokens"][-1] == 1.0  # three grey levels: trivially separable
+  config.data.num_train_images = 1  # one image: held out to choose the ridge, none to fit
+  with pytest.raises(ClmimError, match="leave 0 to fit"):
+    analyze.run(config, str(tmp_path / "again"))
+
+
 def test_a_dataset_without_labels_is_refused(tmp_path, no_compute):
   tfds = pytest.importorskip("tensorflow_datasets")
 

@@ -263,10 +263,22 @@ def check(model, options) -> None:
   check_options(options)
 
 
+def check_training_set(data, options, where=NAME) -> None:
+  """The training images leave at least one image to fit and, when the ridge is chosen, one to
+  choose it with (checked before any compute)."""
+  count = len(data.train().labels.values)
+  held = int(holdout_rows(count, options["holdout_fraction"]).sum())
+  if count - held < 1 or (len(ridge_grid(options)) > 1 and held < 1):
+    raise ClmimError(f"config.data: {count} probe training image(s) leave {count - held} to fit "
+                     f"and {held} to choose the ridge (config.analysis_options.{where}."
+                     f"holdout_fraction={options['holdout_fraction']}); use more training images "
+                     "(config.data.num_train_images) or a single ridge_grid value.")
+
+
 def check_data(data, options) -> None:
   """Opens the training, evaluation and (when asked) cue-conflict images: before any compute."""
   check_options(options)
-  data.train()
+  check_training_set(data, options)
   data.evaluation()
   if options["cue_conflict"] and data.cue_conflict() is not None:
     pairing, _ = data.decision

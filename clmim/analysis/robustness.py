@@ -135,7 +135,7 @@ def check(model, options) -> None:
 def check_data(data, options) -> None:
   """The classifier is a probe: it needs labelled training and evaluation images."""
   _target(data, options)
-  data.train()
+  probing.check_training_set(data, options, NAME)
   data.evaluation()
 
 
