@@ -92,6 +92,8 @@ def test_separable_blobs_are_probed_perfectly():
     assert out[f"probe_label_{kind}"] == [1.0] * DEPTH
   details = out["probing_details"]["targets"]["label"]
   assert details["chance"] == 0.25 and details["evaluation_images"] == 200
+  only_cls = _measure(_blobs(300), _blobs(200, seed=1), features="cls")
+  assert [k for k in only_cls if k.startswith("probe_")] == ["probe_label_cls"]
   assert details["train_images"] == 300 and 20 <= details["holdout_images"] <= 40
 
 

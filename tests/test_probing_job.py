@@ -212,3 +212,18 @@ def test_a_dataset_without_labels_is_refused(tmp_path, no_compute):
     config.analyses = analyses
     with pytest.raises(ClmimError, match="has no class label"):
       analyze.run(config, str(tmp_path / "out"))
+
+
+def test_data_fields_and_options_reach_the_probes(tmp_path):
+  from clmim.analysis import probing, robustness
+  from clmim.data.labelled import ProbeData
+  config = _config(train_split="cue_conflict", num_train_images=10)
+  data = ProbeData(config.data, {"image_size": 16, "mean": "half", "std": "half"})
+  assert "split 'cue_conflict'" in data.train().description and len(data.train().images) == 10
+  assert probing.feature_kinds({"features": "mean_tokens"}) == ("mean_tokens",)
+  with pytest.raises(ClmimError, match="features"):
+    probing.feature_kinds({"features": "cls,tokens"})
+  conditions = robustness._conditions(32, {**robustness.OPTIONS, "band_rms": 0.3,
+                                           "white_rms": (0.05,)})
+  assert conditions["rms"].tolist() == pytest.approx([0.3] * 9 + [0.05])
+  assert conditions["kind"].tolist() == [0] * 9 + [1]
