@@ -32,7 +32,8 @@ def get_config(arg: str = "demo"):
       blur_prob=(1.0, 0.1),    # per view, as in BYOL/MoCo v3
       blur_sigma=(0.1, 1.0),   # pixels (at 32 px)
       solarize_prob=(0.0, 0.2),
-      swap_background=False,   # view 2 shows the object on another image's background, so the
-                               #   background cannot identify an instance (docs/miniature.md)
+      second_view="",          # what view 2 is rendered from: "" the same image; "background"
+                               #   its object on another image's background; "restyle" its
+                               #   shape, pose and texture class restyled (docs/miniature.md)
   )
   return config_lib.finish(config, arg)

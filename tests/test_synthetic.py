@@ -52,17 +52,26 @@ def test_training_stream_is_resumable():
   np.testing.assert_array_equal(batches[3]["image"], resumed["image"])
 
 
-def test_swapped_backgrounds_keep_the_object_and_change_the_rest():
+def test_second_views_keep_what_they_should():
   ds = ShapesTextures(32, "train", 20)
-  batch = next(training_stream(ds, 6, start_step=2, swap_background=True))
-  assert batch["swapped"].shape == batch["image"].shape
+  swapped = next(training_stream(ds, 6, start_step=2, second_view="background"))
+  restyled = next(training_stream(ds, 6, start_step=2, second_view="restyle"))
   for i in range(6):
     mask = ds.object_mask((2 * 6 + i) % 20)  # step 2 of batch 6 holds images 12 ... 17
     inside, outside = mask > 0.999, mask < 0.001  # fully covered: the object's own colours
-    np.testing.assert_allclose(batch["swapped"][i][inside], batch["image"][i][inside], atol=1e-6)
-    assert np.abs(batch["swapped"][i][outside] - batch["image"][i][outside]).mean() > 0.01
-  again = next(training_stream(ds, 6, start_step=2, swap_background=True))
-  np.testing.assert_array_equal(again["swapped"], batch["swapped"])  # resumable
+    image = swapped["image"][i]
+    # background: the object's pixels are the image's, the rest differs.
+    np.testing.assert_allclose(swapped["second"][i][inside], image[inside], atol=1e-6)
+    assert np.abs(swapped["second"][i][outside] - image[outside]).mean() > 0.01
+    # restyle: same silhouette (the edge between object and background stays), new colours.
+    assert np.abs(restyled["second"][i][inside] - image[inside]).mean() > 0.01
+    assert np.abs(restyled["second"][i][outside] - image[outside]).mean() > 0.01
+  again = next(training_stream(ds, 6, start_step=2, second_view="restyle"))
+  np.testing.assert_array_equal(again["second"], restyled["second"])  # resumable
+  other_step = next(training_stream(ds, 6, start_step=5, second_view="restyle"))
+  assert not np.array_equal(ds.restyled(12, 2), ds.restyled(12, 5)) and len(other_step["second"])
+  with pytest.raises(ClmimError, match="second_view"):
+    next(training_stream(ds, 6, second_view="blur"))
 
 
 @pytest.mark.parametrize("kwargs, match", [

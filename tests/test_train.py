@@ -39,8 +39,8 @@ def test_momentum_schedule_endpoints():
 @pytest.mark.parametrize("config_module", [pretrain_simmim, pretrain_moco_v3])
 def test_runlocal_trains_resumes_and_exports(tmp_path, config_module, capsys):
   config = config_module.get_config("runlocal")
-  if config.objective == "moco_v3":  # the pair path: view 1 on another image's background
-    config.augment.swap_background = True
+  if config.objective == "moco_v3":  # the pair path: view 1 rendered apart (restyled)
+    config.augment.second_view = "restyle"
   metrics = trainer.train(config, str(tmp_path))
   assert np.isfinite(metrics["loss"])
   records = trainer.read_metrics(str(tmp_path))

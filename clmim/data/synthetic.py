@@ -27,6 +27,8 @@ SHAPES = ("disk", "square", "triangle", "cross")
 TEXTURES = ("stripes", "checker", "dots", "grain")
 SPLITS = {"train": 0, "validation": 1, "cue_conflict": 2}
 PAIRINGS = ("independent", "aligned")
+SECOND_VIEWS = ("", "background", "restyle")
+_RESTYLE = 7  # a stream id of the restyled views' generators, apart from the images' own
 
 
 def _shape_distance(name: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -85,6 +87,11 @@ def render(shape: str, texture: str, rng: np.random.Generator, image_size: int,
   `background` [S, S, 3] replaces the image's own (the draws stay the same)."""
   own, coverage, x, y = _layout(shape, rng, image_size)
   background = own if background is None else background
+  return _paint(texture, background, coverage, x, y, rng, image_size)
+
+
+def _paint(texture: str, background, coverage, x, y, rng, image_size) -> np.ndarray:
+  """The object filled with `texture` in two random colours, over `background`."""
   pattern = _texture(texture, x, y, rng, image_size)
   fg0, fg1 = _random_colour(rng), _random_colour(rng)
   # Texture colours must differ enough for the texture to be visible.
@@ -197,6 +204,16 @@ class ShapesTextures:
     return render(self.shapes[shape], self.textures[texture], rng, self.image_size,
                   background=self.background(background_of))
 
+  def restyled(self, index: int, key: int) -> np.ndarray:
+    """Image `index`'s object — its shape, pose and texture class — with a new background, new
+    colours and new texture parameters (angle, period, phase), drawn from (seed, split, index,
+    key): a view that shares only shape, pose and texture class with the image."""
+    shape, texture, rng = self.labels(index)
+    _, coverage, x, y = _layout(self.shapes[shape], rng, self.image_size)
+    style = np.random.default_rng([self.seed, SPLITS[self.split], index, _RESTYLE, key])
+    background = _layout(self.shapes[shape], style, self.image_size)[0]
+    return _paint(self.textures[texture], background, coverage, x, y, style, self.image_size)
+
   def batch(self, indices: Sequence[int]) -> dict:
     """Stacks examples: image [b,S,S,3] float32, shape [b], texture [b] int32."""
     items = [self[int(i) % self.num_images] for i in indices]
@@ -212,19 +229,24 @@ class ShapesTextures:
 
 
 def training_stream(dataset: ShapesTextures, batch_size: int, start_step: int = 0,
-                    prefetch: int = 2, swap_background: bool = False) -> Iterator[dict]:
+                    prefetch: int = 2, second_view: str = "") -> Iterator[dict]:
   """Endless batches for step start_step, start_step+1, ... (resumable: depends only on step).
 
-  With `swap_background`, each batch also holds "swapped" [b, S, S, 3]: every image's object
-  (shape, texture, colours, pose) on the background of another training image, chosen by
-  (step, position) — a second view that shares only the object with "image", so a contrastive
-  model cannot tell instances apart by their background.
+  With `second_view`, each batch also holds "second" [b, S, S, 3], a second rendering of each
+  image for a contrastive objective's other view, chosen by (step, position):
+    "background": the image's object (shape, texture, colours, pose) on another training
+      image's background — the background can no longer tell instances apart;
+    "restyle": the same shape, pose and texture class with a new background, new colours and
+      new texture parameters (`ShapesTextures.restyled`) — only shape, pose and texture class
+      are shared.
 
   Images are rendered in a background thread so the accelerator is not kept waiting.
   """
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
     step = start_step
-    render = lambda s: pool.submit(_step_batch, dataset, batch_size, s, swap_background)
+    if second_view not in SECOND_VIEWS:
+      raise ClmimError(f"second_view={second_view!r}: expected one of {SECOND_VIEWS}.")
+    render = lambda s: pool.submit(_step_batch, dataset, batch_size, s, second_view)
     pending = [render(s) for s in range(step, step + prefetch)]
     while True:
       batch = pending.pop(0).result()
@@ -240,12 +262,14 @@ def background_donor(index: int, step: int, size: int) -> int:
 
 
 def _step_batch(dataset: ShapesTextures, batch_size: int, step: int,
-                swap_background: bool = False) -> dict:
+                second_view: str = "") -> dict:
   start = step * batch_size
   batch = dataset.batch(range(start, start + batch_size))
-  if swap_background:
-    size = len(dataset)
-    indices = [i % size for i in range(start, start + batch_size)]
-    batch["swapped"] = np.stack([
+  size = len(dataset)
+  indices = [i % size for i in range(start, start + batch_size)]
+  if second_view == "background":
+    batch["second"] = np.stack([
         dataset.composite(i, background_donor(i, step, size)) for i in indices])
+  elif second_view == "restyle":
+    batch["second"] = np.stack([dataset.restyled(i, step) for i in indices])
   return batch

@@ -78,7 +78,7 @@ class Objective:
   def loss(self, params, state, images, rng, step):
     cfg = self.config.moco
     k1, k2, k_drop = jax.random.split(rng, 3)
-    # A pair [b, 2, S, S, 3] (augment.swap_background) gives each view its own source image.
+    # A pair [b, 2, S, S, 3] (augment.second_view) gives each view its own source image.
     sources = [images[:, 0], images[:, 1]] if images.ndim == 5 else [images, images]
     views = [normalise(contrastive_view(k, source, self.config.augment, i), self.config.data)
              for i, (k, source) in enumerate(zip((k1, k2), sources))]

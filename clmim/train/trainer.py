@@ -176,8 +176,8 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
   kept = [r for r in read_metrics(workdir) if r["step"] <= start_step]
   with open(log_path, "w") as f:  # drop records past the checkpoint we resume from
     f.writelines(json.dumps(r) + "\n" for r in kept)
-  swap = bool(config.get("augment", {}).get("swap_background", False))
-  stream = training_stream(dataset, config.batch_size, start_step, swap_background=swap)
+  second_view = str(config.get("augment", {}).get("second_view", ""))
+  stream = training_stream(dataset, config.batch_size, start_step, second_view=second_view)
   metrics, started = {}, time.time()
   # Wall time of earlier sessions of this run, so a resumed run reports its total cost.
   earlier_s = kept[-1].get("elapsed_s", 0.0) if kept else 0.0
@@ -185,9 +185,10 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
              desc=f"pretrain {config.objective}", unit="step", dynamic_ncols=True)
   for step in bar:
     batch = next(stream)
-    # With swapped backgrounds each image comes as a pair [b, 2, S, S, 3]: view 0 the image,
-    # view 1 its object on another image's background (the objective takes one view of each).
-    images = np.stack([batch["image"], batch["swapped"]], axis=1) if swap else batch["image"]
+    # With a second view each image comes as a pair [b, 2, S, S, 3]: view 0 the image, view 1
+    # its second rendering (augment.second_view); the objective augments one view of each.
+    images = np.stack([batch["image"], batch["second"]], axis=1) if second_view else \
+        batch["image"]
     images = jax.device_put(images, batch_sharding)
     train_state, metrics = update(train_state, images, jax.random.fold_in(rng, step))
     if (step + 1) % config.log_every == 0 or step + 1 == config.total_steps:
