@@ -78,9 +78,11 @@ def finish(config: ml_collections.ConfigDict, arg: str) -> ml_collections.Config
   return config
 
 
-def analysis_base(arg: str, name: str, analyses: str) -> ml_collections.ConfigDict:
+def analysis_base(arg: str, name: str, analyses: str,
+                  num_images: int = 512) -> ml_collections.ConfigDict:
   """Fields every analysis run has. `arg`: "" / "demo" (the embedded default: the two demo
-  models on held-out procedural images) or "runlocal" (fewer images, for a quick check)."""
+  models on `num_images` held-out procedural images) or "runlocal" (fewer images, for a quick
+  check)."""
   if arg not in ("", "demo", "runlocal"):
     raise ValueError(f"Unknown config variant {arg!r}; expected 'demo' or 'runlocal'.")
   config = ml_collections.ConfigDict()
@@ -103,7 +105,7 @@ def analysis_base(arg: str, name: str, analyses: str) -> ml_collections.ConfigDi
       source="synthetic",           # "synthetic" (no download), "image_folder" or "tfds"
       split="validation",           # synthetic: validation (held out), train, cue_conflict;
                                     #   tfds: any TFDS split, e.g. "validation", "train[:10%]"
-      num_images=512,               # images per model, the first ones in dataset order after
+      num_images=num_images,        # images per model, the first ones in dataset order after
                                     #   per-class subsampling (0 = all of them)
       max_batches=0,                # cap: at most this many steps of batch_size images per
                                     #   model and pass (probes: per image set; 0 = no cap)

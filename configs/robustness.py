@@ -27,8 +27,5 @@ from clmim import config_lib
 
 def get_config(arg: str = "demo"):
   """Returns the locked ConfigDict for variant `arg`."""
-  config = config_lib.analysis_base(arg, name="robustness", analyses="robustness")
-  if arg != "runlocal":
-    with config.unlocked():
-      config.data.num_images = 1000
-  return config
+  # 1,000 test images: a top-1 of 0.5 is then known to about ±0.016 (one standard error).
+  return config_lib.analysis_base(arg, name="robustness", analyses="robustness", num_images=1000)

@@ -141,13 +141,14 @@ class Stage:
     NAME: a name unique within the pass.
     key: hashable; the job compiles one step per (architecture, key), so stages with the same
       key must have the same `partial_sums` (settings that change its shapes belong in it).
-    partial_sums, finalize: as in the module protocol; the options are `OPTIONS`.
+    partial_sums, finalize: as in the module protocol (finalize defaults to returning the
+      float64 sums); the options are `OPTIONS`.
     OPTIONS: the settings `partial_sums` and `finalize` read (static).
   """
   NAME: str
   key: Any
   partial_sums: Callable
-  finalize: Callable
+  finalize: Callable = lambda sums, options: sums  # the measure divides, with what it knows
   OPTIONS: dict = dataclasses.field(default_factory=dict)
 
 

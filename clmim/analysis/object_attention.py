@@ -100,8 +100,7 @@ def attention_sums(batch, options=None) -> dict:
           "area": (mask.mean(-1) * valid).sum(), "count": valid.sum()}
 
 
-STAGE = core.Stage(f"{NAME}_pass", ("object_attention",), attention_sums,
-                   lambda sums, options: sums)
+STAGE = core.Stage(f"{NAME}_pass", ("object_attention",), attention_sums)
 
 
 def check(model, options) -> None:

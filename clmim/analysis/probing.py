@@ -177,8 +177,7 @@ def fit_stage(targets) -> core.Stage:
   """The stage that streams the training moments of `targets` ((name, classes) pairs)."""
   targets = tuple(targets)
   return core.Stage(f"{NAME}_fit", ("probe_fit", targets),
-                    lambda batch, options: _fit_sums(targets, batch, options),
-                    lambda sums, options: sums)
+                    lambda batch, options: _fit_sums(targets, batch, options))
 
 
 def holdout_rows(n: int, fraction: float) -> np.ndarray:
@@ -244,8 +243,7 @@ def eval_stage(pairs) -> core.Stage:
   """The stage that counts, for each (target, label column) pair, the probe's hits."""
   pairs = tuple(pairs)
   return core.Stage(f"{NAME}_eval", ("probe_eval", pairs),
-                    lambda batch, options: _eval_sums(pairs, batch, options),
-                    lambda sums, options: sums)
+                    lambda batch, options: _eval_sums(pairs, batch, options))
 
 
 def probe_context(probes: dict, targets) -> dict:

@@ -167,8 +167,7 @@ def _noisy_sums(block, kind, seed, batch, options):
 
 def noisy_stage(block: int, kind: str, seed: int) -> core.Stage:
   return core.Stage(f"{NAME}_eval", ("noisy_eval", block, kind, seed),
-                    lambda batch, options: _noisy_sums(block, kind, seed, batch, options),
-                    lambda sums, options: sums)
+                    lambda batch, options: _noisy_sums(block, kind, seed, batch, options))
 
 
 def measure(model, data, passes, options) -> dict:
