@@ -59,7 +59,11 @@ def pretrain_base(arg: str, name: str, objective: str, family: str) -> ml_collec
       image_size=32,                # pixels, for the data and the model alike
       num_train_images=50000,       # size of the procedural training split (then it repeats)
       seed=0,                       # dataset seed
+      version=1,                    # generator version (clmim/data/synthetic.py VERSIONS):
+                                    #   1 exact shapes, 2 per-instance outlines
       mean="half", std="half",      # normalisation: "imagenet", "half" or 3-tuples
+      render_workers=1,             # rendering ahead of training: 1 = one background thread,
+                                    #   n > 1 = n processes (on a GPU/TPU host, its CPU count)
   ))
   return config
 
@@ -110,6 +114,9 @@ def analysis_base(arg: str, name: str, analyses: str,
       max_batches=0,                # cap: at most this many steps of batch_size images per
                                     #   model and pass (probes: per image set; 0 = no cap)
       seed=0,                       # synthetic dataset seed
+      version=1,                    # synthetic generator version (clmim/data/synthetic.py
+                                    #   VERSIONS): 1 exact shapes (the demo models' data), 2
+                                    #   per-instance outlines
       path="",                      # image_folder: root with one sub-folder per class
       tfds_name="",                 # tfds: dataset name, e.g. "imagenet2012", "imagenette",
                                     #   "imagenette/320px-v2" (prepared as array_record; no

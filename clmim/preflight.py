@@ -22,6 +22,9 @@ CONFIG_RECORD = "config.json"  # a pretraining workdir's config, for resume chec
 # resuming a workdir with other values would continue a different run (or fail inside orbax).
 IDENTITY_FIELDS = ("objective", "seed", "batch_size", "model", "data", "moco", "simmim",
                    "augment")
+# Fields inside those sections that say how a run is carried out, not what it computes: a run
+# may be resumed (exported, snapshotted) with other values.
+HOW_NOT_WHAT = ("data.render_workers",)
 
 
 def config_kind(config) -> str:
@@ -153,7 +156,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
       flat_before, flat_after = _flatten(before, f"{key}."), _flatten(after, f"{key}.")
       differences += [f"{k}: {flat_before.get(k)!r} -> {flat_after.get(k)!r}"
                       for k in sorted(set(flat_before) | set(flat_after))
-                      if flat_before.get(k) != flat_after.get(k)]
+                      if flat_before.get(k) != flat_after.get(k) and k not in HOW_NOT_WHAT]
     elif _flatten(before) != _flatten(after):
       shown = lambda v: "(a section)" if isinstance(v, dict) else repr(v)
       differences.append(f"{key}: {shown(before)} -> {shown(after)}")

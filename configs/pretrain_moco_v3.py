@@ -33,7 +33,9 @@ def get_config(arg: str = "demo"):
       blur_sigma=(0.1, 1.0),   # pixels (at 32 px)
       solarize_prob=(0.0, 0.2),
       second_view="",          # what view 2 is rendered from: "" the same image; "background"
-                               #   its object on another image's background; "restyle" its
-                               #   shape, pose and texture class restyled (docs/miniature.md)
+                               #   its object on another image's background; "restyle" the
+                               #   same object with pose, background, colours and texture
+                               #   parameters redrawn; "partial" each of those redrawn with
+                               #   probability 1/2 (docs/miniature.md)
   )
   return config_lib.finish(config, arg)

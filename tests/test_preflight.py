@@ -138,7 +138,10 @@ def test_resuming_with_another_objective_names_the_fields(tmp_path, no_compute):
   assert "model.block_style" in message
   same = pretrain_moco_v3.get_config("runlocal")
   same.total_steps = 99  # not an identity field: resuming with a longer schedule is fine
+  same.data.render_workers = 8  # how batches are rendered, not what they hold
   preflight.check_resume(same, str(workdir))
+  same.data.version = 2  # other images: another run
+  _refused(same, workdir, "data.version: 1 -> 2")
 
 
 def test_reused_analysis_workdir_is_refused_then_replaced(tmp_path, monkeypatch):

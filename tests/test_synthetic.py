@@ -63,7 +63,7 @@ def test_second_views_keep_what_they_should():
     # background: the object's pixels are the image's, the rest differs.
     np.testing.assert_allclose(swapped["second"][i][inside], image[inside], atol=1e-6)
     assert np.abs(swapped["second"][i][outside] - image[outside]).mean() > 0.01
-    # restyle: same silhouette (the edge between object and background stays), new colours.
+    # restyle: the object drawn anew (pose, colours, background): every region changes.
     assert np.abs(restyled["second"][i][inside] - image[inside]).mean() > 0.01
     assert np.abs(restyled["second"][i][outside] - image[outside]).mean() > 0.01
   again = next(training_stream(ds, 6, start_step=2, second_view="restyle"))
@@ -74,6 +74,58 @@ def test_second_views_keep_what_they_should():
     next(training_stream(ds, 6, second_view="blur"))
 
 
+def test_restyling_redraws_exactly_the_named_factors():
+  ds = ShapesTextures(32, "train", 20, version=2)
+  for i in range(4):
+    image, mask = ds[i]["image"], ds.object_mask(i)
+    inside, outside = mask == 1, mask == 0
+    np.testing.assert_array_equal(ds.restyled(i, 3, factors=()), image)
+    background = ds.restyled(i, 3, factors=("background",))  # the object stays, pixel for pixel
+    np.testing.assert_array_equal(background[inside], image[inside])
+    assert np.abs(background[outside] - image[outside]).min() > 0
+    colours = ds.restyled(i, 3, factors=("colours",))  # the background stays
+    np.testing.assert_array_equal(colours[outside], image[outside])
+    assert np.abs(colours[inside] - image[inside]).mean() > 0.01
+    # Each factor of a partial restyle is the image's own or the full restyle's.
+    partial, full = ds.partly_restyled(i, 3), ds.restyled(i, 3)
+    assert any(np.array_equal(partial, ds.restyled(i, 3, factors=f))
+               for f in _subsets(("background", "pose", "texture", "colours")))
+    assert not np.array_equal(full, image)
+  with pytest.raises(ClmimError, match="factor"):
+    ds.restyled(0, 1, factors=("lighting",))
+
+
+def _subsets(items):
+  return [tuple(x for j, x in enumerate(items) if mask >> j & 1) for mask in range(2 ** len(items))]
+
+
+def test_version_2_gives_every_instance_its_own_outline():
+  v1, v2 = ShapesTextures(32, "train", 50), ShapesTextures(32, "train", 50, version=2)
+  assert [v1.labels(i)[:2] for i in range(50)] == [v2.labels(i)[:2] for i in range(50)]
+  assert v1.identity(0)[2] is None and v2.identity(0)[2].shape == (3, 2)
+  # Same labels; the images differ (the outline draws come first, so the appearance moves too).
+  assert all(not np.array_equal(v1[i]["image"], v2[i]["image"]) for i in range(5))
+  # Two disks of version 2 differ in outline: at a common pose their masks differ.
+  disks = [i for i in range(50) if v2.labels(i)[0] == 0][:2]
+  outlines = [v2.identity(i)[2] for i in disks]
+  assert np.abs(outlines[0] - outlines[1]).max() > 0.01
+  with pytest.raises(ClmimError, match="version"):
+    ShapesTextures(32, "train", 5, version=3)
+
+
+def test_worker_processes_render_the_same_batches():
+  ds = ShapesTextures(16, "train", 40, version=2)
+  thread = training_stream(ds, 4, start_step=1, second_view="partial")
+  processes = training_stream(ds, 4, start_step=1, second_view="partial", workers=2)
+  for _ in range(3):
+    a, b = next(thread), next(processes)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  thread.close(), processes.close()
+  with pytest.raises(ClmimError, match="workers"):
+    next(training_stream(ds, 4, workers=0))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(split="test"), "split"), (dict(pairing="random"), "pairing"),
     (dict(shapes=("hexagon",)), "shape"), (dict(textures=("plaid",)), "texture"),
@@ -81,3 +133,14 @@ def test_second_views_keep_what_they_should():
 def test_bad_arguments(kwargs, match):
   with pytest.raises(ClmimError, match=match):
     ShapesTextures(**kwargs)
+
+
+def test_analysis_data_follows_the_version_field():
+  from clmim.data.eval_data import EvalImages
+  from configs import all as all_config
+  data_cfg = all_config.get_config("runlocal").data
+  data_cfg.version = 2
+  images = EvalImages(data_cfg, {"image_size": 32}, num_images=3)
+  assert "version 2" in images.description and images.dataset.version == 2
+  np.testing.assert_array_equal(images.dataset[1]["image"],
+                                ShapesTextures(32, "validation", 3, version=2)[1]["image"])

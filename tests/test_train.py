@@ -1,4 +1,5 @@
 """Pretraining: objective pieces with known answers, and short real runs of the trainer."""
+import json
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,6 +42,7 @@ def test_runlocal_trains_resumes_and_exports(tmp_path, config_module, capsys):
   config = config_module.get_config("runlocal")
   if config.objective == "moco_v3":  # the pair path: view 1 rendered apart (restyled)
     config.augment.second_view = "restyle"
+    config.data.version = 2
   metrics = trainer.train(config, str(tmp_path))
   assert np.isfinite(metrics["loss"])
   records = trainer.read_metrics(str(tmp_path))
@@ -62,11 +64,15 @@ def test_runlocal_trains_resumes_and_exports(tmp_path, config_module, capsys):
   # Resume: two more steps continue from the last checkpoint instead of starting over.
   config.unlock()
   config.total_steps = 8
+  config.data.render_workers = 2  # how the batches are rendered, not what: resumable
   trainer.train(config, str(tmp_path))
   assert "Resumed from step 6" in capsys.readouterr().out
   assert [r["step"] for r in trainer.read_metrics(str(tmp_path))][-1] == 8
   out = trainer.export_checkpoint(config, str(tmp_path))
   assert registry.resolve(out).info["steps"] == 8
+  # The export records the data it was trained on (generator version included).
+  manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+  assert manifest["config"]["data"]["version"] == config.data.version
 
 
 def test_unknown_objective_is_a_clear_error():

@@ -100,12 +100,14 @@ class EvalImages:
     limit = int(data_cfg.num_images if num_images is None else num_images) or None
     self._stream = None
     if source == "synthetic":
-      self.dataset = ShapesTextures(size, split, limit or 512, data_cfg.seed, pairing=pairing)
+      self.dataset = ShapesTextures(size, split, limit or 512, data_cfg.seed, pairing=pairing,
+                                    version=data_cfg.get("version", 1))
       self._load = self._synthetic
       positions = np.arange(len(self.dataset))
       paired = f", {pairing} shape and texture" if pairing != "independent" else ""
-      self.description = (f"synthetic shapes x textures, split {split!r}{paired}, seed "
-                          f"{data_cfg.seed}, {len(self.dataset)} images, {size} px")
+      version = "" if self.dataset.version == 1 else f", version {self.dataset.version}"
+      self.description = (f"synthetic shapes x textures{version}, split {split!r}{paired}, "
+                          f"seed {data_cfg.seed}, {len(self.dataset)} images, {size} px")
     else:
       transform = pp.EvalPreprocess(
           size, crop_pct=float(data_cfg.crop_pct or preprocessing.get("crop_pct", 0.875)),

@@ -13,10 +13,21 @@ Splits:
 - "train", "validation": shape and texture drawn independently ("independent" pairing) or
   tied, texture = shape ("aligned" pairing, for cue-conflict studies).
 - "cue_conflict": the texture always disagrees with the aligned partner of the shape.
+
+An image is its identity — shape, texture class and (version 2) its own outline — and its
+appearance: background, pose, texture parameters and colours (FACTORS), drawn in that order.
+Versions (VERSIONS; `version=`, config field `data.version`) never change once published:
+- 1: the four shapes exactly; the data of the v1 demo models (default).
+- 2: each instance's outline deformed by its own low harmonics (radius x (1 + sum a_k cos(k
+  theta + phi_k)), k = 2, 3, 5), so that an instance can be told apart by its silhouette.
+Second views for contrastive training (`training_stream`'s `second_view`): the object on another
+image's background, the object with every appearance factor redrawn, or with each factor
+redrawn with probability 1/2 (docs/miniature.md records what each did to MoCo v3).
 """
 from __future__ import annotations
 
 import concurrent.futures
+import multiprocessing
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -27,12 +38,66 @@ SHAPES = ("disk", "square", "triangle", "cross")
 TEXTURES = ("stripes", "checker", "dots", "grain")
 SPLITS = {"train": 0, "validation": 1, "cue_conflict": 2}
 PAIRINGS = ("independent", "aligned")
-SECOND_VIEWS = ("", "background", "restyle")
-_RESTYLE = 7  # a stream id of the restyled views' generators, apart from the images' own
+# What each version of the generator changed; every image of a version stays the same forever.
+VERSIONS = {1: "the four shapes exactly (the data of the v1 demo models)",
+            2: "every instance's outline deformed by its own low harmonics"}
+SECOND_VIEWS = ("", "background", "restyle", "partial")
+_RESTYLE = 7  # stream ids of the restyled views' generators, apart from the images' own
+_PARTIAL = 8
 
 
-def _shape_distance(name: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-  """Approximate signed distance to the unit-size shape (negative inside)."""
+# Per-instance geometry: the outline's radius is the family's, times 1 + sum_k a_k cos(k*theta +
+# phi_k) for these harmonics, with a_k ~ U(0, amplitude). Small enough that a deformed disk never
+# looks like a square or a triangle; large enough that every instance has an outline of its own.
+_HARMONICS = ((2, 0.12), (3, 0.06), (5, 0.05))
+
+
+def _family_radius(name: str, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+  """The unit-size shape's boundary distance from its centre along direction (cos, sin); every
+  family is star-shaped around its centre."""
+  c, s = np.abs(cos), np.abs(sin)
+  tiny = 1e-6
+  if name == "disk":
+    return np.ones_like(cos)
+  if name == "square":
+    return 0.85 / np.maximum(np.maximum(c, s), tiny)
+  if name == "triangle":  # equilateral, pointing up (y runs downwards), inradius 0.5
+    normals = ((0.0, 1.0), (-0.866, -0.5), (0.866, -0.5))
+    exits = [np.where(nx * cos + ny * sin > tiny, 0.5 / np.maximum(nx * cos + ny * sin, tiny),
+                      np.inf) for nx, ny in normals]
+    return np.min(np.stack(exits), axis=0)
+  if name == "cross":  # two centred bars, half-length 1, half-width 0.35
+    bar = 0.35
+    horizontal = np.minimum(1.0 / np.maximum(c, tiny), bar / np.maximum(s, tiny))
+    vertical = np.minimum(bar / np.maximum(c, tiny), 1.0 / np.maximum(s, tiny))
+    return np.maximum(horizontal, vertical)
+  raise ClmimError(f"Unknown shape {name!r}; expected one of {SHAPES}.")
+
+
+def _draw_outline(rng: np.random.Generator) -> np.ndarray:
+  """An instance's outline deformation: [len(_HARMONICS), 2] amplitudes and phases."""
+  return np.array([(rng.uniform(0, amplitude), rng.uniform(0, 2 * np.pi))
+                   for _, amplitude in _HARMONICS])
+
+
+def _shape_distance(name: str, outline: Optional[np.ndarray], x: np.ndarray,
+                    y: np.ndarray) -> np.ndarray:
+  """Distance to the unit-size shape's outline (negative inside). Without an `outline` (version
+  1) the shape's exact signed distance; with one, the radial distance to the deformed outline:
+  within a factor cos(edge angle) of the Euclidean one, which only sharpens the anti-aliased
+  edge a little."""
+  if outline is None:
+    return _exact_distance(name, x, y)
+  radius = np.sqrt(x * x + y * y)
+  theta = np.arctan2(y, x)
+  deform = 1.0 + sum(a * np.cos(k * theta + phase)
+                     for (k, _), (a, phase) in zip(_HARMONICS, outline))
+  safe = np.maximum(radius, 1e-9)
+  return radius - _family_radius(name, x / safe, y / safe) * deform
+
+
+def _exact_distance(name: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """Signed distance to the undeformed unit-size shape (negative inside)."""
   if name == "disk":
     return np.sqrt(x * x + y * y) - 1.0
   if name == "square":
@@ -81,50 +146,82 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
   return rng.uniform(0.0, 1.0, size=3).astype(np.float32)
 
 
-def render(shape: str, texture: str, rng: np.random.Generator, image_size: int,
-           background: Optional[np.ndarray] = None) -> np.ndarray:
-  """One image [S, S, 3] float32 in [0, 1] with random colours, position, scale and rotation.
-  `background` [S, S, 3] replaces the image's own (the draws stay the same)."""
-  own, coverage, x, y = _layout(shape, rng, image_size)
-  background = own if background is None else background
-  return _paint(texture, background, coverage, x, y, rng, image_size)
+# An image's appearance, drawn in this order after its identity (shape, texture, outline): a view
+# may redraw any of these factors from another generator (`render`'s `redraw`).
+FACTORS = ("background", "pose", "texture", "colours")
 
 
-def _paint(texture: str, background, coverage, x, y, rng, image_size) -> np.ndarray:
-  """The object filled with `texture` in two random colours, over `background`."""
-  pattern = _texture(texture, x, y, rng, image_size)
+def _grid(image_size: int):
+  """Pixel centres x (column), y (row, downwards) in [-1, 1] image units, and the pixel side."""
+  pixel = 2.0 / image_size
+  coords = (np.arange(image_size, dtype=np.float32) + 0.5) * pixel - 1.0
+  x, y = np.meshgrid(coords, coords)
+  return x, y, pixel
+
+
+def _draw_background(rng: np.random.Generator, x, y) -> np.ndarray:
+  """A smooth two-colour gradient [S, S, 3] (only low frequencies)."""
+  direction = rng.uniform(0, 2 * np.pi)
+  ramp = (x * np.cos(direction) + y * np.sin(direction) + 1.5) / 3.0
+  bg0, bg1 = _random_colour(rng), _random_colour(rng)
+  return bg0 * (1 - ramp[..., None]) + bg1 * ramp[..., None]
+
+
+def _draw_pose(rng: np.random.Generator):
+  """(scale, centre [2], rotation) of the shape's own frame in the image."""
+  return rng.uniform(0.45, 0.7), rng.uniform(-0.25, 0.25, size=2), rng.uniform(-0.5, 0.5)
+
+
+def _draw_colours(rng: np.random.Generator):
+  """The texture's two colours, different enough for the texture to be visible."""
   fg0, fg1 = _random_colour(rng), _random_colour(rng)
-  # Texture colours must differ enough for the texture to be visible.
   if np.abs(fg0 - fg1).sum() < 0.6:
     fg1 = 1.0 - fg0
+  return fg0, fg1
+
+
+def _coverage(shape: str, outline: Optional[np.ndarray], pose, x, y, pixel) -> np.ndarray:
+  """The share of each pixel [S, S] in [0, 1] the posed object covers (anti-aliased edge)."""
+  scale, centre, rotation = pose
+  sx, sy = x - centre[0], y - centre[1]
+  lx = (sx * np.cos(rotation) + sy * np.sin(rotation)) / scale
+  ly = (-sx * np.sin(rotation) + sy * np.cos(rotation)) / scale
+  distance = _shape_distance(shape, outline, lx, ly) * scale
+  return np.clip(0.5 - distance / pixel, 0.0, 1.0)
+
+
+def render(shape: str, texture: str, outline: Optional[np.ndarray], rng: np.random.Generator,
+           image_size: int, background: Optional[np.ndarray] = None,
+           style: Optional[np.random.Generator] = None, redraw: Sequence[str] = ()
+           ) -> np.ndarray:
+  """One image [S, S, 3] float32 in [0, 1]: the `outline`-deformed `shape` filled with `texture`,
+  its appearance (FACTORS: background, pose, texture parameters, colours) drawn from `rng`.
+
+  `background` [S, S, 3] replaces the image's own. The factors named in `redraw` are drawn from
+  `style` instead; `rng` still makes every draw, so the other factors stay the image's own.
+  """
+  x, y, pixel = _grid(image_size)
+
+  def draw(factor, make):
+    own = make(rng)
+    return make(style) if factor in redraw else own
+
+  own_background = draw("background", lambda r: _draw_background(r, x, y))
+  coverage = _coverage(shape, outline, draw("pose", _draw_pose), x, y, pixel)
+  pattern = draw("texture", lambda r: _texture(texture, x, y, r, image_size))
+  fg0, fg1 = draw("colours", _draw_colours)
+  background = own_background if background is None else background
   foreground = fg0 * pattern[..., None] + fg1 * (1 - pattern[..., None])
   image = background * (1 - coverage[..., None]) + foreground * coverage[..., None]
   return image.astype(np.float32)
 
 
-def _layout(shape: str, rng: np.random.Generator, image_size: int):
-  """(background [S, S, 3], object coverage [S, S] in [0, 1], x, y): the draws of an image that
-  come before its texture, in the order `render` makes them."""
-  pixel = 2.0 / image_size
-  coords = (np.arange(image_size, dtype=np.float32) + 0.5) * pixel - 1.0
-  x, y = np.meshgrid(coords, coords)  # x: column, y: row (downwards)
-
-  # Background: a smooth two-colour gradient (only low frequencies).
-  direction = rng.uniform(0, 2 * np.pi)
-  ramp = (x * np.cos(direction) + y * np.sin(direction) + 1.5) / 3.0
-  bg0, bg1 = _random_colour(rng), _random_colour(rng)
-  background = bg0 * (1 - ramp[..., None]) + bg1 * ramp[..., None]
-
-  # Shape geometry in its own frame: scale, rotation and centre jitter.
-  scale = rng.uniform(0.45, 0.7)
-  centre = rng.uniform(-0.25, 0.25, size=2)
-  rotation = rng.uniform(-0.5, 0.5)
-  sx, sy = x - centre[0], y - centre[1]
-  lx = (sx * np.cos(rotation) + sy * np.sin(rotation)) / scale
-  ly = (-sx * np.sin(rotation) + sy * np.cos(rotation)) / scale
-  distance = _shape_distance(shape, lx, ly) * scale
-  coverage = np.clip(0.5 - distance / pixel, 0.0, 1.0)  # anti-aliased edge
-  return background, coverage, x, y
+def _layout(shape: str, outline: Optional[np.ndarray], rng: np.random.Generator, image_size: int):
+  """(background [S, S, 3], object coverage [S, S]): the draws of an image that come before its
+  texture, in the order `render` makes them."""
+  x, y, pixel = _grid(image_size)
+  background = _draw_background(rng, x, y)
+  return background, _coverage(shape, outline, _draw_pose(rng), x, y, pixel)
 
 
 class ShapesTextures:
@@ -142,7 +239,11 @@ class ShapesTextures:
 
   def __init__(self, image_size: int = 32, split: str = "validation", num_images: int = 512,
                seed: int = 0, shapes: Sequence[str] = SHAPES,
-               textures: Sequence[str] = TEXTURES, pairing: str = "independent"):
+               textures: Sequence[str] = TEXTURES, pairing: str = "independent",
+               version: int = 1):
+    if version not in VERSIONS:
+      raise ClmimError(f"Unknown synthetic data version {version!r}; expected one of "
+                       f"{tuple(VERSIONS)} ({'; '.join(f'{k}: {v}' for k, v in VERSIONS.items())}).")
     if split not in SPLITS:
       raise ClmimError(f"Unknown synthetic split {split!r}; expected one of {sorted(SPLITS)}.")
     if pairing not in PAIRINGS:
@@ -160,6 +261,7 @@ class ShapesTextures:
                        f"{image_size} and {num_images}.")
     self.image_size, self.split, self.num_images, self.seed = image_size, split, num_images, seed
     self.shapes, self.textures, self.pairing = tuple(shapes), tuple(textures), pairing
+    self.version = version
 
   def __len__(self) -> int:
     return self.num_images
@@ -177,11 +279,18 @@ class ShapesTextures:
       texture = int(rng.integers(len(self.textures)))
     return shape, texture, rng
 
+  def identity(self, index: int) -> tuple[int, int, np.ndarray, np.random.Generator]:
+    """(shape id, texture id, outline, the generator after them): what makes image `index` the
+    object it is. Everything drawn after (background, pose, colours, texture parameters) is its
+    appearance."""
+    shape, texture, rng = self.labels(index)
+    return shape, texture, (_draw_outline(rng) if self.version >= 2 else None), rng
+
   def __getitem__(self, index: int) -> dict:
     if not 0 <= index < self.num_images:
       raise IndexError(index)
-    shape, texture, rng = self.labels(index)
-    image = render(self.shapes[shape], self.textures[texture], rng, self.image_size)
+    shape, texture, outline, rng = self.identity(index)
+    image = render(self.shapes[shape], self.textures[texture], outline, rng, self.image_size)
     return {"image": image, "shape": shape, "texture": texture}
 
   def object_mask(self, index: int) -> np.ndarray:
@@ -189,30 +298,39 @@ class ShapesTextures:
     without rendering the texture."""
     if not 0 <= index < self.num_images:
       raise IndexError(index)
-    shape, _, rng = self.labels(index)
-    return _layout(self.shapes[shape], rng, self.image_size)[1].astype(np.float32)
+    shape, _, outline, rng = self.identity(index)
+    return _layout(self.shapes[shape], outline, rng, self.image_size)[1].astype(np.float32)
 
   def background(self, index: int) -> np.ndarray:
     """Image `index`'s background [S, S, 3] (float64), without its object."""
-    shape, _, rng = self.labels(index)
-    return _layout(self.shapes[shape], rng, self.image_size)[0]
+    shape, _, outline, rng = self.identity(index)
+    return _layout(self.shapes[shape], outline, rng, self.image_size)[0]
 
   def composite(self, index: int, background_of: int) -> np.ndarray:
-    """Image `index` (its object: shape, texture, colours, pose) on the background of image
-    `background_of`: the probe of what a model matches images by (README, "diagnosis")."""
-    shape, texture, rng = self.labels(index)
-    return render(self.shapes[shape], self.textures[texture], rng, self.image_size,
+    """Image `index` (its object: shape, outline, texture, colours, pose) on the background of
+    image `background_of`: the probe of what a model matches images by (docs/miniature.md)."""
+    shape, texture, outline, rng = self.identity(index)
+    return render(self.shapes[shape], self.textures[texture], outline, rng, self.image_size,
                   background=self.background(background_of))
 
-  def restyled(self, index: int, key: int) -> np.ndarray:
-    """Image `index`'s object — its shape, pose and texture class — with a new background, new
-    colours and new texture parameters (angle, period, phase), drawn from (seed, split, index,
-    key): a view that shares only shape, pose and texture class with the image."""
-    shape, texture, rng = self.labels(index)
-    _, coverage, x, y = _layout(self.shapes[shape], rng, self.image_size)
+  def restyled(self, index: int, key: int, factors: Sequence[str] = FACTORS) -> np.ndarray:
+    """Image `index`'s object — its shape, outline and texture class — with the appearance
+    `factors` (default: all of FACTORS — background, pose, texture parameters, colours) drawn
+    anew from (seed, split, index, key); the others stay the image's own."""
+    for factor in factors:
+      if factor not in FACTORS:
+        raise ClmimError(f"Unknown appearance factor {factor!r}; expected some of {FACTORS}.")
+    shape, texture, outline, rng = self.identity(index)
     style = np.random.default_rng([self.seed, SPLITS[self.split], index, _RESTYLE, key])
-    background = _layout(self.shapes[shape], style, self.image_size)[0]
-    return _paint(self.textures[texture], background, coverage, x, y, style, self.image_size)
+    return render(self.shapes[shape], self.textures[texture], outline, rng, self.image_size,
+                  style=style, redraw=factors)
+
+  def partly_restyled(self, index: int, key: int) -> np.ndarray:
+    """`restyled` with each appearance factor redrawn with probability 1/2, chosen by (seed,
+    split, index, key): no factor but the object itself is shared every time."""
+    chooser = np.random.default_rng([self.seed, SPLITS[self.split], index, _PARTIAL, key])
+    factors = [f for f, redraw in zip(FACTORS, chooser.random(len(FACTORS)) < 0.5) if redraw]
+    return self.restyled(index, key, factors)
 
   def batch(self, indices: Sequence[int]) -> dict:
     """Stacks examples: image [b,S,S,3] float32, shape [b], texture [b] int32."""
@@ -229,23 +347,36 @@ class ShapesTextures:
 
 
 def training_stream(dataset: ShapesTextures, batch_size: int, start_step: int = 0,
-                    prefetch: int = 2, second_view: str = "") -> Iterator[dict]:
+                    prefetch: int = 2, second_view: str = "", workers: int = 1
+                    ) -> Iterator[dict]:
   """Endless batches for step start_step, start_step+1, ... (resumable: depends only on step).
 
   With `second_view`, each batch also holds "second" [b, S, S, 3], a second rendering of each
   image for a contrastive objective's other view, chosen by (step, position):
-    "background": the image's object (shape, texture, colours, pose) on another training
-      image's background — the background can no longer tell instances apart;
-    "restyle": the same shape, pose and texture class with a new background, new colours and
-      new texture parameters (`ShapesTextures.restyled`) — only shape, pose and texture class
-      are shared.
+    "background": the image's object (shape, outline, texture, colours, pose) on another
+      training image's background — the background can no longer tell instances apart;
+    "restyle": the same object (shape, outline, texture class) drawn anew: new pose,
+      background, colours and texture parameters (`ShapesTextures.restyled`) — only what the
+      object is is shared;
+    "partial": each of those appearance factors redrawn with probability 1/2
+      (`ShapesTextures.partly_restyled`).
 
-  Images are rendered in a background thread so the accelerator is not kept waiting.
+  Images are rendered ahead of the consumer so the accelerator is not kept waiting: in one
+  background thread (`workers` = 1), or in `workers` processes, each rendering whole batches —
+  the batches are the same either way.
   """
-  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+  if second_view not in SECOND_VIEWS:
+    raise ClmimError(f"second_view={second_view!r}: expected one of {SECOND_VIEWS}.")
+  if workers < 1:
+    raise ClmimError(f"workers={workers}: expected at least 1.")
+  if workers == 1:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+  else:  # spawn, not fork: the consumer is a multi-threaded JAX process
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    prefetch = max(prefetch, 2 * workers)
+  with pool:
     step = start_step
-    if second_view not in SECOND_VIEWS:
-      raise ClmimError(f"second_view={second_view!r}: expected one of {SECOND_VIEWS}.")
     render = lambda s: pool.submit(_step_batch, dataset, batch_size, s, second_view)
     pending = [render(s) for s in range(step, step + prefetch)]
     while True:
@@ -272,4 +403,6 @@ def _step_batch(dataset: ShapesTextures, batch_size: int, step: int,
         dataset.composite(i, background_donor(i, step, size)) for i in indices])
   elif second_view == "restyle":
     batch["second"] = np.stack([dataset.restyled(i, step) for i in indices])
+  elif second_view == "partial":
+    batch["second"] = np.stack([dataset.partly_restyled(i, step) for i in indices])
   return batch

@@ -135,13 +135,14 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
   # --- Mesh: one data axis over every device; the batch is split across it ---------------
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   preflight.check_int(config, "batch_size", 1, mesh.size)
+  preflight.check_int(config, "data.render_workers", 1)
   batch_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
 
   # --- Input pipeline ---------------------------------------------------------------------
   data_cfg = config.data
   dataset = ShapesTextures(data_cfg.image_size, "train", data_cfg.num_train_images,
-                           data_cfg.seed)
+                           data_cfg.seed, version=data_cfg.version)
 
   # --- Parameters, optimizer, checkpoint --------------------------------------------------
   rng = jax.random.PRNGKey(config.seed)
@@ -177,7 +178,8 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
   with open(log_path, "w") as f:  # drop records past the checkpoint we resume from
     f.writelines(json.dumps(r) + "\n" for r in kept)
   second_view = str(config.get("augment", {}).get("second_view", ""))
-  stream = training_stream(dataset, config.batch_size, start_step, second_view=second_view)
+  stream = training_stream(dataset, config.batch_size, start_step, second_view=second_view,
+                           workers=data_cfg.render_workers)
   metrics, started = {}, time.time()
   # Wall time of earlier sessions of this run, so a resumed run reports its total cost.
   earlier_s = kept[-1].get("elapsed_s", 0.0) if kept else 0.0
