@@ -17,16 +17,20 @@ mean cosines, and the retrieval shares. Untrained copies (`random:<name>`) are t
 """
 import argparse
 import json
+import os
+import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from clmim.analysis.probing import normalised
-from clmim.checkpoints import registry
-from clmim.data import preprocess
-from clmim.data.synthetic import ShapesTextures
-from clmim.models.vit import forward_with_states
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from clmim.analysis.probing import normalised  # noqa: E402
+from clmim.checkpoints import registry  # noqa: E402
+from clmim.data import preprocess  # noqa: E402
+from clmim.data.synthetic import ShapesTextures  # noqa: E402
+from clmim.models.vit import forward_with_states  # noqa: E402
 
 
 def features(model, images, batch=128):
@@ -53,14 +57,16 @@ def main():
   parser.add_argument("--models", default="moco_v3_demo,simmim_demo")
   parser.add_argument("--images", type=int, default=512)
   parser.add_argument("--untrained", action=argparse.BooleanOptionalAction, default=True)
+  parser.add_argument("--version", type=int, default=1,
+                      help="procedural data version (the one the models were trained on)")
   args = parser.parse_args()
   names = [n for n in args.models.split(",") if n]
   specs = names + ([f"random:{n}" for n in names] if args.untrained else [])
-  report = {"images": args.images, "models": {}}
+  report = {"images": args.images, "version": args.version, "models": {}}
   for spec in specs:
     model = registry.resolve(spec)
     size = model.vit.image_size
-    data = ShapesTextures(size, "validation", args.images)
+    data = ShapesTextures(size, "validation", args.images, version=args.version)
     n = args.images
     donor = (np.arange(n) + 1) % n  # another image, never itself (and no pair swaps back)
     originals = np.stack([data[i]["image"] for i in range(n)])
