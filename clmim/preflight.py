@@ -105,8 +105,18 @@ def _multiples(value: int, of: int) -> str:
   return f"{below} or {below + of}" if below != value else str(value)
 
 
+def check_synthetic_version(config) -> None:
+  """config.data.version must name a published version of the procedural generator."""
+  from clmim.data.synthetic import VERSIONS  # numpy only: cheap
+  version = config.data.get("version", 1)
+  if isinstance(version, bool) or version not in VERSIONS:
+    raise ClmimError(f"config.data.version={version!r}: expected one of {tuple(VERSIONS)} ("
+                     f"{'; '.join(f'{k}: {v}' for k, v in VERSIONS.items())}).")
+
+
 def check_fields(config, mode: str, devices: int) -> None:
   """Numeric fields every run of this kind needs, before anything is loaded."""
+  check_synthetic_version(config)
   if config_kind(config) == "analysis":
     check_int(config, "batch_size", 1, devices)
     check_int(config, "data.num_images", 0, why="0 = all images")
@@ -120,7 +130,8 @@ def check_fields(config, mode: str, devices: int) -> None:
     return
   check_int(config, "batch_size", 1, devices)
   for field in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints",
-                "snapshot_images", "data.image_size", "data.num_train_images"):
+                "snapshot_images", "data.image_size", "data.num_train_images",
+                "data.render_workers"):
     check_int(config, field, 1)
   check_int(config, "warmup_steps", 0)
 

@@ -75,6 +75,17 @@ def test_negative_counts_are_refused(tmp_path, no_compute):
   _refused(_analysis(**{"data.max_batches": -2}), tmp_path / "out", "config.data.max_batches")
 
 
+def test_unknown_data_version_and_render_workers_are_refused(tmp_path, no_compute):
+  _refused(_analysis(**{"data.version": 3}), tmp_path / "out", "config.data.version=3",
+           "1: the four shapes")
+  config = pretrain_moco_v3.get_config("runlocal")
+  config.data.version = 0
+  _refused(config, tmp_path / "run", "config.data.version=0")
+  config.data.version = 2
+  config.data.render_workers = 0
+  _refused(config, tmp_path / "run", "config.data.render_workers=0", ">= 1")
+
+
 def test_workdir_that_is_a_file_or_unwritable(tmp_path, no_compute):
   blocker = tmp_path / "file"
   blocker.write_text("x")

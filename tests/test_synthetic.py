@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from clmim.data import synthetic
 from clmim.data.synthetic import SHAPES, TEXTURES, ShapesTextures, training_stream
 from clmim.errors import ClmimError
 
@@ -105,10 +106,16 @@ def test_version_2_gives_every_instance_its_own_outline():
   assert v1.identity(0)[2] is None and v2.identity(0)[2].shape == (3, 2)
   # Same labels; the images differ (the outline draws come first, so the appearance moves too).
   assert all(not np.array_equal(v1[i]["image"], v2[i]["image"]) for i in range(5))
-  # Two disks of version 2 differ in outline: at a common pose their masks differ.
+  # Two disks of version 2 differ in silhouette: at one common pose, their masks differ by
+  # whole pixels, and a version 1 disk at that pose is the exact circle.
   disks = [i for i in range(50) if v2.labels(i)[0] == 0][:2]
-  outlines = [v2.identity(i)[2] for i in disks]
-  assert np.abs(outlines[0] - outlines[1]).max() > 0.01
+  x, y, pixel = synthetic._grid(64)
+  pose = (0.6, np.zeros(2), 0.0)
+  masks = [synthetic._coverage("disk", v2.identity(i)[2], pose, x, y, pixel) for i in disks]
+  assert np.abs(masks[0] - masks[1]).sum() > 10
+  circle = synthetic._coverage("disk", None, pose, x, y, pixel)
+  inside_circle = np.hypot(x, y) < 0.6 - pixel
+  assert np.all(circle[inside_circle] == 1) and np.all(circle[np.hypot(x, y) > 0.6 + pixel] == 0)
   with pytest.raises(ClmimError, match="version"):
     ShapesTextures(32, "train", 5, version=3)
 

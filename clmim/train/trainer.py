@@ -135,7 +135,6 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
   # --- Mesh: one data axis over every device; the batch is split across it ---------------
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   preflight.check_int(config, "batch_size", 1, mesh.size)
-  preflight.check_int(config, "data.render_workers", 1)
   batch_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
 
