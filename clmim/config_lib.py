@@ -60,7 +60,8 @@ def pretrain_base(arg: str, name: str, objective: str, family: str) -> ml_collec
       num_train_images=50000,       # size of the procedural training split (then it repeats)
       seed=0,                       # dataset seed
       version=1,                    # generator version (clmim/data/synthetic.py VERSIONS):
-                                    #   1 exact shapes, 2 per-instance outlines
+                                    #   1 exact shapes, 2 per-instance outlines, 3 outlines
+                                    #   and a dark + a light texture colour
       mean="half", std="half",      # normalisation: "imagenet", "half" or 3-tuples
       render_workers=1,             # rendering ahead of training: 1 = one background thread,
                                     #   n > 1 = n processes (on a GPU/TPU host, its CPU count)
@@ -116,7 +117,8 @@ def analysis_base(arg: str, name: str, analyses: str,
       seed=0,                       # synthetic dataset seed
       version=1,                    # synthetic generator version (clmim/data/synthetic.py
                                     #   VERSIONS): 1 exact shapes (the demo models' data), 2
-                                    #   per-instance outlines
+                                    #   per-instance outlines, 3 outlines and a dark + a light
+                                    #   texture colour
       path="",                      # image_folder: root with one sub-folder per class
       tfds_name="",                 # tfds: dataset name, e.g. "imagenet2012", "imagenette",
                                     #   "imagenette/320px-v2" (prepared as array_record; no

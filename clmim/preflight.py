@@ -134,6 +134,23 @@ def check_fields(config, mode: str, devices: int) -> None:
                 "data.render_workers"):
     check_int(config, field, 1)
   check_int(config, "warmup_steps", 0)
+  check_second_view(config)
+
+
+def check_second_view(config) -> None:
+  """config.augment.second_view (MoCo) must name a second view the procedural data can render."""
+  from clmim.data.synthetic import parse_second_view  # numpy only: cheap
+  if "augment" not in config or "second_view" not in config.augment:
+    return
+  try:
+    parse_second_view(str(config.augment.second_view))
+  except ClmimError as e:
+    raise ClmimError(f"config.augment.{e}") from None
+  ramp = config.augment.get("second_view_ramp", (0, 0))
+  if (not isinstance(ramp, (tuple, list)) or len(ramp) != 2
+      or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ramp)):
+    raise ClmimError(f"config.augment.second_view_ramp={ramp!r}: expected (start, end), two "
+                     f"steps >= 0 ((0, 0) = the second view for every pair from step 0).")
 
 
 def saved_config(workdir: str):

@@ -36,6 +36,11 @@ def get_config(arg: str = "demo"):
                                #   its object on another image's background; "restyle" the
                                #   same object with pose, background, colours and texture
                                #   parameters redrawn; "partial" each of those redrawn with
-                               #   probability 1/2 (docs/miniature.md)
+                               #   probability 1/2; "redraw:<factor>+..." only the named
+                               #   factors (background, pose, texture, colours) drawn anew
+                               #   (docs/miniature.md)
+      second_view_ramp=(0, 0), # (start, end) steps: the share of pairs given second_view rises
+                               #   from 0 at start to 1 at end (the rest: the same image);
+                               #   (0, 0) = all pairs from step 0
   )
   return config_lib.finish(config, arg)

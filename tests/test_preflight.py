@@ -76,7 +76,7 @@ def test_negative_counts_are_refused(tmp_path, no_compute):
 
 
 def test_unknown_data_version_and_render_workers_are_refused(tmp_path, no_compute):
-  _refused(_analysis(**{"data.version": 3}), tmp_path / "out", "config.data.version=3",
+  _refused(_analysis(**{"data.version": 4}), tmp_path / "out", "config.data.version=4",
            "1: the four shapes")
   config = pretrain_moco_v3.get_config("runlocal")
   config.data.version = 0
@@ -84,6 +84,13 @@ def test_unknown_data_version_and_render_workers_are_refused(tmp_path, no_comput
   config.data.version = 2
   config.data.render_workers = 0
   _refused(config, tmp_path / "run", "config.data.render_workers=0", ">= 1")
+  config = pretrain_moco_v3.get_config("runlocal")
+  config.augment.second_view = "redraw:background+colour"
+  _refused(config, tmp_path / "run", "config.augment.second_view='redraw:background+colour'",
+           "redraw:background+colours")
+  config = pretrain_moco_v3.get_config("runlocal")
+  config.augment.second_view_ramp = (100, -1)
+  _refused(config, tmp_path / "run", "config.augment.second_view_ramp=(100, -1)", "two steps")
 
 
 def test_workdir_that_is_a_file_or_unwritable(tmp_path, no_compute):

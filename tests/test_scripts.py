@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -33,3 +35,32 @@ def test_diagnose_shortcuts_finds_the_documented_background_shortcut():
   for entry in report["models"]["simmim_demo"].values():
     assert entry["object_nearer"] < 0.25
     assert entry["retrieves_same_background"] > 0.5 > entry["retrieves_same_object"]
+
+
+def test_view_agreement_known_answers():
+  sys.path.insert(0, os.path.join(ROOT, "scripts"))
+  from view_agreement import agreement
+  rng = np.random.default_rng(0)
+  features = rng.normal(size=(200, 32))
+  same = agreement(features, features)
+  assert same["top1"] == 1.0 and same["margin"] > 0.95  # 1 + 1/(n-1) after centring
+  unrelated = agreement(features, rng.normal(size=(200, 32)))
+  assert abs(unrelated["margin"]) < 0.02 and unrelated["top1"] < 0.05
+  # Invariant to the order of the pairs and to the batch's mean.
+  order = rng.permutation(200)
+  assert agreement(features[order], features[order] + 5.0) == same
+
+
+def test_view_agreement_separates_same_image_views_from_redrawn_ones():
+  # docs/miniature.md: same-image views share colours and background, which an untrained model
+  # (and the raw pixels) already sees; views whose background and colours are redrawn share
+  # almost nothing it can see.
+  stdout = _run("view_agreement.py", "--models", "random:moco_v3_demo", "--images", "96",
+                "--version", "3", "--views", ",redraw:background+colours")
+  report = json.loads(stdout[stdout.index("{"):])
+  same, redrawn = report["views"]["same image"], report["views"]["redraw:background+colours"]
+  for key in ("pixels",):
+    assert same[key]["margin"] > 0.05 > redrawn[key]["margin"]
+  untrained = "moco_v3_demo (untrained)"
+  for kind in ("cls", "mean_tokens"):
+    assert same[untrained][kind]["margin"] > 0.05 > redrawn[untrained][kind]["margin"]

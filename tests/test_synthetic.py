@@ -75,6 +75,65 @@ def test_second_views_keep_what_they_should():
     next(training_stream(ds, 6, second_view="blur"))
 
 
+def test_redraw_views_share_the_factors_they_do_not_name():
+  ds = ShapesTextures(24, "train", 30, version=3)
+  named = next(training_stream(ds, 5, start_step=1, second_view="redraw:colours+background"))
+  restyled = next(training_stream(ds, 5, start_step=1, second_view="restyle"))
+  every_factor = next(training_stream(
+      ds, 5, start_step=1, second_view="redraw:background+pose+texture+colours"))
+  np.testing.assert_array_equal(restyled["second"], every_factor["second"])  # the same view
+  for i in range(5):
+    index = 5 + i
+    np.testing.assert_array_equal(named["second"][i], ds.restyled(index, 1, ("background", "colours")))
+    # Pose and texture parameters shared: the same silhouette, and (version 3) the pattern's grey
+    # levels follow the original's inside the object, whatever the new colours.
+    inside = ds.object_mask(index) > 0.999
+    grey, grey_view = named["image"][i].mean(-1)[inside], named["second"][i].mean(-1)[inside]
+    assert np.corrcoef(grey, grey_view)[0, 1] > 0.8
+    assert np.abs(named["second"][i] - named["image"][i]).mean() > 0.02
+  for bad in ("redraw:", "redraw:colour", "redraw:pose+pose"):
+    with pytest.raises(ClmimError, match="redraw:background"):
+      synthetic.parse_second_view(bad)
+
+
+def test_second_view_ramp_eases_the_second_view_in():
+  assert [synthetic.second_view_share(s, (10, 20)) for s in (0, 10, 15, 20, 99)] == \
+      [0.0, 0.0, 0.5, 1.0, 1.0]
+  assert synthetic.second_view_share(0, (0, 0)) == 1.0
+  ds = ShapesTextures(16, "train", 200, version=3)
+  view = "redraw:background+colours"
+
+  def same_image_share(step):
+    batch = next(training_stream(ds, 40, start_step=step, second_view=view, ramp=(10, 20)))
+    return np.mean([np.array_equal(a, b) for a, b in zip(batch["image"], batch["second"])])
+  assert same_image_share(3) == 1.0 and same_image_share(25) == 0.0
+  assert 0.25 < same_image_share(15) < 0.75
+  full = next(training_stream(ds, 40, start_step=15, second_view=view))
+  ramped = next(training_stream(ds, 40, start_step=15, second_view=view, ramp=(10, 20)))
+  redrawn = [not np.array_equal(a, b) for a, b in zip(ramped["image"], ramped["second"])]
+  np.testing.assert_array_equal(ramped["second"][redrawn], full["second"][redrawn])
+
+
+def test_version_3_keeps_a_patterns_sign_in_grey():
+  # With unconstrained colours (version 2) a colour redraw can invert the pattern's grey levels;
+  # version 3's dark and light colours never do.
+  def correlations(version):
+    ds = ShapesTextures(24, "train", 40, version=version)
+    values = []
+    for index in range(40):
+      inside = ds.object_mask(index) > 0.999
+      if inside.sum() < 20:
+        continue
+      grey = ds[index]["image"].mean(-1)[inside]
+      view = ds.restyled(index, 3, ("colours",)).mean(-1)[inside]
+      values.append(np.corrcoef(grey, view)[0, 1])
+    return np.array(values)
+  assert correlations(3).min() > 0.8
+  assert correlations(2).min() < 0.0
+  dark, light = synthetic._draw_dark_light_colours(np.random.default_rng(0))
+  assert dark.max() < 0.4 < 0.6 < light.min()
+
+
 def test_restyling_redraws_exactly_the_named_factors():
   ds = ShapesTextures(32, "train", 20, version=2)
   for i in range(4):
@@ -117,7 +176,7 @@ def test_version_2_gives_every_instance_its_own_outline():
   inside_circle = np.hypot(x, y) < 0.6 - pixel
   assert np.all(circle[inside_circle] == 1) and np.all(circle[np.hypot(x, y) > 0.6 + pixel] == 0)
   with pytest.raises(ClmimError, match="version"):
-    ShapesTextures(32, "train", 5, version=3)
+    ShapesTextures(32, "train", 5, version=99)
 
 
 def test_worker_processes_render_the_same_batches():

@@ -38,12 +38,18 @@ def test_momentum_schedule_endpoints():
 
 
 @pytest.mark.parametrize("config_module", [pretrain_simmim, pretrain_moco_v3])
-def test_runlocal_trains_resumes_and_exports(tmp_path, config_module, capsys):
+def test_runlocal_trains_resumes_and_exports(tmp_path, config_module, capsys, monkeypatch):
   config = config_module.get_config("runlocal")
+  ramps = []
+  stream = trainer.training_stream
+  monkeypatch.setattr(trainer, "training_stream",
+                      lambda *a, **k: ramps.append(k["ramp"]) or stream(*a, **k))
   if config.objective == "moco_v3":  # the pair path: view 1 rendered apart (restyled)
     config.augment.second_view = "restyle"
+    config.augment.second_view_ramp = (2, 4)
     config.data.version = 2
   metrics = trainer.train(config, str(tmp_path))
+  assert ramps == [(2, 4) if config.objective == "moco_v3" else (0, 0)]
   assert np.isfinite(metrics["loss"])
   records = trainer.read_metrics(str(tmp_path))
   assert [r["step"] for r in records] == [2, 4, 6]

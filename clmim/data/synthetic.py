@@ -20,9 +20,13 @@ Versions (VERSIONS; `version=`, config field `data.version`) never change once p
 - 1: the four shapes exactly; the data of the v1 demo models (default).
 - 2: each instance's outline deformed by its own low harmonics (radius x (1 + sum a_k cos(k
   theta + phi_k)), k = 2, 3, 5), so that an instance can be told apart by its silhouette.
+- 3: version 2 with the texture's two colours drawn as a dark one (channels < 0.4) and a light
+  one (channels > 0.6): when a second view redraws the colours, the pattern keeps its grey-level
+  sign (with version 2's free colours it may invert).
 Second views for contrastive training (`training_stream`'s `second_view`): the object on another
-image's background, the object with every appearance factor redrawn, or with each factor
-redrawn with probability 1/2 (docs/miniature.md records what each did to MoCo v3).
+image's background, the object with every appearance factor redrawn, with each factor redrawn
+with probability 1/2, or with named factors redrawn ("redraw:background+colours")
+(docs/miniature.md records what each did to MoCo v3).
 """
 from __future__ import annotations
 
@@ -40,10 +44,13 @@ SPLITS = {"train": 0, "validation": 1, "cue_conflict": 2}
 PAIRINGS = ("independent", "aligned")
 # What each version of the generator changed; every image of a version stays the same forever.
 VERSIONS = {1: "the four shapes exactly (the data of the v1 demo models)",
-            2: "every instance's outline deformed by its own low harmonics"}
-SECOND_VIEWS = ("", "background", "restyle", "partial")
+            2: "every instance's outline deformed by its own low harmonics",
+            3: "version 2 with a dark and a light texture colour: a pattern keeps its sign in "
+               "grey whatever its hues"}
+SECOND_VIEWS = ("", "background", "restyle", "partial", "redraw:<factor>+<factor>...")
 _RESTYLE = 7  # stream ids of the restyled views' generators, apart from the images' own
 _PARTIAL = 8
+_RAMP = 9     # stream id of the choice between a pair's second view and the image itself
 
 
 # Per-instance geometry: the outline's radius is the family's, times 1 + sum_k a_k cos(k*theta +
@@ -180,6 +187,14 @@ def _draw_colours(rng: np.random.Generator):
   return fg0, fg1
 
 
+def _draw_dark_light_colours(rng: np.random.Generator):
+  """Version 3's texture colours: a dark one (every channel < 0.4) and a light one (every channel
+  > 0.6), so that two renderings of one pattern with colours drawn anew share its grey-level
+  structure, sign included (with unconstrained colours a redraw can invert it)."""
+  return (rng.uniform(0.0, 0.4, size=3).astype(np.float32),
+          rng.uniform(0.6, 1.0, size=3).astype(np.float32))
+
+
 def _coverage(shape: str, outline: Optional[np.ndarray], pose, x, y, pixel) -> np.ndarray:
   """The share of each pixel [S, S] in [0, 1] the posed object covers (anti-aliased edge)."""
   scale, centre, rotation = pose
@@ -192,13 +207,14 @@ def _coverage(shape: str, outline: Optional[np.ndarray], pose, x, y, pixel) -> n
 
 def render(shape: str, texture: str, outline: Optional[np.ndarray], rng: np.random.Generator,
            image_size: int, background: Optional[np.ndarray] = None,
-           style: Optional[np.random.Generator] = None, redraw: Sequence[str] = ()
-           ) -> np.ndarray:
+           style: Optional[np.random.Generator] = None, redraw: Sequence[str] = (),
+           dark_light: bool = False) -> np.ndarray:
   """One image [S, S, 3] float32 in [0, 1]: the `outline`-deformed `shape` filled with `texture`,
   its appearance (FACTORS: background, pose, texture parameters, colours) drawn from `rng`.
 
   `background` [S, S, 3] replaces the image's own. The factors named in `redraw` are drawn from
   `style` instead; `rng` still makes every draw, so the other factors stay the image's own.
+  `dark_light` (version 3) draws the texture's colours as a dark and a light one.
   """
   x, y, pixel = _grid(image_size)
 
@@ -209,7 +225,7 @@ def render(shape: str, texture: str, outline: Optional[np.ndarray], rng: np.rand
   own_background = draw("background", lambda r: _draw_background(r, x, y))
   coverage = _coverage(shape, outline, draw("pose", _draw_pose), x, y, pixel)
   pattern = draw("texture", lambda r: _texture(texture, x, y, r, image_size))
-  fg0, fg1 = draw("colours", _draw_colours)
+  fg0, fg1 = draw("colours", _draw_dark_light_colours if dark_light else _draw_colours)
   background = own_background if background is None else background
   foreground = fg0 * pattern[..., None] + fg1 * (1 - pattern[..., None])
   image = background * (1 - coverage[..., None]) + foreground * coverage[..., None]
@@ -290,8 +306,14 @@ class ShapesTextures:
     if not 0 <= index < self.num_images:
       raise IndexError(index)
     shape, texture, outline, rng = self.identity(index)
-    image = render(self.shapes[shape], self.textures[texture], outline, rng, self.image_size)
-    return {"image": image, "shape": shape, "texture": texture}
+    return {"image": self._render(index), "shape": shape, "texture": texture}
+
+  def _render(self, index: int, **options) -> np.ndarray:
+    """Image `index` drawn by `render` with `options` (background, style, redraw) and this
+    version's colour rule."""
+    shape, texture, outline, rng = self.identity(index)
+    return render(self.shapes[shape], self.textures[texture], outline, rng, self.image_size,
+                  dark_light=self.version >= 3, **options)
 
   def object_mask(self, index: int) -> np.ndarray:
     """The share of each pixel the object covers [S, S] float32 in [0, 1] (anti-aliased edge),
@@ -309,9 +331,7 @@ class ShapesTextures:
   def composite(self, index: int, background_of: int) -> np.ndarray:
     """Image `index` (its object: shape, outline, texture, colours, pose) on the background of
     image `background_of`: the probe of what a model matches images by (docs/miniature.md)."""
-    shape, texture, outline, rng = self.identity(index)
-    return render(self.shapes[shape], self.textures[texture], outline, rng, self.image_size,
-                  background=self.background(background_of))
+    return self._render(index, background=self.background(background_of))
 
   def restyled(self, index: int, key: int, factors: Sequence[str] = FACTORS) -> np.ndarray:
     """Image `index`'s object — its shape, outline and texture class — with the appearance
@@ -320,10 +340,8 @@ class ShapesTextures:
     for factor in factors:
       if factor not in FACTORS:
         raise ClmimError(f"Unknown appearance factor {factor!r}; expected some of {FACTORS}.")
-    shape, texture, outline, rng = self.identity(index)
     style = np.random.default_rng([self.seed, SPLITS[self.split], index, _RESTYLE, key])
-    return render(self.shapes[shape], self.textures[texture], outline, rng, self.image_size,
-                  style=style, redraw=factors)
+    return self._render(index, style=style, redraw=factors)
 
   def partly_restyled(self, index: int, key: int) -> np.ndarray:
     """`restyled` with each appearance factor redrawn with probability 1/2, chosen by (seed,
@@ -346,9 +364,36 @@ class ShapesTextures:
       yield self.batch(range(start, min(start + batch_size, total)))
 
 
+def parse_second_view(second_view: str) -> tuple[str, tuple[str, ...]]:
+  """(kind, factors) of a second-view name (SECOND_VIEWS): kind is "", "background", "partial"
+  or "redraw"; factors are the appearance FACTORS a "redraw" view draws anew ("restyle" is
+  "redraw" of all four). Raises ClmimError naming what was expected."""
+  if second_view in ("", "background", "partial"):
+    return second_view, ()
+  if second_view == "restyle":
+    return "redraw", FACTORS
+  if second_view.startswith("redraw:"):
+    factors = tuple(f for f in second_view[len("redraw:"):].split("+") if f)
+    unknown = [f for f in factors if f not in FACTORS]
+    if factors and not unknown and len(set(factors)) == len(factors):
+      return "redraw", tuple(f for f in FACTORS if f in factors)
+  raise ClmimError(f"second_view={second_view!r}: expected one of {SECOND_VIEWS}, the factors "
+                   f"distinct names from {FACTORS} (e.g. 'redraw:background+colours').")
+
+
+def second_view_share(step: int, ramp: Sequence[int]) -> float:
+  """The share of pairs whose second view is rendered by `second_view` at `step` (the others
+  are the image itself): 0 before ramp[0], rising linearly to 1 at ramp[1] (1 throughout when
+  ramp[1] <= ramp[0], e.g. (0, 0))."""
+  start, end = int(ramp[0]), int(ramp[1])
+  if end <= start:
+    return 1.0
+  return float(np.clip((step - start) / (end - start), 0.0, 1.0))
+
+
 def training_stream(dataset: ShapesTextures, batch_size: int, start_step: int = 0,
-                    prefetch: int = 2, second_view: str = "", workers: int = 1
-                    ) -> Iterator[dict]:
+                    prefetch: int = 2, second_view: str = "", workers: int = 1,
+                    ramp: Sequence[int] = (0, 0)) -> Iterator[dict]:
   """Endless batches for step start_step, start_step+1, ... (resumable: depends only on step).
 
   With `second_view`, each batch also holds "second" [b, S, S, 3], a second rendering of each
@@ -359,14 +404,21 @@ def training_stream(dataset: ShapesTextures, batch_size: int, start_step: int = 
       background, colours and texture parameters (`ShapesTextures.restyled`) — only what the
       object is is shared;
     "partial": each of those appearance factors redrawn with probability 1/2
-      (`ShapesTextures.partly_restyled`).
+      (`ShapesTextures.partly_restyled`);
+    "redraw:<factor>+...": only the named FACTORS drawn anew, the others the image's own
+      (e.g. "redraw:background+colours": same pose and texture parameters, so the view shares
+      the object's silhouette and pattern but none of the image's colours).
+
+  `ramp` (start, end) eases the second view in: at each step a share `second_view_share` of the
+  pairs (chosen by (step, index)) gets it, the rest the image itself — a curriculum from
+  same-image pairs, whose shared colours and background give a contrastive model its first
+  signal, to views that share only the object.
 
   Images are rendered ahead of the consumer so the accelerator is not kept waiting: in one
   background thread (`workers` = 1), or in `workers` processes, each rendering whole batches —
   the batches are the same either way.
   """
-  if second_view not in SECOND_VIEWS:
-    raise ClmimError(f"second_view={second_view!r}: expected one of {SECOND_VIEWS}.")
+  parse_second_view(second_view)
   if workers < 1:
     raise ClmimError(f"workers={workers}: expected at least 1.")
   if workers == 1:
@@ -377,7 +429,7 @@ def training_stream(dataset: ShapesTextures, batch_size: int, start_step: int = 
     prefetch = max(prefetch, 2 * workers)
   with pool:
     step = start_step
-    render = lambda s: pool.submit(_step_batch, dataset, batch_size, s, second_view)
+    render = lambda s: pool.submit(_step_batch, dataset, batch_size, s, second_view, ramp)
     pending = [render(s) for s in range(step, step + prefetch)]
     while True:
       batch = pending.pop(0).result()
@@ -393,16 +445,31 @@ def background_donor(index: int, step: int, size: int) -> int:
 
 
 def _step_batch(dataset: ShapesTextures, batch_size: int, step: int,
-                second_view: str = "") -> dict:
+                second_view: str = "", ramp: Sequence[int] = (0, 0)) -> dict:
   start = step * batch_size
   batch = dataset.batch(range(start, start + batch_size))
   size = len(dataset)
   indices = [i % size for i in range(start, start + batch_size)]
-  if second_view == "background":
-    batch["second"] = np.stack([
-        dataset.composite(i, background_donor(i, step, size)) for i in indices])
-  elif second_view == "restyle":
-    batch["second"] = np.stack([dataset.restyled(i, step) for i in indices])
-  elif second_view == "partial":
-    batch["second"] = np.stack([dataset.partly_restyled(i, step) for i in indices])
+  kind, factors = parse_second_view(second_view)
+  share = second_view_share(step, ramp)
+  if kind and share < 1.0:
+    chooser = np.random.default_rng([dataset.seed, SPLITS[dataset.split], _RAMP, step])
+    chosen = chooser.random(batch_size) < share
+    batch["second"] = batch["image"].copy()
+    if chosen.any():
+      some = _step_views(dataset, kind, factors, [i for i, c in zip(indices, chosen) if c], step)
+      batch["second"][chosen] = some
+    return batch
+  if kind:
+    batch["second"] = _step_views(dataset, kind, factors, indices, step)
   return batch
+
+
+def _step_views(dataset: ShapesTextures, kind: str, factors, indices, step: int) -> np.ndarray:
+  """The second views [len(indices), S, S, 3] of training images `indices` at `step`."""
+  size = len(dataset)
+  if kind == "background":
+    return np.stack([dataset.composite(i, background_donor(i, step, size)) for i in indices])
+  if kind == "redraw":
+    return np.stack([dataset.restyled(i, step, factors) for i in indices])
+  return np.stack([dataset.partly_restyled(i, step) for i in indices])

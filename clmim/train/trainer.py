@@ -176,9 +176,11 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
   kept = [r for r in read_metrics(workdir) if r["step"] <= start_step]
   with open(log_path, "w") as f:  # drop records past the checkpoint we resume from
     f.writelines(json.dumps(r) + "\n" for r in kept)
-  second_view = str(config.get("augment", {}).get("second_view", ""))
+  augment = config.get("augment", {})
+  second_view = str(augment.get("second_view", ""))
   stream = training_stream(dataset, config.batch_size, start_step, second_view=second_view,
-                           workers=data_cfg.render_workers)
+                           workers=data_cfg.render_workers,
+                           ramp=tuple(augment.get("second_view_ramp", (0, 0))))
   metrics, started = {}, time.time()
   # Wall time of earlier sessions of this run, so a resumed run reports its total cost.
   earlier_s = kept[-1].get("elapsed_s", 0.0) if kept else 0.0
