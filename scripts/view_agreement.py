@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 from clmim.checkpoints import registry  # noqa: E402
 from clmim.data.augment import contrastive_view  # noqa: E402
-from clmim.data.synthetic import ShapesTextures, _step_batch, parse_second_view  # noqa: E402
+from clmim.data.synthetic import ShapesTextures, parse_second_view, training_stream  # noqa: E402
 from clmim.errors import ClmimError  # noqa: E402
 from diagnose_shortcuts import features  # noqa: E402
 
@@ -55,7 +55,9 @@ def agreement(first: np.ndarray, second: np.ndarray) -> dict:
 def augmented_pairs(data: ShapesTextures, second_view: str, augment, n: int, seed: int):
   """(view 1, view 2) [n, S, S, 3] in [0, 1]: n training images and their second views after
   MoCo's augmentation."""
-  batch = _step_batch(data, n, step=seed, second_view=second_view)
+  stream = training_stream(data, n, start_step=seed, prefetch=1, second_view=second_view)
+  batch = next(stream)
+  stream.close()
   sources = (batch["image"], batch.get("second", batch["image"]))
   keys = jax.random.split(jax.random.PRNGKey(seed), 2)
   return tuple(np.asarray(contrastive_view(k, jnp.asarray(x), augment, i))
