@@ -41,6 +41,9 @@ def pretrain_base(arg: str, name: str, objective: str, family: str) -> ml_collec
   config.objective = objective      # module clmim/train/<objective>.py
   config.family = family            # "cl" or "mim": how figures colour the model
   config.seed = 0                   # parameter init and augmentation randomness
+  config.init_encoder = ""          # model spec (an export path or a shipped name) whose encoder
+                                    #   weights start a fresh run ("" = random init); heads start
+                                    #   new; its architecture must be config.model's
   config.total_steps = 6000         # optimisation steps (cosine schedules end here)
   config.batch_size = 64            # global batch, split over all devices
   config.lr = 1e-3                  # peak learning rate

@@ -20,11 +20,14 @@ MODES = ANALYSIS_MODES + PRETRAINING_MODES
 CONFIG_RECORD = "config.json"  # a pretraining workdir's config, for resume checks
 # Sections and fields of a pretraining config that fix the model, the objective or the data:
 # resuming a workdir with other values would continue a different run (or fail inside orbax).
-IDENTITY_FIELDS = ("objective", "seed", "batch_size", "model", "data", "moco", "simmim",
-                   "augment")
+IDENTITY_FIELDS = ("objective", "seed", "init_encoder", "batch_size", "model", "data", "moco",
+                   "simmim", "augment")
 # Fields inside those sections that say how a run is carried out, not what it computes: a run
 # may be resumed (exported, snapshotted) with other values.
 HOW_NOT_WHAT = ("data.render_workers",)
+# Fields added after runs were recorded without them, with the value that reproduces what those
+# runs did: a record that lacks one is compared as if it held this value.
+ADDED_LATER = {"data.version": 1, "augment.second_view_ramp": [0, 0], "init_encoder": ""}
 
 
 def config_kind(config) -> str:
@@ -179,9 +182,11 @@ def config_differences(saved: dict, current: dict) -> list[str]:
   in the order of IDENTITY_FIELDS; a section only one config has is one entry."""
   differences = []
   for key in IDENTITY_FIELDS:
-    before, after = saved.get(key), current.get(key)
+    before, after = saved.get(key, ADDED_LATER.get(key)), current.get(key)
     if isinstance(before, dict) and isinstance(after, dict):
       flat_before, flat_after = _flatten(before, f"{key}."), _flatten(after, f"{key}.")
+      flat_before.update({k: v for k, v in ADDED_LATER.items()
+                          if k.startswith(f"{key}.") and k not in flat_before})
       differences += [f"{k}: {flat_before.get(k)!r} -> {flat_after.get(k)!r}"
                       for k in sorted(set(flat_before) | set(flat_after))
                       if flat_before.get(k) != flat_after.get(k) and k not in HOW_NOT_WHAT]

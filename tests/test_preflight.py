@@ -160,6 +160,15 @@ def test_resuming_with_another_objective_names_the_fields(tmp_path, no_compute):
   preflight.check_resume(same, str(workdir))
   same.data.version = 2  # other images: another run
   _refused(same, workdir, "data.version: 1 -> 2")
+  # A record written before a field existed resumes under that field's old behaviour only.
+  older = dict(saved, data={k: v for k, v in saved["data"].items() if k != "version"},
+               augment={k: v for k, v in saved["augment"].items() if k != "second_view_ramp"})
+  del older["init_encoder"]
+  (workdir / preflight.CONFIG_RECORD).write_text(json.dumps(older))
+  preflight.check_resume(pretrain_moco_v3.get_config("runlocal"), str(workdir))
+  ramped = pretrain_moco_v3.get_config("runlocal")
+  ramped.augment.second_view_ramp = (0, 10)
+  _refused(ramped, workdir, "augment.second_view_ramp: [0, 0] -> [0, 10]")
 
 
 def test_reused_analysis_workdir_is_refused_then_replaced(tmp_path, monkeypatch):

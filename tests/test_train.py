@@ -86,3 +86,39 @@ def test_unknown_objective_is_a_clear_error():
   config.objective = "byol"
   with pytest.raises(ClmimError, match="clmim/train/byol.py"):
     trainer.load_objective(config)
+
+
+def test_init_encoder_starts_a_fresh_run_from_an_export(tmp_path):
+  first = pretrain_simmim.get_config("runlocal")
+  trainer.train(first, str(tmp_path / "first"))
+  exported = registry.resolve(str(tmp_path / "first" / "export"))
+  config = pretrain_simmim.get_config("runlocal")
+  config.init_encoder = str(tmp_path / "first" / "export")
+  objective = trainer.load_objective(config)
+  encoder = trainer.initial_encoder(config, objective)
+  kernel = lambda tree: np.asarray(tree["block_1"]["mlp"]["fc1"]["kernel"])
+  np.testing.assert_array_equal(kernel(encoder), kernel(exported.params))
+  # A fresh run from the export trains on from its weights: its first loss is below a new run's.
+  config.total_steps = config.log_every = 1
+  fresh = pretrain_simmim.get_config("runlocal")
+  fresh.total_steps = fresh.log_every = 1
+  assert trainer.train(config, str(tmp_path / "again"))["loss"] < \
+      trainer.train(fresh, str(tmp_path / "fresh"))["loss"]
+  # Another architecture is refused before any step, naming the field and a parameter.
+  deeper = pretrain_simmim.get_config("runlocal")
+  deeper.model.depth = 3
+  deeper.init_encoder = str(tmp_path / "first" / "export")
+  with pytest.raises(ClmimError, match=r"config.init_encoder=.*block_2"):
+    trainer.train(deeper, str(tmp_path / "deeper"))
+  assert not (tmp_path / "deeper" / "checkpoints").exists()
+
+
+def test_moco_with_encoder_sets_the_online_and_the_momentum_encoder():
+  config = pretrain_moco_v3.get_config("runlocal")
+  objective = trainer.load_objective(config)
+  state, _, _ = trainer.initial_state(config, objective)
+  other = jax.tree.map(lambda x: x + 1.0, state["params"]["online"]["encoder"])
+  params, extra = objective.with_encoder(state["params"], state["state"], other)
+  for tree in (params["online"]["encoder"], extra["momentum"]["encoder"]):
+    jax.tree.map(np.testing.assert_array_equal, tree, other)
+  jax.tree.map(np.testing.assert_array_equal, params["predictor"], state["params"]["predictor"])

@@ -112,3 +112,9 @@ class Objective:
   def encoder_params(self, params, state):
     """The analysed encoder: the online (base) encoder, as in the official checkpoints."""
     return params["online"]["encoder"]
+
+  def with_encoder(self, params, state, encoder):
+    """(params, state) with `encoder` as the online and the momentum encoder (config.init_encoder)."""
+    params = {**params, "online": {**params["online"], "encoder": encoder}}
+    momentum = {**state["momentum"], "encoder": jax.tree.map(jnp.copy, encoder)}
+    return params, {**state, "momentum": momentum}

@@ -71,3 +71,7 @@ class Objective:
 
   def encoder_params(self, params, state):
     return params["encoder"]
+
+  def with_encoder(self, params, state, encoder):
+    """(params, state) with `encoder` as the encoder (config.init_encoder); the head stays new."""
+    return {**params, "encoder": encoder}, state

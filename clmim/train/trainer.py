@@ -71,6 +71,34 @@ def initial_state(config, objective):
   return train_state, tx, schedule
 
 
+def initial_encoder(config, objective):
+  """The encoder params config.init_encoder names (None when it is ""), checked against the
+  encoder this config trains: same parameter names and shapes, or one error naming both."""
+  spec = str(config.get("init_encoder", "") or "")
+  if not spec:
+    return None
+  from clmim.checkpoints import registry  # loads checkpoints: only when asked for
+  try:
+    model = registry.resolve(spec)
+  except ClmimError as e:
+    raise ClmimError(f"config.init_encoder={spec!r}: {e}") from None
+  size = config.data.image_size
+  expected = jax.eval_shape(
+      lambda: objective.encoder.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))
+  want = {jax.tree_util.keystr(k): v.shape
+          for k, v in jax.tree_util.tree_leaves_with_path(expected["params"])}
+  have = {jax.tree_util.keystr(k): np.shape(v)
+          for k, v in jax.tree_util.tree_leaves_with_path(model.params)}
+  if want != have:
+    differing = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    first = differing[0]
+    raise ClmimError(f"config.init_encoder={spec!r} does not fit config.model: {first} is "
+                     f"{have.get(first, 'missing')} there, {want.get(first, 'absent')} here "
+                     f"({len(differing)} parameter(s) differ); give a checkpoint of this "
+                     f"architecture.")
+  return jax.tree.map(jnp.asarray, model.params)
+
+
 def checkpoint_manager(workdir: str, keep: int):
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
@@ -131,6 +159,8 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
   preflight.check_run(config, workdir, jax.device_count())
   # --- Objective ------------------------------------------------------------------------
   objective = load_objective(config)
+  resuming = bool(preflight.checkpoint_steps(workdir))
+  encoder = None if resuming else initial_encoder(config, objective)  # checked before any step
 
   # --- Mesh: one data axis over every device; the batch is split across it ---------------
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
@@ -146,6 +176,9 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
   # --- Parameters, optimizer, checkpoint --------------------------------------------------
   rng = jax.random.PRNGKey(config.seed)
   train_state, tx, schedule = initial_state(config, objective)
+  if encoder is not None:  # a fresh run that starts from another run's encoder
+    params, state = objective.with_encoder(train_state["params"], train_state["state"], encoder)
+    train_state = {**train_state, "params": params, "state": state}
   os.makedirs(workdir, exist_ok=True)
   manager = checkpoint_manager(workdir, config.keep_checkpoints)
   if manager.latest_step() is not None:
