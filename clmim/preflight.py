@@ -8,6 +8,7 @@ creates a file or a folder: a refused run leaves the disk as it was.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -180,13 +181,19 @@ def _flatten(tree, prefix=""):
 def config_differences(saved: dict, current: dict) -> list[str]:
   """'field: saved -> current' for every identity field (see IDENTITY_FIELDS) that differs,
   in the order of IDENTITY_FIELDS; a section only one config has is one entry."""
+  saved = copy.deepcopy(saved)
+  for field, value in ADDED_LATER.items():  # a record older than the field: its old behaviour
+    *sections, name = field.split(".")
+    holder = saved
+    for section in sections:
+      holder = holder.get(section) if isinstance(holder, dict) else None
+    if isinstance(holder, dict):
+      holder.setdefault(name, value)
   differences = []
   for key in IDENTITY_FIELDS:
-    before, after = saved.get(key, ADDED_LATER.get(key)), current.get(key)
+    before, after = saved.get(key), current.get(key)
     if isinstance(before, dict) and isinstance(after, dict):
       flat_before, flat_after = _flatten(before, f"{key}."), _flatten(after, f"{key}.")
-      flat_before.update({k: v for k, v in ADDED_LATER.items()
-                          if k.startswith(f"{key}.") and k not in flat_before})
       differences += [f"{k}: {flat_before.get(k)!r} -> {flat_after.get(k)!r}"
                       for k in sorted(set(flat_before) | set(flat_after))
                       if flat_before.get(k) != flat_after.get(k) and k not in HOW_NOT_WHAT]

@@ -305,13 +305,13 @@ class ShapesTextures:
   def __getitem__(self, index: int) -> dict:
     if not 0 <= index < self.num_images:
       raise IndexError(index)
-    shape, texture, outline, rng = self.identity(index)
-    return {"image": self._render(index), "shape": shape, "texture": texture}
+    identity = self.identity(index)
+    return {"image": self._render(identity), "shape": identity[0], "texture": identity[1]}
 
-  def _render(self, index: int, **options) -> np.ndarray:
-    """Image `index` drawn by `render` with `options` (background, style, redraw) and this
-    version's colour rule."""
-    shape, texture, outline, rng = self.identity(index)
+  def _render(self, identity, **options) -> np.ndarray:
+    """The image of `identity` (`self.identity(index)`) drawn by `render` with `options`
+    (background, style, redraw) and this version's colour rule."""
+    shape, texture, outline, rng = identity
     return render(self.shapes[shape], self.textures[texture], outline, rng, self.image_size,
                   dark_light=self.version >= 3, **options)
 
@@ -331,7 +331,7 @@ class ShapesTextures:
   def composite(self, index: int, background_of: int) -> np.ndarray:
     """Image `index` (its object: shape, outline, texture, colours, pose) on the background of
     image `background_of`: the probe of what a model matches images by (docs/miniature.md)."""
-    return self._render(index, background=self.background(background_of))
+    return self._render(self.identity(index), background=self.background(background_of))
 
   def restyled(self, index: int, key: int, factors: Sequence[str] = FACTORS) -> np.ndarray:
     """Image `index`'s object — its shape, outline and texture class — with the appearance
@@ -341,7 +341,7 @@ class ShapesTextures:
       if factor not in FACTORS:
         raise ClmimError(f"Unknown appearance factor {factor!r}; expected some of {FACTORS}.")
     style = np.random.default_rng([self.seed, SPLITS[self.split], index, _RESTYLE, key])
-    return self._render(index, style=style, redraw=factors)
+    return self._render(self.identity(index), style=style, redraw=factors)
 
   def partly_restyled(self, index: int, key: int) -> np.ndarray:
     """`restyled` with each appearance factor redrawn with probability 1/2, chosen by (seed,
@@ -451,25 +451,22 @@ def _step_batch(dataset: ShapesTextures, batch_size: int, step: int,
   size = len(dataset)
   indices = [i % size for i in range(start, start + batch_size)]
   kind, factors = parse_second_view(second_view)
-  share = second_view_share(step, ramp)
-  if kind and share < 1.0:
-    chooser = np.random.default_rng([dataset.seed, SPLITS[dataset.split], _RAMP, step])
-    chosen = chooser.random(batch_size) < share
-    batch["second"] = batch["image"].copy()
-    if chosen.any():
-      some = _step_views(dataset, kind, factors, [i for i, c in zip(indices, chosen) if c], step)
-      batch["second"][chosen] = some
+  if not kind:
     return batch
-  if kind:
-    batch["second"] = _step_views(dataset, kind, factors, indices, step)
+  share = second_view_share(step, ramp)
+  if share >= 1.0:
+    chosen = np.ones(batch_size, bool)
+  else:  # the ramp: the other pairs keep the image itself as their second view
+    chosen = np.random.default_rng([dataset.seed, SPLITS[dataset.split], _RAMP, step]
+                                   ).random(batch_size) < share
+  batch["second"] = batch["image"].copy()
+  for position in np.flatnonzero(chosen):
+    i = indices[position]
+    if kind == "background":
+      view = dataset.composite(i, background_donor(i, step, size))
+    elif kind == "redraw":
+      view = dataset.restyled(i, step, factors)
+    else:  # "partial"
+      view = dataset.partly_restyled(i, step)
+    batch["second"][position] = view
   return batch
-
-
-def _step_views(dataset: ShapesTextures, kind: str, factors, indices, step: int) -> np.ndarray:
-  """The second views [len(indices), S, S, 3] of training images `indices` at `step`."""
-  size = len(dataset)
-  if kind == "background":
-    return np.stack([dataset.composite(i, background_donor(i, step, size)) for i in indices])
-  if kind == "redraw":
-    return np.stack([dataset.restyled(i, step, factors) for i in indices])
-  return np.stack([dataset.partly_restyled(i, step) for i in indices])

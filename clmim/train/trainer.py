@@ -73,29 +73,19 @@ def initial_state(config, objective):
 
 def initial_encoder(config, objective):
   """The encoder params config.init_encoder names (None when it is ""), checked against the
-  encoder this config trains: same parameter names and shapes, or one error naming both."""
+  encoder this config trains: the same parameter names and shapes, or one error."""
   spec = str(config.get("init_encoder", "") or "")
   if not spec:
     return None
-  from clmim.checkpoints import registry  # loads checkpoints: only when asked for
-  try:
-    model = registry.resolve(spec)
-  except ClmimError as e:
-    raise ClmimError(f"config.init_encoder={spec!r}: {e}") from None
+  from clmim.checkpoints import native, registry  # loads checkpoints: only when asked for
   size = config.data.image_size
   expected = jax.eval_shape(
       lambda: objective.encoder.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))
-  want = {jax.tree_util.keystr(k): v.shape
-          for k, v in jax.tree_util.tree_leaves_with_path(expected["params"])}
-  have = {jax.tree_util.keystr(k): np.shape(v)
-          for k, v in jax.tree_util.tree_leaves_with_path(model.params)}
-  if want != have:
-    differing = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
-    first = differing[0]
-    raise ClmimError(f"config.init_encoder={spec!r} does not fit config.model: {first} is "
-                     f"{have.get(first, 'missing')} there, {want.get(first, 'absent')} here "
-                     f"({len(differing)} parameter(s) differ); give a checkpoint of this "
-                     f"architecture.")
+  try:
+    model = registry.resolve(spec)
+    native.check_params(expected["params"], model.params, spec)
+  except ClmimError as e:
+    raise ClmimError(f"config.init_encoder={spec!r} cannot start this config.model: {e}") from None
   return jax.tree.map(jnp.asarray, model.params)
 
 
