@@ -155,6 +155,31 @@ def test_restyling_redraws_exactly_the_named_factors():
     ds.restyled(0, 1, factors=("lighting",))
 
 
+def test_a_texture_class_redraw_changes_only_the_objects_class():
+  ds = ShapesTextures(32, "train", 40, version=3)
+  kept = changed = 0
+  for i in range(40):
+    image, outside = ds[i]["image"], ds.object_mask(i) == 0
+    view = ds.restyled(i, 4, factors=("texture_class",))
+    np.testing.assert_array_equal(view[outside], image[outside])  # background and pose stay
+    shape, own, outline, rng = ds.identity(i)
+    chosen = int(np.random.default_rng([0, 0, i, synthetic._CLASS, 4]).integers(4))
+    if chosen == own:  # the class drawn anew may be the image's own: then the image itself
+      np.testing.assert_array_equal(view, image)
+      kept += 1
+    elif "grain" not in (ds.textures[own], ds.textures[chosen]):
+      # The image's own angle, period, phases and colours with the other class: the image of
+      # that identity (grain draws extra numbers, so its colours would not line up).
+      np.testing.assert_array_equal(view, ds._render((shape, chosen, outline, rng)))
+      changed += 1
+  assert kept and changed
+  # With the texture parameters redrawn as well, only the silhouette and pose are shared.
+  assert sum(not np.array_equal(ds.restyled(i, 4, factors=("texture", "texture_class")),
+                                 ds.restyled(i, 4, factors=("texture",))) for i in range(8)) >= 4
+  assert synthetic.parse_second_view("redraw:texture_class+background") == \
+      ("redraw", ("background", "texture_class"))
+
+
 def _subsets(items):
   return [tuple(x for j, x in enumerate(items) if mask >> j & 1) for mask in range(2 ** len(items))]
 

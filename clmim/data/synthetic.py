@@ -25,12 +25,14 @@ Versions (VERSIONS; `version=`, config field `data.version`) never change once p
   sign (with version 2's free colours it may invert).
 Second views for contrastive training (`training_stream`'s `second_view`): the object on another
 image's background, the object with every appearance factor redrawn, with each factor redrawn
-with probability 1/2, or with named factors redrawn ("redraw:background+colours")
-(docs/miniature.md records what each did to MoCo v3).
+with probability 1/2, or with named factors redrawn ("redraw:background+colours"; the texture
+class may be redrawn as well, "texture_class") (docs/miniature.md records what each did to MoCo
+v3).
 """
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import multiprocessing
 from typing import Iterator, Optional, Sequence
 
@@ -51,6 +53,7 @@ SECOND_VIEWS = ("", "background", "restyle", "partial", "redraw:<factor>+<factor
 _RESTYLE = 7  # stream ids of the restyled views' generators, apart from the images' own
 _PARTIAL = 8
 _RAMP = 9     # stream id of the choice between a pair's second view and the image itself
+_CLASS = 10   # stream id of a redrawn view's texture class
 
 
 # Per-instance geometry: the outline's radius is the family's, times 1 + sum_k a_k cos(k*theta +
@@ -156,6 +159,10 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
 # An image's appearance, drawn in this order after its identity (shape, texture, outline): a view
 # may redraw any of these factors from another generator (`render`'s `redraw`).
 FACTORS = ("background", "pose", "texture", "colours")
+# Part of the identity a view may redraw as well: the texture class (a second view then shares
+# only what is left of the object — its silhouette, and its pose unless that is redrawn too).
+TEXTURE_CLASS = "texture_class"
+REDRAWABLE = FACTORS + (TEXTURE_CLASS,)
 
 
 def _grid(image_size: int):
@@ -208,12 +215,14 @@ def _coverage(shape: str, outline: Optional[np.ndarray], pose, x, y, pixel) -> n
 def render(shape: str, texture: str, outline: Optional[np.ndarray], rng: np.random.Generator,
            image_size: int, background: Optional[np.ndarray] = None,
            style: Optional[np.random.Generator] = None, redraw: Sequence[str] = (),
-           dark_light: bool = False) -> np.ndarray:
+           dark_light: bool = False, texture_as: Optional[str] = None) -> np.ndarray:
   """One image [S, S, 3] float32 in [0, 1]: the `outline`-deformed `shape` filled with `texture`,
   its appearance (FACTORS: background, pose, texture parameters, colours) drawn from `rng`.
 
   `background` [S, S, 3] replaces the image's own. The factors named in `redraw` are drawn from
   `style` instead; `rng` still makes every draw, so the other factors stay the image's own.
+  `texture_as` fills the object with that texture class instead (its parameters — angle, period,
+  phases — drawn as for the image's own, from `style` when "texture" is redrawn).
   `dark_light` (version 3) draws the texture's colours as a dark and a light one.
   """
   x, y, pixel = _grid(image_size)
@@ -224,7 +233,14 @@ def render(shape: str, texture: str, outline: Optional[np.ndarray], rng: np.rand
 
   own_background = draw("background", lambda r: _draw_background(r, x, y))
   coverage = _coverage(shape, outline, draw("pose", _draw_pose), x, y, pixel)
-  pattern = draw("texture", lambda r: _texture(texture, x, y, r, image_size))
+  # The texture parameters come from `style` when redrawn; a texture class of the view's own
+  # (`texture_as`) without them takes the image's own parameters from a copy of `rng` made
+  # before its texture draws. `rng` makes its own draws either way, so later factors stay put.
+  before_texture = copy.deepcopy(rng) if texture_as is not None else None
+  pattern = _texture(texture, x, y, rng, image_size)
+  if "texture" in redraw or texture_as is not None:
+    source = style if "texture" in redraw else before_texture
+    pattern = _texture(texture if texture_as is None else texture_as, x, y, source, image_size)
   fg0, fg1 = draw("colours", _draw_dark_light_colours if dark_light else _draw_colours)
   background = own_background if background is None else background
   foreground = fg0 * pattern[..., None] + fg1 * (1 - pattern[..., None])
@@ -336,12 +352,20 @@ class ShapesTextures:
   def restyled(self, index: int, key: int, factors: Sequence[str] = FACTORS) -> np.ndarray:
     """Image `index`'s object — its shape, outline and texture class — with the appearance
     `factors` (default: all of FACTORS — background, pose, texture parameters, colours) drawn
-    anew from (seed, split, index, key); the others stay the image's own."""
+    anew from (seed, split, index, key); the others stay the image's own. With TEXTURE_CLASS
+    among `factors`, the texture class too is drawn anew (uniformly, so one time in
+    len(textures) it is the image's own): the view shares only the silhouette (and the pose
+    unless redrawn)."""
     for factor in factors:
-      if factor not in FACTORS:
-        raise ClmimError(f"Unknown appearance factor {factor!r}; expected some of {FACTORS}.")
+      if factor not in REDRAWABLE:
+        raise ClmimError(f"Unknown appearance factor {factor!r}; expected some of {REDRAWABLE}.")
     style = np.random.default_rng([self.seed, SPLITS[self.split], index, _RESTYLE, key])
-    return self._render(self.identity(index), style=style, redraw=factors)
+    texture_as = None
+    if TEXTURE_CLASS in factors:
+      chooser = np.random.default_rng([self.seed, SPLITS[self.split], index, _CLASS, key])
+      texture_as = self.textures[int(chooser.integers(len(self.textures)))]
+    return self._render(self.identity(index), style=style, texture_as=texture_as,
+                        redraw=[f for f in factors if f in FACTORS])
 
   def partly_restyled(self, index: int, key: int) -> np.ndarray:
     """`restyled` with each appearance factor redrawn with probability 1/2, chosen by (seed,
@@ -366,19 +390,20 @@ class ShapesTextures:
 
 def parse_second_view(second_view: str) -> tuple[str, tuple[str, ...]]:
   """(kind, factors) of a second-view name (SECOND_VIEWS): kind is "", "background", "partial"
-  or "redraw"; factors are the appearance FACTORS a "redraw" view draws anew ("restyle" is
-  "redraw" of all four). Raises ClmimError naming what was expected."""
+  or "redraw"; factors are what a "redraw" view draws anew — appearance FACTORS and, optionally,
+  TEXTURE_CLASS ("restyle" is "redraw" of the four FACTORS). Raises ClmimError naming what was
+  expected."""
   if second_view in ("", "background", "partial"):
     return second_view, ()
   if second_view == "restyle":
     return "redraw", FACTORS
   if second_view.startswith("redraw:"):
     factors = tuple(f for f in second_view[len("redraw:"):].split("+") if f)
-    unknown = [f for f in factors if f not in FACTORS]
+    unknown = [f for f in factors if f not in REDRAWABLE]
     if factors and not unknown and len(set(factors)) == len(factors):
-      return "redraw", tuple(f for f in FACTORS if f in factors)
+      return "redraw", tuple(f for f in REDRAWABLE if f in factors)
   raise ClmimError(f"second_view={second_view!r}: expected one of {SECOND_VIEWS}, the factors "
-                   f"distinct names from {FACTORS} (e.g. 'redraw:background+colours').")
+                   f"distinct names from {REDRAWABLE} (e.g. 'redraw:background+colours').")
 
 
 def second_view_share(step: int, ramp: Sequence[int]) -> float:
@@ -407,7 +432,9 @@ def training_stream(dataset: ShapesTextures, batch_size: int, start_step: int = 
       (`ShapesTextures.partly_restyled`);
     "redraw:<factor>+...": only the named FACTORS drawn anew, the others the image's own
       (e.g. "redraw:background+colours": same pose and texture parameters, so the view shares
-      the object's silhouette and pattern but none of the image's colours).
+      the object's silhouette and pattern but none of the image's colours); "texture_class"
+      among them draws the texture class anew too (e.g. "redraw:background+colours+texture+
+      texture_class": only the silhouette and the pose are shared).
 
   `ramp` (start, end) eases the second view in: at each step a share `second_view_share` of the
   pairs (chosen by (step, index)) gets it, the rest the image itself — a curriculum from
