@@ -10,6 +10,10 @@ from ml_collections.config_dict import placeholder
 from clmim.analysis import core
 
 
+# Where compiled XLA programs are kept between runs (JAX's persistent compilation cache).
+COMPILATION_CACHE = "~/.cache/clmim/jax"
+
+
 def demo_model(**fields) -> ml_collections.ConfigDict:
   """The demo ViT: variant mu/4 (width 128, depth 6, 4 heads, MLP 256, patch 4); at 32 px
   (config.data.image_size) that is an 8x8 token grid."""
@@ -57,6 +61,8 @@ def pretrain_base(arg: str, name: str, objective: str, family: str) -> ml_collec
   config.keep_checkpoints = 30      # orbax checkpoints kept (snapshots for metrics over training)
   config.snapshot_images = 256      # held-out images per checkpoint for --config.mode=snapshots
   config.snapshot_analyses = "attention_distance,nmi,fourier"  # analyses of --config.mode=snapshots
+  config.compilation_cache = COMPILATION_CACHE  # folder of JAX's persistent compilation cache:
+                                    #   a later run reuses the compiled steps ("" = off)
   config.data = ml_collections.ConfigDict(dict(
       # Procedural shapes x textures (clmim/data/synthetic.py), the only training source so far.
       image_size=32,                # pixels, for the data and the model alike
@@ -108,7 +114,11 @@ def analysis_base(arg: str, name: str, analyses: str,
   config.include_untrained = True   # also analyse a randomly initialised copy of each model
   config.seed = 0                   # init seed of the untrained copies
   config.batch_size = 64            # images per step over all devices (batch_size // devices each)
+  config.dtype = "float32"          # the models' forward: "float32" or "bfloat16" (matmuls in
+                                    #   bf16; softmax, LayerNorm statistics and every metric sum
+                                    #   in float32; accuracy: docs/performance.md)
   config.progress = True            # progress bars
+  config.compilation_cache = COMPILATION_CACHE  # see pretrain_base
   config.data = ml_collections.ConfigDict(dict(
       source="synthetic",           # "synthetic" (no download), "image_folder" or "tfds"
       split="validation",           # synthetic: validation (held out), train, cue_conflict;

@@ -79,6 +79,7 @@ def run(config, workdir: str, invocation: dict | None = None):
   """
   from clmim import preflight
   mode = preflight.check_mode(config)  # each job runs the rest of preflight.check_run first
+  enable_compilation_cache(config.get("compilation_cache", ""))
   invocation = invocation or {"command": None, "overrides": [], "workdir": workdir}
   if mode == "pretrain":
     from clmim.train import trainer
@@ -93,6 +94,25 @@ def run(config, workdir: str, invocation: dict | None = None):
     return snapshots.run(config, workdir)
   from clmim.jobs import analyze
   return analyze.run(config, workdir, invocation)
+
+
+def enable_compilation_cache(folder: str) -> None:
+  """Keeps compiled XLA programs in `folder` (JAX's persistent compilation cache), so that a
+  later run of the same steps on the same backend loads them instead of compiling again; ""
+  leaves the cache off. Every program is cached, however quick its compilation."""
+  if not folder:
+    return
+  import jax
+  from clmim.errors import ClmimError
+  folder = os.path.expanduser(folder)
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    raise ClmimError(f"config.compilation_cache={folder!r}: cannot create the folder "
+                     f"({e.strerror}); name a writable folder, or '' to turn the cache off.")
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def invocation_record(argv, workdir: str) -> dict:

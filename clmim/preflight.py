@@ -123,6 +123,9 @@ def check_fields(config, mode: str, devices: int) -> None:
   check_synthetic_version(config)
   if config_kind(config) == "analysis":
     check_int(config, "batch_size", 1, devices)
+    from clmim.models.vit import DTYPES  # the model module is needed for any analysis anyway
+    if config.get("dtype", "float32") not in DTYPES:
+      raise ClmimError(f"config.dtype={config.dtype!r}: expected one of {DTYPES}.")
     check_int(config, "data.num_images", 0, why="0 = all images")
     check_int(config, "data.max_batches", 0, why="0 = no cap")
     check_int(config, "data.max_images_per_class", 0, why="0 = all")

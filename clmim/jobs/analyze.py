@@ -212,6 +212,7 @@ def resolve_models(config) -> list:
   jobs = []
   for spec in specs:
     model = registry.resolve(spec, seed=config.seed)
+    model.vit = model.vit.clone(dtype=config.get("dtype", "float32"))  # how it computes
     jobs.append((model, EvalImages(config.data, model.preprocessing)))
   names = [m.name for m, _ in jobs]
   for model, _ in jobs:  # e.g. two snapshots of one run: tell them apart by their folder

@@ -8,6 +8,11 @@ Two block styles cover every official self-supervised checkpoint:
   (SimMIM, BEiT).
 Both use pre-norm blocks, exact erf GELU, LayerNorm eps 1e-6 and a cls token at index 0.
 
+Mixed precision (`dtype="bfloat16"`): parameters stay float32; matmuls, convolutions and the
+residual stream run in bfloat16; LayerNorm statistics and the softmax run in float32, and the
+attention probabilities are sown in float32, so analyses read float32 maps. `dtype` is how the
+model computes, not what it is: manifests (`vit_fields`) do not record it.
+
 What is sown into the "intermediates" collection (read with `apply(..., mutable=["intermediates"])`
 and `collect_states`):
 - "embedding": the patch embedding + cls + position embedding, [B, N+1, D];
@@ -110,25 +115,38 @@ class RelativePositionBias(nn.Module):
     return table[index.reshape(-1)].reshape(*index.shape, self.num_heads).transpose(2, 0, 1)
 
 
+def compute_dtype(name: str):
+  """The jnp dtype of a `dtype` field ("float32" or "bfloat16"); ClmimError otherwise."""
+  if name not in DTYPES:
+    raise ClmimError(f"dtype={name!r}: expected one of {DTYPES}.")
+  return jnp.dtype(name)
+
+
+DTYPES = ("float32", "bfloat16")
+
+
 class Attention(nn.Module):
   """Multi-head self-attention written out so the probabilities can be sown."""
   num_heads: int
   block_style: str = "timm"
   per_block_rel_pos: bool = False
   grid: int = 0
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x, shared_bias=None):
     batch, tokens, width = x.shape
     head_dim = width // self.num_heads
-    dense_init = nn.initializers.xavier_uniform()
+    dtype = compute_dtype(self.dtype)
+    dense = lambda features, name, **kw: nn.Dense(
+        features, name=name, kernel_init=nn.initializers.xavier_uniform(), dtype=dtype, **kw)
     if self.block_style == "timm":
-      qkv = nn.Dense(3 * width, name="qkv", kernel_init=dense_init)(x)
+      qkv = dense(3 * width, "qkv")(x)
     else:  # BEiT: one qkv weight, learned q and v biases, no k bias.
-      qkv = nn.Dense(3 * width, use_bias=False, name="qkv", kernel_init=dense_init)(x)
+      qkv = dense(3 * width, "qkv", use_bias=False)(x)
       q_bias = self.param("q_bias", nn.initializers.zeros, (width,))
       v_bias = self.param("v_bias", nn.initializers.zeros, (width,))
-      qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
+      qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(dtype)
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, hd]
     scale = head_dim ** -0.5
@@ -140,23 +158,24 @@ class Attention(nn.Module):
       logits = logits + RelativePositionBias(self.grid, self.num_heads, name="rel_pos_bias")()
     if shared_bias is not None:
       logits = logits + shared_bias
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     self.sow("intermediates", "attn", probs)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, tokens, width)
-    return nn.Dense(width, name="proj", kernel_init=dense_init)(out)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v).reshape(batch, tokens, width)
+    return dense(width, "proj")(out)
 
 
 class Mlp(nn.Module):
   """fc1 -> exact erf GELU -> fc2."""
   mlp_dim: int
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x):
-    init = nn.initializers.xavier_uniform()
-    bias_init = nn.initializers.normal(1e-6)
-    hidden = nn.Dense(self.mlp_dim, name="fc1", kernel_init=init, bias_init=bias_init)(x)
-    hidden = nn.gelu(hidden, approximate=False)
-    return nn.Dense(x.shape[-1], name="fc2", kernel_init=init, bias_init=bias_init)(hidden)
+    dense = lambda features, name: nn.Dense(
+        features, name=name, kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(1e-6), dtype=compute_dtype(self.dtype))
+    hidden = nn.gelu(dense(self.mlp_dim, "fc1")(x), approximate=False)
+    return dense(x.shape[-1], "fc2")(hidden)
 
 
 class Block(nn.Module):
@@ -168,12 +187,13 @@ class Block(nn.Module):
   per_block_rel_pos: bool = False
   grid: int = 0
   drop_path: float = 0.0
+  dtype: str = "float32"
 
   def _branch(self, x, y, gamma_name, deterministic):
     if self.layer_scale_init is not None:
       gamma = self.param(gamma_name, nn.initializers.constant(self.layer_scale_init),
                          (x.shape[-1],))
-      y = y * gamma
+      y = y * gamma.astype(y.dtype)
     if self.drop_path and not deterministic:
       # Stochastic depth: drop the whole branch per sample, rescale the survivors.
       keep = 1.0 - self.drop_path
@@ -183,12 +203,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, shared_bias=None, deterministic=True):
-    norm = lambda name: nn.LayerNorm(epsilon=1e-6, name=name)
+    norm = lambda name: nn.LayerNorm(epsilon=1e-6, name=name, dtype=compute_dtype(self.dtype))
     attn = Attention(self.num_heads, self.block_style, self.per_block_rel_pos, self.grid,
-                     name="attn")
+                     self.dtype, name="attn")
     x = self._branch(x, attn(norm("norm1")(x), shared_bias), "gamma_1", deterministic)
     self.sow("intermediates", "after_attention", x)
-    x = self._branch(x, Mlp(self.mlp_dim, name="mlp")(norm("norm2")(x)), "gamma_2",
+    x = self._branch(x, Mlp(self.mlp_dim, self.dtype, name="mlp")(norm("norm2")(x)), "gamma_2",
                      deterministic)
     self.sow("intermediates", "after_mlp", x)
     return x
@@ -207,6 +227,8 @@ class ViT(nn.Module):
     layer_scale_init: initial layer-scale value, or None for no layer scale.
     use_mask_token: adds `mask_token`, used where `mask` [B, N] is True (SimMIM, BEiT).
     drop_path: stochastic depth rate (linearly increasing over blocks), training only.
+    dtype: "float32" or "bfloat16" (mixed precision; see the module docstring). Not part of
+      the architecture: `vit_fields` leaves it out.
   """
   width: int = 768
   depth: int = 12
@@ -220,6 +242,7 @@ class ViT(nn.Module):
   layer_scale_init: Optional[float] = None
   use_mask_token: bool = False
   drop_path: float = 0.0
+  dtype: str = "float32"
 
   @property
   def grid(self) -> int:
@@ -230,8 +253,9 @@ class ViT(nn.Module):
     batch = images.shape[0]
     if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
       raise ClmimError(f"ViT built for {self.image_size}px images got shape {images.shape}.")
+    dtype = compute_dtype(self.dtype)
     x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-                padding="VALID", name="patch_embed")(images)
+                padding="VALID", name="patch_embed", dtype=dtype)(images)
     x = x.reshape(batch, -1, self.width)
     if self.use_mask_token:
       mask_token = self.param("mask_token", nn.initializers.truncated_normal(0.02),
@@ -241,10 +265,11 @@ class ViT(nn.Module):
     cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, self.width))
     x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], 1)
     if self.position_embedding == "learned":
-      x = x + self.param("pos_embed", nn.initializers.normal(0.02), (1, x.shape[1], self.width))
+      x = x + self.param("pos_embed", nn.initializers.normal(0.02),
+                         (1, x.shape[1], self.width)).astype(dtype)
     elif self.position_embedding == "sincos":
       table = sincos_position_embedding(self.grid, self.width)
-      x = x + self.param("pos_embed", lambda *_: jnp.asarray(table), table.shape)
+      x = x + self.param("pos_embed", lambda *_: jnp.asarray(table), table.shape).astype(dtype)
     elif self.position_embedding != "none":
       raise ClmimError(f"position_embedding must be 'learned', 'sincos' or 'none', "
                        f"got {self.position_embedding!r}.")
@@ -259,18 +284,20 @@ class ViT(nn.Module):
     for i in range(self.depth):
       rate = self.drop_path * i / max(self.depth - 1, 1)
       x = Block(self.num_heads, self.mlp_dim, self.block_style, self.layer_scale_init,
-                self.rel_pos_bias == "per_block", self.grid, rate, name=f"block_{i}")(
-                    x, shared_bias, deterministic)
-    return nn.LayerNorm(epsilon=1e-6, name="norm")(x)
+                self.rel_pos_bias == "per_block", self.grid, rate, self.dtype,
+                name=f"block_{i}")(x, shared_bias, deterministic)
+    # The final tokens in float32 whatever the compute dtype: heads and analyses read them.
+    return nn.LayerNorm(epsilon=1e-6, name="norm", dtype=dtype)(x).astype(jnp.float32)
 
 
-VIT_FIELDS = tuple(k for k in ViT.__dataclass_fields__ if k not in ("parent", "name"))
+VIT_FIELDS = tuple(k for k in ViT.__dataclass_fields__ if k not in ("parent", "name", "dtype"))
 
 
-def build_vit(variant: Optional[str] = None, **overrides: Any) -> ViT:
+def build_vit(variant: Optional[str] = None, dtype: str = "float32", **overrides: Any) -> ViT:
   """Builds a ViT from a variant name ("S/16") and/or explicit fields; overrides win.
 
   A field given as None is "not set": the variant's value (or the ViT default) is used.
+  `dtype` ("float32" or "bfloat16") is how it computes (see the module docstring).
   """
   fields = parse_variant(variant) if variant else {}
   fields.update({k: v for k, v in overrides.items() if v is not None})
@@ -278,7 +305,8 @@ def build_vit(variant: Optional[str] = None, **overrides: Any) -> ViT:
   if unknown:
     raise ClmimError(f"Unknown ViT field(s) {sorted(unknown)}; expected some of "
                      f"{sorted(VIT_FIELDS)}.")
-  return ViT(**fields)
+  compute_dtype(dtype)
+  return ViT(**fields, dtype=dtype)
 
 
 def vit_fields(vit: ViT) -> dict:
@@ -298,7 +326,8 @@ def collect_states(intermediates: dict, depth: int) -> tuple[list, list]:
     block = tree[f"block_{i}"]
     zs += [block["after_attention"][0], block["after_mlp"][0]]
     attns.append(block["attn"]["attn"][0])
-  return zs, attns
+  # Analyses sum in float32 (or wider) whatever the model computed in.
+  return [z.astype(jnp.float32) for z in zs], [a.astype(jnp.float32) for a in attns]
 
 
 def forward_with_states(model: ViT, params, images, mask=None) -> tuple[list, list]:
