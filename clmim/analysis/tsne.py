@@ -33,7 +33,18 @@ READS = ("zs",)
 OPTIONS = {"state": "last", "images": tuple(range(18)), "max_tokens_per_image": 0, "k": 5,
            "seed": 0, "iterations": 1000, "perplexity": 20.0}
 
-_INSTALL = "tsne: needs scikit-learn, which is not installed; run `pip install scikit-learn`."
+# The pip requirement named when scikit-learn is missing (the pin of requirements.txt).
+SKLEARN_REQUIREMENT = "scikit-learn==1.9.1"
+_INSTALL = ("tsne: the t-SNE analysis needs scikit-learn, which is not installed: "
+            f"pip install {SKLEARN_REQUIREMENT}")
+
+
+def _sklearn_installed() -> bool:
+  """Whether scikit-learn can be imported, found without importing it (that takes a second)."""
+  try:
+    return importlib.util.find_spec("sklearn") is not None
+  except (ImportError, ValueError):  # a broken or blocked install counts as missing
+    return False
 
 
 def _chance(results, *unused):
@@ -113,7 +124,7 @@ def token_indices(num_tokens: int, keep: int) -> np.ndarray:
 def check(model, options) -> None:
   """Raises ClmimError before any compute: scikit-learn missing or options out of range."""
   vit = getattr(model, "vit", model)  # the registry Model, or a bare ViT
-  if importlib.util.find_spec("sklearn") is None:
+  if not _sklearn_installed():  # here, not in finalize: after the compute would be too late
     raise ClmimError(_INSTALL)
   chosen_images(options)
   state_index(options, 2 * vit.depth + 1)

@@ -10,15 +10,25 @@ image on every machine and every run (the order torchvision's ImageFolder uses, 
 Subsampling keeps the first files of each class (a count or a fraction), so it is fixed too.
 Decoding runs in the thread pool of `clmim.data.loader`: PIL releases the GIL while decoding and
 resizing, so threads overlap decode with whatever consumes the batches.
+
+Pillow is imported when a folder is opened, not when this module is: clmim imports and runs on
+the procedural data without it (see `clmim.data.preprocess.pil_image`).
 """
+from __future__ import annotations
+
 import os
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
 
 from clmim.data import loader
+from clmim.data.preprocess import pil_image
 from clmim.errors import ClmimError
+
+if TYPE_CHECKING:  # annotations only
+  from PIL import Image
+
+NEEDS_PILLOW = "reading image folders"  # what the error says needs Pillow
 
 DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -74,6 +84,9 @@ class ImageFolder:
       fraction_per_class: keep the first int(fraction * n) of the n files of every class (the
         official notebooks' subsample); exclusive with max_images_per_class.
     """
+    # Before anything else: without Pillow no file of the folder can be decoded, and finding
+    # that out after listing (or after the models loaded) wastes the user's time.
+    pil_image(NEEDS_PILLOW)
     self.root = os.fspath(root)
     self.preprocess = preprocess
     if isinstance(extensions, str):
@@ -120,6 +133,7 @@ class ImageFolder:
   def load(self, index: int) -> np.ndarray:
     """Decodes and preprocesses image `index`; undecodable files raise ClmimError naming them."""
     path = self.files[index]
+    Image = pil_image(NEEDS_PILLOW)  # the module, under its usual name
     try:
       with Image.open(path) as image:
         image.load()

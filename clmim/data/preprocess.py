@@ -11,26 +11,51 @@ here match the ones PyTorch checkpoints were evaluated with:
   4. scale to [0, 1] and normalise per channel, in float32.
 
 The output is channels-last [H, W, 3] float32, the layout the Flax models take.
+
+Pillow is optional (only image folders and TFDS splits need it, not the procedural data): it is
+imported on first use through `pil_image`, which says how to install it when it is missing.
 """
+from __future__ import annotations
+
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image
 
 from clmim.errors import ClmimError
+
+if TYPE_CHECKING:  # annotations only: importing this module must not need Pillow
+  from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 
 _NAMED_STATS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": (HALF, HALF)}
-_INTERPOLATIONS = {
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-}
+# Names of PIL's `Image.Resampling` members, looked up when an image is resized (not at import,
+# so that validating a config does not need Pillow).
+_INTERPOLATIONS = {"bilinear": "BILINEAR", "bicubic": "BICUBIC"}
+# The pip requirement named when Pillow is missing (the pin of requirements.txt).
+PILLOW_REQUIREMENT = "pillow==13.0.0"
 
 Stats = Union[str, Sequence[float]]
+
+
+def pil_image(needed_for: str):
+  """Returns the `PIL.Image` module, importing Pillow on first use.
+
+  Args:
+    needed_for: what needs Pillow, for the error message (e.g. "reading image folders").
+
+  Raises:
+    ClmimError: one line naming Pillow, `needed_for` and the pip command, when it is missing.
+  """
+  try:
+    from PIL import Image
+  except ImportError as e:
+    raise ClmimError(f"{needed_for} needs Pillow (PIL), which is not installed: "
+                     f"pip install {PILLOW_REQUIREMENT}") from e
+  return Image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -48,7 +73,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     arr = np.asarray(image, dtype=np.float64)
     hi = 65535.0 if image.mode.startswith("I;16") else max(float(arr.max()), 1.0)
     arr = np.clip(np.round(arr * (255.0 / hi)), 0, 255).astype(np.uint8)
-    image = Image.fromarray(arr, mode="L")
+    image = pil_image("converting images to RGB").fromarray(arr, mode="L")
   return image.convert("RGB")
 
 
@@ -128,7 +153,8 @@ class EvalPreprocess:
     new_short, new_long = self.resize_to, int(self.resize_to * long / short)
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
     if (new_w, new_h) != (w, h):
-      image = image.resize((new_w, new_h), resample=_INTERPOLATIONS[self.interpolation])
+      resampling = pil_image("resizing images").Resampling[_INTERPOLATIONS[self.interpolation]]
+      image = image.resize((new_w, new_h), resample=resampling)
     crop = self.image_size
     top = int(round((new_h - crop) / 2.0))
     left = int(round((new_w - crop) / 2.0))
@@ -136,7 +162,7 @@ class EvalPreprocess:
 
   def __call__(self, image: Image.Image) -> np.ndarray:
     """Returns the preprocessed image, float32 [image_size, image_size, 3]."""
-    if not isinstance(image, Image.Image):
+    if not isinstance(image, pil_image("preprocessing images (EvalPreprocess)").Image):
       raise ClmimError(f"EvalPreprocess expects a PIL.Image.Image, got {type(image).__name__}.")
     x = np.asarray(self.resize_and_crop(image), dtype=np.float32) / np.float32(255.0)
     # Same float32 op order as torchvision's ToTensor + Normalize.

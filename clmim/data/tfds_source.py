@@ -25,27 +25,34 @@ import os
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
-from PIL import Image
 
 from clmim.data.loader import PAD
+from clmim.data.preprocess import pil_image
 from clmim.errors import ClmimError
 
 _LABEL_CHUNK = 1024  # records per read when only the labels are wanted
+# The pip requirement named when TFDS is missing (the pin of requirements.txt).
+TFDS_REQUIREMENT = "tensorflow-datasets==4.9.10"
+NEEDS_PILLOW = "decoding TFDS images (config.data.source='tfds')"
 
 
 def _import_tfds():
   try:
     import tensorflow_datasets as tfds
   except ImportError as e:
-    raise ClmimError("config.data.source='tfds' needs tensorflow-datasets: pip install "
-                     "tensorflow-datasets array_record (TensorFlow is not needed).") from e
+    raise ClmimError(f"config.data.source='tfds' needs tensorflow-datasets, which is not "
+                     f"installed: pip install {TFDS_REQUIREMENT} array_record (TensorFlow is "
+                     "not needed).") from e
   return tfds
 
 
 def _has_tensorflow() -> bool:
   """Whether TensorFlow is installed (without importing it, which takes seconds)."""
   import importlib.util
-  return importlib.util.find_spec("tensorflow") is not None
+  try:
+    return importlib.util.find_spec("tensorflow") is not None
+  except (ImportError, ValueError):  # a broken or blocked install counts as missing
+    return False
 
 
 def default_data_dir(data_dir: Optional[str]) -> str:
@@ -111,6 +118,7 @@ class TfdsImages:
       raise ClmimError("config.data.tfds_name is empty: name a TFDS dataset, e.g. "
                        "'imagenet2012' or 'imagenette'.")
     tfds = _import_tfds()
+    pil_image(NEEDS_PILLOW)  # TFDS does not need Pillow, clmim's decoding does: say so now
     self.name, self.split, self.preprocess = name, split, preprocess
     self.data_dir = default_data_dir(data_dir)
     self.image_shape = tuple(getattr(preprocess, "output_shape", ()))
@@ -228,6 +236,7 @@ class TfdsImages:
     return tuple(names) if names else tuple(str(i) for i in range(int(feature.num_classes)))
 
   def _decode(self, data, position) -> np.ndarray:
+    Image = pil_image(NEEDS_PILLOW)  # the module, under its usual name
     try:
       if isinstance(data, np.ndarray):  # TFDS decoded it already (uint8 [H, W, C])
         image = Image.fromarray(data[..., 0] if data.shape[-1] == 1 else data)
