@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 
-import ml_collections
 import numpy as np
 from PIL import Image
 
@@ -119,6 +118,9 @@ def main():
     if data_dir:
       sources["tfds_array_record"] = dict(base, source="tfds", tfds_name="clmim_bench_images",
                                           data_dir=data_dir)
+    # Imported here, not at the top: device_check.py reuses `time_source` on machines without
+    # ml_collections.
+    import ml_collections
     results = {}
     for name, fields in sources.items():
       for workers in (int(x) for x in args.workers.split(",")):

@@ -1,0 +1,103 @@
+"""benchmarks/device_check.py and benchmarks/scaling.py run on CPU (a mu/4 ViT at 32 px, two fake
+devices) and report what their docstrings promise. No timing thresholds: the CPU is shared."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # benchmarks/ as a namespace package
+
+# Exactly these, not conftest's eight devices: the scripts run as their docstrings show.
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+
+
+def _run(script, *args) -> dict:
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=ENV)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout)
+
+
+def test_device_check_measures_both_dtypes_and_the_input_pipeline():
+  from clmim.analysis import core
+  # --batch 0: the auto batch, which on CPU is its cap of 16 per device (one candidate).
+  report = _run("device_check.py", "--variant", "mu/4", "--size", "32", "--batch", "0",
+                "--repeats", "2", "--images", "32")
+  assert report["backend"] == "cpu" and report["device_count"] == 2
+  batch = report["batch"]
+  assert batch["mode"] == "auto" and batch["device_batch"] == 16
+  assert batch["global_batch"] == 32 and [c["fits"] for c in batch["search"]] == [True]
+
+  # Every analysis is either in the step or excluded with a reason, never both.
+  analyses, excluded = set(report["analyses"]), report["excluded"]
+  assert analyses | set(excluded) == set(core.available()) and not analyses & set(excluded)
+  assert {"attention_distance", "nmi", "fourier", "cka", "svd"} <= analyses
+  assert {"decoder", "probing", "robustness", "object_attention", "tsne"} <= set(excluded)
+  assert all(reason for reason in excluded.values())
+  assert "decoder" in excluded["decoder"]
+
+  for dtype in ("float32", "bfloat16"):
+    numbers = report["dtypes"][dtype]
+    assert numbers["compilations"] == 1, dtype  # one trace, even after all the timed steps
+    assert numbers["compile_s"] > 0
+    assert 0 < numbers["forward_share"] <= 1, numbers
+    for key in ("step_images_per_s", "forward_images_per_s", "run_images_per_s"):
+      assert numbers[key] > 0, (dtype, key)
+
+  compared = report["bf16_vs_f32"]
+  assert compared["images"] == 32
+  diffs = compared["max_rel_diff"]
+  assert {"attention_distance", "nmi", "attention_entropy", "fourier"} <= set(diffs)
+  for key, value in diffs.items():
+    assert math.isfinite(value) and 0 < value < 0.2, (key, value)
+  assert compared["worst"][1] == max(diffs.values())
+
+  pipeline = report["input_pipeline"]
+  assert pipeline["images_per_s"] > 0 and pipeline["image_size"] == 224
+  assert pipeline["workers"] == os.cpu_count() and pipeline["images"] == 32
+  assert "pipeline_over_step" not in pipeline  # only at --size 224
+  assert set(report["part_seconds"]) >= {"input_pipeline", "search", "float32", "bfloat16"}
+  assert report["total_seconds"] > 0 and report["cpu_count"] == os.cpu_count()
+
+
+def test_scaling_reports_time_per_image_count_and_a_linear_fit():
+  counts = [16, 64, 256]
+  report = _run("scaling.py", "--variant", "mu/4", "--size", "32", "--batch", "8",
+                "--images", ",".join(map(str, counts)))
+  assert report["global_batch"] == 16 and report["device_count"] == 2
+  runs = report["runs"]
+  assert [r["images"] for r in runs] == counts
+  assert [r["num_images"] for r in runs] == counts
+  seconds = [r["seconds"] for r in runs]
+  assert seconds == sorted(seconds) and len(set(seconds)) == len(seconds), seconds
+  for r in runs:
+    assert r["images_per_s"] > 0 and r["compilations"] == 1 and r["peak_rss_mb"] > 0
+    assert r["peak_growth_mb"] >= 0
+  fit = report["fit"]
+  assert fit["b_s_per_image"] > 0 and fit["r2"] <= 1
+  ratio = runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"]
+  assert report["peak_memory_ratio"] == round(ratio, 4) > 0
+
+
+def test_relative_differences_known_answers():
+  from benchmarks.device_check import relative_differences
+  nan = float("nan")
+  reference = {"a": [[1.0, -4.0], [2.0, 0.5]], "b": [nan, 2.0], "c": [1.0, nan], "d": [0.0],
+               "e": [1, 2], "maps": {"images": [0, 1], "maps": [[2.0, 2.0]]}}
+  low = {"a": [[1.0, -3.0], [2.0, 0.5]], "b": [nan, 2.5], "c": [1.0, 1.0], "d": [0.0],
+         "e": [1, 2], "maps": {"images": [0, 1], "maps": [[2.0, 1.5]]}}
+  diffs, not_compared = relative_differences(low, reference)
+  assert diffs == {"a": 0.25, "b": 0.25, "c": math.inf, "d": 0.0, "maps": 0.25}
+  assert not_compared == ["e"]  # integers only (e.g. image positions): nothing to compare
+
+
+def test_linear_fit_known_answers():
+  from benchmarks.scaling import linear_fit
+  fit = linear_fit([10, 20, 40], [1.5, 2.5, 4.5])
+  assert np.isclose(fit["a_s"], 0.5) and np.isclose(fit["b_s_per_image"], 0.1)
+  assert fit["r2"] == 1.0 and np.isclose(fit["images_per_s"], 10.0)
+  assert linear_fit([10, 20, 40], [1.0, 3.0, 4.0])["r2"] < 1
