@@ -40,7 +40,7 @@ def _primitive_dtypes(fn, *args) -> collections.Counter:
 
 @pytest.mark.parametrize("extra", [{}, BEIT], ids=["timm", "beit"])
 def test_bfloat16_runs_every_matmul_in_bfloat16_and_hands_analyses_float32(extra):
-  model = build_vit("mu/4", image_size=32, **extra)
+  model = build_vit("mu/4", image_size=32, depth=2, **extra)  # two blocks: every kind of layer
   images = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
   params = model.init(jax.random.PRNGKey(0), images)["params"]
   half = model.clone(dtype="bfloat16")
@@ -69,6 +69,7 @@ def test_config_dtype_runs_the_analyses_in_bfloat16_close_to_float32(tmp_path):
     config = nmi.get_config("runlocal")
     with config.unlocked():
       config.dtype, config.progress, config.data.num_images = dtype, False, 16
+      config.models = "moco_v3_demo"  # one architecture: one compilation per dtype
       config.analyses = "attention_distance,nmi,fourier"
       config.batch_size = 8
     results[dtype] = analyze.run(config, str(tmp_path / dtype))
