@@ -1,4 +1,4 @@
-"""benchmarks/device_check.py and benchmarks/scaling.py run on CPU (a mu/4 ViT at 32 px, two fake
+"""benchmarks/device_check.py, analysis_profile.py and scaling.py run on CPU (a mu/4 ViT at 32 px, two fake
 devices) and report what their docstrings promise. No timing thresholds: the CPU is shared."""
 import json
 import math
@@ -62,6 +62,23 @@ def test_device_check_measures_both_dtypes_and_the_input_pipeline():
   assert "pipeline_over_step" not in pipeline  # only at --size 224
   assert set(report["part_seconds"]) >= {"input_pipeline", "search", "float32", "bfloat16"}
   assert report["total_seconds"] > 0 and report["cpu_count"] == os.cpu_count()
+
+
+def test_analysis_profile_times_each_analysis_and_checks_every_svd_route():
+  report = _run("analysis_profile.py", "--variant", "mu/4", "--size", "32", "--batch", "4",
+                "--repeats", "1", "--only", "svd,nmi", "--svd_check", "2")
+  assert report["backend"] == "cpu" and report["device_batch"] == 4
+  assert set(report["analyses"]) == {"svd", "nmi"} and report["slowest"] in {"svd", "nmi"}
+  for entry in report["analyses"].values():
+    assert entry["step_s"] > 0 and entry["compile_s"] > 0
+    assert math.isclose(entry["extra_s"], entry["step_s"] - report["forward_s"], abs_tol=2e-5)
+  assert report["svd"]["tokens"] == [4, 64, 128]  # mu/4 at 32 px: 8 x 8 patches, width 128
+  routes = report["svd"]["algorithms"]
+  for name in ("default", "qr", "gram_eigvalsh", "gram_eigh_norms"):
+    assert routes[name]["seconds"] > 0, routes[name]
+  assert routes["default"]["max_rel_err"] < 1e-5 and routes["default"]["erank_rel_err"] < 1e-5
+  assert routes["gram_eigh_norms"]["max_rel_err"] < 1e-3
+  assert "not implemented on CPU" in routes["polar"]["error"]  # cuSOLVER/TPU only
 
 
 def test_scaling_reports_time_per_image_count_and_a_linear_fit():

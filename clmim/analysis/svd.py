@@ -20,6 +20,10 @@ Options (config.analysis_options.svd.<option>):
   images: stream positions of the images to project ((0,)).
   block: 1-based block whose attention branch is projected, or "last" ("last").
   centre: bool, subtract each image's mean patch token before the spectra (False).
+  method: how the singular values are computed ("exact"): "exact" = an SVD of Z (on NVIDIA
+    GPUs cuSOLVER's polar-decomposition SVD); "gram" = |Z^T v| for the eigenvectors v of the
+    smaller Gram matrix (Z Z^T or Z^T Z, full float32 matmuls), ~40x faster on a GPU and
+    slightly less accurate (docs/analyses/svd.md, "Speed and accuracy").
 """
 import jax
 import jax.numpy as jnp
@@ -33,7 +37,8 @@ from clmim.errors import ClmimError
 
 NAME = "svd"
 READS = ("zs",)
-OPTIONS = {"max_rank": 32, "images": (0,), "block": "last", "centre": False}
+OPTIONS = {"max_rank": 32, "images": (0,), "block": "last", "centre": False, "method": "exact"}
+METHODS = ("exact", "gram")
 
 
 def _stages(values):
@@ -100,6 +105,8 @@ def _validate(options, depth: int):
     raise _bad("max_rank", "an int >= 1", rank)
   if not isinstance(options["centre"], (bool, np.bool_)):
     raise _bad("centre", "True or False", options["centre"])
+  if options["method"] not in METHODS:
+    raise _bad("method", f"one of {METHODS}", options["method"])
   return int(rank), _images(options), _block(options, depth)
 
 
@@ -119,25 +126,55 @@ def shift_ratio(before, after):
   return xp.where(apart > 0, together / xp.where(apart > 0, apart, 1), 0)
 
 
-def _singular_values_batched(z):
+def _exact(z):
+  """[..., N, D] -> [..., min(N, D)] singular values, descending (the backend's default SVD)."""
   return jnp.linalg.svd(z, compute_uv=False)
 
 
-def _singular_values_one_by_one(z):
-  # On CPU, jaxlib's batched SVD spreads the batch over the thread pool that also runs the
-  # other (virtual) devices' programs; with several CPU devices stuck in a collective it can
-  # wait forever for a free thread. One matrix per call runs inline: same numbers, no deadlock.
-  return jax.lax.map(_singular_values_batched, z)
+def _exact_polar(z):
+  # On NVIDIA GPUs JAX's default SVD is cuSOLVER's Jacobi one (gesvdj); the polar-decomposition
+  # one (gesvdp) took 68 instead of 96 ms for 16 ViT-B/16 token matrices on an H100 and came
+  # 60x closer to float64 (benchmarks/analysis_profile.py).
+  return jax.lax.linalg.svd(z, full_matrices=False, compute_uv=False,
+                            algorithm=jax.lax.linalg.SvdAlgorithm.POLAR)
 
 
-def spectrum(z, centre: bool = False):
+def _gram_one(z):
+  """[N, D] -> [min(N, D)] singular values from the eigenvectors of the smaller Gram matrix.
+
+  sigma_k = |Z^T v_k| for the unit eigenvectors v_k of Z Z^T (or |Z u_k| for those of Z^T Z):
+  the norms, unlike the square roots of the eigenvalues, keep small singular values accurate to
+  about eps * sigma_max^2 / sigma_j instead of sqrt(eps) * sigma_max. Matmuls at full float32
+  precision: a GPU's default (TF32) would cost three decimal digits.
+  """
+  rows = z if z.shape[0] <= z.shape[1] else z.T
+  gram = jnp.matmul(rows, rows.T, precision=jax.lax.Precision.HIGHEST)
+  _, vectors = jnp.linalg.eigh(gram)
+  norms = jnp.linalg.norm(jnp.matmul(vectors.T, rows, precision=jax.lax.Precision.HIGHEST),
+                          axis=-1)
+  return jnp.sort(norms)[::-1]
+
+
+def singular_values(z, method: str = "exact"):
+  """[B, N, D] -> [B, min(N, D)] singular values of each matrix, descending; `method` as the
+  option of that name ("exact" or "gram")."""
+  one = _gram_one if method == "gram" else _exact
+  batched = jax.vmap(_gram_one) if method == "gram" else _exact
+  # On CPU, jaxlib's batched decompositions spread the batch over the thread pool that also runs
+  # the other (virtual) devices' programs; with several CPU devices stuck in a collective they
+  # can wait forever for a free thread. One matrix per call runs inline: same numbers.
+  return jax.lax.platform_dependent(
+      z, cpu=lambda z: jax.lax.map(one, z),
+      cuda=batched if method == "gram" else _exact_polar, default=batched)
+
+
+def spectrum(z, centre: bool = False, method: str = "exact"):
   """[B, N, D] token matrices -> ([B, min(N, D)] singular values / their sum, [B] effective
   rank). A zero matrix gives zeros and effective rank 0."""
   z = z.astype(jnp.float32)
   if centre:
     z = z - jnp.mean(z, axis=1, keepdims=True)
-  s = jax.lax.platform_dependent(z, cpu=_singular_values_one_by_one,
-                                 default=_singular_values_batched)
+  s = singular_values(z, method)
   total = jnp.sum(s, axis=-1, keepdims=True)
   p = s / jnp.where(total > 0, total, 1)
   erank = jnp.where(total[:, 0] > 0, jnp.exp(-jnp.sum(xlogy(p, p), axis=-1)), 0)
@@ -159,7 +196,7 @@ def partial_sums(batch: core.Batch, options: dict):
   rank, images, block = _validate(options, depth)
   values, eranks, shifts = [], [], []
   for z in zs:
-    p, erank = spectrum(z[:, 1:], options["centre"])
+    p, erank = spectrum(z[:, 1:], options["centre"], options["method"])
     values.append(weighted_sum(p[:, :rank], weights))
     eranks.append(weighted_sum(erank, weights))
   for b in range(depth):
