@@ -35,10 +35,11 @@ def demo_model(**fields) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(model)
 
 
-def pretrain_base(arg: str, name: str, objective: str, family: str) -> ml_collections.ConfigDict:
-  """Fields every pretraining run has, at the demo scale."""
-  if arg not in ("demo", "runlocal"):
-    raise ValueError(f"Unknown config variant {arg!r}; expected 'demo' or 'runlocal'.")
+def pretrain_base(arg: str, name: str, objective: str, family: str,
+                  variants: tuple = ("demo", "runlocal")) -> ml_collections.ConfigDict:
+  """Fields every pretraining run has, at the demo scale. `variants`: the config file's own."""
+  if arg not in variants:
+    raise ValueError(f"Unknown config variant {arg!r}; expected one of {variants}.")
   config = ml_collections.ConfigDict()
   config.mode = "pretrain"          # what clmim.main does with this config
   config.name = name                # name of the exported checkpoint
@@ -68,9 +69,9 @@ def pretrain_base(arg: str, name: str, objective: str, family: str) -> ml_collec
       image_size=32,                # pixels, for the data and the model alike
       num_train_images=50000,       # size of the procedural training split (then it repeats)
       seed=0,                       # dataset seed
-      version=1,                    # generator version (clmim/data/synthetic.py VERSIONS):
+      version=3,                    # generator version (clmim/data/synthetic.py VERSIONS):
                                     #   1 exact shapes, 2 per-instance outlines, 3 outlines
-                                    #   and a dark + a light texture colour
+                                    #   and a dark + a light texture colour (the demo models')
       mean="half", std="half",      # normalisation: "imagenet", "half" or 3-tuples
       render_workers=1,             # rendering ahead of training: 1 = one background thread,
                                     #   n > 1 = n processes (on a GPU/TPU host, its CPU count)
@@ -128,10 +129,10 @@ def analysis_base(arg: str, name: str, analyses: str,
       max_batches=0,                # cap: at most this many steps of batch_size images per
                                     #   model and pass (probes: per image set; 0 = no cap)
       seed=0,                       # synthetic dataset seed
-      version=1,                    # synthetic generator version (clmim/data/synthetic.py
-                                    #   VERSIONS): 1 exact shapes (the demo models' data), 2
-                                    #   per-instance outlines, 3 outlines and a dark + a light
-                                    #   texture colour
+      version=3,                    # synthetic generator version (clmim/data/synthetic.py
+                                    #   VERSIONS): 1 exact shapes (the version 1 demo models'
+                                    #   data), 2 per-instance outlines, 3 outlines and a dark +
+                                    #   a light texture colour (the demo models' data)
       path="",                      # image_folder: root with one sub-folder per class
       tfds_name="",                 # tfds: dataset name, e.g. "imagenet2012", "imagenette",
                                     #   "imagenette/320px-v2" (prepared as array_record; no

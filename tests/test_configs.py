@@ -84,3 +84,52 @@ def test_analysis_config_resolves_its_models(name):
     assert model.source == f"{spec} (shipped with clmim)"  # no machine's path in results
   assert config.analyses
   assert config.overwrite is False
+
+
+# Fields that change how often a run logs, saves or renders, not what it trains.
+_CADENCE = {"checkpoint_every", "log_every", "data.render_workers", "compilation_cache",
+            "keep_checkpoints", "init_encoder"}
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for key, value in d.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = tuple(value) if isinstance(value, (list, tuple)) else value
+  return out
+
+
+@pytest.mark.parametrize("name", ["moco_v3_demo", "simmim_demo"])
+def test_demo_variants_reproduce_the_shipped_models_configs(name):
+  """Each stage a shipped demo model's manifest records was trained with the config its
+  `reproduce` commands name, field for field (cadence fields and the init path aside)."""
+  import json
+  with open(os.path.join(registry.DEMO_DIR, name, "manifest.json")) as f:
+    manifest = json.load(f)
+  stages = manifest.get("stages") or [{"config": manifest["config"]}]
+  stages[-1] = {**stages[-1], "config": manifest["config"]}
+  assert len(stages) == len(manifest["reproduce"])
+  for stage, command in zip(stages, manifest["reproduce"]):
+    file, variant = command.split("--config ")[1].split()[0].split(":")
+    config = _config(os.path.basename(file)[:-3], variant).to_dict()
+    ours, theirs = _flat(config), _flat(stage["config"])
+    differ = {k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)}
+    assert differ <= _CADENCE, {k: (ours.get(k), theirs.get(k)) for k in differ - _CADENCE}
+  assert manifest["version"] == 2 and manifest["data_version"] == 3
+  assert manifest["config"]["data"]["version"] == 3
+
+
+def test_moco_demo_names_its_first_stage_and_refuses_without_it(tmp_path):
+  config = _config("pretrain_moco_v3", "demo")
+  assert config.init_encoder == importlib.import_module("configs.pretrain_moco_v3").STAGE1_EXPORT
+  assert _config("pretrain_moco_v3", "demo_stage1").init_encoder == ""
+  config.unlock()
+  config.init_encoder = str(tmp_path / "no_stage1" / "export")
+  from clmim.train import trainer
+  objective = importlib.import_module("clmim.train.moco_v3").Objective(config)
+  with pytest.raises(ClmimError, match="config.init_encoder=.*does not exist"):
+    trainer.initial_encoder(config, objective)
+  with pytest.raises(ValueError, match="demo_stage1"):
+    _config("pretrain_moco_v3", "stage3")
