@@ -79,8 +79,11 @@ def test_in_the_job_and_refused_without_masks(tmp_path):
   values = next(iter(results["models"].values()))
   share = values["object_attention_details"]["object_token_share"]
   assert 0 < share < 1 and values["num_images"] == 64
-  # An untrained ViT spreads its attention almost uniformly: close to the object's area share.
-  assert np.allclose(values["object_attention_cls"], share, atol=0.05)
+  # An untrained ViT spreads its attention almost uniformly: close to the object's area share
+  # (per head within a few points: random heads still prefer some tokens a little).
+  per_head = np.asarray(values["object_attention_cls"])
+  assert np.allclose(per_head.mean(axis=-1), share, atol=0.03)
+  assert np.allclose(per_head, share, atol=0.07)
   assert (tmp_path / "run" / "object_attention_cls.png").exists()
   config.data.source = "image_folder"
   config.data.path = str(tmp_path)

@@ -159,14 +159,19 @@ def test_resuming_with_another_objective_names_the_fields(tmp_path, no_compute):
   same.data.render_workers = 8  # how batches are rendered, not what they hold
   preflight.check_resume(same, str(workdir))
   same.data.version = 2  # other images: another run
-  _refused(same, workdir, "data.version: 1 -> 2")
+  _refused(same, workdir, "data.version: 3 -> 2")
   # A record written before a field existed resumes under that field's old behaviour only.
   older = dict(saved, data={k: v for k, v in saved["data"].items() if k != "version"},
                augment={k: v for k, v in saved["augment"].items() if k != "second_view_ramp"})
   del older["init_encoder"]
   (workdir / preflight.CONFIG_RECORD).write_text(json.dumps(older))
-  preflight.check_resume(pretrain_moco_v3.get_config("runlocal"), str(workdir))
+  # Before data.version existed every run drew version 1 images; today's default is 3.
+  _refused(pretrain_moco_v3.get_config("runlocal"), workdir, "data.version: 1 -> 3")
+  old_images = pretrain_moco_v3.get_config("runlocal")
+  old_images.data.version = 1
+  preflight.check_resume(old_images, str(workdir))
   ramped = pretrain_moco_v3.get_config("runlocal")
+  ramped.data.version = 1
   ramped.augment.second_view_ramp = (0, 10)
   _refused(ramped, workdir, "augment.second_view_ramp: [0, 0] -> [0, 10]")
 
