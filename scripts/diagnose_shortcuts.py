@@ -57,7 +57,7 @@ def main():
   parser.add_argument("--models", default="moco_v3_demo,simmim_demo")
   parser.add_argument("--images", type=int, default=512)
   parser.add_argument("--untrained", action=argparse.BooleanOptionalAction, default=True)
-  parser.add_argument("--version", type=int, default=1,
+  parser.add_argument("--version", type=int, default=3,
                       help="procedural data version (the one the models were trained on)")
   args = parser.parse_args()
   names = [n for n in args.models.split(",") if n]

@@ -36,7 +36,8 @@ def parse_args():
   parser.add_argument("--batch", type=int, default=64, help="images per step")
   parser.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate")
   parser.add_argument("--patch", type=int, default=4, help="patch side in pixels (32 px images)")
-  parser.add_argument("--version", type=int, default=1, help="procedural data version")
+  parser.add_argument("--version", type=int, default=3,
+                      help="procedural data version (3: the demo models' data)")
   parser.add_argument("--evaluations", type=int, default=6, help="held-out checks during training")
   parser.add_argument("--workers", type=int, default=1, help="rendering processes")
   parser.add_argument("--out", default="", help="also write the JSON here")

@@ -70,7 +70,8 @@ def main():
                       help="comma-separated model specs (e.g. moco_v3_demo, random:moco_v3_demo)")
   parser.add_argument("--views", default=",restyle,redraw:background+colours",
                       help="comma-separated second views ('' = the same image)")
-  parser.add_argument("--version", type=int, default=1, help="procedural data version")
+  parser.add_argument("--version", type=int, default=3,
+                      help="procedural data version (3: the demo models' data)")
   parser.add_argument("--images", type=int, default=256)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()

@@ -26,12 +26,16 @@ def test_supervised_ceiling_reports_a_held_out_curve(tmp_path):
   assert result["args"]["version"] == 2 and result["args"]["target"] == "shape"
 
 
-def test_diagnose_shortcuts_finds_the_documented_background_shortcut():
-  # docs/miniature.md#diagnosis: the demo SimMIM model matches images by their background.
-  stdout = _run("diagnose_shortcuts.py", "--models", "simmim_demo", "--images", "64",
-                "--no-untrained")
+def test_diagnose_shortcuts_tells_object_matching_from_background_matching():
+  # README demo section: the version 2 MoCo model finds an image by its object, SimMIM (like
+  # the version 1 models, docs/miniature.md#diagnosis) by its background.
+  stdout = _run("diagnose_shortcuts.py", "--models", "moco_v3_demo,simmim_demo", "--images",
+                "64", "--no-untrained")
   report = json.loads(stdout[stdout.index("{"):])
-  assert report["images"] == 64 and report["version"] == 1
+  assert report["images"] == 64 and report["version"] == 3  # the demo models' data by default
+  for entry in report["models"]["moco_v3_demo"].values():
+    assert entry["object_nearer"] > 0.75
+    assert entry["retrieves_same_object"] > 0.5 > entry["retrieves_same_background"]
   for entry in report["models"]["simmim_demo"].values():
     assert entry["object_nearer"] < 0.25
     assert entry["retrieves_same_background"] > 0.5 > entry["retrieves_same_object"]
