@@ -115,6 +115,6 @@ def contrastive_view(key, images, cfg, view: int):
 
 
 def crop_flip_view(key, images, crop_scale=(0.67, 1.0)):
-  """SimMIM's view: random resized crop and flip."""
+  """SimMIM's and MAE's view: random resized crop and flip."""
   k_crop, k_flip = jax.random.split(key)
   return random_flip(k_flip, random_resized_crop(k_crop, images, crop_scale))

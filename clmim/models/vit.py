@@ -251,7 +251,14 @@ class ViT(nn.Module):
     return self.image_size // self.patch_size
 
   @nn.compact
-  def __call__(self, images, mask=None, deterministic=True):
+  def __call__(self, images, mask=None, deterministic=True, keep=None):
+    """Final-normed tokens [B, 1 + N, D] (cls first) of `images` [B, S, S, 3].
+
+    mask [B, N] (True = masked): those patches become the mask token (needs use_mask_token).
+    keep [B, K] int: only these patch tokens (after position embedding, in this order) and cls
+    go through the blocks, as MAE's encoder does: out [B, 1 + K, D]. Needs rel_pos_bias "none"
+    (the bias tables are laid out for the full grid).
+    """
     batch = images.shape[0]
     if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
       raise ClmimError(f"ViT built for {self.image_size}px images got shape {images.shape}.")
@@ -275,6 +282,12 @@ class ViT(nn.Module):
     elif self.position_embedding != "none":
       raise ClmimError(f"position_embedding must be 'learned', 'sincos' or 'none', "
                        f"got {self.position_embedding!r}.")
+    if keep is not None:
+      if self.rel_pos_bias != "none":
+        raise ClmimError(f"ViT(keep=...): visible-token-only encoding needs rel_pos_bias='none' "
+                         f"(got {self.rel_pos_bias!r}: its tables are laid out for the full grid).")
+      visible = jnp.take_along_axis(x[:, 1:], keep[..., None].astype(jnp.int32), axis=1)
+      x = jnp.concatenate([x[:, :1], visible], axis=1)
     self.sow("intermediates", "embedding", x)
 
     shared_bias = None

@@ -1,0 +1,112 @@
+"""MAE objective: random masking of 75 % of the patches, the encoder on the visible ones only, a
+small ViT decoder with mask tokens, mean squared error on the masked patches' (per-patch
+normalised) pixels (He et al., 2022).
+
+Trainable params: {"encoder", "decoder"}. No extra state. The decoder is
+`clmim.models.heads.MaeDecoder` (the layout the MAE checkpoint converter reads), fed the
+encoder's tokens scattered back to their grid positions: it embeds them, puts its mask token
+wherever a patch was masked (the embedding of the zeros left there is discarded) and adds its
+fixed sin-cos positions — MAE's `forward_decoder` after its un-shuffle.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from clmim.data.augment import crop_flip_view
+from clmim.errors import ClmimError
+from clmim.models.heads import MaeDecoder, patchify
+from clmim.train.common import build_encoder, normalise
+
+
+def random_keep(rng, batch: int, tokens: int, ratio: float):
+  """(keep [B, K] int32, mask [B, tokens] bool, True = masked) with K = int(tokens * (1 - ratio))
+  patches kept per image, chosen uniformly (MAE's `random_masking`: argsort of uniform noise)."""
+  num_keep = int(tokens * (1 - ratio))
+  order = jnp.argsort(jax.random.uniform(rng, (batch, tokens)), axis=1)
+  keep = order[:, :num_keep].astype(jnp.int32)
+  mask = jnp.ones((batch, tokens), bool).at[jnp.arange(batch)[:, None], keep].set(False)
+  return keep, mask
+
+
+def scatter_visible(latent, keep, tokens: int):
+  """[B, 1 + K, D] encoder output -> [B, 1 + tokens, D]: cls first, each visible token at its
+  grid position, zeros where a patch was masked."""
+  batch, _, width = latent.shape
+  grid = jnp.zeros((batch, tokens, width), latent.dtype)
+  grid = grid.at[jnp.arange(batch)[:, None], keep].set(latent[:, 1:])
+  return jnp.concatenate([latent[:, :1], grid], axis=1)
+
+
+def pixel_targets(images, patch_size: int, norm_pix: bool):
+  """[B, N, p*p*3] patch pixels; with norm_pix each patch minus its mean over its own pixels,
+  divided by sqrt(var + 1e-6) (MAE's norm_pix_loss)."""
+  target = patchify(images, patch_size)
+  if norm_pix:
+    mean = target.mean(axis=-1, keepdims=True)
+    var = target.var(axis=-1, keepdims=True)
+    target = (target - mean) / jnp.sqrt(var + 1e-6)
+  return target
+
+
+def masked_mse(prediction, target, mask):
+  """Mean over masked patches of the per-patch mean squared error (unmasked patches count 0)."""
+  per_patch = jnp.mean((prediction - target) ** 2, axis=-1)
+  weights = mask.astype(per_patch.dtype)
+  return (per_patch * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+class Objective:
+  """MAE; see the module docstring. `config.mae` holds the objective's fields."""
+
+  def __init__(self, config):
+    self.config = config
+    self.encoder = build_encoder(config)
+    cfg = config.mae
+    if self.encoder.rel_pos_bias != "none":
+      raise ClmimError(f"config.model.rel_pos_bias={self.encoder.rel_pos_bias!r}: MAE encodes "
+                       f"the visible patches only, which needs 'none'.")
+    tokens = self.encoder.grid ** 2
+    if not 0 < cfg.mask_ratio < 1 or int(tokens * (1 - cfg.mask_ratio)) < 1:
+      raise ClmimError(f"config.mae.mask_ratio={cfg.mask_ratio}: expected a value in (0, 1) "
+                       f"that keeps at least one of the {tokens} patches.")
+    if cfg.decoder_width % cfg.decoder_heads:
+      raise ClmimError(f"config.mae.decoder_width={cfg.decoder_width} is not a multiple of "
+                       f"config.mae.decoder_heads={cfg.decoder_heads}.")
+    self.decoder = MaeDecoder(cfg.decoder_width, cfg.decoder_depth, cfg.decoder_heads,
+                              cfg.decoder_mlp_dim, self.encoder.patch_size)
+
+  def init(self, rng, images):
+    k_enc, k_dec = jax.random.split(rng)
+    encoder = self.encoder.init(k_enc, images)["params"]
+    tokens = self.encoder.apply({"params": encoder}, images)
+    decoder = self.decoder.init(k_dec, tokens)["params"]
+    return {"encoder": encoder, "decoder": decoder}, {}
+
+  def frozen(self, path: str) -> bool:
+    return False
+
+  def loss(self, params, state, images, rng, step):
+    cfg = self.config.mae
+    k_view, k_mask, k_drop = jax.random.split(rng, 3)
+    images = normalise(crop_flip_view(k_view, images, tuple(cfg.crop_scale)), self.config.data)
+    tokens = self.encoder.grid ** 2
+    keep, mask = random_keep(k_mask, images.shape[0], tokens, cfg.mask_ratio)
+    latent = self.encoder.apply({"params": params["encoder"]}, images, keep=keep,
+                                deterministic=False, rngs={"dropout": k_drop})
+    full = scatter_visible(latent, keep, tokens)
+    prediction = self.decoder.apply({"params": params["decoder"]}, full, mask)[:, 1:]
+    target = pixel_targets(images, self.encoder.patch_size, cfg.norm_pix_loss)
+    loss = masked_mse(prediction, target, mask)
+    return loss, (state, {"loss": loss, "mask_ratio": mask.mean()})
+
+  def after_update(self, params, state, step):
+    return state
+
+  def encoder_params(self, params, state):
+    return params["encoder"]
+
+  def with_encoder(self, params, state, encoder):
+    """(params, state) with `encoder` as the encoder (config.init_encoder); the decoder stays
+    new."""
+    return {**params, "encoder": encoder}, state
