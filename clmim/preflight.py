@@ -22,7 +22,7 @@ CONFIG_RECORD = "config.json"  # a pretraining workdir's config, for resume chec
 # Sections and fields of a pretraining config that fix the model, the objective or the data:
 # resuming a workdir with other values would continue a different run (or fail inside orbax).
 IDENTITY_FIELDS = ("objective", "seed", "init_encoder", "batch_size", "model", "data", "moco",
-                   "simmim", "mae", "augment")
+                   "simmim", "mae", "hybrid", "augment")
 # Fields inside those sections that say how a run is carried out, not what it computes: a run
 # may be resumed (exported, snapshotted) with other values.
 HOW_NOT_WHAT = ("data.render_workers",)

@@ -28,17 +28,40 @@ def block_masks(rng, batch: int, grid: int, mask_patch: int, ratio: float):
   return token_mask.reshape(batch, grid * grid)
 
 
+def reconstruction_loss(encoder, head, encoder_params, head_params, images, rng, config):
+  """(L1 on the masked pixels, share of tokens masked) of SimMIM on `images` [B, S, S, 3] in
+  [0, 1]: crop + flip, block masks of config.simmim, the mask token in the encoder, the pixel
+  head on its patch tokens. Shared by the SimMIM and hybrid objectives."""
+  cfg = config.simmim
+  k_view, k_mask, k_drop = jax.random.split(rng, 3)
+  images = normalise(crop_flip_view(k_view, images, tuple(cfg.crop_scale)), config.data)
+  mask = block_masks(k_mask, images.shape[0], encoder.grid, cfg.mask_patch // encoder.patch_size,
+                     cfg.mask_ratio)
+  tokens = encoder.apply({"params": encoder_params}, images, mask, deterministic=False,
+                         rngs={"dropout": k_drop})
+  prediction = head.apply({"params": head_params}, tokens[:, 1:])
+  error = jnp.abs(prediction - patchify(images, encoder.patch_size))
+  weights = mask[..., None].astype(error.dtype)
+  loss = (error * weights).sum() / (weights.sum() * error.shape[-1] + 1e-5)
+  return loss, mask.mean()
+
+
+def check_mask_patch(encoder, mask_patch: int) -> None:
+  """config.simmim.mask_patch must be a multiple of the patch size that tiles the token grid."""
+  patch, grid = encoder.patch_size, encoder.grid
+  if mask_patch < patch or mask_patch % patch or grid % (mask_patch // patch):
+    raise ClmimError(f"config.simmim.mask_patch={mask_patch}: expected a multiple of the patch "
+                     f"size {patch} that tiles the {grid}x{grid} token grid (e.g. "
+                     f"{patch * max(1, min(2, grid))}).")
+
+
 class Objective:
   """SimMIM; see the module docstring. `config.simmim` holds the objective's fields."""
 
   def __init__(self, config):
     self.config = config
     self.encoder = build_encoder(config)
-    patch, grid, mask_patch = self.encoder.patch_size, self.encoder.grid, config.simmim.mask_patch
-    if mask_patch < patch or mask_patch % patch or grid % (mask_patch // patch):
-      raise ClmimError(f"config.simmim.mask_patch={mask_patch}: expected a multiple of the patch "
-                       f"size {patch} that tiles the {grid}x{grid} token grid (e.g. "
-                       f"{patch * max(1, min(2, grid))}).")
+    check_mask_patch(self.encoder, config.simmim.mask_patch)
     self.head = PixelHead(self.encoder.patch_size)
 
   def init(self, rng, images):
@@ -52,19 +75,9 @@ class Objective:
     return False
 
   def loss(self, params, state, images, rng, step):
-    cfg = self.config.simmim
-    k_view, k_mask, k_drop = jax.random.split(rng, 3)
-    images = normalise(crop_flip_view(k_view, images, tuple(cfg.crop_scale)), self.config.data)
-    grid = self.encoder.grid
-    mask = block_masks(k_mask, images.shape[0], grid, cfg.mask_patch // self.encoder.patch_size,
-                       cfg.mask_ratio)
-    tokens = self.encoder.apply({"params": params["encoder"]}, images, mask,
-                                deterministic=False, rngs={"dropout": k_drop})
-    prediction = self.head.apply({"params": params["head"]}, tokens[:, 1:])
-    error = jnp.abs(prediction - patchify(images, self.encoder.patch_size))
-    weights = mask[..., None].astype(error.dtype)
-    loss = (error * weights).sum() / (weights.sum() * error.shape[-1] + 1e-5)
-    return loss, (state, {"loss": loss, "mask_ratio": mask.mean()})
+    loss, mask_ratio = reconstruction_loss(self.encoder, self.head, params["encoder"],
+                                           params["head"], images, rng, self.config)
+    return loss, (state, {"loss": loss, "mask_ratio": mask_ratio})
 
   def after_update(self, params, state, step):
     return state

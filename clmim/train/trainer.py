@@ -56,7 +56,7 @@ def load_objective(config):
     module = importlib.import_module(f"clmim.train.{config.objective}")
   except ModuleNotFoundError as e:
     raise ClmimError(f"config.objective={config.objective!r}: no module clmim/train/"
-                     f"{config.objective}.py (expected 'moco_v3', 'simmim' or 'mae').") from e
+                     f"{config.objective}.py (expected 'moco_v3', 'simmim', 'mae' or 'hybrid').") from e
   return module.Objective(config)
 
 

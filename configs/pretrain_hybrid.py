@@ -1,0 +1,37 @@
+r"""The CL + MIM hybrid, L = (1 - λ) L_SimMIM + λ L_MoCo v3, on the procedural images
+(clmim/train/hybrid.py; the paper's Sec. 5 found λ = 0.5-ish beating either alone on ImageNet).
+
+  python -m clmim.main --config configs/pretrain_hybrid.py --config.hybrid.weight=0.5 \
+      --workdir runs/hybrid_0.5
+
+The demo variant is MoCo v3's first demo stage (configs/pretrain_moco_v3.py:demo_stage1: its
+views, curriculum, schedule, lr 1e-3, weight decay 0.1, projector and predictor) on an encoder
+with SimMIM's mask token, plus SimMIM's demo masking (config.simmim). λ = 0 trains the SimMIM
+branch alone on MoCo's architecture (timm blocks, sin-cos positions, frozen patch embedding),
+λ = 1 MoCo v3 alone: the sweep's ends differ from the SimMIM demo model's BEiT-style ViT.
+A seconds-long smoke run: configs/pretrain_hybrid.py:runlocal.
+Variants (the string after ':'): demo (default), runlocal.
+"""
+from configs import pretrain_moco_v3
+
+
+def get_config(arg: str = "demo"):
+  """Returns the locked ConfigDict for variant `arg` ("demo" or "runlocal")."""
+  if arg not in ("demo", "runlocal"):
+    raise ValueError(f"Unknown config variant {arg!r}; expected one of ('demo', 'runlocal').")
+  config = pretrain_moco_v3.get_config("demo_stage1" if arg == "demo" else "runlocal")
+  config.unlock()
+  config.name = "hybrid_demo"
+  config.objective = "hybrid"
+  config.family = "other"          # neither CL nor MIM: figures colour it apart
+  config.model.use_mask_token = True
+  config.simmim = dict(
+      mask_patch=8,            # mask block side in pixels (2x2 tokens at patch 4)
+      mask_ratio=0.6,          # fraction of blocks masked
+      crop_scale=(0.67, 1.0),  # the MIM branch's random resized crop area range
+  )
+  config.hybrid = dict(
+      weight=0.5,              # λ in [0, 1]: L = (1 - λ) L_MIM + λ L_CL
+  )
+  config.lock()
+  return config
