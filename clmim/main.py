@@ -10,7 +10,9 @@ variant such as `runlocal`); `config.mode` selects what runs:
   export     with a pretraining config and its --workdir: the encoder of the latest checkpoint
              as a clmim checkpoint;
   snapshots  with a pretraining config and its --workdir: the analyses over every kept
-             checkpoint (metrics over training).
+             checkpoint (metrics over training);
+  sweep      with configs/pretrain_hybrid.py: one model per λ of config.sweep.weights, then
+             the analyses over all of them and a figure against λ.
 Every config field is documented in the README's "Configs" section and next to its default in
 clmim/config_lib.py. `--print_config` prints the resolved config and exits.
 Every user error (a bad file, field, name, workdir) is checked before any compute and printed as
@@ -92,6 +94,9 @@ def run(config, workdir: str, invocation: dict | None = None):
   if mode == "snapshots":
     from clmim.jobs import snapshots
     return snapshots.run(config, workdir)
+  if mode == "sweep":
+    from clmim.jobs import sweep
+    return sweep.run(config, workdir, invocation)
   from clmim.jobs import analyze
   return analyze.run(config, workdir, invocation)
 

@@ -16,7 +16,7 @@ import tempfile
 from clmim.errors import ClmimError
 
 ANALYSIS_MODES = ("analyze",)
-PRETRAINING_MODES = ("pretrain", "export", "snapshots")
+PRETRAINING_MODES = ("pretrain", "export", "snapshots", "sweep")
 MODES = ANALYSIS_MODES + PRETRAINING_MODES
 CONFIG_RECORD = "config.json"  # a pretraining workdir's config, for resume checks
 # Sections and fields of a pretraining config that fix the model, the objective or the data:
@@ -234,7 +234,7 @@ def check_run(config, workdir: str, devices: int) -> str:
   mode = check_mode(config)
   check_fields(config, mode, devices)
   check_workdir(workdir, must_exist=mode in ("export", "snapshots"))
-  if mode in PRETRAINING_MODES:
+  if mode in PRETRAINING_MODES and mode != "sweep":  # a sweep checks each λ's own folder
     check_resume(config, workdir)
   if mode == "analyze" and os.path.exists(os.path.join(workdir, "results.json")) \
       and not config.overwrite:

@@ -9,6 +9,11 @@ views, curriculum, schedule, lr 1e-3, weight decay 0.1, projector and predictor)
 with SimMIM's mask token, plus SimMIM's demo masking (config.simmim). λ = 0 trains the SimMIM
 branch alone on MoCo's architecture (timm blocks, sin-cos positions, frozen patch embedding),
 λ = 1 MoCo v3 alone: the sweep's ends differ from the SimMIM demo model's BEiT-style ViT.
+The λ sweep (one model per λ of config.sweep.weights, then probes, NMI and ΔlogA of all of them
+and a figure against λ; clmim/jobs/sweep.py):
+
+  python -m clmim.main --config configs/pretrain_hybrid.py --config.mode=sweep --workdir runs/sweep
+
 A seconds-long smoke run: configs/pretrain_hybrid.py:runlocal.
 Variants (the string after ':'): demo (default), runlocal.
 """
@@ -33,5 +38,15 @@ def get_config(arg: str = "demo"):
   config.hybrid = dict(
       weight=0.5,              # λ in [0, 1]: L = (1 - λ) L_MIM + λ L_CL
   )
+  config.sweep = dict(         # --config.mode=sweep only (clmim/jobs/sweep.py)
+      weights=(0.0, 0.25, 0.5, 0.75, 1.0),  # the λ values, one model each
+      analyses="probing,nmi,fourier",       # run over every λ's export and an untrained copy
+      num_images=512,          # held-out procedural images per model
+      num_train_images=4000,   # probes' training images
+  )
+  if arg == "runlocal":
+    config.sweep.weights = (0.0, 1.0)
+    config.sweep.num_images = 64
+    config.sweep.num_train_images = 256
   config.lock()
   return config

@@ -1,0 +1,139 @@
+"""The λ sweep of the CL + MIM hybrid: one model per λ, then one analysis run over all of them.
+
+  python -m clmim.main --config configs/pretrain_hybrid.py --config.mode=sweep --workdir runs/sweep
+
+For each λ of `config.sweep.weights` it trains the hybrid recipe with `config.hybrid.weight = λ`
+in workdir/lambda_<λ>/ (an ordinary pretraining workdir: resumable, its own metrics.jsonl and
+export/; a finished one is not trained again), then runs `config.sweep.analyses` on every export
+and an untrained copy of the architecture, on `config.sweep.num_images` held-out procedural
+images (probes: `config.sweep.num_train_images` training images), in workdir/analysis/ (the
+analysis job's results.json, figures and report). workdir/sweep.json and sweep.png hold what the
+paper's Sec. 5 plots against λ: last-block shape and texture probes (mean patch token), NMI and
+high-frequency ΔlogA (means over the later half of the blocks). Everything a λ needs — its
+value, its workdir's config record, the analyses — is checked before the first one trains.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from matplotlib.figure import Figure
+
+from clmim import config_lib, preflight
+from clmim.atomic import save_figure_atomic, write_json_atomic
+from clmim.errors import ClmimError
+from clmim.analysis import core
+from clmim.jobs import analyze, report
+from clmim.jobs.analyze import analysis_setup
+from clmim.train import trainer
+
+# (analysis, results key, label, "last" block or the report's "later" half): sweep.json's numbers.
+SUMMARIES = (
+    ("probing", "probe_shape_mean_tokens", "shape probe, last block", "last"),
+    ("probing", "probe_texture_mean_tokens", "texture probe, last block", "last"),
+    ("nmi", "nmi", "NMI, later blocks", "later"),
+    ("fourier", "fourier", "high-frequency ΔlogA, later blocks", "later"),
+)
+
+
+def weights(config) -> list[float]:
+  """config.sweep.weights as floats, each in [0, 1] and distinct, or one error line."""
+  values = list(config.sweep.weights)
+  if not values or any(not isinstance(w, (int, float)) or isinstance(w, bool)
+                       or not 0 <= w <= 1 for w in values) or len(set(values)) != len(values):
+    raise ClmimError(f"config.sweep.weights={tuple(values)}: expected distinct λ values in "
+                     f"[0, 1], e.g. (0, 0.25, 0.5, 0.75, 1).")
+  return [float(w) for w in values]
+
+
+def member_config(config, weight: float):
+  """The pretraining config of one λ: the hybrid recipe with hybrid.weight = λ."""
+  member = config.copy_and_resolve_references()
+  member.unlock()
+  member.mode = "pretrain"
+  member.name = f"hybrid_lambda_{weight:g}"
+  member.hybrid.weight = weight
+  member.lock()
+  return member
+
+
+def analysis_config(config, exports: list[str]):
+  """The analysis run over the exports (and an untrained copy of their architecture)."""
+  arg = "runlocal" if config.sweep.num_images < 512 else "demo"
+  analysis = config_lib.analysis_base(arg, name="sweep", analyses=config.sweep.analyses,
+                                      num_images=config.sweep.num_images)
+  analysis.models = ",".join(exports + [f"random:{exports[0]}"])
+  analysis.include_untrained = False
+  analysis.data.version = config.data.version
+  analysis.data.num_train_images = config.sweep.num_train_images
+  analysis.progress = False
+  analysis.overwrite = True
+  analysis.compilation_cache = config.compilation_cache
+  return analysis
+
+
+def _reduce(analysis: str, key: str, values, how: str) -> float:
+  if how == "last":
+    return float(np.asarray(values, np.float64)[-1])
+  result = next(r for r in core.load(analysis).RESULTS if r.key == key)
+  return report.later_half(result, values)  # the report's own reading of a depth curve
+
+
+def summarise(results: dict, names: dict) -> dict:
+  """{"weights": [...], key: [one number per λ], key + "_untrained": number} from the analysis
+  results; `names` maps each λ to its model's name there."""
+  out = {"weights": sorted(names)}
+  untrained = [n for n in results["models"] if n not in names.values()]
+  for analysis, key, _, how in SUMMARIES:
+    per_model = {n: m[key] for n, m in results["models"].items() if key in m}
+    if not per_model:
+      continue
+    out[key] = [_reduce(analysis, key, per_model[names[w]], how) for w in out["weights"]]
+    if untrained and untrained[0] in per_model:
+      out[key + "_untrained"] = _reduce(analysis, key, per_model[untrained[0]], how)
+  return out
+
+
+def figure(summary: dict) -> Figure:
+  """One panel per summary against λ; the untrained copy as a dashed line."""
+  keys = [(k, label) for _, k, label, _ in SUMMARIES if k in summary]
+  fig = Figure(figsize=(3.6 * len(keys), 3.2), layout="constrained")
+  for ax, (key, label) in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
+    ax.plot(summary["weights"], summary[key], marker="o", color="tab:purple")
+    if key + "_untrained" in summary:
+      ax.axhline(summary[key + "_untrained"], ls="--", color="grey", label="untrained")
+      ax.legend(fontsize=8)
+    ax.set_xlabel("λ (0 = SimMIM only, 1 = MoCo v3 only)")
+    ax.set_title(label, fontsize=10)
+  return fig
+
+
+def run(config, workdir: str, invocation: dict | None = None) -> dict:
+  """Trains every λ (resuming any started), analyses them together; returns sweep.json's dict."""
+  if config.get("objective") != "hybrid" or "sweep" not in config:
+    raise ClmimError(f"config.mode='sweep' needs configs/pretrain_hybrid.py (its hybrid.weight is "
+                     f"what is swept); this config's objective is {config.get('objective')!r}.")
+  preflight.check_workdir(workdir)
+  lambdas = weights(config)
+  preflight.check_int(config, "sweep.num_images", 1)
+  preflight.check_int(config, "sweep.num_train_images", 1)
+  analysis_setup(config.sweep.analyses, None)  # unknown analysis names fail here, not after training
+  members = {w: member_config(config, w) for w in lambdas}
+  folders = {w: os.path.join(workdir, f"lambda_{w:g}") for w in lambdas}
+  for w, member in members.items():  # every member checked before any trains
+    preflight.check_fields(member, "pretrain", jax.device_count())
+    preflight.check_resume(member, folders[w])
+    trainer.load_objective(member)  # its own field checks (λ, mask token, mask patch)
+  for w, member in members.items():
+    export = os.path.join(folders[w], "export")
+    done = preflight.checkpoint_steps(folders[w])
+    if not (os.path.isdir(export) and done and max(done) >= member.total_steps):
+      trainer.train(member, folders[w], {**(invocation or {}), "workdir": folders[w]})
+  exports = [os.path.join(folders[w], "export") for w in lambdas]
+  results = analyze.run(analysis_config(config, exports), os.path.join(workdir, "analysis"))
+  summary = summarise(results, {w: f"hybrid_lambda_{w:g}" for w in lambdas})
+  summary["analysis"] = os.path.join(workdir, "analysis", "results.json")
+  write_json_atomic(os.path.join(workdir, "sweep.json"), summary)
+  save_figure_atomic(figure(summary), os.path.join(workdir, "sweep.png"))
+  return summary

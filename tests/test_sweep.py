@@ -1,0 +1,85 @@
+"""The hybrid's λ sweep: trains one model per λ, resumes finished ones, analyses all, checks first."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from clmim import main
+from clmim.errors import ClmimError
+from clmim.jobs import sweep
+from configs import pretrain_hybrid
+
+
+def _config(**fields):
+  config = pretrain_hybrid.get_config("runlocal")
+  config.unlock()
+  config.mode = "sweep"
+  config.sweep.analyses = "nmi,fourier"  # no probes: a quick run
+  for key, value in fields.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config
+
+
+def test_sweep_trains_each_lambda_once_and_plots_the_metrics(tmp_path):
+  summary = main.run(_config(), str(tmp_path))
+  assert summary["weights"] == [0.0, 1.0]
+  for key in ("nmi", "fourier"):
+    assert len(summary[key]) == 2 and np.isfinite(summary[key]).all()
+    assert key + "_untrained" in summary
+  assert (tmp_path / "sweep.png").exists() and (tmp_path / "analysis" / "results.json").exists()
+  assert json.loads((tmp_path / "sweep.json").read_text())["weights"] == [0.0, 1.0]
+  for weight in ("0", "1"):
+    manifest = json.loads((tmp_path / f"lambda_{weight}" / "export" / "manifest.json").read_text())
+    assert manifest["config"]["hybrid"]["weight"] == float(weight)
+  # λ = 0 trains the MIM branch only, λ = 1 the CL branch only.
+  first = json.loads((tmp_path / "lambda_0" / "metrics.jsonl").read_text().splitlines()[0])
+  last = json.loads((tmp_path / "lambda_1" / "metrics.jsonl").read_text().splitlines()[0])
+  assert "loss_mim" in first and "loss_cl" not in first
+  assert "loss_cl" in last and "loss_mim" not in last
+  # Run again: finished members are not trained again, the analysis is redone.
+  records = (tmp_path / "lambda_0" / "metrics.jsonl").read_text()
+  again = main.run(_config(), str(tmp_path))
+  assert (tmp_path / "lambda_0" / "metrics.jsonl").read_text() == records
+  assert again["nmi"] == pytest.approx(summary["nmi"])
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"sweep.weights": (0.0, 1.5)}, r"config\.sweep\.weights"),
+    ({"sweep.weights": (0.5, 0.5)}, r"config\.sweep\.weights"),
+    ({"sweep.analyses": "nmi,no_such"}, "no_such"),
+    ({"sweep.num_images": 0}, r"config\.sweep\.num_images"),
+    ({"simmim.mask_patch": 6}, r"config\.simmim\.mask_patch"),
+])
+def test_bad_sweeps_fail_before_anything_trains(tmp_path, fields, message):
+  with pytest.raises(ClmimError, match=message):
+    main.run(_config(**fields), str(tmp_path / "run"))
+  assert not any(n.startswith("lambda_") for n in os.listdir(tmp_path / "run")) \
+      if (tmp_path / "run").exists() else True
+
+
+def test_only_the_hybrid_config_sweeps(tmp_path):
+  from configs import pretrain_simmim
+  config = pretrain_simmim.get_config("runlocal")
+  config.unlock()
+  config.mode = "sweep"
+  with pytest.raises(ClmimError, match="pretrain_hybrid"):
+    main.run(config, str(tmp_path))
+
+
+def test_summarise_known_answers():
+  results = {"models": {
+      "a": {"nmi": [[0.1, 0.3], [0.5, 0.7]], "fourier": [[0, -1], [0, -2], [0, -4]],
+            "probe_shape_mean_tokens": [0.3, 0.9]},
+      "b": {"nmi": [[0.0, 0.0], [0.2, 0.2]], "fourier": [[0, -1], [0, -1], [0, -1]],
+            "probe_shape_mean_tokens": [0.4, 0.5]},
+      "u": {"nmi": [[0.0, 0.0], [0.0, 0.0]], "fourier": [[0, -3], [0, -3], [0, -3]],
+            "probe_shape_mean_tokens": [0.25, 0.25]}}}
+  out = sweep.summarise(results, {0.0: "a", 1.0: "b"})
+  assert out["weights"] == [0.0, 1.0]
+  assert out["probe_shape_mean_tokens"] == [0.9, 0.5]
+  assert out["nmi"] == pytest.approx([0.6, 0.2])  # block 2 of 2, mean over heads
+  assert out["fourier"] == pytest.approx([-4.0, -1.0])  # stage 2 of blocks 1-2, last entry
+  assert out["nmi_untrained"] == 0.0 and out["fourier_untrained"] == -3.0
+  assert "probe_texture_mean_tokens" not in out
