@@ -35,6 +35,11 @@ def demo_model(**fields) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(model)
 
 
+# Parameters that get no weight decay, by their last path component: biases, norms, tokens,
+# position tables, relative-position tables and layer scales (as MAE, BEiT and timm exclude them).
+NO_WEIGHT_DECAY = r"/(bias|scale|cls_token|mask_token|pos_embed|table|gamma_1|gamma_2|q_bias|v_bias)$"
+
+
 def pretrain_base(arg: str, name: str, objective: str, family: str,
                   variants: tuple = ("demo", "runlocal")) -> ml_collections.ConfigDict:
   """Fields every pretraining run has, at the demo scale. `variants`: the config file's own."""
@@ -55,6 +60,12 @@ def pretrain_base(arg: str, name: str, objective: str, family: str,
   config.warmup_steps = 300         # linear warm-up steps
   config.final_lr_fraction = 0.01   # lr at the end of the cosine, as a fraction of the peak
   config.weight_decay = 0.05        # AdamW decoupled weight decay (matrices only)
+  config.no_weight_decay = NO_WEIGHT_DECAY  # regex (re.search) over parameter paths, e.g.
+                                    #   "/online/encoder/block_0/attn/qkv/bias": matches get no
+                                    #   weight decay (vectors never do); "" = only vectors
+  config.freeze = ""                # regex over parameter paths: matches are not updated, on
+                                    #   top of the objective's own (MoCo v3's patch embedding,
+                                    #   a fixed sin-cos table); "" = none
   config.beta2 = 0.95               # AdamW second-moment decay
   config.grad_clip = 3.0            # global-norm gradient clipping (0 = off)
   config.log_every = 25             # steps between metrics.jsonl records

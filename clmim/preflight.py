@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import tempfile
 
 from clmim.errors import ClmimError
@@ -141,7 +142,21 @@ def check_fields(config, mode: str, devices: int) -> None:
                 "data.render_workers"):
     check_int(config, field, 1)
   check_int(config, "warmup_steps", 0)
+  path_pattern(config, "no_weight_decay")
+  path_pattern(config, "freeze")
   check_second_view(config)
+
+
+def path_pattern(config, field: str):
+  """config.<field> compiled as a regular expression over parameter paths ("" = None), or one
+  error line naming the field."""
+  text = str(config.get(field, "") or "")
+  if not text:
+    return None
+  try:
+    return re.compile(text)
+  except re.error as e:
+    raise ClmimError(f"config.{field}={text!r} is not a regular expression ({e}).") from None
 
 
 def check_second_view(config) -> None:

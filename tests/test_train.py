@@ -122,3 +122,51 @@ def test_moco_with_encoder_sets_the_online_and_the_momentum_encoder():
   for tree in (params["online"]["encoder"], extra["momentum"]["encoder"]):
     jax.tree.map(np.testing.assert_array_equal, tree, other)
   jax.tree.map(np.testing.assert_array_equal, params["predictor"], state["params"]["predictor"])
+
+
+_OLD_NO_DECAY = ("bias", "scale", "cls_token", "mask_token", "pos_embed", "table", "gamma_1",
+                 "gamma_2", "q_bias", "v_bias")
+
+
+@pytest.mark.parametrize("name", ["pretrain_moco_v3", "pretrain_simmim", "pretrain_mae"])
+def test_weight_decay_and_freezing_follow_the_path_patterns(name):
+  import importlib
+  config = importlib.import_module(f"configs.{name}").get_config("runlocal")
+  objective = trainer.load_objective(config)
+  params, _ = objective.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)))
+  flat = {trainer._path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+  def step(cfg):
+    """Each parameter's update after one step from 0 with gradient 0: weight decay only."""
+    tx, _ = trainer.make_optimizer(cfg, params, objective)
+    ones = jax.tree.map(jnp.ones_like, params)
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    state = tx.init(ones)
+    for _ in range(2):  # warm-up: step 0 has lr 0
+      updates, state = tx.update(zero_grads, state, ones)
+    return {trainer._path_str(p): float(jnp.abs(u).max())
+            for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
+
+  decayed = step(config)
+  for path, x in flat.items():  # the default pattern is the former name list, exactly
+    expected = x.ndim > 1 and path.split("/")[-1] not in _OLD_NO_DECAY \
+        and not objective.frozen(path)
+    assert (decayed[path] > 0) == expected, path
+  config.unlock()
+  config.no_weight_decay = ""  # only vectors are spared now
+  config.freeze = r"block_0/"
+  custom = step(config)
+  for path, x in flat.items():
+    if "block_0/" in path or objective.frozen(path):
+      assert custom[path] == 0, path
+    else:
+      assert (custom[path] > 0) == (x.ndim > 1), path
+
+
+def test_bad_path_patterns_are_one_line():
+  from clmim import preflight
+  config = pretrain_simmim.get_config("runlocal")
+  config.unlock()
+  config.freeze = "block_(0"
+  with pytest.raises(ClmimError, match=r"config\.freeze='block_\(0' is not a regular expression"):
+    preflight.check_fields(config, "pretrain", 1)

@@ -31,18 +31,25 @@ def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
+def _matches(pattern, path: str) -> bool:
+  return pattern is not None and pattern.search("/" + path) is not None
+
+
 def make_optimizer(config, params, objective):
-  """AdamW with linear warm-up and cosine decay. No weight decay on biases, norms, tokens,
-  position tables and layer scales; parameters the objective freezes get no update at all."""
+  """AdamW with linear warm-up and cosine decay. No weight decay on vectors or on parameters whose
+  path matches config.no_weight_decay; parameters the objective freezes or config.freeze matches
+  get no update at all. Paths are "/"-joined and searched with a leading "/" (e.g.
+  "/online/encoder/block_0/mlp/fc1/kernel")."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, config.lr, config.warmup_steps, max(config.total_steps, config.warmup_steps + 1),
       end_value=config.lr * config.final_lr_fraction)
-  no_decay = ("bias", "scale", "cls_token", "mask_token", "pos_embed", "table", "gamma_1",
-              "gamma_2", "q_bias", "v_bias")
+  no_decay = preflight.path_pattern(config, "no_weight_decay")
+  freeze = preflight.path_pattern(config, "freeze")
   decay_mask = jax.tree_util.tree_map_with_path(
-      lambda p, x: x.ndim > 1 and _path_str(p).split("/")[-1] not in no_decay, params)
+      lambda p, x: x.ndim > 1 and not _matches(no_decay, _path_str(p)), params)
   labels = jax.tree_util.tree_map_with_path(
-      lambda p, _: "frozen" if objective.frozen(_path_str(p)) else "train", params)
+      lambda p, _: "frozen" if objective.frozen(_path_str(p)) or _matches(freeze, _path_str(p))
+      else "train", params)
   adamw = optax.chain(
       optax.clip_by_global_norm(config.grad_clip) if config.grad_clip else optax.identity(),
       optax.adamw(schedule, b1=0.9, b2=config.beta2, weight_decay=config.weight_decay,
