@@ -128,7 +128,7 @@ _OLD_NO_DECAY = ("bias", "scale", "cls_token", "mask_token", "pos_embed", "table
                  "gamma_2", "q_bias", "v_bias")
 
 
-@pytest.mark.parametrize("name", ["pretrain_moco_v3", "pretrain_simmim", "pretrain_mae"])
+@pytest.mark.parametrize("name", ["pretrain_moco_v3", "pretrain_simmim"])  # frozen / BEiT names
 def test_weight_decay_and_freezing_follow_the_path_patterns(name):
   import importlib
   config = importlib.import_module(f"configs.{name}").get_config("runlocal")
@@ -170,3 +170,30 @@ def test_bad_path_patterns_are_one_line():
   config.freeze = "block_(0"
   with pytest.raises(ClmimError, match=r"config\.freeze='block_\(0' is not a regular expression"):
     preflight.check_fields(config, "pretrain", 1)
+
+
+def test_a_diverged_run_stops_naming_the_first_bad_step_and_saves_nothing_after(tmp_path,
+                                                                               monkeypatch):
+  """The loss turns NaN from step 4 on (1-based); log every 2, checkpoint every 3: the run stops
+  at step 4 with one line naming step 4, keeps only the step-3 checkpoint and exports nothing."""
+  config = pretrain_simmim.get_config("runlocal")
+  load = trainer.load_objective
+
+  def poisoned(cfg):
+    objective = load(cfg)
+    clean = objective.loss
+
+    def loss(params, state, images, rng, step):
+      value, (state, metrics) = clean(params, state, images, rng, step)
+      value = jnp.where(step >= 3, jnp.nan, value)
+      return value, (state, {**metrics, "loss": value})
+    objective.loss = loss
+    return objective
+
+  monkeypatch.setattr(trainer, "load_objective", poisoned)
+  with pytest.raises(ClmimError, match=r"not finite at step 4;.*latest checkpoint: 3\)") as error:
+    trainer.train(config, str(tmp_path))
+  assert "\n" not in str(error.value)
+  assert trainer.preflight.checkpoint_steps(str(tmp_path)) == [3]
+  assert not (tmp_path / "export").exists()
+  assert [r["step"] for r in trainer.read_metrics(str(tmp_path))] == [2]

@@ -200,6 +200,12 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
 
   update = jax.jit(update, in_shardings=(replicated, batch_sharding, replicated),
                    out_shardings=(replicated, replicated), donate_argnums=(0,))
+  # The first step whose loss was not finite (-1: none), kept on the device so that no step
+  # waits for it; read before every log record and every checkpoint, so nothing written after a
+  # divergence holds its parameters.
+  first_bad = jax.device_put(jnp.asarray(-1, jnp.int32), replicated)
+  track = jax.jit(lambda first, loss, step: jnp.where((first < 0) & ~jnp.isfinite(loss),
+                                                      step, first))
 
   # --- Loop -------------------------------------------------------------------------------
   log_path = os.path.join(workdir, "metrics.jsonl")
@@ -224,18 +230,25 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
         batch["image"]
     images = jax.device_put(images, batch_sharding)
     train_state, metrics = update(train_state, images, jax.random.fold_in(rng, step))
-    if (step + 1) % config.log_every == 0 or step + 1 == config.total_steps:
+    first_bad = track(first_bad, metrics["loss"], step + 1)
+    log_now = (step + 1) % config.log_every == 0 or step + 1 == config.total_steps
+    saving = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.total_steps
+    if (log_now or saving) and int(first_bad) >= 0:
+      manager.wait_until_finished()
+      saved = manager.latest_step()
+      raise ClmimError(f"Training diverged: the loss was not finite at step {int(first_bad)}; "
+                       f"nothing after it was written (latest checkpoint: "
+                       f"{saved if saved is not None else 'none'}). Lower config.lr or raise "
+                       f"config.warmup_steps.")
+    if log_now:
       metrics = {k: float(v) for k, v in metrics.items()}
-      if not np.isfinite(metrics["loss"]):
-        raise ClmimError(f"Training diverged at step {step + 1}: loss {metrics['loss']}. "
-                         f"Lower config.lr or raise config.warmup_steps.")
       images_per_s = (step + 1 - start_step) * config.batch_size / (time.time() - started)
       record = {"step": step + 1, **metrics, "images_per_s": images_per_s,
                 "elapsed_s": round(earlier_s + time.time() - started, 1)}
       with open(log_path, "a") as f:
         f.write(json.dumps(record) + "\n")
       bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{images_per_s:.0f}")
-    if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.total_steps:
+    if saving:
       manager.save(step + 1, args=ocp.args.StandardSave(train_state))
   manager.wait_until_finished()
   bar.close()
