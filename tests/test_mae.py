@@ -77,7 +77,7 @@ def test_bad_fields_are_named(field, value, message):
     mae.Objective(config)
 
 
-def test_runlocal_trains_exports_and_resumes(tmp_path):
+def test_runlocal_trains_and_exports(tmp_path):  # resuming: the trainer's own tests
   config = pretrain_mae.get_config("runlocal")
   metrics = trainer.train(config, str(tmp_path))
   assert np.isfinite(metrics["loss"]) and metrics["mask_ratio"] == pytest.approx(0.75)
@@ -86,7 +86,3 @@ def test_runlocal_trains_exports_and_resumes(tmp_path):
   assert records[-1]["loss"] < records[0]["loss"]  # it learns, even in six steps
   model = registry.resolve(str(tmp_path / "export"))
   assert model.family == "mim" and model.vit.depth == 2 and model.info["method"] == "mae"
-  config.unlock()
-  config.total_steps = 8
-  trainer.train(config, str(tmp_path))
-  assert [r["step"] for r in trainer.read_metrics(str(tmp_path))] == [2, 4, 6, 8]

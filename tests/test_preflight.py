@@ -182,7 +182,7 @@ def test_reused_analysis_workdir_is_refused_then_replaced(tmp_path, monkeypatch)
   (workdir / "results.json").write_text(json.dumps({"figures": ["old_figure.png"]}))
   (workdir / "old_figure.png").write_bytes(b"png")
   (workdir / "notes.txt").write_text("mine")
-  config = _analysis(**{"data.num_images": 8}, batch_size=8, models="random:mu/4")
+  config = _analysis(**{"data.num_images": 8}, batch_size=8, models="random:mu/4?depth=1")
   _refused(config, workdir, "already holds an analysis run", "--config.overwrite=True")
   config.overwrite = True
   config.progress = False
