@@ -38,14 +38,15 @@ def _official_fourier(z):
 
 
 @pytest.mark.parametrize("g, expected_len", [(7, 4), (8, 4), (14, 7)])
-def test_delta_log_amplitude_reads_what_the_official_diag_reads(g, expected_len):
-  rng = np.random.default_rng(g)
-  mean_log_amp = rng.normal(size=(3, g, g))
-  got = fourier.delta_log_amplitude(mean_log_amp)
-  want = _official_readout(mean_log_amp)
+def test_the_read_out_frequencies_are_what_the_official_diag_reads(g, expected_len):
+  # A spectrum whose entry names its own frequency: F[u, v] = 100 u + v (unshifted).
+  u, v = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
+  named = (100 * u + v)[None].astype(np.float64)
+  read = _official_readout(named)[0] + named[0, 0, 0]  # the frequencies, DC not subtracted
+  k = fourier.diagonal_frequencies(g)
   # 224 px / patch 32 = 7: the odd grid keeps k = g//2, the highest diagonal frequency it has.
-  assert got.shape == want.shape == (3, expected_len)
-  np.testing.assert_array_equal(got, want)
+  assert len(k) == expected_len
+  np.testing.assert_array_equal(read, 100 * k + k)
 
 
 def test_fourier_full_path_odd_grid_matches_float64_reference():

@@ -23,13 +23,15 @@ def _config(**fields):
 
 
 def test_sweep_trains_each_lambda_once_and_plots_the_metrics(tmp_path):
-  summary = main.run(_config(), str(tmp_path))
+  summary = main.run(_config(**{"sweep.num_images": 48}), str(tmp_path))
   assert summary["weights"] == [0.0, 1.0]
   for key in ("nmi", "fourier"):
     assert len(summary[key]) == 2 and np.isfinite(summary[key]).all()
     assert key + "_untrained" in summary
   assert (tmp_path / "sweep.png").exists() and (tmp_path / "analysis" / "results.json").exists()
   assert json.loads((tmp_path / "sweep.json").read_text())["weights"] == [0.0, 1.0]
+  analysed = json.loads((tmp_path / "analysis" / "results.json").read_text())
+  assert {m["num_images"] for m in analysed["models"].values()} == {48}  # config.sweep.num_images
   for weight in ("0", "1"):
     manifest = json.loads((tmp_path / f"lambda_{weight}" / "export" / "manifest.json").read_text())
     assert manifest["config"]["hybrid"]["weight"] == float(weight)
@@ -40,7 +42,7 @@ def test_sweep_trains_each_lambda_once_and_plots_the_metrics(tmp_path):
   assert "loss_cl" in last and "loss_mim" not in last
   # Run again: finished members are not trained again, the analysis is redone.
   records = (tmp_path / "lambda_0" / "metrics.jsonl").read_text()
-  again = main.run(_config(), str(tmp_path))
+  again = main.run(_config(**{"sweep.num_images": 48}), str(tmp_path))
   assert (tmp_path / "lambda_0" / "metrics.jsonl").read_text() == records
   assert again["nmi"] == pytest.approx(summary["nmi"])
 

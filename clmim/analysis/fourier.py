@@ -8,9 +8,8 @@ notebooks' `diag()[int(g/2):]`: g/2 values for even g, g//2 + 1 for odd g); subt
 (DC) value.
 
 Only the read-out frequencies (k, k) reach the result, so only they are computed: the 2-D DFT at
-(k, k) is a projection of the tokens on cos/sin of 2 pi k (x + y) / g (`log_amplitude`), the same
-numbers as the FFT's entries there; `delta_log_amplitude` is the read-out of a full spectrum,
-kept as the definition the tests compare with. The image/channel mean is linear, so devices and
+(k, k) is the 1-D DFT of the tokens summed along their wrapped anti-diagonals (`log_amplitude`),
+the same numbers as the 2-D FFT's entries there. The image/channel mean is linear, so devices and
 batches only accumulate a [states, K] sum and an image count.
 NOTE: each image's map is stored relative to its own DC value (plus a separate DC sum), because
 ΔlogA is a small difference of two large log amplitudes: summing absolute values in float32 and
@@ -46,7 +45,10 @@ _EPS = 1e-6
 
 
 def diagonal_frequencies(g: int) -> np.ndarray:
-  """k = 0 .. g - 1 - g//2: the frequencies (k, k) the read-out keeps (see `delta_log_amplitude`)."""
+  """k = 0 .. g - 1 - g//2: the frequencies (k, k) that the official `roll(F, int(g/2))` then
+  `diag()[int(g/2):]` reads — g/2 of them for even g, g//2 + 1 for odd g (e.g. 4 on the 7 x 7
+  grid of 224 px / patch 32). Counting g//2 instead would drop the highest frequency of an odd
+  grid, whose centre is not the middle of an even split."""
   return np.arange(g - g // 2)
 
 
@@ -95,22 +97,6 @@ def partial_sums(batch: core.Batch, options: dict):
   count = image_count(weights)
   return {"rel_log_amplitude_sum": jnp.stack(rel_sums), "dc_log_amplitude_sum": jnp.stack(dc_sums),
           "count": count}
-
-
-def delta_log_amplitude(mean_log_amp):
-  """[states, g, g] unshifted mean log amplitude -> [states, g - g//2] ΔlogA along the diagonal.
-
-  Reads exactly what the official `roll(F, int(g/2))` then `diag()[int(g/2):]` reads: g/2
-  values for even g, g//2 + 1 for odd g (e.g. 4 values on the 7x7 grid of 224 px / patch 32).
-  """
-  g = mean_log_amp.shape[-1]
-  c = g // 2
-  shifted = np.roll(mean_log_amp, (c, c), axis=(-2, -1))
-  # Every diagonal index from the centre to the end; counting g//2 values instead would drop the
-  # highest frequency on odd grids, where the centre is not the middle of an even split.
-  k = np.arange(g - c)
-  diag = shifted[:, c + k, c + k]
-  return diag - diag[:, :1]
 
 
 def finalize(total_sums, options):

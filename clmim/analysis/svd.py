@@ -22,8 +22,8 @@ Options (config.analysis_options.svd.<option>):
   centre: bool, subtract each image's mean patch token before the spectra (False).
   method: how the singular values are computed ("exact"): "exact" = an SVD of Z (on NVIDIA
     GPUs cuSOLVER's polar-decomposition SVD); "gram" = |Z^T v| for the eigenvectors v of the
-    smaller Gram matrix (Z Z^T or Z^T Z, full float32 matmuls), ~40x faster on a GPU and
-    slightly less accurate (docs/analyses/svd.md, "Speed and accuracy").
+    smaller Gram matrix (Z Z^T or Z^T Z, full float32 matmuls), ~26x faster than "exact" on
+    an H100 and slightly less accurate (docs/analyses/svd.md, "Speed and accuracy").
 """
 import jax
 import jax.numpy as jnp
@@ -158,14 +158,15 @@ def _gram_one(z):
 def singular_values(z, method: str = "exact"):
   """[B, N, D] -> [B, min(N, D)] singular values of each matrix, descending; `method` as the
   option of that name ("exact" or "gram")."""
-  one = _gram_one if method == "gram" else _exact
-  batched = jax.vmap(_gram_one) if method == "gram" else _exact
+  if method == "gram":
+    one, batched, cuda = _gram_one, jax.vmap(_gram_one), jax.vmap(_gram_one)
+  else:
+    one, batched, cuda = _exact, _exact, _exact_polar
   # On CPU, jaxlib's batched decompositions spread the batch over the thread pool that also runs
   # the other (virtual) devices' programs; with several CPU devices stuck in a collective they
   # can wait forever for a free thread. One matrix per call runs inline: same numbers.
-  return jax.lax.platform_dependent(
-      z, cpu=lambda z: jax.lax.map(one, z),
-      cuda=batched if method == "gram" else _exact_polar, default=batched)
+  return jax.lax.platform_dependent(z, cpu=lambda z: jax.lax.map(one, z), cuda=cuda,
+                                    default=batched)
 
 
 def spectrum(z, centre: bool = False, method: str = "exact"):

@@ -60,8 +60,7 @@ def member_config(config, weight: float):
 
 def analysis_config(config, exports: list[str]):
   """The analysis run over the exports (and an untrained copy of their architecture)."""
-  arg = "runlocal" if config.sweep.num_images < 512 else "demo"
-  analysis = config_lib.analysis_base(arg, name="sweep", analyses=config.sweep.analyses,
+  analysis = config_lib.analysis_base("demo", name="sweep", analyses=config.sweep.analyses,
                                       num_images=config.sweep.num_images)
   analysis.models = ",".join(exports + [f"random:{exports[0]}"])
   analysis.include_untrained = False
@@ -114,7 +113,7 @@ def run(config, workdir: str, invocation: dict | None = None) -> dict:
   if config.get("objective") != "hybrid" or "sweep" not in config:
     raise ClmimError(f"config.mode='sweep' needs configs/pretrain_hybrid.py (its hybrid.weight is "
                      f"what is swept); this config's objective is {config.get('objective')!r}.")
-  preflight.check_workdir(workdir)
+  preflight.check_run(config, workdir, jax.device_count())  # each λ's folder: below
   lambdas = weights(config)
   preflight.check_int(config, "sweep.num_images", 1)
   preflight.check_int(config, "sweep.num_train_images", 1)

@@ -1,4 +1,5 @@
-"""Pieces every objective shares: building the encoder from a config and normalising inputs."""
+"""Pieces the objectives share: building the encoder from a config, normalising inputs, and the
+plumbing of objectives with one encoder and no extra state."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -37,3 +38,21 @@ def normalise(images, data_cfg):
   """[0, 1] images -> (x - mean) / std."""
   mean, std = mean_std(data_cfg)
   return (images - jnp.asarray(mean)) / jnp.asarray(std)
+
+
+class SingleEncoderObjective:
+  """What an objective whose params are {"encoder", its heads} and that keeps no extra state
+  shares (SimMIM, MAE): nothing frozen, no state update, the encoder under "encoder"."""
+
+  def frozen(self, path: str) -> bool:
+    return False
+
+  def after_update(self, params, state, step):
+    return state
+
+  def encoder_params(self, params, state):
+    return params["encoder"]
+
+  def with_encoder(self, params, state, encoder):
+    """(params, state) with `encoder` as the encoder (config.init_encoder); heads stay new."""
+    return {**params, "encoder": encoder}, state

@@ -40,9 +40,8 @@ class Objective:
 
   def init(self, rng, images):
     k_moco, k_head = jax.random.split(rng)
-    params, state = self.moco.init(k_moco, images[:, 0] if images.ndim == 5 else images)
-    tokens = self.encoder.apply({"params": params["online"]["encoder"]},
-                                images[:, 0] if images.ndim == 5 else images)
+    params, state = self.moco.init(k_moco, images)
+    tokens = self.encoder.apply({"params": params["online"]["encoder"]}, images)
     params["head"] = self.head.init(k_head, tokens[:, 1:])["params"]
     return params, state
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from clmim.data.augment import crop_flip_view
 from clmim.errors import ClmimError
 from clmim.models.heads import MaeDecoder, patchify
-from clmim.train.common import build_encoder, normalise
+from clmim.train.common import SingleEncoderObjective, build_encoder, normalise
 
 
 def random_keep(rng, batch: int, tokens: int, ratio: float):
@@ -56,7 +56,7 @@ def masked_mse(prediction, target, mask):
   return (per_patch * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
-class Objective:
+class Objective(SingleEncoderObjective):
   """MAE; see the module docstring. `config.mae` holds the objective's fields."""
 
   def __init__(self, config):
@@ -83,9 +83,6 @@ class Objective:
     decoder = self.decoder.init(k_dec, tokens)["params"]
     return {"encoder": encoder, "decoder": decoder}, {}
 
-  def frozen(self, path: str) -> bool:
-    return False
-
   def loss(self, params, state, images, rng, step):
     cfg = self.config.mae
     k_view, k_mask, k_drop = jax.random.split(rng, 3)
@@ -99,14 +96,3 @@ class Objective:
     target = pixel_targets(images, self.encoder.patch_size, cfg.norm_pix_loss)
     loss = masked_mse(prediction, target, mask)
     return loss, (state, {"loss": loss, "mask_ratio": mask.mean()})
-
-  def after_update(self, params, state, step):
-    return state
-
-  def encoder_params(self, params, state):
-    return params["encoder"]
-
-  def with_encoder(self, params, state, encoder):
-    """(params, state) with `encoder` as the encoder (config.init_encoder); the decoder stays
-    new."""
-    return {**params, "encoder": encoder}, state

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from clmim.data.augment import crop_flip_view
 from clmim.errors import ClmimError
 from clmim.models.heads import PixelHead, patchify
-from clmim.train.common import build_encoder, normalise
+from clmim.train.common import SingleEncoderObjective, build_encoder, normalise
 
 
 def block_masks(rng, batch: int, grid: int, mask_patch: int, ratio: float):
@@ -55,7 +55,7 @@ def check_mask_patch(encoder, mask_patch: int) -> None:
                      f"{patch * max(1, min(2, grid))}).")
 
 
-class Objective:
+class Objective(SingleEncoderObjective):
   """SimMIM; see the module docstring. `config.simmim` holds the objective's fields."""
 
   def __init__(self, config):
@@ -71,20 +71,7 @@ class Objective:
     head = self.head.init(k_head, tokens[:, 1:])["params"]
     return {"encoder": encoder, "head": head}, {}
 
-  def frozen(self, path: str) -> bool:
-    return False
-
   def loss(self, params, state, images, rng, step):
     loss, mask_ratio = reconstruction_loss(self.encoder, self.head, params["encoder"],
                                            params["head"], images, rng, self.config)
     return loss, (state, {"loss": loss, "mask_ratio": mask_ratio})
-
-  def after_update(self, params, state, step):
-    return state
-
-  def encoder_params(self, params, state):
-    return params["encoder"]
-
-  def with_encoder(self, params, state, encoder):
-    """(params, state) with `encoder` as the encoder (config.init_encoder); the head stays new."""
-    return {**params, "encoder": encoder}, state

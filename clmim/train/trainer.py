@@ -57,13 +57,21 @@ def make_optimizer(config, params, objective):
   return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels), schedule
 
 
+def objectives() -> list[str]:
+  """The objectives clmim can train: the modules of clmim/train/ that define an Objective."""
+  folder = os.path.dirname(os.path.abspath(__file__))
+  names = [f[:-3] for f in sorted(os.listdir(folder)) if f.endswith(".py")]
+  return [n for n in names
+          if "\nclass Objective" in open(os.path.join(folder, f"{n}.py")).read()]
+
+
 def load_objective(config):
   """The `Objective` of clmim/train/<config.objective>.py."""
   try:
     module = importlib.import_module(f"clmim.train.{config.objective}")
   except ModuleNotFoundError as e:
     raise ClmimError(f"config.objective={config.objective!r}: no module clmim/train/"
-                     f"{config.objective}.py (expected 'moco_v3', 'simmim', 'mae' or 'hybrid').") from e
+                     f"{config.objective}.py (expected one of {', '.join(objectives())}).") from e
   return module.Objective(config)
 
 
@@ -187,7 +195,7 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
   start_step = int(train_state["step"])
 
   # --- Update step ------------------------------------------------------------------------
-  def update(train_state, images, step_rng):
+  def update(train_state, first_bad, images, step_rng):
     step = train_state["step"]
     grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
     (_, (state, metrics)), grads = grad_fn(train_state["params"], train_state["state"],
@@ -196,16 +204,16 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
     params = optax.apply_updates(train_state["params"], updates)
     state = objective.after_update(params, state, step)
     metrics = {**metrics, "lr": schedule(step), "grad_norm": optax.tree.norm(grads)}
-    return {"params": params, "state": state, "opt_state": opt_state, "step": step + 1}, metrics
+    first_bad = jnp.where((first_bad < 0) & ~jnp.isfinite(metrics["loss"]), step + 1, first_bad)
+    return ({"params": params, "state": state, "opt_state": opt_state, "step": step + 1},
+            first_bad, metrics)
 
-  update = jax.jit(update, in_shardings=(replicated, batch_sharding, replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=(0,))
-  # The first step whose loss was not finite (-1: none), kept on the device so that no step
-  # waits for it; read before every log record and every checkpoint, so nothing written after a
-  # divergence holds its parameters.
+  update = jax.jit(update, in_shardings=(replicated, replicated, batch_sharding, replicated),
+                   out_shardings=(replicated, replicated, replicated), donate_argnums=(0,))
+  # The first step whose loss was not finite (-1: none), carried by the step on the device so
+  # that no step waits for it; read before every log record and every checkpoint, so nothing
+  # written after a divergence holds its parameters.
   first_bad = jax.device_put(jnp.asarray(-1, jnp.int32), replicated)
-  track = jax.jit(lambda first, loss, step: jnp.where((first < 0) & ~jnp.isfinite(loss),
-                                                      step, first))
 
   # --- Loop -------------------------------------------------------------------------------
   log_path = os.path.join(workdir, "metrics.jsonl")
@@ -229,8 +237,8 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
     images = np.stack([batch["image"], batch["second"]], axis=1) if second_view else \
         batch["image"]
     images = jax.device_put(images, batch_sharding)
-    train_state, metrics = update(train_state, images, jax.random.fold_in(rng, step))
-    first_bad = track(first_bad, metrics["loss"], step + 1)
+    train_state, first_bad, metrics = update(train_state, first_bad, images,
+                                             jax.random.fold_in(rng, step))
     log_now = (step + 1) % config.log_every == 0 or step + 1 == config.total_steps
     saving = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.total_steps
     if (log_now or saving) and int(first_bad) >= 0:
