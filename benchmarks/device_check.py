@@ -243,11 +243,12 @@ class ImageCache:
 class StepCheck:
   """One dtype's Analyzer at one batch: compiled by a first `run`, then timed."""
 
-  def __init__(self, model, modules, params, mesh, device_batch, images: ImageCache):
+  def __init__(self, model, modules, params, mesh, device_batch, images: ImageCache,
+               options=None):
     self.model, self.params, self.mesh = model, params, mesh
     self.analyzer = runner.Analyzer(functools.partial(vit_lib.forward_with_states, model),
                                     modules, model.patch_size, mesh=mesh,
-                                    device_batch_size=device_batch)
+                                    device_batch_size=device_batch, options=options)
     self.images = images.first(self.analyzer.local_batch_size)
 
   def compile_and_run(self) -> dict:
@@ -363,7 +364,7 @@ def search_batch(args, model, modules, params, mesh, images, budget, reserve_par
       stopped = "time budget"
       break
     start = time.perf_counter()
-    check = StepCheck(model, modules, params, mesh, device_batch, images)
+    check = StepCheck(model, modules, params, mesh, device_batch, images, args.analysis_options)
     try:
       results = check.compile_and_run()
       step = check.time_step(args.repeats, 0.05 * max(budget.left(), 0.0))
@@ -433,7 +434,13 @@ def main():
                       help="target wall time of the whole script (s)")
   parser.add_argument("--matmul_precision", default="",
                       help="jax_default_matmul_precision, e.g. 'highest'; '' = backend default")
+  parser.add_argument("--options", default="{}",
+                      help='analysis options as JSON, e.g. \'{"svd": {"method": "gram"}}\'')
   args = parser.parse_args()
+  try:
+    args.analysis_options = json.loads(args.options)
+  except json.JSONDecodeError as e:
+    parser.error(f"--options: expected a JSON object, got {args.options!r} ({e})")
   dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
   if not dtypes or any(d not in vit_lib.DTYPES for d in dtypes) or len(set(dtypes)) < len(dtypes):
     parser.error(f"--dtypes: expected distinct names from {vit_lib.DTYPES}, got {args.dtypes!r}")
@@ -468,7 +475,8 @@ def main():
   start = time.perf_counter()
   first_model = model.clone(dtype=first)
   if args.batch > 0:
-    checks[first] = StepCheck(first_model, modules, params, mesh, args.batch, images)
+    checks[first] = StepCheck(first_model, modules, params, mesh, args.batch, images,
+                              args.analysis_options)
     results[first] = checks[first].compile_and_run()
     step = None
     batch = {"mode": "given"}
@@ -484,7 +492,7 @@ def main():
   for i, dtype in enumerate(dtypes[1:], start=1):
     start = time.perf_counter()
     checks[dtype] = StepCheck(model.clone(dtype=dtype), modules, params, mesh, device_batch,
-                              images)
+                              images, args.analysis_options)
     results[dtype] = checks[dtype].compile_and_run()  # the same images as the first dtype
     per_dtype[dtype] = measure_dtype(args, checks[dtype], None, budget, len(dtypes) - i)
     parts[dtype] = time.perf_counter() - start
@@ -519,6 +527,7 @@ def main():
       "device": str(devices[0].device_kind), "backend": jax.default_backend(),
       "device_count": len(devices),
       "matmul_precision": getattr(jax.config, "jax_default_matmul_precision", None),
+      "analysis_options": args.analysis_options,
       "jax": jax.__version__, "flax": flax.__version__, "python": platform.python_version(),
       "machine": platform.machine(), "cpu_count": os.cpu_count(),
       "load_average": [[round(x, 2) for x in load_before],

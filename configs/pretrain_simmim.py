@@ -22,6 +22,7 @@ def get_config(arg: str = "demo"):
   config.lr = 1e-3
   config.weight_decay = 0.05
   config.total_steps = 10000
+  config.checkpoint_every = 500  # 20 checkpoints: all of them within keep_checkpoints (30)
   config.simmim = dict(
       mask_patch=8,            # mask block side in pixels (32 at 224 px; here 2x2 tokens)
       mask_ratio=0.6,          # fraction of blocks masked

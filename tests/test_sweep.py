@@ -85,3 +85,17 @@ def test_summarise_known_answers():
   assert out["fourier"] == pytest.approx([-4.0, -1.0])  # stage 2 of blocks 1-2, last entry
   assert out["nmi_untrained"] == 0.0 and out["fourier_untrained"] == -3.0
   assert "probe_texture_mean_tokens" not in out
+  assert "probe_evaluation_images" not in out  # no probing details given
+
+
+def test_summary_records_the_probes_test_set_size():
+  details = {"targets": {"shape": {"evaluation_images": 64}}}
+  results = {"models": {"a": {"probe_shape_mean_tokens": [0.5], "probing_details": details},
+                        "b": {"probe_shape_mean_tokens": [0.7], "probing_details": details}}}
+  out = sweep.summarise(results, {0.0: "a", 1.0: "b"})
+  assert out["probe_evaluation_images"] == 64
+  assert sweep.figure(out).axes[0].containers  # the probe panel has error bars
+
+
+def test_probe_standard_errors_known_answers():
+  assert sweep.probe_standard_errors([0.5, 0.9, 1.0], 100) == pytest.approx([0.05, 0.03, 0.0])

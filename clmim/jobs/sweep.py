@@ -84,6 +84,9 @@ def summarise(results: dict, names: dict) -> dict:
   results; `names` maps each λ to its model's name there."""
   out = {"weights": sorted(names)}
   untrained = [n for n in results["models"] if n not in names.values()]
+  details = [m["probing_details"] for m in results["models"].values() if "probing_details" in m]
+  if details:  # the probes' test-set size: their binomial standard errors in the figure
+    out["probe_evaluation_images"] = int(details[0]["targets"]["shape"]["evaluation_images"])
   for analysis, key, _, how in SUMMARIES:
     per_model = {n: m[key] for n, m in results["models"].items() if key in m}
     if not per_model:
@@ -94,12 +97,22 @@ def summarise(results: dict, names: dict) -> dict:
   return out
 
 
+def probe_standard_errors(accuracies, num_images: int) -> np.ndarray:
+  """Binomial standard error sqrt(p (1 - p) / n) of accuracies measured on n test images."""
+  p = np.asarray(accuracies, np.float64)
+  return np.sqrt(p * (1 - p) / num_images)
+
+
 def figure(summary: dict) -> Figure:
-  """One panel per summary against λ; the untrained copy as a dashed line."""
+  """One panel per summary against λ; the untrained copy as a dashed line; probe accuracies
+  with ±1 binomial standard error (differences inside the bars are noise of the test set)."""
   keys = [(k, label) for _, k, label, _ in SUMMARIES if k in summary]
   fig = Figure(figsize=(3.6 * len(keys), 3.2), layout="constrained")
   for ax, (key, label) in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
-    ax.plot(summary["weights"], summary[key], marker="o", color="tab:purple")
+    n = summary.get("probe_evaluation_images") if key.startswith("probe_") else None
+    errors = probe_standard_errors(summary[key], n) if n else None
+    ax.errorbar(summary["weights"], summary[key], yerr=errors, marker="o", capsize=3,
+                color="tab:purple")
     if key + "_untrained" in summary:
       ax.axhline(summary[key + "_untrained"], ls="--", color="grey", label="untrained")
       ax.legend(fontsize=8)
