@@ -197,3 +197,25 @@ def test_compile_time_is_counted_once(params, data):
   first = analyzer.compile_seconds
   analyzer.run(params, [data[20:40]], progress=False)
   assert analyzer.compilations == 1 and first > 0 and analyzer.compile_seconds == first
+
+
+def test_running_sums_on_the_device_add_like_float64(monkeypatch):
+  # 1 + 2000 x 1e-8: float32 alone stays at 1.0; the host's float64 is exact to round-off, the
+  # devices' compensated pairs to ~1e-10 (their compensation term is itself float32).
+  steps = [{"a": jnp.ones(3, jnp.float32), "b": jnp.float32(1.0)}] + \
+      [{"a": jnp.full(3, 1e-8, jnp.float32), "b": jnp.float32(1e-8)}] * 2000
+  for threshold, on_device, rtol in ((2, True, 1e-9), (10**9, False, 1e-14)):
+    monkeypatch.setattr(runner, "DEVICE_SUM_MIN_SIZE", threshold)
+    sums = runner.RunningSums()
+    assert sums.result() is None
+    for step in steps:
+      sums.add(step)
+    total = sums.result()
+    assert sums._large == [on_device, False]  # the scalar is below both thresholds
+    np.testing.assert_allclose(total["a"], 1 + 2000 * np.float64(np.float32(1e-8)), rtol=rtol)
+    assert total["a"].dtype == np.float64
+
+
+def test_sums_kept_on_the_device_change_nothing(monkeypatch, analyzer8, reference, params, data):
+  monkeypatch.setattr(runner, "DEVICE_SUM_MIN_SIZE", 1)  # every sum on the device
+  _assert_same(analyzer8.run(params, _batched(data, 16), progress=False), reference)
