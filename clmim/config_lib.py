@@ -76,10 +76,19 @@ def pretrain_base(arg: str, name: str, objective: str, family: str,
   config.compilation_cache = COMPILATION_CACHE  # folder of JAX's persistent compilation cache:
                                     #   a later run reuses the compiled steps ("" = off)
   config.data = ml_collections.ConfigDict(dict(
-      # Procedural shapes x textures (clmim/data/synthetic.py), the only training source so far.
+      # What trains (clmim/data/train_data.py): "synthetic" = procedural shapes x textures
+      # (clmim/data/synthetic.py), "image_folder" = data.path, "tfds" = data.tfds_name; each
+      # process loads only its devices' rows of every step's batch.
+      source="synthetic",
+      path="",                      # image_folder: root with one sub-folder of images per class
+      tfds_name="",                 # tfds: dataset name, e.g. "imagenet2012" (array_record)
+      tfds_split="train",           # tfds: the split that trains
+      data_dir="",                  # tfds: folder of prepared datasets ("" = TFDS's default)
+      read_threads=8,               # image_folder / tfds: grain decoding threads (results do
+                                    #   not depend on it)
       image_size=32,                # pixels, for the data and the model alike
       num_train_images=50000,       # size of the procedural training split (then it repeats)
-      seed=0,                       # dataset seed
+      seed=0,                       # dataset seed (procedural images; real data's shuffle)
       version=3,                    # generator version (clmim/data/synthetic.py VERSIONS):
                                     #   1 exact shapes, 2 per-instance outlines, 3 outlines
                                     #   and a dark + a light texture colour (the demo models')

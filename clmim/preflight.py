@@ -26,10 +26,12 @@ IDENTITY_FIELDS = ("objective", "seed", "init_encoder", "batch_size", "model", "
                    "simmim", "mae", "hybrid", "augment")
 # Fields inside those sections that say how a run is carried out, not what it computes: a run
 # may be resumed (exported, snapshotted) with other values.
-HOW_NOT_WHAT = ("data.render_workers",)
+HOW_NOT_WHAT = ("data.render_workers", "data.read_threads")
 # Fields added after runs were recorded without them, with the value that reproduces what those
 # runs did: a record that lacks one is compared as if it held this value.
-ADDED_LATER = {"data.version": 1, "augment.second_view_ramp": [0, 0], "init_encoder": ""}
+ADDED_LATER = {"data.version": 1, "augment.second_view_ramp": [0, 0], "init_encoder": "",
+               "data.source": "synthetic", "data.path": "", "data.tfds_name": "",
+               "data.tfds_split": "train", "data.data_dir": "", "data.read_threads": 8}
 
 
 def config_kind(config) -> str:
@@ -145,6 +147,8 @@ def check_fields(config, mode: str, devices: int) -> None:
   path_pattern(config, "no_weight_decay")
   path_pattern(config, "freeze")
   check_second_view(config)
+  from clmim.data.train_data import check_source  # numpy only: cheap
+  check_source(config.data, str(config.get("augment", {}).get("second_view", "")))
 
 
 def path_pattern(config, field: str):

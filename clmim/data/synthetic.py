@@ -418,8 +418,12 @@ def second_view_share(step: int, ramp: Sequence[int]) -> float:
 
 def training_stream(dataset: ShapesTextures, batch_size: int, start_step: int = 0,
                     prefetch: int = 2, second_view: str = "", workers: int = 1,
-                    ramp: Sequence[int] = (0, 0)) -> Iterator[dict]:
+                    ramp: Sequence[int] = (0, 0),
+                    rows: Optional[Sequence[int]] = None) -> Iterator[dict]:
   """Endless batches for step start_step, start_step+1, ... (resumable: depends only on step).
+
+  `rows` (lo, hi) renders only those rows of each global batch of `batch_size` (one process's
+  share; clmim/data/train_data.py), identical to the same rows of the whole batch.
 
   With `second_view`, each batch also holds "second" [b, S, S, 3], a second rendering of each
   image for a contrastive objective's other view, chosen by (step, position):
@@ -456,7 +460,8 @@ def training_stream(dataset: ShapesTextures, batch_size: int, start_step: int = 
     prefetch = max(prefetch, 2 * workers)
   with pool:
     step = start_step
-    render = lambda s: pool.submit(_step_batch, dataset, batch_size, s, second_view, ramp)
+    render = lambda s: pool.submit(_step_batch, dataset, batch_size, s, second_view, ramp,
+                                   tuple(rows) if rows is not None else (0, batch_size))
     pending = [render(s) for s in range(step, step + prefetch)]
     while True:
       batch = pending.pop(0).result()
@@ -472,20 +477,22 @@ def background_donor(index: int, step: int, size: int) -> int:
 
 
 def _step_batch(dataset: ShapesTextures, batch_size: int, step: int,
-                second_view: str = "", ramp: Sequence[int] = (0, 0)) -> dict:
+                second_view: str = "", ramp: Sequence[int] = (0, 0),
+                rows: Sequence[int] = (0, -1)) -> dict:
+  lo, hi = rows[0], rows[1] if rows[1] >= 0 else batch_size
   start = step * batch_size
-  batch = dataset.batch(range(start, start + batch_size))
+  batch = dataset.batch(range(start + lo, start + hi))
   size = len(dataset)
-  indices = [i % size for i in range(start, start + batch_size)]
+  indices = [i % size for i in range(start + lo, start + hi)]
   kind, factors = parse_second_view(second_view)
   if not kind:
     return batch
   share = second_view_share(step, ramp)
   if share >= 1.0:
-    chosen = np.ones(batch_size, bool)
+    chosen = np.ones(hi - lo, bool)
   else:  # the ramp: the other pairs keep the image itself as their second view
     chosen = np.random.default_rng([dataset.seed, SPLITS[dataset.split], _RAMP, step]
-                                   ).random(batch_size) < share
+                                   ).random(batch_size)[lo:hi] < share
   batch["second"] = batch["image"].copy()
   for position in np.flatnonzero(chosen):
     i = indices[position]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -21,6 +23,7 @@ from tqdm import tqdm
 
 from clmim import preflight
 from clmim.atomic import write_json_atomic
+from clmim.data import train_data
 from clmim.data.synthetic import ShapesTextures, training_stream
 from clmim.errors import ClmimError
 from clmim.checkpoints import native as export
@@ -153,13 +156,46 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+class PreemptionNotice:
+  """Notes a SIGTERM (a scheduler's or a cloud's preemption notice) instead of dying at once,
+  so the loop can save a checkpoint first; `close` restores the previous handler."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():  # signals reach the main thread
+      self._previous = signal.signal(signal.SIGTERM, self._note)
+
+  def _note(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def agreed(self, log_step: bool) -> bool:
+    """Whether to save and stop after this step. One process: as soon as the notice came.
+    Several: at a log step, if any process got it — every process must save the same step."""
+    if jax.process_count() == 1:
+      return self.requested
+    if not log_step:
+      return False
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
 def train(config, workdir: str, invocation: dict | None = None) -> dict:
   """Pretrains per `config` (see configs/pretrain_*.py), resuming from `workdir` if possible.
 
   Writes the config to workdir/config.json (a later run with another model, objective or data
   refuses to resume), orbax checkpoints to workdir/checkpoints, a metrics log
   workdir/metrics.jsonl and, at the end, the encoder as an exported checkpoint
-  (workdir/export/) with its manifest. Returns the final metrics.
+  (workdir/export/) with its manifest — the files by process 0 alone, the checkpoints by every
+  process. Each process loads only its rows of every step (clmim/data/train_data.py), so a
+  resumed run reads what the uninterrupted one would have. SIGTERM saves the current step and
+  stops (one ClmimError line). Returns the final metrics.
   """
   preflight.check_run(config, workdir, jax.device_count())
   # --- Objective ------------------------------------------------------------------------
@@ -173,10 +209,15 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
   batch_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
 
-  # --- Input pipeline ---------------------------------------------------------------------
+  # --- Input pipeline: this process's rows of every step (clmim/data/train_data.py) --------
   data_cfg = config.data
-  dataset = ShapesTextures(data_cfg.image_size, "train", data_cfg.num_train_images,
-                           data_cfg.seed, version=data_cfg.version)
+  rows = train_data.local_rows(config.batch_size, jax.process_index(), jax.process_count())
+  if data_cfg.get("source", "synthetic") == "synthetic":
+    dataset = ShapesTextures(data_cfg.image_size, "train", data_cfg.num_train_images,
+                             data_cfg.seed, version=data_cfg.version)
+  else:  # opened (listed, indexed) now: a missing folder fails before anything compiles
+    dataset = train_data.open_images(data_cfg)
+  writer = jax.process_index() == 0  # logs, the config record and the export: process 0 only
 
   # --- Parameters, optimizer, checkpoint --------------------------------------------------
   rng = jax.random.PRNGKey(config.seed)
@@ -190,7 +231,8 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
     train_state = restore(manager, manager.latest_step(), train_state, workdir)
     print(f"Resumed from step {manager.latest_step()} in {workdir}/checkpoints")
   # Recorded once the checkpoints are known to fit: a refused resume must not relabel the run.
-  write_json_atomic(os.path.join(workdir, preflight.CONFIG_RECORD), config.to_dict())
+  if writer:
+    write_json_atomic(os.path.join(workdir, preflight.CONFIG_RECORD), config.to_dict())
   train_state = jax.device_put(train_state, replicated)
   start_step = int(train_state["step"])
 
@@ -218,55 +260,76 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
   # --- Loop -------------------------------------------------------------------------------
   log_path = os.path.join(workdir, "metrics.jsonl")
   kept = [r for r in read_metrics(workdir) if r["step"] <= start_step]
-  with open(log_path, "w") as f:  # drop records past the checkpoint we resume from
-    f.writelines(json.dumps(r) + "\n" for r in kept)
+  if writer:
+    with open(log_path, "w") as f:  # drop records past the checkpoint we resume from
+      f.writelines(json.dumps(r) + "\n" for r in kept)
   augment = config.get("augment", {})
   second_view = str(augment.get("second_view", ""))
-  stream = training_stream(dataset, config.batch_size, start_step, second_view=second_view,
-                           workers=data_cfg.render_workers,
-                           ramp=tuple(augment.get("second_view_ramp", (0, 0))))
+  if isinstance(dataset, ShapesTextures):
+    stream = training_stream(dataset, config.batch_size, start_step, second_view=second_view,
+                             workers=data_cfg.render_workers, rows=rows,
+                             ramp=tuple(augment.get("second_view_ramp", (0, 0))))
+  else:
+    stream = train_data.real_batches(dataset, config.batch_size, start_step, rows,
+                                     data_cfg.seed, data_cfg.read_threads)
   metrics, started = {}, time.time()
   # Wall time of earlier sessions of this run, so a resumed run reports its total cost.
   earlier_s = kept[-1].get("elapsed_s", 0.0) if kept else 0.0
   bar = tqdm(range(start_step, config.total_steps), initial=start_step, total=config.total_steps,
-             desc=f"pretrain {config.objective}", unit="step", dynamic_ncols=True)
-  for step in bar:
-    batch = next(stream)
-    # With a second view each image comes as a pair [b, 2, S, S, 3]: view 0 the image, view 1
-    # its second rendering (augment.second_view); the objective augments one view of each.
-    images = np.stack([batch["image"], batch["second"]], axis=1) if second_view else \
-        batch["image"]
-    images = jax.device_put(images, batch_sharding)
-    train_state, first_bad, metrics = update(train_state, first_bad, images,
-                                             jax.random.fold_in(rng, step))
-    log_now = (step + 1) % config.log_every == 0 or step + 1 == config.total_steps
-    saving = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.total_steps
-    if (log_now or saving) and int(first_bad) >= 0:
-      manager.wait_until_finished()
-      saved = manager.latest_step()
-      raise ClmimError(f"Training diverged: the loss was not finite at step {int(first_bad)}; "
-                       f"nothing after it was written (latest checkpoint: "
-                       f"{saved if saved is not None else 'none'}). Lower config.lr or raise "
-                       f"config.warmup_steps.")
-    if log_now:
-      metrics = {k: float(v) for k, v in metrics.items()}
-      images_per_s = (step + 1 - start_step) * config.batch_size / (time.time() - started)
-      record = {"step": step + 1, **metrics, "images_per_s": images_per_s,
-                "elapsed_s": round(earlier_s + time.time() - started, 1)}
-      with open(log_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-      bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{images_per_s:.0f}")
-    if saving:
-      manager.save(step + 1, args=ocp.args.StandardSave(train_state))
-  manager.wait_until_finished()
-  bar.close()
+             desc=f"pretrain {config.objective}", unit="step", dynamic_ncols=True,
+             disable=not writer)
+  preemption = PreemptionNotice()
+  try:
+    for step in bar:
+      batch = next(stream)
+      # With a second view each image comes as a pair [b, 2, S, S, 3]: view 0 the image, view 1
+      # its second rendering (augment.second_view); the objective augments one view of each.
+      images = np.stack([batch["image"], batch["second"]], axis=1) if second_view else \
+          batch["image"]
+      # This process's rows; the random views and masks are drawn inside the step for the
+      # global batch from (seed, step), so any number of processes trains the same run.
+      images = jax.make_array_from_process_local_data(batch_sharding, images)
+      train_state, first_bad, metrics = update(train_state, first_bad, images,
+                                               jax.random.fold_in(rng, step))
+      log_now = (step + 1) % config.log_every == 0 or step + 1 == config.total_steps
+      stopping = preemption.agreed(log_now)
+      saving = stopping or (step + 1) % config.checkpoint_every == 0 \
+          or step + 1 == config.total_steps
+      if (log_now or saving) and int(first_bad) >= 0:
+        manager.wait_until_finished()
+        saved = manager.latest_step()
+        raise ClmimError(f"Training diverged: the loss was not finite at step "
+                         f"{int(first_bad)}; nothing after it was written (latest checkpoint: "
+                         f"{saved if saved is not None else 'none'}). Lower config.lr or raise "
+                         f"config.warmup_steps.")
+      if log_now:
+        metrics = {k: float(v) for k, v in metrics.items()}
+        images_per_s = (step + 1 - start_step) * config.batch_size / (time.time() - started)
+        record = {"step": step + 1, **metrics, "images_per_s": images_per_s,
+                  "elapsed_s": round(earlier_s + time.time() - started, 1)}
+        if writer:
+          with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{images_per_s:.0f}")
+      if saving:
+        manager.save(step + 1, args=ocp.args.StandardSave(train_state))
+      if stopping:
+        manager.wait_until_finished()
+        raise ClmimError(f"Stopped by SIGTERM after step {step + 1}: checkpoint saved in "
+                         f"{workdir}/checkpoints; run the same command again to resume.")
+    manager.wait_until_finished()
+  finally:
+    preemption.close()
+    bar.close()
 
   final = {k: float(v) for k, v in metrics.items()} if metrics else {}
   encoder = objective.encoder_params(train_state["params"], train_state["state"])
   elapsed = (read_metrics(workdir) or [{}])[-1].get("elapsed_s")
-  out = export.save(os.path.join(workdir, "export"), config, jax.device_get(encoder),
-                    vit_fields(objective.encoder), steps=int(train_state["step"]),
-                    final_loss=final.get("loss"), invocation=invocation,
-                    extra={"training_time_s": elapsed})
-  print(f"Exported encoder to {out}")
+  encoder = jax.device_get(encoder)
+  if writer:
+    out = export.save(os.path.join(workdir, "export"), config, encoder,
+                      vit_fields(objective.encoder), steps=int(train_state["step"]),
+                      final_loss=final.get("loss"), invocation=invocation,
+                      extra={"training_time_s": elapsed})
+    print(f"Exported encoder to {out}")
   return final
