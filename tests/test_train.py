@@ -70,7 +70,6 @@ def test_runlocal_trains_resumes_and_exports(tmp_path, config_module, capsys, mo
   # Resume: two more steps continue from the last checkpoint instead of starting over.
   config.unlock()
   config.total_steps = 8
-  config.data.render_workers = 2  # how the batches are rendered, not what: resumable
   trainer.train(config, str(tmp_path))
   assert "Resumed from step 6" in capsys.readouterr().out
   assert [r["step"] for r in trainer.read_metrics(str(tmp_path))][-1] == 8
