@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # benchmarks/ as a namespace package
@@ -118,3 +119,22 @@ def test_linear_fit_known_answers():
   assert np.isclose(fit["a_s"], 0.5) and np.isclose(fit["b_s_per_image"], 0.1)
   assert fit["r2"] == 1.0 and np.isclose(fit["images_per_s"], 10.0)
   assert linear_fit([10, 20, 40], [1.0, 3.0, 4.0])["r2"] < 1
+
+
+def test_train_step_times_each_objective_after_warm_up():
+  # In this process: runlocal SimMIM's update step is the one test_train.py compiles (the
+  # session's cache serves it), and the report is main()'s return value.
+  import contextlib
+  import io
+  from benchmarks import train_step
+  with contextlib.redirect_stdout(io.StringIO()) as out:
+    report = train_step.main(["--variant", "runlocal", "--objectives", "simmim", "--steps", "6",
+                              "--warmup", "2"])
+  assert json.loads(out.getvalue()) == report
+  simmim = report["objectives"]["simmim"]
+  assert simmim["steps"] == 6 and simmim["batch"] == 16 and simmim["steps_per_s"] > 0
+  assert simmim["images_per_s"] == pytest.approx(16 * simmim["steps_per_s"], rel=1e-3)
+  records = [{"step": s, "elapsed_s": 0.5 * s} for s in range(1, 7)]
+  assert train_step.steady_rate(records, 2) == pytest.approx(2.0)
+  with pytest.raises(ValueError, match="too few steps"):
+    train_step.steady_rate(records[:2], 2)
