@@ -13,7 +13,8 @@ step and the final checkpoint and export are not in it.
 
 Configs: configs/pretrain_<objective>.py with --variant (MoCo v3's "demo" is its first stage,
 demo_stage1, which needs no earlier export). --model / --size / --batch override the model
-variant, the image size and the global batch (e.g. ViT-B/16 at 224 px).
+variant, the image size and the global batch (e.g. ViT-B/16 at 224 px; SimMIM's and the
+hybrid's mask blocks become 2x2 patches, 32 px at patch 16, as in the official recipe).
 
 Prints one JSON object: per objective {config, model, image_size, batch, steps, warmup,
 steps_per_s, images_per_s, seconds_per_step, final_loss, total_seconds}; backend, device,
@@ -58,6 +59,8 @@ def config_for(objective: str, variant: str, steps: int, model: str = "", size: 
     config.model.variant = model
     for field in ("width", "depth", "num_heads", "mlp_dim", "patch_size"):
       config.model[field] = None  # the variant's values, not the demo's overrides
+    if "simmim" in config:  # mask blocks of 2x2 patches, as the demo's (32 px at patch 16)
+      config.simmim.mask_patch = 2 * int(model.split("/")[1])
   if size:
     config.data.image_size = size
   if batch:
