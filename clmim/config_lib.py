@@ -69,6 +69,8 @@ def pretrain_base(arg: str, name: str, objective: str, family: str,
   config.beta2 = 0.95               # AdamW second-moment decay
   config.grad_clip = 3.0            # global-norm gradient clipping (0 = off)
   config.log_every = 25             # steps between metrics.jsonl records
+  config.tensorboard = True         # also write them as TensorBoard scalars to
+                                    #   workdir/tensorboard/ (tensorboardX)
   config.checkpoint_every = 250     # steps between orbax checkpoints (and resumable points)
   config.keep_checkpoints = 30      # orbax checkpoints kept (snapshots for metrics over training)
   config.snapshot_images = 256      # held-out images per checkpoint for --config.mode=snapshots

@@ -149,6 +149,8 @@ def check_fields(config, mode: str, devices: int) -> None:
   check_second_view(config)
   from clmim.data.train_data import check_source  # numpy only: cheap
   check_source(config.data, str(config.get("augment", {}).get("second_view", "")))
+  from clmim.train.tensorboard import check_available
+  check_available(config)
 
 
 def path_pattern(config, field: str):

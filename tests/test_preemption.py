@@ -37,7 +37,7 @@ def folder(tmp_path_factory):
 
 OVERRIDES = {"data.source": "image_folder", "augment.second_view": "",
              "augment.second_view_ramp": (0, 0), "total_steps": TOTAL, "checkpoint_every": 1,
-             "log_every": 2, "data.read_threads": 3, "keep_checkpoints": 3}
+             "log_every": 2, "data.read_threads": 3, "keep_checkpoints": 3, "tensorboard": False}
 
 
 def _config(folder, cache):
@@ -82,6 +82,7 @@ def test_killed_and_resumed_run_is_bit_identical(folder, tmp_path):
   main.enable_compilation_cache(cache)  # again: an earlier test may have pointed JAX elsewhere
   config = _config(folder, cache)
   trainer.train(config, str(tmp_path / "straight"))
+  assert not (tmp_path / "straight" / "tensorboard").exists()  # config.tensorboard=False
 
   # SIGTERM once the first checkpoint exists: the run saves the step it is at and stops.
   interrupted = str(tmp_path / "interrupted")

@@ -1,14 +1,17 @@
 """Pretraining: objective pieces with known answers, and short real runs of the trainer."""
 import json
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from clmim import preflight
 from clmim.checkpoints import registry
 from clmim.errors import ClmimError
 from clmim.jobs import snapshots
-from clmim.train import moco_v3, simmim, trainer
+from clmim.train import moco_v3, simmim, tensorboard, trainer
 from configs import pretrain_moco_v3, pretrain_simmim
 
 
@@ -53,6 +56,10 @@ def test_runlocal_trains_resumes_and_exports(tmp_path, config_module, capsys, mo
   assert np.isfinite(metrics["loss"])
   records = trainer.read_metrics(str(tmp_path))
   assert [r["step"] for r in records] == [2, 4, 6]
+  # The same records as TensorBoard scalars (config.tensorboard, on by default).
+  logged = tensorboard.read_scalars(str(tmp_path))
+  assert logged["loss"] == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in records]
+  assert {"lr", "grad_norm", "images_per_s", "elapsed_s"} <= set(logged)
   model = registry.resolve(str(tmp_path / "export"))
   assert model.family == config.family and model.vit.depth == 2
   # Moving the frozen patch embedding would defeat MoCo v3's trick; it must stay at its init.
@@ -73,11 +80,22 @@ def test_runlocal_trains_resumes_and_exports(tmp_path, config_module, capsys, mo
   trainer.train(config, str(tmp_path))
   assert "Resumed from step 6" in capsys.readouterr().out
   assert [r["step"] for r in trainer.read_metrics(str(tmp_path))][-1] == 8
+  assert tensorboard.read_scalars(str(tmp_path))["loss"][-1][0] == 8  # a second event file
   out = trainer.export_checkpoint(config, str(tmp_path))
   assert registry.resolve(out).info["steps"] == 8
   # The export records the data it was trained on (generator version included).
   manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
   assert manifest["config"]["data"]["version"] == config.data.version
+
+
+def test_tensorboard_without_tensorboardx_is_one_line(monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorboardX", None)  # as if not installed
+  config = pretrain_simmim.get_config("runlocal")
+  with pytest.raises(ClmimError, match=r"config.tensorboard=True needs tensorboardX \(pip"):
+    preflight.check_fields(config, "pretrain", jax.device_count())
+  config.unlock()
+  config.tensorboard = False
+  preflight.check_fields(config, "pretrain", jax.device_count())
 
 
 def test_unknown_objective_is_a_clear_error():

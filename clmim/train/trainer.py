@@ -28,6 +28,7 @@ from clmim.data.synthetic import ShapesTextures, training_stream
 from clmim.errors import ClmimError
 from clmim.checkpoints import native as export
 from clmim.models.vit import vit_fields
+from clmim.train import tensorboard
 
 
 def _path_str(path) -> str:
@@ -279,6 +280,7 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
              desc=f"pretrain {config.objective}", unit="step", dynamic_ncols=True,
              disable=not writer)
   preemption = PreemptionNotice()
+  scalars = tensorboard.ScalarWriter(workdir, writer and config.get("tensorboard", False))
   try:
     for step in bar:
       batch = next(stream)
@@ -310,6 +312,7 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
         if writer:
           with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars.write(step + 1, {k: v for k, v in record.items() if k != "step"})
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{images_per_s:.0f}")
       if saving:
         manager.save(step + 1, args=ocp.args.StandardSave(train_state))
@@ -320,6 +323,7 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
     manager.wait_until_finished()
   finally:
     preemption.close()
+    scalars.close()
     bar.close()
 
   final = {k: float(v) for k, v in metrics.items()} if metrics else {}
