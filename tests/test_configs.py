@@ -88,7 +88,7 @@ def test_analysis_config_resolves_its_models(name):
 
 # Fields that change how often a run logs, saves or renders, not what it trains.
 _CADENCE = {"checkpoint_every", "log_every", "data.render_workers", "compilation_cache",
-            "keep_checkpoints", "init_encoder"}
+            "tensorboard", "keep_checkpoints", "init_encoder"}
 
 
 def _flat(d, prefix=""):
