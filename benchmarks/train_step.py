@@ -53,7 +53,6 @@ def config_for(objective: str, variant: str, steps: int, model: str = "", size: 
   config.log_every = 1
   config.checkpoint_every = steps
   config.keep_checkpoints = 1
-  config.compilation_cache = ""
   config.data.render_workers = render_workers
   if model:
     config.model.variant = model

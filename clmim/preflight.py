@@ -141,7 +141,7 @@ def check_fields(config, mode: str, devices: int) -> None:
   check_int(config, "batch_size", 1, devices)
   for field in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints",
                 "snapshot_images", "data.image_size", "data.num_train_images",
-                "data.render_workers"):
+                "data.render_workers", "data.read_threads"):
     check_int(config, field, 1)
   check_int(config, "warmup_steps", 0)
   path_pattern(config, "no_weight_decay")

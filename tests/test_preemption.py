@@ -40,10 +40,8 @@ OVERRIDES = {"data.source": "image_folder", "augment.second_view": "",
              "log_every": 2, "data.read_threads": 3, "keep_checkpoints": 3, "tensorboard": False}
 
 
-def _config(folder, cache):
-  config = pretrain_hybrid.get_config("runlocal")
-  config.unlock()
-  for key, value in {**OVERRIDES, "data.path": folder, "compilation_cache": cache}.items():
+def _set(config, fields: dict):
+  for key, value in fields.items():
     *sections, name = key.split(".")
     target = config
     for section in sections:
@@ -52,10 +50,15 @@ def _config(folder, cache):
   return config
 
 
-def _flags(folder, cache):
+def _config(folder, cache):
+  config = pretrain_hybrid.get_config("runlocal")
+  config.unlock()
+  return _set(config, {**OVERRIDES, "data.path": folder, "compilation_cache": cache})
+
+
+def _flags(folder, cache):  # the same fields on the command line
   flags = {**OVERRIDES, "data.path": folder, "compilation_cache": cache}
-  return [f"--config.{k}={v}" if not isinstance(v, tuple) else f"--config.{k}={v!r}"
-          for k, v in flags.items()]
+  return [f"--config.{k}={v}" for k, v in flags.items()]
 
 
 def _final_state(workdir, config):
@@ -142,10 +145,7 @@ def test_each_process_reads_its_rows_of_the_same_order(folder):
     ({"data.read_threads": 0}, "config.data.read_threads=0"),
 ])
 def test_bad_training_data_is_one_line(folder, tmp_path, fields, message):
-  config = _config(folder, "")
-  for key, value in fields.items():
-    section, name = key.split(".")
-    config[section][name] = value
+  config = _set(_config(folder, ""), fields)
   with pytest.raises(ClmimError, match=message):
     preflight.check_fields(config, "pretrain", jax.device_count())
 

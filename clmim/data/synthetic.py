@@ -460,8 +460,7 @@ def training_stream(dataset: ShapesTextures, batch_size: int, start_step: int = 
     prefetch = max(prefetch, 2 * workers)
   with pool:
     step = start_step
-    render = lambda s: pool.submit(_step_batch, dataset, batch_size, s, second_view, ramp,
-                                   tuple(rows) if rows is not None else (0, batch_size))
+    render = lambda s: pool.submit(_step_batch, dataset, batch_size, s, second_view, ramp, rows)
     pending = [render(s) for s in range(step, step + prefetch)]
     while True:
       batch = pending.pop(0).result()
@@ -478,8 +477,8 @@ def background_donor(index: int, step: int, size: int) -> int:
 
 def _step_batch(dataset: ShapesTextures, batch_size: int, step: int,
                 second_view: str = "", ramp: Sequence[int] = (0, 0),
-                rows: Sequence[int] = (0, -1)) -> dict:
-  lo, hi = rows[0], rows[1] if rows[1] >= 0 else batch_size
+                rows: Optional[Sequence[int]] = None) -> dict:
+  lo, hi = rows if rows is not None else (0, batch_size)
   start = step * batch_size
   batch = dataset.batch(range(start + lo, start + hi))
   size = len(dataset)

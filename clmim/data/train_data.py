@@ -52,11 +52,6 @@ def check_source(data_cfg, second_view: str) -> None:
   if source == "tfds" and not data_cfg.tfds_name:
     raise ClmimError("config.data.source='tfds' needs config.data.tfds_name, e.g. "
                      "'imagenet2012'.")
-  if source != "synthetic":
-    if isinstance(data_cfg.read_threads, bool) or not isinstance(data_cfg.read_threads, int) \
-        or data_cfg.read_threads < 1:
-      raise ClmimError(f"config.data.read_threads={data_cfg.read_threads!r}: expected an "
-                       "integer >= 1.")
 
 
 def open_images(data_cfg):
