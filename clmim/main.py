@@ -7,7 +7,9 @@ variant such as `runlocal`); `config.mode` selects what runs:
   analyze    the analyses of an analysis config (configs/nmi.py, attention_distance.py,
              fourier.py, all.py): results.json, figures and a summary in the workdir;
   pretrain   a pretraining config (configs/pretrain_*.py): trains, resuming from the workdir;
-  export     with a pretraining config and its --workdir: the encoder of the latest checkpoint
+  finetune   configs/finetune.py: supervised fine-tuning of a pretrained encoder, resuming from
+             the workdir, validated on held-out images;
+  export     with a pretraining (or fine-tuning) config and its --workdir: the encoder of the latest checkpoint
              as a clmim checkpoint;
   snapshots  with a pretraining config and its --workdir: the analyses over every kept
              checkpoint (metrics over training);
@@ -83,7 +85,7 @@ def run(config, workdir: str, invocation: dict | None = None):
   mode = preflight.check_mode(config)  # each job runs the rest of preflight.check_run first
   enable_compilation_cache(config.get("compilation_cache", ""))
   invocation = invocation or {"command": None, "overrides": [], "workdir": workdir}
-  if mode == "pretrain":
+  if mode in ("pretrain", "finetune"):
     from clmim.train import trainer
     return trainer.train(config, workdir, invocation)
   if mode == "export":

@@ -17,16 +17,18 @@ import tempfile
 from clmim.errors import ClmimError
 
 ANALYSIS_MODES = ("analyze",)
-PRETRAINING_MODES = ("pretrain", "export", "snapshots", "sweep")
+PRETRAINING_MODES = ("pretrain", "finetune", "export", "snapshots", "sweep")
 MODES = ANALYSIS_MODES + PRETRAINING_MODES
 CONFIG_RECORD = "config.json"  # a pretraining workdir's config, for resume checks
 # Sections and fields of a pretraining config that fix the model, the objective or the data:
 # resuming a workdir with other values would continue a different run (or fail inside orbax).
 IDENTITY_FIELDS = ("objective", "seed", "init_encoder", "batch_size", "model", "data", "moco",
-                   "simmim", "mae", "hybrid", "augment")
+                   "simmim", "mae", "hybrid", "augment", "finetune")
 # Fields inside those sections that say how a run is carried out, not what it computes: a run
 # may be resumed (exported, snapshotted) with other values.
-HOW_NOT_WHAT = ("data.render_workers", "data.read_threads")
+HOW_NOT_WHAT = ("data.render_workers", "data.read_threads", "finetune.eval_every",
+                "finetune.eval_images", "finetune.eval_split", "finetune.eval_path",
+                "finetune.eval_crop_pct")
 # Fields added after runs were recorded without them, with the value that reproduces what those
 # runs did: a record that lacks one is compared as if it held this value.
 ADDED_LATER = {"data.version": 1, "augment.second_view_ramp": [0, 0], "init_encoder": "",
@@ -50,6 +52,11 @@ def check_mode(config) -> str:
   allowed = ANALYSIS_MODES if kind == "analysis" else PRETRAINING_MODES
   if mode not in MODES:
     raise ClmimError(f"config.mode={mode!r}: expected one of {', '.join(MODES)}.")
+  if kind == "pretraining" and mode in ("pretrain", "finetune", "sweep") and \
+      (mode == "finetune") != (config.get("objective") == "finetune"):
+    raise ClmimError(f"config.mode={mode!r} with config.objective={config.get('objective')!r}: "
+                     f"fine-tuning is mode 'finetune' with objective 'finetune' "
+                     f"(configs/finetune.py), pretraining mode 'pretrain' with any other.")
   if mode not in allowed:
     other = "configs/pretrain_*.py" if kind == "analysis" else "configs/nmi.py, all.py, ..."
     article = "an" if kind == "analysis" else "a"
@@ -147,6 +154,15 @@ def check_fields(config, mode: str, devices: int) -> None:
   path_pattern(config, "no_weight_decay")
   path_pattern(config, "freeze")
   check_second_view(config)
+  if "finetune" in config:
+    check_int(config, "finetune.eval_every", 0, why="0 = only at the end")
+    if config.finetune.eval_every % config.log_every:
+      raise ClmimError(f"config.finetune.eval_every={config.finetune.eval_every}: expected a "
+                       f"multiple of config.log_every={config.log_every} (validation results go "
+                       f"into the log records), or 0 (only at the end).")
+    synthetic = config.data.get("source", "synthetic") == "synthetic"
+    check_int(config, "finetune.eval_images", 1 if synthetic else 0,
+              why="" if synthetic else "0 = the whole held-out set")
   from clmim.data.train_data import check_source  # numpy only: cheap
   check_source(config.data, str(config.get("augment", {}).get("second_view", "")))
   from clmim.train.tensorboard import check_available

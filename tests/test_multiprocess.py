@@ -132,3 +132,151 @@ def test_two_processes_match_one(checkpoint, folder, tmp_path):
   for name in want["models"]:
     _assert_same(got["models"][name], want["models"][name])
   assert got["num_images"] == NUM_IMAGES
+
+
+# --- Training: one step on 8 devices vs 1, and a run on 2 processes x 4 devices vs 1 process ---
+#
+# MoCo's gradients are ill-conditioned in float32: the backward pass of a BatchNorm gives a
+# gradient with zero mean over the batch, and the bias gradients of the layers before it are
+# sums over the batch of such terms — nearly cancelling, so their round-off is amplified ~1,000x
+# and spreads upstream. Measured on runlocal's first step: compiled for 1, 2 or 4 devices the
+# gradients agree to 2e-6; compiled for 8 (2 images per device) or run op by op (no jit, no
+# sharding) to 6e-6; between the two groups 1.1e-3 — in every leaf upstream of the predictor's
+# BatchNorm, while the predictor's last layer (after it) agrees to 5e-6. Two compilations of the
+# same single-device computation differ as much as 1 and 8 devices do, so that is the noise
+# floor the test allows, while the loss (global-batch BatchNorm statistics and negatives) must
+# agree to 1e-6.
+# Some gradients are also zero in exact arithmetic: the key third of every qkv bias (softmax
+# ignores a constant added to all logits of a query) and the encoder's final LayerNorm bias (a
+# constant the projector's BatchNorm removes). Adam divides such round-off by its own size and
+# moves the parameter a full lr step, so whole runs are compared without them.
+
+
+def _moco_runlocal():
+  """MoCo v3's runlocal (6 steps, batch 16): BatchNorm over the global batch in the projector
+  and predictor, and every image of the global batch a negative for every other."""
+  config = pretrain_moco_v3.get_config("runlocal")
+  config.unlock()
+  config.tensorboard = False
+  return config
+
+
+def _without_round_off_directions(tree, width):
+  """{path: array} of a params (or gradient) tree, less the exactly-zero directions above."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    key, leaf = jax.tree_util.keystr(path), np.asarray(leaf, np.float64)
+    if key.endswith("['encoder']['norm']['bias']"):
+      continue
+    if key.endswith("['qkv']['bias']"):
+      leaf = np.concatenate([leaf[:width], leaf[2 * width:]])
+    out[key] = leaf
+  return out
+
+
+def _flat(tree, width):
+  return np.concatenate([v.ravel() for v in _without_round_off_directions(tree, width).values()])
+
+
+def test_one_training_step_on_one_device_matches_eight():
+  from clmim.data.synthetic import ShapesTextures
+  from clmim.train import trainer
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  config = _moco_runlocal()
+  objective = trainer.load_objective(config)
+  state, _, _ = trainer.initial_state(config, objective)
+  images = ShapesTextures(32, "train", 16, 0, version=3).batch(range(16))["image"]
+  args = (state["params"], state["state"], images, jax.random.PRNGKey(5), 0)
+  step = jax.value_and_grad(objective.loss, has_aux=True)
+  results = {"op by op": jax.device_get(step(*args))}
+  for devices in (1, 8):
+    mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
+    replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    results[devices] = jax.device_get(jax.jit(
+        step, in_shardings=(replicated, replicated, rows, replicated), static_argnums=4)(*args))
+  (loss_1, (bn_1, _)), grads_1 = results[1]
+  width = objective.encoder.width
+  for name in ("op by op", 8):
+    (loss, (bn, _)), grads = results[name]
+    np.testing.assert_allclose(loss, loss_1, rtol=1e-6, err_msg=str(name))
+    _assert_close_trees(bn, bn_1)  # the BatchNorm statistics of the global batch, and the EMA
+    # The predictor's last layer, after its BatchNorm: no amplified round-off yet.
+    np.testing.assert_allclose(grads["predictor"]["linear_1"]["kernel"],
+                               grads_1["predictor"]["linear_1"]["kernel"], rtol=1e-4,
+                               atol=1e-5 * np.abs(grads_1["predictor"]["linear_1"]["kernel"]).max())
+  floor = np.linalg.norm(_flat(results["op by op"][1], width) - _flat(grads_1, width))
+  across = np.linalg.norm(_flat(results[8][1], width) - _flat(grads_1, width))
+  scale = np.linalg.norm(_flat(grads_1, width))
+  assert across <= 2 * floor + 1e-5 * scale and across <= 1e-2 * scale, (across, floor, scale)
+  # The directions left out are round-off: below 1e-6 of the whole gradient.
+  norm_bias = grads_1["online"]["encoder"]["norm"]["bias"]
+  key_bias = grads_1["online"]["encoder"]["block_0"]["attn"]["qkv"]["bias"][width:2 * width]
+  assert max(np.linalg.norm(norm_bias), np.linalg.norm(key_bias)) < 1e-6 * scale
+
+
+def _assert_close_trees(got, want):
+  """Every leaf within 1e-5 relative, or 1e-6 of the tree's largest value (a running mean of a
+  zero-mean quantity is round-off on both sides)."""
+  scale = max(float(np.max(np.abs(a))) for a in jax.tree.leaves(want))
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(got)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def _relative_differences(got, want, width):
+  got, want = (_without_round_off_directions(t, width) for t in (got, want))
+  assert got.keys() == want.keys()
+  return {k: np.linalg.norm(got[k] - want[k]) / max(np.linalg.norm(want[k]), 1e-30)
+          for k in want}
+
+
+def _trained_params(config, workdir):
+  from clmim.train import trainer
+  objective = trainer.load_objective(config)
+  template, _, _ = trainer.initial_state(config, objective)
+  manager = trainer.checkpoint_manager(workdir, config.keep_checkpoints)
+  return jax.device_get(trainer.restore(manager, config.total_steps, template, workdir))["params"]
+
+
+def test_two_processes_train_what_one_does(tmp_path):
+  from clmim.train import trainer
+  config = _moco_runlocal()
+  trainer.train(config, str(tmp_path / "one"))  # this process: 8 devices
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "CLMIM_DISTRIBUTED": "1",
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "CLMIM_NUM_PROCESSES": "2",
+           "CLMIM_PROCESS_ID": str(pid)}
+    args = [sys.executable, "-m", "clmim.main", "--config",
+            "configs/pretrain_moco_v3.py:runlocal", "--config.tensorboard=False",
+            f"--workdir={tmp_path / 'two'}"]  # one shared workdir, as on a cluster's filesystem
+    procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=300))
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for proc, (out, err) in zip(procs, outputs):
+    assert proc.returncode == 0, err[-3000:]
+  # Process 0 alone logs and exports; the checkpoints hold both processes' shards.
+  assert "Exported encoder" in outputs[0][0] and "Exported encoder" not in outputs[1][0]
+  one, two = (trainer.read_metrics(str(tmp_path / name)) for name in ("one", "two"))
+  assert [r["step"] for r in two] == [2, 4, 6]
+  np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-5)
+  differences = _relative_differences(_trained_params(config, str(tmp_path / "two")),
+                                      _trained_params(config, str(tmp_path / "one")),
+                                      config_width(config))
+  print("largest relative difference after 6 steps:", max(differences.values()))
+  assert max(differences.values()) < 1e-3, max(differences.items(), key=lambda kv: kv[1])
+
+
+def config_width(config):
+  from clmim.train.common import build_encoder
+  return build_encoder(config).width

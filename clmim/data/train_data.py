@@ -19,6 +19,7 @@ on: the iterator's position is the step, which every checkpoint holds.
 """
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import numpy as np
@@ -54,21 +55,25 @@ def check_source(data_cfg, second_view: str) -> None:
                      "'imagenet2012'.")
 
 
-def open_images(data_cfg):
-  """The training images of an image_folder or tfds source: `len` and `load(i)` -> float32
-  [S, S, 3], normalised with data.mean / data.std. Opening lists or indexes them (no decoding)
-  and raises one ClmimError for a missing folder, an empty split, a missing Pillow, ..."""
+def open_images(data_cfg, path: str | None = None, split: str | None = None,
+                crop_pct: float = 1.0):
+  """The training images of an image_folder or tfds source (or, with `path` / `split`, another
+  folder / split of it): `len` and `load(i)` -> float32 [S, S, 3] in [0, 1] (shorter side to
+  S / crop_pct, then a centre crop) — the objectives
+  augment and then normalise with data.mean / data.std, as for procedural images. Opening lists
+  or indexes them (no decoding) and raises one ClmimError for a missing folder, an empty split,
+  a missing Pillow, ..."""
   from clmim.data.preprocess import EvalPreprocess  # Pillow is imported on first use
-  preprocess = EvalPreprocess(data_cfg.image_size, crop_pct=1.0, mean=data_cfg.mean,
-                              std=data_cfg.std, where="config.data")
+  preprocess = EvalPreprocess(data_cfg.image_size, crop_pct=crop_pct, mean=(0.0, 0.0, 0.0),
+                              std=(1.0, 1.0, 1.0), where="config.data")
   if data_cfg.source == "image_folder":
     from clmim.data.image_folder import ImageFolder
-    return ImageFolder(data_cfg.path, preprocess, num_workers=1)
+    return ImageFolder(path or data_cfg.path, preprocess, num_workers=1)
   from clmim.data.tfds_source import TfdsImages
-  images = TfdsImages(data_cfg.tfds_name, data_cfg.tfds_split, preprocess,
-                      data_dir=data_cfg.data_dir or None)
+  split = split or data_cfg.tfds_split
+  images = TfdsImages(data_cfg.tfds_name, split, preprocess, data_dir=data_cfg.data_dir or None)
   if not images.random_access:
-    raise ClmimError(f"TFDS {data_cfg.tfds_name} split {data_cfg.tfds_split!r} is stored as "
+    raise ClmimError(f"TFDS {data_cfg.tfds_name} split {split!r} is stored as "
                      "tfrecord, which can only be streamed in order; training needs random "
                      "access: prepare it as array_record (tfds build --file_format=array_record).")
   return images
@@ -84,20 +89,80 @@ def _grain():
 
 
 def real_batches(images, batch_size: int, start_step: int, rows: tuple[int, int], seed: int,
-                 read_threads: int) -> Iterator[dict]:
+                 read_threads: int, labels: np.ndarray | None = None) -> Iterator[dict]:
   """Endless {"image": float32 [hi - lo, S, S, 3]} for steps start_step, start_step + 1, ...:
-  rows [lo, hi) of each step's global batch, in a seeded order reshuffled every epoch."""
+  rows [lo, hi) of each step's global batch, in a seeded order reshuffled every epoch. With
+  `labels` (one per image) each batch also holds "label" int32 [hi - lo]."""
   grain = _grain()
   lo, hi = rows
   order = grain.MapDataset.range(len(images)).shuffle(seed=seed).repeat()
   per_process = hi - lo
 
-  def image_at(local_position):  # this process's k-th image -> its place in the global order
+  def example_at(local_position):  # this process's k-th image -> its place in the global order
     step, row = divmod(int(local_position), per_process)
-    return images.load(int(order[step * batch_size + lo + row]))
+    index = int(order[step * batch_size + lo + row])
+    label = -1 if labels is None else int(labels[index])
+    return images.load(index), np.int32(label)
 
-  local = grain.MapDataset.range(start_step * per_process, 2**62).map(image_at)
-  batches = local.batch(per_process, batch_fn=np.stack).to_iter_dataset(
+  def stack(examples):
+    return np.stack([e[0] for e in examples]), np.asarray([e[1] for e in examples], np.int32)
+
+  local = grain.MapDataset.range(start_step * per_process, 2**62).map(example_at)
+  batches = local.batch(per_process, batch_fn=stack).to_iter_dataset(
       grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads))
-  for batch in batches:
-    yield {"image": batch}
+  for image, label in batches:
+    yield {"image": image} if labels is None else {"image": image, "label": label}
+
+
+def class_labels(images, where: str) -> np.ndarray:
+  """The class label of every image of an opened image_folder / tfds source, or one error
+  line when it has none (a TFDS split without a ClassLabel feature)."""
+  if hasattr(images, "label_key") and images.label_key is None:
+    raise ClmimError(f"{where}: TFDS {images.name} split {images.split!r} has no class label "
+                     "feature; fine-tuning needs labelled images (a split with a ClassLabel).")
+  return np.asarray(images.labels() if callable(images.labels) else images.labels, np.int64)
+
+
+def class_count(data_cfg, label: str) -> int:
+  """How many classes `label` has: the synthetic factor's, or the image folder's sub-folders /
+  the TFDS split's ClassLabel (opened, not decoded; no labels -> one error line)."""
+  from clmim.data import synthetic
+  if data_cfg.source == "synthetic":
+    return len(synthetic.SHAPES if label == "shape" else synthetic.TEXTURES)
+  images = open_images(data_cfg)
+  if data_cfg.source == "image_folder":
+    return len(images.classes)
+  class_labels(images, "config.data")
+  return len(images.class_names())
+
+
+def held_out(data_cfg, finetune_cfg):
+  """(load(indices) -> float32 [n, S, S, 3] in [0, 1], labels [N]) of fine-tuning's held-out
+  images: synthetic split "validation" (finetune.eval_images of them), an image folder
+  (finetune.eval_path) or a TFDS split (finetune.eval_split), centre-cropped at
+  finetune.eval_crop_pct; eval_images > 0 keeps the first that many."""
+  count = int(finetune_cfg.eval_images)
+  if data_cfg.source == "synthetic":
+    from clmim.data.synthetic import ShapesTextures
+    dataset = ShapesTextures(data_cfg.image_size, "validation", count, data_cfg.seed,
+                             version=data_cfg.version)
+    labels = np.asarray([dataset.labels(i)[0 if finetune_cfg.label == "shape" else 1]
+                         for i in range(len(dataset))], np.int64)
+    return (lambda indices: dataset.batch(indices)["image"]), labels
+  if data_cfg.source == "image_folder" and not finetune_cfg.eval_path:
+    raise ClmimError("config.finetune.eval_path is empty: with config.data.source="
+                     "'image_folder' name a folder of held-out images (the classes of "
+                     "config.data.path).")
+  images = open_images(data_cfg, path=finetune_cfg.eval_path, split=finetune_cfg.eval_split,
+                       crop_pct=finetune_cfg.eval_crop_pct)
+  labels = class_labels(images, "config.finetune")
+  if data_cfg.source == "image_folder":
+    trained = sorted(e.name for e in os.scandir(data_cfg.path) if e.is_dir()
+                     and not e.name.startswith("."))
+    if list(images.classes) != trained:
+      raise ClmimError(f"config.finetune.eval_path={finetune_cfg.eval_path!r} has classes "
+                       f"{list(images.classes)[:5]}...; expected those of config.data.path "
+                       f"({trained[:5]}...), in the same sorted order.")
+  if count:
+    labels = labels[:count]
+  return (lambda indices: np.stack([images.load(int(i)) for i in indices])), labels

@@ -42,10 +42,11 @@ def normalise(images, data_cfg):
 
 class SingleEncoderObjective:
   """What an objective whose params are {"encoder", its heads} and that keeps no extra state
-  shares (SimMIM, MAE): nothing frozen, no state update, the encoder under "encoder"."""
+  shares (SimMIM, MAE, fine-tuning): only a sin-cos position table frozen, no state update, the encoder under "encoder"."""
 
   def frozen(self, path: str) -> bool:
-    return False
+    """A fixed sin-cos position table stays fixed (stored as a param, like the official files)."""
+    return path == "encoder/pos_embed" and self.encoder.position_embedding == "sincos"
 
   def after_update(self, params, state, step):
     return state

@@ -76,6 +76,10 @@ class Objective(SingleEncoderObjective):
     self.decoder = MaeDecoder(cfg.decoder_width, cfg.decoder_depth, cfg.decoder_heads,
                               cfg.decoder_mlp_dim, self.encoder.patch_size)
 
+  def frozen(self, path: str) -> bool:
+    """The encoder's and the decoder's sin-cos tables stay fixed, as in MAE."""
+    return super().frozen(path) or path == "decoder/pos_embed"
+
   def init(self, rng, images):
     k_enc, k_dec = jax.random.split(rng)
     encoder = self.encoder.init(k_enc, images)["params"]

@@ -42,7 +42,9 @@ def _matches(pattern, path: str) -> bool:
 def make_optimizer(config, params, objective):
   """AdamW with linear warm-up and cosine decay. No weight decay on vectors or on parameters whose
   path matches config.no_weight_decay; parameters the objective freezes or config.freeze matches
-  get no update at all. Paths are "/"-joined and searched with a leading "/" (e.g.
+  get no update at all; an objective with `lr_scale(path)` (fine-tuning's layer-wise decay) has
+  each parameter's update — lr and decoupled weight decay alike, as a per-group lr in PyTorch —
+  multiplied by it. Paths are "/"-joined and searched with a leading "/" (e.g.
   "/online/encoder/block_0/mlp/fc1/kernel")."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, config.lr, config.warmup_steps, max(config.total_steps, config.warmup_steps + 1),
@@ -54,11 +56,19 @@ def make_optimizer(config, params, objective):
   labels = jax.tree_util.tree_map_with_path(
       lambda p, _: "frozen" if objective.frozen(_path_str(p)) or _matches(freeze, _path_str(p))
       else "train", params)
+  scales = None
+  if hasattr(objective, "lr_scale"):
+    scales = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.asarray(objective.lr_scale(_path_str(p)), x.dtype), params)
   adamw = optax.chain(
       optax.clip_by_global_norm(config.grad_clip) if config.grad_clip else optax.identity(),
       optax.adamw(schedule, b1=0.9, b2=config.beta2, weight_decay=config.weight_decay,
                   mask=decay_mask))
-  return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels), schedule
+  tx = optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
+  if scales is not None:
+    tx = optax.chain(tx, optax.stateless(
+        lambda updates, _: jax.tree.map(jnp.multiply, updates, scales)))
+  return tx, schedule
 
 
 def objectives() -> list[str]:
@@ -100,8 +110,8 @@ def initial_encoder(config, objective):
   size = config.data.image_size
   expected = jax.eval_shape(
       lambda: objective.encoder.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))
-  try:
-    model = registry.resolve(spec)
+  try:  # an objective that needed the checkpoint's architecture has resolved it already
+    model = getattr(objective, "pretrained", None) or registry.resolve(spec)
     native.check_params(expected["params"], model.params, spec)
   except ClmimError as e:
     raise ClmimError(f"config.init_encoder={spec!r} cannot start this config.model: {e}") from None
@@ -219,6 +229,14 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
   else:  # opened (listed, indexed) now: a missing folder fails before anything compiles
     dataset = train_data.open_images(data_cfg)
   writer = jax.process_index() == 0  # logs, the config record and the export: process 0 only
+  # A supervised objective (fine-tuning) reads each batch's labels and is validated on held-out
+  # images, opened here too: a missing or unlabelled set fails before anything is written.
+  label_key = getattr(objective, "label_key", None)
+  labels = train_data.class_labels(dataset, "config.data") \
+      if label_key and not isinstance(dataset, ShapesTextures) else None
+  evaluator = objective.evaluator(batch_sharding, replicated, rows) \
+      if hasattr(objective, "evaluator") else None
+  eval_every = int(config.finetune.eval_every) if evaluator is not None else 0
 
   # --- Parameters, optimizer, checkpoint --------------------------------------------------
   rng = jax.random.PRNGKey(config.seed)
@@ -238,11 +256,11 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
   start_step = int(train_state["step"])
 
   # --- Update step ------------------------------------------------------------------------
-  def update(train_state, first_bad, images, step_rng):
+  def update(train_state, first_bad, inputs, step_rng):
     step = train_state["step"]
     grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
     (_, (state, metrics)), grads = grad_fn(train_state["params"], train_state["state"],
-                                           images, step_rng, step)
+                                           inputs, step_rng, step)
     updates, opt_state = tx.update(grads, train_state["opt_state"], train_state["params"])
     params = optax.apply_updates(train_state["params"], updates)
     state = objective.after_update(params, state, step)
@@ -272,12 +290,13 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
                              ramp=tuple(augment.get("second_view_ramp", (0, 0))))
   else:
     stream = train_data.real_batches(dataset, config.batch_size, start_step, rows,
-                                     data_cfg.seed, data_cfg.read_threads)
-  metrics, started = {}, time.time()
+                                     data_cfg.seed, data_cfg.read_threads, labels)
+  metrics, last_eval, started = {}, {}, time.time()
   # Wall time of earlier sessions of this run, so a resumed run reports its total cost.
   earlier_s = kept[-1].get("elapsed_s", 0.0) if kept else 0.0
   bar = tqdm(range(start_step, config.total_steps), initial=start_step, total=config.total_steps,
-             desc=f"pretrain {config.objective}", unit="step", dynamic_ncols=True,
+             desc="finetune" if config.objective == "finetune" else f"pretrain {config.objective}",
+             unit="step", dynamic_ncols=True,
              disable=not writer)
   preemption = PreemptionNotice()
   scalars = tensorboard.ScalarWriter(workdir, writer and config.get("tensorboard", False))
@@ -290,8 +309,11 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
           batch["image"]
       # This process's rows; the random views and masks are drawn inside the step for the
       # global batch from (seed, step), so any number of processes trains the same run.
-      images = jax.make_array_from_process_local_data(batch_sharding, images)
-      train_state, first_bad, metrics = update(train_state, first_bad, images,
+      inputs = jax.make_array_from_process_local_data(batch_sharding, images)
+      if label_key:
+        inputs = {"image": inputs, "label": jax.make_array_from_process_local_data(
+            batch_sharding, batch[label_key if label_key in batch else "label"])}
+      train_state, first_bad, metrics = update(train_state, first_bad, inputs,
                                                jax.random.fold_in(rng, step))
       log_now = (step + 1) % config.log_every == 0 or step + 1 == config.total_steps
       stopping = preemption.agreed(log_now)
@@ -309,6 +331,10 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
         images_per_s = (step + 1 - start_step) * config.batch_size / (time.time() - started)
         record = {"step": step + 1, **metrics, "images_per_s": images_per_s,
                   "elapsed_s": round(earlier_s + time.time() - started, 1)}
+        if evaluator is not None and (step + 1 == config.total_steps or (
+            eval_every and (step + 1) % eval_every == 0)):
+          last_eval = evaluator(train_state["params"], train_state["state"])
+          record.update(last_eval)
         if writer:
           with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -327,6 +353,7 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
     bar.close()
 
   final = {k: float(v) for k, v in metrics.items()} if metrics else {}
+  final.update(last_eval)
   encoder = objective.encoder_params(train_state["params"], train_state["state"])
   elapsed = (read_metrics(workdir) or [{}])[-1].get("elapsed_s")
   encoder = jax.device_get(encoder)
