@@ -101,6 +101,27 @@ def pretrain_base(arg: str, name: str, objective: str, family: str,
   return config
 
 
+IMAGENET_TRAIN_IMAGES = 1281167  # ImageNet-1k's training split: one epoch
+
+
+def imagenet_recipe(config, batch_size: int, epochs: float, warmup_epochs: float,
+                    base_lr: float, lr_batch: int) -> None:
+  """Sets a `vitb16` variant's data and schedule: TFDS imagenet2012 (prepared as array_record)
+  at 224 px with ImageNet normalisation, `batch_size`, lr = base_lr x batch_size / lr_batch (the
+  official linear scaling rule), and epochs / warm-up epochs converted to steps (rounded up)."""
+  config.data.source = "tfds"
+  config.data.tfds_name = "imagenet2012"
+  config.data.image_size = 224
+  config.data.mean = config.data.std = "imagenet"
+  config.batch_size = batch_size
+  config.lr = base_lr * batch_size / lr_batch
+  config.total_steps = -(-int(epochs * IMAGENET_TRAIN_IMAGES) // batch_size)
+  config.warmup_steps = -(-int(warmup_epochs * IMAGENET_TRAIN_IMAGES) // batch_size)
+  config.log_every = 100
+  config.checkpoint_every = 2000
+  config.keep_checkpoints = 10
+
+
 def finish(config: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
   """Applies the `runlocal` shrink (seconds on a laptop) and locks the config."""
   if arg == "runlocal":

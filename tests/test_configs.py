@@ -14,7 +14,8 @@ from clmim.train.common import build_encoder
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
                  if f.endswith(".py") and not f.startswith("_"))
-PRETRAINING = [c for c in CONFIGS if c.startswith("pretrain_")]
+# Configs of the trainer: pretraining, and fine-tuning (mode "finetune", the same fields).
+PRETRAINING = [c for c in CONFIGS if c.startswith("pretrain_") or c == "finetune"]
 ANALYSIS = [c for c in CONFIGS if c not in PRETRAINING]
 # The demo ViT (variant mu/4 at 32 px): width, depth, heads, MLP, patch, image size.
 DEMO = dict(width=128, depth=6, num_heads=4, mlp_dim=256, patch_size=4, image_size=32)
@@ -41,7 +42,11 @@ def test_pretraining_config_builds_its_model(name):
   num_params = sum(p.size for p in jax.tree.leaves(params))
   assert 0.75e6 < num_params < 0.85e6, num_params  # the README's "0.8 M parameters"
   objective = importlib.import_module(f"clmim.train.{config.objective}").Objective(config)
-  assert vit_fields(objective.encoder) == vit_fields(vit)
+  if config.objective == "finetune":  # the encoder it starts from sets the architecture
+    pretrained = registry.resolve(config.init_encoder).vit
+    assert vit_fields(objective.encoder) == {**vit_fields(pretrained), "drop_path": 0.1}
+  else:
+    assert vit_fields(objective.encoder) == vit_fields(vit)
   # runlocal shrinks depth only
   small = build_encoder(_config(name, "runlocal"))
   assert (small.depth, small.width) == (2, 128)
@@ -140,3 +145,40 @@ def test_moco_demo_names_its_first_stage_and_refuses_without_it(tmp_path):
     trainer.initial_encoder(config, objective)
   with pytest.raises(ValueError, match="demo_stage1"):
     _config("pretrain_moco_v3", "stage3")
+
+
+# The official ViT-B/16 ImageNet-1k recipes (each file's docstring lists its departures).
+VITB16 = {
+    "pretrain_moco_v3": {"batch_size": 4096, "lr": 2.4e-3, "total_steps": 93836,
+                         "warmup_steps": 12512, "weight_decay": 0.1, "beta2": 0.999,
+                         "grad_clip": 0.0, "final_lr_fraction": 0.0, "moco.hidden_dim": 4096,
+                         "moco.out_dim": 256, "moco.momentum": 0.99, "moco.temperature": 0.2,
+                         "augment.crop_scale": (0.08, 1.0), "augment.blur_sigma": (0.1, 2.0)},
+    "pretrain_simmim": {"batch_size": 2048, "lr": 4e-4, "total_steps": 500456,
+                        "warmup_steps": 6256, "weight_decay": 0.05, "beta2": 0.999,
+                        "grad_clip": 5.0, "simmim.mask_patch": 32, "simmim.mask_ratio": 0.6,
+                        "model.drop_path": 0.1, "model.layer_scale_init": 0.1},
+    "pretrain_mae": {"batch_size": 4096, "lr": 2.4e-3, "total_steps": 250228,
+                     "warmup_steps": 12512, "weight_decay": 0.05, "beta2": 0.95,
+                     "grad_clip": 0.0, "mae.decoder_width": 512, "mae.decoder_depth": 8,
+                     "mae.decoder_heads": 16, "mae.mask_ratio": 0.75},
+    "pretrain_hybrid": {"batch_size": 4096, "lr": 2.4e-3, "total_steps": 31279,
+                        "warmup_steps": 3128, "hybrid.weight": 0.4, "simmim.mask_patch": 32,
+                        "moco.hidden_dim": 4096},
+}
+
+
+@pytest.mark.parametrize("name", sorted(VITB16))
+def test_vitb16_variants_are_the_official_recipes(name):
+  config = _config(name, "vitb16")
+  got = _flat(config.to_dict())
+  for key, value in VITB16[name].items():
+    assert got[key] == pytest.approx(value), key
+  assert (config.data.source, config.data.tfds_name, config.data.image_size,
+          config.data.mean) == ("tfds", "imagenet2012", 224, "imagenet")
+  vit = build_encoder(config)
+  assert (vit.width, vit.depth, vit.num_heads, vit.mlp_dim, vit.patch_size) == \
+      (768, 12, 12, 3072, 16)
+  importlib.import_module(f"clmim.train.{config.objective}").Objective(config)
+  preflight.check_fields(config, "pretrain", 8)
+  assert "Departures" in importlib.import_module(f"configs.{name}").__doc__
