@@ -138,3 +138,21 @@ def test_official_reimplementations_match_clmim_on_the_same_maps(one_torch_threa
                              atol=1e-4)
   if qkv_gain > 1:  # the sharpened maps really are far from uniform attention
     assert np.max(official["nmi"]) > 0.1
+
+
+def test_moco_step_benchmark_compares_the_same_network_and_loss():
+  """benchmarks/moco_step_vs_pytorch.py: PyTorch loaded with clmim's initial weights gives the
+  same loss and gradients on one un-augmented pair of views, and both libraries then train."""
+  import contextlib
+  import io
+  sys.path.insert(0, ROOT)
+  from benchmarks import moco_step_vs_pytorch
+  with contextlib.redirect_stdout(io.StringIO()) as out:
+    report = moco_step_vs_pytorch.main(["--batch", "8", "--steps", "1", "--repeats", "1",
+                                        "--depth", "1"])
+  assert json.loads(out.getvalue()) == report
+  check = report["same_network_check"]
+  assert check["loss_abs_diff"] < 1e-5, check
+  assert max(check["gradient_relative_diff"].values()) < 1e-4, check
+  assert all(np.isfinite(v) for v in report["final_loss"].values())
+  assert set(report["images_per_s"]) == {"clmim", "pytorch"} and report["clmim_speedup"] > 0

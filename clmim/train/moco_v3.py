@@ -76,12 +76,17 @@ class Objective:
     return any(path.startswith(p) for p in frozen)
 
   def loss(self, params, state, images, rng, step):
-    cfg = self.config.moco
     k1, k2, k_drop = jax.random.split(rng, 3)
     # A pair [b, 2, S, S, 3] (augment.second_view) gives each view its own source image.
     sources = [images[:, 0], images[:, 1]] if images.ndim == 5 else [images, images]
     views = [normalise(contrastive_view(k, source, self.config.augment, i), self.config.data)
              for i, (k, source) in enumerate(zip((k1, k2), sources))]
+    return self.loss_on_views(params, state, views, k_drop, step)
+
+  def loss_on_views(self, params, state, views, k_drop, step):
+    """The loss of two normalised views [B, S, S, 3] (no augmentation): online encoder,
+    projector and predictor on each, momentum encoder on each, symmetric InfoNCE."""
+    cfg = self.config.moco
     stats = dict(state["batch_stats"])
     queries, keys = [], []
     for i, view in enumerate(views):

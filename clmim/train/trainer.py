@@ -71,6 +71,28 @@ def make_optimizer(config, params, objective):
   return tx, schedule
 
 
+def make_update(objective, tx, schedule):
+  """The training step (to be jitted): (train_state, first_bad, inputs, rng) -> (train_state,
+  first_bad, metrics) — the objective's loss and gradient, the optimizer update, the objective's
+  state update (MoCo's EMA), and `first_bad`, the first step whose loss was not finite (-1:
+  none), carried on the device so that no step waits to check it."""
+
+  def update(train_state, first_bad, inputs, step_rng):
+    step = train_state["step"]
+    grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+    (_, (state, metrics)), grads = grad_fn(train_state["params"], train_state["state"],
+                                           inputs, step_rng, step)
+    updates, opt_state = tx.update(grads, train_state["opt_state"], train_state["params"])
+    params = optax.apply_updates(train_state["params"], updates)
+    state = objective.after_update(params, state, step)
+    metrics = {**metrics, "lr": schedule(step), "grad_norm": optax.tree.norm(grads)}
+    first_bad = jnp.where((first_bad < 0) & ~jnp.isfinite(metrics["loss"]), step + 1, first_bad)
+    return ({"params": params, "state": state, "opt_state": opt_state, "step": step + 1},
+            first_bad, metrics)
+
+  return update
+
+
 def objectives() -> list[str]:
   """The objectives clmim can train: the modules of clmim/train/ that define an Objective."""
   folder = os.path.dirname(os.path.abspath(__file__))
@@ -256,20 +278,8 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
   start_step = int(train_state["step"])
 
   # --- Update step ------------------------------------------------------------------------
-  def update(train_state, first_bad, inputs, step_rng):
-    step = train_state["step"]
-    grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
-    (_, (state, metrics)), grads = grad_fn(train_state["params"], train_state["state"],
-                                           inputs, step_rng, step)
-    updates, opt_state = tx.update(grads, train_state["opt_state"], train_state["params"])
-    params = optax.apply_updates(train_state["params"], updates)
-    state = objective.after_update(params, state, step)
-    metrics = {**metrics, "lr": schedule(step), "grad_norm": optax.tree.norm(grads)}
-    first_bad = jnp.where((first_bad < 0) & ~jnp.isfinite(metrics["loss"]), step + 1, first_bad)
-    return ({"params": params, "state": state, "opt_state": opt_state, "step": step + 1},
-            first_bad, metrics)
-
-  update = jax.jit(update, in_shardings=(replicated, replicated, batch_sharding, replicated),
+  update = jax.jit(make_update(objective, tx, schedule),
+                   in_shardings=(replicated, replicated, batch_sharding, replicated),
                    out_shardings=(replicated, replicated, replicated), donate_argnums=(0,))
   # The first step whose loss was not finite (-1: none), carried by the step on the device so
   # that no step waits for it; read before every log record and every checkpoint, so nothing
