@@ -1,7 +1,8 @@
-"""Exact over devices and hosts: 1 vs 8 devices, and 2 processes x 4 devices vs 1 process.
+"""Exact over devices and hosts: 1 vs 8 devices, and 2 processes x 4 devices vs 1 process, for
+the analyses and for training (MoCo v3, whose BatchNorm and negatives span the global batch).
 
 The two processes are real: `python -m clmim.main` twice, joined by jax.distributed over
-127.0.0.1 with gloo CPU collectives, each reading only its shard of an image folder.
+127.0.0.1 with gloo CPU collectives, each reading only its shard of the data.
 """
 import functools
 import json
@@ -96,9 +97,10 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one(checkpoint, folder, tmp_path):
-  config = _config(checkpoint, folder)
-  want = analyze.run(config, str(tmp_path / "one"))  # this process: 8 devices
+def _two_processes(arguments, timeout=300):
+  """Runs `python -m clmim.main *arguments(pid)` as processes 0 and 1 of a jax.distributed job
+  over 127.0.0.1 (4 CPU devices each, gloo collectives); returns their (stdout, stderr) after
+  both exited 0."""
   port = _free_port()
   procs = []
   for pid in range(2):
@@ -107,23 +109,30 @@ def test_two_processes_match_one(checkpoint, folder, tmp_path):
            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "CLMIM_DISTRIBUTED": "1",
            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "CLMIM_NUM_PROCESSES": "2",
            "CLMIM_PROCESS_ID": str(pid)}
-    args = [sys.executable, "-m", "clmim.main", "--config", "configs/all.py:runlocal",
-            f"--config.models={checkpoint}", "--config.batch_size=16",
-            "--config.progress=False", "--config.data.source=image_folder",
-            f"--config.data.path={folder}", "--config.data.num_images=0",
-            f"--workdir={tmp_path / f'process_{pid}'}"]
-    procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    procs.append(subprocess.Popen([sys.executable, "-m", "clmim.main", *arguments(pid)],
+                                  cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True))
   outputs = []
   try:
     for proc in procs:
-      outputs.append(proc.communicate(timeout=240))
+      outputs.append(proc.communicate(timeout=timeout))
   finally:
     for proc in procs:
       if proc.poll() is None:
         proc.kill()
   for proc, (out, err) in zip(procs, outputs):
     assert proc.returncode == 0, err[-3000:]
+  return outputs
+
+
+def test_two_processes_match_one(checkpoint, folder, tmp_path):
+  config = _config(checkpoint, folder)
+  want = analyze.run(config, str(tmp_path / "one"))  # this process: 8 devices
+  outputs = _two_processes(lambda pid: [
+      "--config", "configs/all.py:runlocal", f"--config.models={checkpoint}",
+      "--config.batch_size=16", "--config.progress=False", "--config.data.source=image_folder",
+      f"--config.data.path={folder}", "--config.data.num_images=0",
+      f"--workdir={tmp_path / f'process_{pid}'}"])
   # Only process 0 writes (and prints the summary).
   assert not os.path.exists(tmp_path / "process_1" / "results.json")
   assert "Wrote" in outputs[0][0] and "Wrote" not in outputs[1][0]
@@ -242,29 +251,10 @@ def test_two_processes_train_what_one_does(tmp_path):
   from clmim.train import trainer
   config = _moco_runlocal()
   trainer.train(config, str(tmp_path / "one"))  # this process: 8 devices
-  port = _free_port()
-  procs = []
-  for pid in range(2):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "CLMIM_DISTRIBUTED": "1",
-           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "CLMIM_NUM_PROCESSES": "2",
-           "CLMIM_PROCESS_ID": str(pid)}
-    args = [sys.executable, "-m", "clmim.main", "--config",
-            "configs/pretrain_moco_v3.py:runlocal", "--config.tensorboard=False",
-            f"--workdir={tmp_path / 'two'}"]  # one shared workdir, as on a cluster's filesystem
-    procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True))
-  outputs = []
-  try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=300))
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  for proc, (out, err) in zip(procs, outputs):
-    assert proc.returncode == 0, err[-3000:]
+  # One shared workdir, as on a cluster's filesystem.
+  outputs = _two_processes(lambda pid: ["--config", "configs/pretrain_moco_v3.py:runlocal",
+                                        "--config.tensorboard=False",
+                                        f"--workdir={tmp_path / 'two'}"])
   # Process 0 alone logs and exports; the checkpoints hold both processes' shards.
   assert "Exported encoder" in outputs[0][0] and "Exported encoder" not in outputs[1][0]
   one, two = (trainer.read_metrics(str(tmp_path / name)) for name in ("one", "two"))
@@ -272,11 +262,11 @@ def test_two_processes_train_what_one_does(tmp_path):
   np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-5)
   differences = _relative_differences(_trained_params(config, str(tmp_path / "two")),
                                       _trained_params(config, str(tmp_path / "one")),
-                                      config_width(config))
+                                      _encoder_width(config))
   print("largest relative difference after 6 steps:", max(differences.values()))
   assert max(differences.values()) < 1e-3, max(differences.items(), key=lambda kv: kv[1])
 
 
-def config_width(config):
+def _encoder_width(config):
   from clmim.train.common import build_encoder
   return build_encoder(config).width

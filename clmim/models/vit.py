@@ -140,10 +140,13 @@ class Attention(nn.Module):
     dtype = compute_dtype(self.dtype)
     dense = lambda features, name, **kw: nn.Dense(
         features, name=name, kernel_init=nn.initializers.xavier_uniform(), dtype=dtype, **kw)
+    # The Dense layers see [B*N, D] rows: XLA:CPU differentiates a 2-D matmul much faster than
+    # one over [B, N, D] (the MLP's gradient 1.75x, measured at the demo ViT's shapes).
+    rows = x.reshape(batch * tokens, width)
     if self.block_style == "timm":
-      qkv = dense(3 * width, "qkv")(x)
+      qkv = dense(3 * width, "qkv")(rows)
     else:  # BEiT: one qkv weight, learned q and v biases, no k bias.
-      qkv = dense(3 * width, "qkv", use_bias=False)(x)
+      qkv = dense(3 * width, "qkv", use_bias=False)(rows)
       q_bias = self.param("q_bias", nn.initializers.zeros, (width,))
       v_bias = self.param("v_bias", nn.initializers.zeros, (width,))
       qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(dtype)
@@ -162,8 +165,8 @@ class Attention(nn.Module):
       logits = logits + shared_bias
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     self.sow("intermediates", "attn", probs)
-    out = jnp.einsum("bhqk,bhkd->bqhd", probs.astype(dtype), v).reshape(batch, tokens, width)
-    return dense(width, "proj")(out)
+    out = jnp.einsum("bhqk,bhkd->bqhd", probs.astype(dtype), v).reshape(batch * tokens, width)
+    return dense(width, "proj")(out).reshape(batch, tokens, width)
 
 
 class Mlp(nn.Module):
@@ -176,8 +179,9 @@ class Mlp(nn.Module):
     dense = lambda features, name: nn.Dense(
         features, name=name, kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(1e-6), dtype=compute_dtype(self.dtype))
-    hidden = nn.gelu(dense(self.mlp_dim, "fc1")(x), approximate=False)
-    return dense(x.shape[-1], "fc2")(hidden)
+    rows = x.reshape(-1, x.shape[-1])  # 2-D, as in Attention: a faster gradient on XLA:CPU
+    hidden = nn.gelu(dense(self.mlp_dim, "fc1")(rows), approximate=False)
+    return dense(x.shape[-1], "fc2")(hidden).reshape(x.shape)
 
 
 class Block(nn.Module):
