@@ -105,7 +105,8 @@ def _two_processes(arguments, timeout=300):
   procs = []
   for pid in range(2):
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
+                        "--xla_backend_optimization_level=0",  # as conftest: compiles faster
            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "CLMIM_DISTRIBUTED": "1",
            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "CLMIM_NUM_PROCESSES": "2",
            "CLMIM_PROCESS_ID": str(pid)}
@@ -150,11 +151,12 @@ def test_two_processes_match_one(checkpoint, folder, tmp_path):
 # sums over the batch of such terms — nearly cancelling, so their round-off is amplified ~1,000x
 # and spreads upstream. Measured on runlocal's first step: compiled for 1, 2 or 4 devices the
 # gradients agree to 2e-6; compiled for 8 (2 images per device) or run op by op (no jit, no
-# sharding) to 6e-6; between the two groups 1.1e-3 — in every leaf upstream of the predictor's
-# BatchNorm, while the predictor's last layer (after it) agrees to 5e-6. Two compilations of the
-# same single-device computation differ as much as 1 and 8 devices do, so that is the noise
-# floor the test allows, while the loss (global-batch BatchNorm statistics and negatives) must
-# agree to 1e-6.
+# sharding: the same single-device computation, compiled differently) to 6e-6; between the two
+# groups 1.1e-3 — in every leaf upstream of the predictor's BatchNorm, while the predictor's last
+# layer (after it) agrees to 5e-6. So the test allows the gradients 3e-3, the spread of two
+# compilations of one device's step, while the loss (global-batch BatchNorm statistics and
+# negatives: a per-device BatchNorm or per-device negatives would move it by percents), the
+# BatchNorm statistics and the last layer's gradient must agree to float32 round-off.
 # Some gradients are also zero in exact arithmetic: the key third of every qkv bias (softmax
 # ignores a constant added to all logits of a query) and the encoder's final LayerNorm bias (a
 # constant the projector's BatchNorm removes). Adam divides such round-off by its own size and
@@ -195,28 +197,24 @@ def test_one_training_step_on_one_device_matches_eight():
   objective = trainer.load_objective(config)
   state, _, _ = trainer.initial_state(config, objective)
   images = ShapesTextures(32, "train", 16, 0, version=3).batch(range(16))["image"]
-  args = (state["params"], state["state"], images, jax.random.PRNGKey(5), 0)
   step = jax.value_and_grad(objective.loss, has_aux=True)
-  results = {"op by op": jax.device_get(step(*args))}
+  results = []
   for devices in (1, 8):
     mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
     replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    results[devices] = jax.device_get(jax.jit(
-        step, in_shardings=(replicated, replicated, rows, replicated), static_argnums=4)(*args))
-  (loss_1, (bn_1, _)), grads_1 = results[1]
+    results.append(jax.device_get(jax.jit(
+        step, in_shardings=(replicated, replicated, rows, replicated), static_argnums=4)(
+            state["params"], state["state"], images, jax.random.PRNGKey(5), 0)))
+  ((loss_1, (bn_1, _)), grads_1), ((loss_8, (bn_8, _)), grads_8) = results
+  np.testing.assert_allclose(loss_8, loss_1, rtol=1e-6)
+  _assert_close_trees(bn_8, bn_1)  # the BatchNorm statistics of the global batch, and the EMA
+  # The predictor's last layer, after its BatchNorm: no amplified round-off yet.
+  last_1, last_8 = (g["predictor"]["linear_1"]["kernel"] for g in (grads_1, grads_8))
+  np.testing.assert_allclose(last_8, last_1, rtol=1e-4, atol=1e-5 * np.abs(last_1).max())
   width = objective.encoder.width
-  for name in ("op by op", 8):
-    (loss, (bn, _)), grads = results[name]
-    np.testing.assert_allclose(loss, loss_1, rtol=1e-6, err_msg=str(name))
-    _assert_close_trees(bn, bn_1)  # the BatchNorm statistics of the global batch, and the EMA
-    # The predictor's last layer, after its BatchNorm: no amplified round-off yet.
-    np.testing.assert_allclose(grads["predictor"]["linear_1"]["kernel"],
-                               grads_1["predictor"]["linear_1"]["kernel"], rtol=1e-4,
-                               atol=1e-5 * np.abs(grads_1["predictor"]["linear_1"]["kernel"]).max())
-  floor = np.linalg.norm(_flat(results["op by op"][1], width) - _flat(grads_1, width))
-  across = np.linalg.norm(_flat(results[8][1], width) - _flat(grads_1, width))
   scale = np.linalg.norm(_flat(grads_1, width))
-  assert across <= 2 * floor + 1e-5 * scale and across <= 1e-2 * scale, (across, floor, scale)
+  across = np.linalg.norm(_flat(grads_8, width) - _flat(grads_1, width))
+  assert across <= 3e-3 * scale, (across, scale)
   # The directions left out are round-off: below 1e-6 of the whole gradient.
   norm_bias = grads_1["online"]["encoder"]["norm"]["bias"]
   key_bias = grads_1["online"]["encoder"]["block_0"]["attn"]["qkv"]["bias"][width:2 * width]
@@ -259,12 +257,15 @@ def test_two_processes_train_what_one_does(tmp_path):
   assert "Exported encoder" in outputs[0][0] and "Exported encoder" not in outputs[1][0]
   one, two = (trainer.read_metrics(str(tmp_path / name)) for name in ("one", "two"))
   assert [r["step"] for r in two] == [2, 4, 6]
-  np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-5)
+  # Step 2's loss is still computed on the initial weights (the warm-up's first lr is 0): the
+  # same global batch, BatchNorm and negatives must give it to round-off; later ones drift.
+  np.testing.assert_allclose(two[0]["loss"], one[0]["loss"], rtol=1e-6)
+  np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=3e-3)
   differences = _relative_differences(_trained_params(config, str(tmp_path / "two")),
                                       _trained_params(config, str(tmp_path / "one")),
                                       _encoder_width(config))
   print("largest relative difference after 6 steps:", max(differences.values()))
-  assert max(differences.values()) < 1e-3, max(differences.items(), key=lambda kv: kv[1])
+  assert max(differences.values()) < 2e-3, max(differences.items(), key=lambda kv: kv[1])
 
 
 def _encoder_width(config):

@@ -182,7 +182,8 @@ def test_reused_analysis_workdir_is_refused_then_replaced(tmp_path, monkeypatch)
   (workdir / "results.json").write_text(json.dumps({"figures": ["old_figure.png"]}))
   (workdir / "old_figure.png").write_bytes(b"png")
   (workdir / "notes.txt").write_text("mine")
-  config = _analysis(**{"data.num_images": 8}, batch_size=8, models="random:mu/4?depth=1")
+  config = _analysis(**{"data.num_images": 8}, batch_size=8,
+                     models="random:mu/4?depth=1&image_size=32")
   _refused(config, workdir, "already holds an analysis run", "--config.overwrite=True")
   config.overwrite = True
   config.progress = False
@@ -225,12 +226,14 @@ def test_help_and_print_config_exit_0():
 
 def test_random_variant_runs_offline(tmp_path, monkeypatch):
   monkeypatch.setenv("CLMIM_OFFLINE", "1")
-  config = _analysis(models="random:B/16", batch_size=8, progress=False,
+  # At 32 px (a 2x2 grid) to keep it quick; the variant sets everything else.
+  config = _analysis(models="random:B/16?image_size=32", batch_size=8, progress=False,
                      **{"data.num_images": 2})
   results = clmim_main.run(config, str(tmp_path / "out"))
   info = results["model_info"]["B/16 (untrained)"]
   assert (info["image_size"], info["patch_size"], info["depth"], info["num_heads"]) == \
-      (224, 16, 12, 12)
+      (32, 16, 12, 12)
   assert info["architecture_from"]["width"] == "variant B/16"
+  assert info["architecture_from"]["image_size"] == "user (image_size=32)"
   assert np.shape(results["models"]["B/16 (untrained)"]["nmi"]) == (12, 12)
   assert results["num_images"] == 2

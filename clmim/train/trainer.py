@@ -351,7 +351,9 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
         scalars.write(step + 1, {k: v for k, v in record.items() if k != "step"})
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{images_per_s:.0f}")
       if saving:
-        manager.save(step + 1, args=ocp.args.StandardSave(train_state))
+        # From one host copy: every device holds the replicated state, and orbax would write
+        # each array as one slice per device (3.7 s instead of ~0.2 s per save on 8 CPU devices).
+        manager.save(step + 1, args=ocp.args.StandardSave(jax.device_get(train_state)))
       if stopping:
         manager.wait_until_finished()
         raise ClmimError(f"Stopped by SIGTERM after step {step + 1}: checkpoint saved in "
