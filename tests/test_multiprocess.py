@@ -163,12 +163,23 @@ def test_two_processes_match_one(checkpoint, folder, tmp_path):
 # moves the parameter a full lr step, so whole runs are compared without them.
 
 
+# MoCo v3's runlocal with test_train.py's pair path (a redrawn second view, eased in), so the
+# session's compilation cache serves one file's step to the other.
+MOCO_FIELDS = {"augment.second_view": "restyle", "augment.second_view_ramp": (2, 4),
+               "data.version": 2, "tensorboard": False}
+
+
 def _moco_runlocal():
   """MoCo v3's runlocal (6 steps, batch 16): BatchNorm over the global batch in the projector
   and predictor, and every image of the global batch a negative for every other."""
   config = pretrain_moco_v3.get_config("runlocal")
   config.unlock()
-  config.tensorboard = False
+  for key, value in MOCO_FIELDS.items():
+    *sections, name = key.split(".")
+    target = config
+    for section in sections:
+      target = target[section]
+    target[name] = value
   return config
 
 
@@ -250,9 +261,9 @@ def test_two_processes_train_what_one_does(tmp_path):
   config = _moco_runlocal()
   trainer.train(config, str(tmp_path / "one"))  # this process: 8 devices
   # One shared workdir, as on a cluster's filesystem.
-  outputs = _two_processes(lambda pid: ["--config", "configs/pretrain_moco_v3.py:runlocal",
-                                        "--config.tensorboard=False",
-                                        f"--workdir={tmp_path / 'two'}"])
+  outputs = _two_processes(lambda pid: [
+      "--config", "configs/pretrain_moco_v3.py:runlocal", f"--workdir={tmp_path / 'two'}",
+      *(f"--config.{key}={value}" for key, value in MOCO_FIELDS.items())])
   # Process 0 alone logs and exports; the checkpoints hold both processes' shards.
   assert "Exported encoder" in outputs[0][0] and "Exported encoder" not in outputs[1][0]
   one, two = (trainer.read_metrics(str(tmp_path / name)) for name in ("one", "two"))
