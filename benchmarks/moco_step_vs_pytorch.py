@@ -241,7 +241,7 @@ class TorchMocoStep:
       torch._foreach_mul_(self.momentum_params, m)
       torch._foreach_add_(self.momentum_params, self.online_params, alpha=1 - m)
     self.step_count += 1
-    return float(loss)
+    return float(loss.detach())
 
 
 # --- The comparison ---------------------------------------------------------------------------
