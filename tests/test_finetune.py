@@ -14,19 +14,14 @@ from clmim import main, preflight
 from clmim.data import mixup, train_data
 from clmim.errors import ClmimError
 from clmim.train import finetune, trainer
+from config_fields import set_fields
 from configs import finetune as finetune_config
 
 
 def _config(variant="runlocal", **fields):
   config = finetune_config.get_config(variant)
   config.unlock()
-  for key, value in fields.items():
-    *sections, name = key.split(".")
-    target = config
-    for section in sections:
-      target = target[section]
-    target[name] = value
-  return config
+  return set_fields(config, fields)
 
 
 def test_smoothed_targets_and_cross_entropy_known_answers():

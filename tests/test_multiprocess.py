@@ -21,6 +21,7 @@ from clmim.analysis import attention_distance, fourier, nmi, runner
 from clmim.jobs import analyze
 from clmim.data.eval_data import EvalImages
 from clmim.models.vit import build_vit, forward_with_states
+from config_fields import set_fields
 from tiny_checkpoints import save_random_checkpoint
 from configs import all as all_config
 from configs import pretrain_moco_v3
@@ -174,13 +175,7 @@ def _moco_runlocal():
   and predictor, and every image of the global batch a negative for every other."""
   config = pretrain_moco_v3.get_config("runlocal")
   config.unlock()
-  for key, value in MOCO_FIELDS.items():
-    *sections, name = key.split(".")
-    target = config
-    for section in sections:
-      target = target[section]
-    target[name] = value
-  return config
+  return set_fields(config, MOCO_FIELDS)
 
 
 def _without_round_off_directions(tree, width):

@@ -16,6 +16,7 @@ from clmim.data import train_data
 from clmim.data.synthetic import ShapesTextures
 from clmim.errors import ClmimError
 from clmim.train import trainer
+from config_fields import set_fields
 from configs import pretrain_hybrid
 
 TOTAL = 6  # runlocal's: the same compiled step as test_hybrid's run (the session's cache)
@@ -40,20 +41,10 @@ OVERRIDES = {"data.source": "image_folder", "augment.second_view": "",
              "log_every": 2, "data.read_threads": 3, "keep_checkpoints": 3, "tensorboard": False}
 
 
-def _set(config, fields: dict):
-  for key, value in fields.items():
-    *sections, name = key.split(".")
-    target = config
-    for section in sections:
-      target = target[section]
-    target[name] = value
-  return config
-
-
 def _config(folder, cache):
   config = pretrain_hybrid.get_config("runlocal")
   config.unlock()
-  return _set(config, {**OVERRIDES, "data.path": folder, "compilation_cache": cache})
+  return set_fields(config, {**OVERRIDES, "data.path": folder, "compilation_cache": cache})
 
 
 def _flags(folder, cache):  # the same fields on the command line
@@ -145,7 +136,7 @@ def test_each_process_reads_its_rows_of_the_same_order(folder):
     ({"data.read_threads": 0}, "config.data.read_threads=0"),
 ])
 def test_bad_training_data_is_one_line(folder, tmp_path, fields, message):
-  config = _set(_config(folder, ""), fields)
+  config = set_fields(_config(folder, ""), fields)
   with pytest.raises(ClmimError, match=message):
     preflight.check_fields(config, "pretrain", jax.device_count())
 

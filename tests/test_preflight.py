@@ -19,6 +19,7 @@ from clmim import preflight
 from clmim.analysis import runner
 from clmim.errors import ClmimError
 from clmim.train import trainer
+from config_fields import set_fields
 from configs import nmi, pretrain_moco_v3, pretrain_simmim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,14 +54,7 @@ def _refused(config, workdir, *fragments, root=None):
 
 
 def _analysis(**fields):
-  config = nmi.get_config("runlocal")
-  for key, value in fields.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
+  return set_fields(nmi.get_config("runlocal"), fields)
 
 
 @pytest.mark.parametrize("value", [0, -4, 3])

@@ -43,6 +43,25 @@ def _unreadable(path: str, error: OSError) -> ClmimError:
                     "(check its permissions, or that the disk is mounted).")
 
 
+def class_names(root: str, extensions: Sequence[str] = DEFAULT_EXTENSIONS) -> List[str]:
+  """The sorted class sub-folders of `root` (hidden ones skipped), listed without reading any
+  image; a missing, unreadable or empty root is one ClmimError."""
+  accepted = ", ".join(extensions)
+  if not os.path.isdir(root):
+    what = "is not a folder" if os.path.exists(root) else "does not exist"
+    raise ClmimError(f"Image folder {root!r} {what}: expected a folder with one "
+                     f"sub-folder of images ({accepted}) per class.")
+  try:
+    with os.scandir(root) as entries:
+      classes = sorted(e.name for e in entries if e.is_dir() and not _is_hidden(e.name))
+  except OSError as e:
+    raise _unreadable(root, e) from e
+  if not classes:
+    raise ClmimError(f"Image folder {root!r} has no class sub-folders: expected "
+                     f"root/<class>/<image> with images ending in {accepted}.")
+  return classes
+
+
 def _list_images(folder: str, extensions: Tuple[str, ...]) -> List[str]:
   """All image files under `folder` (recursively), sorted by path relative to `folder`."""
   found = []
@@ -99,18 +118,7 @@ class ImageFolder:
         or max_images_per_class <= 0):
       raise ClmimError(f"max_images_per_class = {max_images_per_class!r}: expected a positive "
                        "integer or None.")
-    if not os.path.isdir(self.root):
-      what = "is not a folder" if os.path.exists(self.root) else "does not exist"
-      raise ClmimError(f"Image folder {self.root!r} {what}: expected a folder with one "
-                       f"sub-folder of images ({accepted}) per class.")
-    try:
-      with os.scandir(self.root) as entries:
-        self.classes = sorted(e.name for e in entries if e.is_dir() and not _is_hidden(e.name))
-    except OSError as e:
-      raise _unreadable(self.root, e) from e
-    if not self.classes:
-      raise ClmimError(f"Image folder {self.root!r} has no class sub-folders: expected "
-                       f"root/<class>/<image> with images ending in {accepted}.")
+    self.classes = class_names(self.root, self.extensions)
     files, labels = [], []
     for label, name in enumerate(self.classes):
       found = _list_images(os.path.join(self.root, name), self.extensions)

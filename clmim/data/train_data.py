@@ -19,7 +19,6 @@ on: the iterator's position is the step, which every checkpoint holds.
 """
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import numpy as np
@@ -129,9 +128,10 @@ def class_count(data_cfg, label: str) -> int:
   from clmim.data import synthetic
   if data_cfg.source == "synthetic":
     return len(synthetic.SHAPES if label == "shape" else synthetic.TEXTURES)
+  if data_cfg.source == "image_folder":  # the sub-folders: no need to list every image
+    from clmim.data.image_folder import class_names
+    return len(class_names(data_cfg.path))
   images = open_images(data_cfg)
-  if data_cfg.source == "image_folder":
-    return len(images.classes)
   class_labels(images, "config.data")
   return len(images.class_names())
 
@@ -157,8 +157,8 @@ def held_out(data_cfg, finetune_cfg):
                        crop_pct=finetune_cfg.eval_crop_pct)
   labels = class_labels(images, "config.finetune")
   if data_cfg.source == "image_folder":
-    trained = sorted(e.name for e in os.scandir(data_cfg.path) if e.is_dir()
-                     and not e.name.startswith("."))
+    from clmim.data.image_folder import class_names
+    trained = class_names(data_cfg.path)
     if list(images.classes) != trained:
       raise ClmimError(f"config.finetune.eval_path={finetune_cfg.eval_path!r} has classes "
                        f"{list(images.classes)[:5]}...; expected those of config.data.path "

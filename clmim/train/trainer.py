@@ -322,7 +322,7 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
       inputs = jax.make_array_from_process_local_data(batch_sharding, images)
       if label_key:
         inputs = {"image": inputs, "label": jax.make_array_from_process_local_data(
-            batch_sharding, batch[label_key if label_key in batch else "label"])}
+            batch_sharding, batch[label_key])}
       train_state, first_bad, metrics = update(train_state, first_bad, inputs,
                                                jax.random.fold_in(rng, step))
       log_now = (step + 1) % config.log_every == 0 or step + 1 == config.total_steps
