@@ -25,8 +25,12 @@ import tempfile  # noqa: E402
 
 from clmim import config_lib, main  # noqa: E402
 
-SESSION_CACHE = tempfile.mkdtemp(prefix="clmim-test-cache-")
-atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
+# With pytest-xdist the workers inherit the controller's environment, so they all share the one
+# folder the controller made (and only the controller removes it).
+if "CLMIM_TEST_CACHE" not in os.environ:
+  os.environ["CLMIM_TEST_CACHE"] = tempfile.mkdtemp(prefix="clmim-test-cache-")
+  atexit.register(shutil.rmtree, os.environ["CLMIM_TEST_CACHE"], ignore_errors=True)
+SESSION_CACHE = os.environ["CLMIM_TEST_CACHE"]
 config_lib.COMPILATION_CACHE = SESSION_CACHE
 main.enable_compilation_cache(SESSION_CACHE)
 

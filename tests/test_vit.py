@@ -96,3 +96,10 @@ def test_wrong_image_size_is_a_clear_error():
   model = vit_lib.build_vit("mu/4", image_size=16, depth=1)
   with pytest.raises(ClmimError, match="16px"):
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_exact_gelu_matches_float64():
+  from math import erf
+  x = np.linspace(-12, 12, 2001).astype(np.float32)
+  reference = np.array([v * 0.5 * (1 + erf(v / np.sqrt(2))) for v in np.float64(x)])
+  np.testing.assert_allclose(vit_lib.exact_gelu(jnp.asarray(x)), reference, rtol=0, atol=2e-6)

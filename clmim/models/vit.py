@@ -165,8 +165,22 @@ class Attention(nn.Module):
       logits = logits + shared_bias
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     self.sow("intermediates", "attn", probs)
-    out = jnp.einsum("bhqk,bhkd->bqhd", probs.astype(dtype), v).reshape(batch * tokens, width)
+    # probs·v as a plain batched matmul with heads before tokens, then one transpose back to
+    # token-major rows: XLA:CPU otherwise computes it into a [B, heads, hd, N] layout and
+    # transposes twice in the gradient (demo ViT forward 92 -> 81 ms).
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(dtype), v)
+    out = out.transpose(0, 2, 1, 3).reshape(batch * tokens, width)
     return dense(width, "proj")(out).reshape(batch, tokens, width)
+
+
+def exact_gelu(x):
+  """x · Φ(x) = x/2 · (1 + erf(x/√2)), PyTorch's form of the exact GELU.
+
+  `jax.nn.gelu(approximate=False)` computes the same function through erfc, whose float32
+  expansion branches between ranges; erf is one rational polynomial (on XLA:CPU, standalone:
+  27 -> 20 ms over ViT-B's MLP activations at batch 16). Both are within 1e-6 of a float64 GELU.
+  """
+  return x * 0.5 * (1 + jax.lax.erf(x * np.float32(0.7071067811865476)).astype(x.dtype))
 
 
 class Mlp(nn.Module):
@@ -180,7 +194,7 @@ class Mlp(nn.Module):
         features, name=name, kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(1e-6), dtype=compute_dtype(self.dtype))
     rows = x.reshape(-1, x.shape[-1])  # 2-D, as in Attention: a faster gradient on XLA:CPU
-    hidden = nn.gelu(dense(self.mlp_dim, "fc1")(rows), approximate=False)
+    hidden = exact_gelu(dense(self.mlp_dim, "fc1")(rows))
     return dense(x.shape[-1], "fc2")(hidden).reshape(x.shape)
 
 
