@@ -103,3 +103,56 @@ def test_exact_gelu_matches_float64():
   x = np.linspace(-12, 12, 2001).astype(np.float32)
   reference = np.array([v * 0.5 * (1 + erf(v / np.sqrt(2))) for v in np.float64(x)])
   np.testing.assert_allclose(vit_lib.exact_gelu(jnp.asarray(x)), reference, rtol=0, atol=2e-6)
+
+
+def _float64_layer_norm(x, scale, bias, epsilon=1e-6):
+  centred = x - x.mean(-1, keepdims=True)
+  return centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + epsilon) * scale + bias
+
+
+def test_layer_norm_value_and_gradient_match_float64_and_flax():
+  import flax.linen as nn
+  from clmim.models.layer_norm import LayerNorm
+  rng = np.random.default_rng(0)
+  x = (rng.standard_normal((3, 5, 16)) * 3 + 1).astype(np.float32)
+  params = {"params": {"scale": rng.standard_normal(16).astype(np.float32),
+                       "bias": rng.standard_normal(16).astype(np.float32)}}
+  cotangent = rng.standard_normal(x.shape).astype(np.float32)
+  out, pullback = jax.vjp(lambda p, x: LayerNorm(epsilon=1e-6).apply(p, x), params, x)
+  grad_params, grad_x = pullback(cotangent)
+  scale, bias = (np.float64(params["params"][k]) for k in ("scale", "bias"))
+  np.testing.assert_allclose(out, _float64_layer_norm(np.float64(x), scale, bias), atol=2e-6)
+  # The gradient's known answer: central differences of the float64 function, entry by entry.
+  loss = lambda args: np.sum(_float64_layer_norm(*args) * cotangent)
+  step = 1e-6
+  float64_args = [np.float64(x), scale, bias]
+  for position, grad in enumerate((grad_x, grad_params["params"]["scale"],
+                                   grad_params["params"]["bias"])):
+    numeric = np.zeros_like(float64_args[position])
+    for index in np.ndindex(numeric.shape):
+      up, down = list(float64_args), list(float64_args)
+      up[position], down[position] = float64_args[position].copy(), float64_args[position].copy()
+      up[position][index] += step
+      down[position][index] -= step
+      numeric[index] = (loss(up) - loss(down)) / (2 * step)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-4)
+  # Same function and gradients as flax's LayerNorm (which it replaces), to float32 round-off.
+  flax_out, flax_pullback = jax.vjp(lambda p, x: nn.LayerNorm(epsilon=1e-6).apply(p, x), params, x)
+  np.testing.assert_allclose(out, flax_out, atol=5e-6)
+  for ours, theirs in zip(jax.tree.leaves((grad_params, grad_x)),
+                          jax.tree.leaves(flax_pullback(cotangent))):
+    np.testing.assert_allclose(ours, theirs, atol=5e-6)
+
+
+def test_layer_norm_in_bfloat16_normalises_in_float32_and_keeps_the_dtypes():
+  from clmim.models.layer_norm import LayerNorm
+  x = (jax.random.normal(jax.random.PRNGKey(0), (4, 8)) * 100 + 1000).astype(jnp.bfloat16)
+  module = LayerNorm(dtype=jnp.bfloat16)
+  params = module.init(jax.random.PRNGKey(1), x)
+  out = module.apply(params, x)
+  assert out.dtype == jnp.bfloat16
+  # A large common offset is removed in float32: the rows come out normalised.
+  np.testing.assert_allclose(np.float32(out).mean(-1), 0, atol=2e-2)
+  np.testing.assert_allclose(np.float32(out).std(-1), 1, atol=2e-2)
+  grads = jax.grad(lambda p, x: module.apply(p, x).astype(jnp.float32).sum(), (0, 1))(params, x)
+  assert grads[1].dtype == jnp.bfloat16 and grads[0]["params"]["scale"].dtype == jnp.float32

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from clmim.errors import ClmimError
+from clmim.models.layer_norm import LayerNorm
 from clmim.models.vit import Block, collect_states, sincos_position_embedding
 
 DECODER_KINDS = ("mae", "simmim")
@@ -102,7 +103,7 @@ class MaeDecoder(nn.Module):
     self.sow("intermediates", "embedding", x)
     for i in range(self.depth):
       x = Block(self.num_heads, self.mlp_dim, name=f"block_{i}")(x)
-    x = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
+    x = LayerNorm(epsilon=1e-6, name="norm")(x)
     return nn.Dense(self.patch_size * self.patch_size * 3, name="pred", kernel_init=init)(x)
 
 

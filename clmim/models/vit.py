@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clmim.errors import ClmimError
+from clmim.models.layer_norm import LayerNorm
 
 # name -> (width, depth, mlp_dim, heads). "mu" is a tiny test/demo size.
 VARIANTS = {
@@ -223,7 +224,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, shared_bias=None, deterministic=True):
-    norm = lambda name: nn.LayerNorm(epsilon=1e-6, name=name, dtype=compute_dtype(self.dtype))
+    norm = lambda name: LayerNorm(epsilon=1e-6, name=name, dtype=compute_dtype(self.dtype))
     attn = Attention(self.num_heads, self.block_style, self.per_block_rel_pos, self.grid,
                      self.dtype, name="attn")
     x = self._branch(x, attn(norm("norm1")(x), shared_bias), "gamma_1", deterministic)
@@ -320,7 +321,7 @@ class ViT(nn.Module):
                 self.rel_pos_bias == "per_block", self.grid, rate, self.dtype,
                 name=f"block_{i}")(x, shared_bias, deterministic)
     # The final tokens in float32 whatever the compute dtype: heads and analyses read them.
-    return nn.LayerNorm(epsilon=1e-6, name="norm", dtype=dtype)(x).astype(jnp.float32)
+    return LayerNorm(epsilon=1e-6, name="norm", dtype=dtype)(x).astype(jnp.float32)
 
 
 VIT_FIELDS = tuple(k for k in ViT.__dataclass_fields__ if k not in ("parent", "name", "dtype"))

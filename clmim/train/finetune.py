@@ -35,6 +35,7 @@ from clmim.data import mixup, train_data
 from clmim.data.preprocess import resolve_stats
 from clmim.data.augment import crop_flip_view
 from clmim.errors import ClmimError
+from clmim.models.layer_norm import LayerNorm
 from clmim.train.common import SingleEncoderObjective, build_encoder, normalise
 
 POOLS = ("mean", "cls")
@@ -72,7 +73,7 @@ class ClassifierHead(nn.Module):
     if self.pool == "cls":
       features = tokens[:, 0]
     else:
-      features = nn.LayerNorm(epsilon=1e-6, name="fc_norm")(tokens[:, 1:].mean(axis=1))
+      features = LayerNorm(epsilon=1e-6, name="fc_norm")(tokens[:, 1:].mean(axis=1))
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.truncated_normal(
         self.init_std), name="linear")(features)
 
