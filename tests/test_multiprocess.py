@@ -102,10 +102,15 @@ def _two_processes(arguments, timeout=300):
   """Runs `python -m clmim.main *arguments(pid)` as processes 0 and 1 of a jax.distributed job
   over 127.0.0.1 (4 CPU devices each, gloo collectives); returns their (stdout, stderr) after
   both exited 0."""
+  return _launch(_two_process_envs(), arguments, timeout)
+
+
+def _two_process_envs():
+  """The environments of processes 0 and 1 of one jax.distributed job on a free local port."""
   port = _free_port()
-  return _launch([{"CLMIM_DISTRIBUTED": "1", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-                   "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "CLMIM_NUM_PROCESSES": "2",
-                   "CLMIM_PROCESS_ID": str(pid)} for pid in range(2)], arguments, timeout)
+  return [{"CLMIM_DISTRIBUTED": "1", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "CLMIM_NUM_PROCESSES": "2",
+           "CLMIM_PROCESS_ID": str(pid)} for pid in range(2)]
 
 
 def _launch(process_envs, arguments, timeout):
@@ -263,11 +268,8 @@ def test_two_processes_train_what_one_does(tmp_path):
   trainer.train(config, str(tmp_path / "one"))  # this process: 8 devices
   # Processes 0 and 1 of a 2 x 4-device job share one workdir, as on a cluster's filesystem;
   # beside them, the same job in one process on 4 devices (see below for why).
-  port = _free_port()
   outputs = _launch(
-      [{"CLMIM_DISTRIBUTED": "1", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-        "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "CLMIM_NUM_PROCESSES": "2",
-        "CLMIM_PROCESS_ID": str(pid)} for pid in range(2)] + [{}],
+      _two_process_envs() + [{}],
       lambda i: ["--config", "configs/pretrain_moco_v3.py:runlocal",
                  f"--workdir={tmp_path / ('two' if i < 2 else 'one_4')}",
                  *(f"--config.{key}={value}" for key, value in MOCO_FIELDS.items())],
@@ -283,7 +285,7 @@ def test_two_processes_train_what_one_does(tmp_path):
   # The parameters after 6 steps must match a one-process run of the same job. Which one: the
   # biases start at zero, move a few lr steps, and their gradients are the nearly cancelling
   # sums above, so two compilations of one job can land 2.5e-2 apart in them (measured: one
-  # process on 8 devices against 4, with one LayerNorm implementation; 1e-4 with another) while
+  # process on 8 devices against 4 with clmim's LayerNorm; 1.2e-4 with flax's) while
   # a run matches the one that rounds like it to 1e-5. The two-process run must match one of
   # the one-process runs to 2e-3; both differences are printed.
   params = {name: _trained_params(config, str(tmp_path / name)) for name in ("one", "one_4", "two")}
