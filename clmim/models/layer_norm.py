@@ -26,15 +26,14 @@ def _statistics(x, epsilon):
   return centred * inverse_std, inverse_std
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _float32_layer_norm(x, scale, bias, epsilon):
-  normalised, _ = _statistics(x, epsilon)
-  return normalised * scale + bias
-
-
 def _forward(x, scale, bias, epsilon):
   normalised, inverse_std = _statistics(x, epsilon)
   return normalised * scale + bias, (normalised, inverse_std, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _float32_layer_norm(x, scale, bias, epsilon):
+  return _forward(x, scale, bias, epsilon)[0]
 
 
 def _backward(epsilon, residuals, grad):
