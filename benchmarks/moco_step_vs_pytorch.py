@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from clmim import host_memory  # noqa: E402
 from clmim.data.synthetic import ShapesTextures  # noqa: E402
 from clmim.train import moco_v3, trainer  # noqa: E402
 from configs import pretrain_moco_v3  # noqa: E402
@@ -341,6 +342,7 @@ def main(argv=None):
       "final_loss": {"clmim": state["loss"], "pytorch": state["torch_loss"]},
       "same_network_check": check,
       "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+      "host_memory": host_memory.status(),
       "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
       "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
       "total_seconds": round(time.time() - started, 1),
