@@ -35,6 +35,7 @@ import importlib  # noqa: E402
 
 import jax  # noqa: E402
 
+from clmim import host_memory  # noqa: E402
 from clmim.train import trainer  # noqa: E402
 
 OBJECTIVES = ("moco_v3", "simmim", "mae", "hybrid")
@@ -119,6 +120,7 @@ def main(argv=None) -> dict:
             "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
             "device_count": jax.device_count(), "jax": jax.__version__,
             "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "host_memory": host_memory.status(),
             "total_seconds": round(time.perf_counter() - started, 1)}
   print(json.dumps(report))
   return report

@@ -76,3 +76,10 @@ def test_unknown_setting_warns_and_keeps():
   status, faults, stderr = _run(CLMIM_HOST_MEMORY="always")
   assert status == "keep" and faults < INTERMEDIATE_PAGES / 10
   assert "CLMIM_HOST_MEMORY='always' is not one of ('keep', 'system')" in stderr
+
+
+def test_results_record_the_setting():
+  from clmim import host_memory
+  from clmim.jobs.analyze import versions
+  assert versions()["host_memory"] == host_memory.status()
+  assert host_memory.status() == "keep" or host_memory.status().startswith("system (")

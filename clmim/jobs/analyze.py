@@ -56,12 +56,14 @@ OUTPUTS = ("results.json", "summary.txt", "report.md", "report.html")  # besides
 
 
 def versions() -> dict:
+  """The software and runtime a result came from (results.json's "versions")."""
   import flax
   import clmim
+  from clmim import host_memory
   return {"clmim": clmim.__version__, "jax": jax.__version__, "flax": flax.__version__,
           "numpy": np.__version__, "python": platform.python_version(),
           "backend": jax.default_backend(), "devices": jax.device_count(),
-          "processes": jax.process_count()}
+          "processes": jax.process_count(), "host_memory": host_memory.status()}
 
 
 def analysis_setup(names, options_config) -> tuple[list, dict]:
