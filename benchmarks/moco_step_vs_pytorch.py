@@ -46,6 +46,8 @@ from clmim.train import moco_v3, trainer  # noqa: E402
 from configs import pretrain_moco_v3  # noqa: E402
 from forward_vs_pytorch import TorchViT, _cpu_name, _time_interleaved, load_clmim_params  # noqa: E402,E501
 
+host_memory.keep_freed_memory()  # as training runs do (clmim/main.py), before JAX starts
+
 LUMA = torch.tensor([0.299, 0.587, 0.114])
 TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 

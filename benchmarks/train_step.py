@@ -38,6 +38,8 @@ import jax  # noqa: E402
 from clmim import host_memory  # noqa: E402
 from clmim.train import trainer  # noqa: E402
 
+host_memory.keep_freed_memory()  # as training runs do (clmim/main.py), before JAX starts
+
 OBJECTIVES = ("moco_v3", "simmim", "mae", "hybrid")
 
 

@@ -83,6 +83,9 @@ def run(config, workdir: str, invocation: dict | None = None):
   """
   from clmim import preflight
   mode = preflight.check_mode(config)  # each job runs the rest of preflight.check_run first
+  if mode in ("pretrain", "finetune", "sweep"):
+    from clmim import host_memory  # before JAX starts: see clmim/host_memory.py
+    host_memory.keep_freed_memory()
   enable_compilation_cache(config.get("compilation_cache", ""))
   invocation = invocation or {"command": None, "overrides": [], "workdir": workdir}
   if mode in ("pretrain", "finetune"):

@@ -1,5 +1,6 @@
-"""clmim/host_memory.py: `import clmim` makes XLA:CPU reuse freed host memory (no page faults
-on repeated calls), CLMIM_HOST_MEMORY=system leaves glibc alone, and the status says why.
+"""clmim/host_memory.py: `keep_freed_memory()` makes XLA:CPU reuse freed host memory (no page
+faults on repeated calls), training runs call it and nothing else does, CLMIM_HOST_MEMORY=system
+leaves glibc alone, and the status says why.
 
 Each case runs in a fresh interpreter: the settings only work before JAX starts its threads.
 """
@@ -15,8 +16,8 @@ import pytest
 SCRIPT = """
 import resource
 {before}
-import clmim
 from clmim import host_memory
+{call}
 import jax, jax.numpy as jnp
 
 @jax.jit
@@ -41,17 +42,17 @@ glibc_only = pytest.mark.skipif(
     reason="the settings are glibc's")
 
 
-def _run(before="", **env):
+def _run(before="", call="host_memory.keep_freed_memory()", **env):
   environment = {k: v for k, v in os.environ.items() if k != "CLMIM_HOST_MEMORY"}
   environment.update(env)
-  done = subprocess.run([sys.executable, "-c", SCRIPT.format(before=before)], env=environment,
+  done = subprocess.run([sys.executable, "-c", SCRIPT.format(before=before, call=call)], env=environment,
                         capture_output=True, text=True, timeout=240, check=True)
   status, faults = done.stdout.strip().splitlines()[-1].rsplit(" ", 1)
   return eval(status), float(faults), done.stderr  # pylint: disable=eval-used
 
 
 @glibc_only
-def test_import_keeps_freed_memory_so_repeated_calls_do_not_fault():
+def test_keeping_freed_memory_stops_repeated_calls_faulting():
   status, faults, _ = _run()
   assert status == "keep"
   # Without the settings each call faults in every page of its intermediates again
@@ -72,6 +73,13 @@ def test_too_late_once_jax_has_started():
 
 
 @glibc_only
+def test_importing_clmim_changes_nothing():
+  status, faults, _ = _run(call="")
+  assert status == "system (not requested: not a training run)"
+  assert faults > INTERMEDIATE_PAGES / 10  # glibc's defaults: the intermediates fault again
+
+
+@glibc_only
 def test_unknown_setting_warns_and_keeps():
   status, faults, stderr = _run(CLMIM_HOST_MEMORY="always")
   assert status == "keep" and faults < INTERMEDIATE_PAGES / 10
@@ -83,3 +91,35 @@ def test_results_record_the_setting():
   from clmim.jobs.analyze import versions
   assert versions()["host_memory"] == host_memory.status()
   assert host_memory.status() == "keep" or host_memory.status().startswith("system (")
+
+
+# main.run with a pretraining config and a file as its workdir: the run stops at its checks, after
+# the mode has decided about host memory; an analysis config leaves it alone.
+RUN_SCRIPT = """
+import sys, tempfile
+sys.path.insert(0, {root!r})
+from clmim import host_memory, main
+from clmim.errors import ClmimError
+from configs import {module}
+not_a_folder = tempfile.NamedTemporaryFile(delete=False).name
+try:
+  main.run({module}.get_config({variant!r}), not_a_folder)
+except ClmimError as e:
+  print("stopped:", e)
+print(repr(host_memory.status()))
+"""
+
+
+@glibc_only
+@pytest.mark.parametrize("module,variant,expected", [
+    ("pretrain_simmim", "runlocal", "keep"),
+    ("nmi", "", "system (not requested: not a training run)"),
+])
+def test_training_runs_keep_freed_memory(module, variant, expected):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  environment = {k: v for k, v in os.environ.items() if k != "CLMIM_HOST_MEMORY"}
+  script = RUN_SCRIPT.format(root=root, module=module, variant=variant)
+  done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True,
+                        text=True, timeout=240, check=True)
+  assert "stopped:" in done.stdout
+  assert eval(done.stdout.strip().splitlines()[-1]) == expected  # pylint: disable=eval-used
