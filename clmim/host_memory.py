@@ -14,8 +14,9 @@ buffer: no page faults. The cost is that the process keeps its peak heap until i
 
 Training runs call it (`clmim.main.run` for `config.mode` pretrain, finetune and sweep): they
 compile a few steps once and run them thousands of times. Nothing else does, because one arena
-slows XLA's multi-threaded compilation (the demo MoCo v3 step compiled in 12.1-13.0 s with
-glibc's defaults, 15.3-15.8 s with these settings), and analysis runs are short or, at ViT-B/16
+can slow XLA's multi-threaded compilation (the demo MoCo v3 step compiled in 12.1-13.0 s with
+glibc's defaults and 15.3-15.8 s with these settings in one comparison; 17.6-18.2 against
+18.1-20.4 s in benchmarks/host_memory.py), and analysis runs are short or, at ViT-B/16
 scale, have few faults for their compute. Code that trains from Python calls it first thing.
 The environment variable CLMIM_HOST_MEMORY="system" turns it off. It has no effect where libc
 is not glibc (macOS, musl) and none once JAX's backends have started (their threads have their
@@ -63,9 +64,9 @@ def keep_freed_memory() -> str:
   elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
     _status = "system (libc is not glibc)"
   elif _backends_started():
-    _status = "system (JAX's backends had started before clmim was imported)"
-    logging.info("clmim: freed host memory is not kept for reuse: import clmim before JAX runs "
-                 "anything (see clmim/host_memory.py).")
+    _status = "system (JAX's backends had already started)"
+    logging.info("clmim: freed host memory is not kept for reuse: call "
+                 "host_memory.keep_freed_memory() before anything runs on JAX.")
   else:
     libc = ctypes.CDLL("libc.so.6")
     done = all(libc.mallopt(option, value) == 1 for option, value in

@@ -11,9 +11,9 @@ os.environ["XLA_FLAGS"] = (
     " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MPLBACKEND", "Agg")
-# Training runs make glibc keep freed memory (clmim/host_memory.py), which slows XLA's compilation
-# by 15-25 % (measured on the demo MoCo v3 step); the tests mostly compile, so they run without
-# it. tests/test_host_memory.py checks it in fresh interpreters with it on.
+# Training runs make glibc keep freed memory (clmim/host_memory.py), which can slow XLA's
+# compilation (the demo MoCo v3 step: 12.1-13.0 -> 15.3-15.8 s in one comparison); the tests
+# mostly compile, so they run without it. tests/test_host_memory.py checks it with it on.
 os.environ.setdefault("CLMIM_HOST_MEMORY", "system")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)

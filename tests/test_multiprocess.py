@@ -166,7 +166,8 @@ def test_two_processes_match_one(checkpoint, folder, tmp_path):
 # sharding: the same single-device computation, compiled differently) to 6e-6; between the two
 # groups 1.1e-3 — in every leaf upstream of the predictor's BatchNorm, while the predictor's last
 # layer (after it) agrees to 5e-6. (That is at XLA's default optimisation level; at the -O0 the
-# tests compile with, 8 devices agree with 1 to 6e-6. Measured again with the current model.) So the test allows the gradients 3e-3, the spread of two
+# tests compile with, 8 devices agree with 1 to 6e-6, measured again with the current model.)
+# So the test allows the gradients 3e-3, the spread of two
 # compilations of one device's step, while the loss (global-batch BatchNorm statistics and
 # negatives: a per-device BatchNorm or per-device negatives would move it by percents), the
 # BatchNorm statistics and the last layer's gradient must agree to float32 round-off.
