@@ -3,7 +3,7 @@ forward, and the singular-value algorithms the `svd` analysis can use, timed sid
 
 `device_check.py` times the whole step (forward + every analysis); when the step is far slower
 than the forward, this script names the analysis at fault. For each analysis of
-`device_check.select_analyses` (same model, random LeCun-normal params, procedural images, one
+`analysis_step.select_analyses` (same model, random LeCun-normal params, procedural images, one
 dtype, --batch images per device), its own `Analyzer` step is compiled and timed; `extra_s` is
 that step's median minus the bare forward's.
 
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from benchmarks import device_check
+from benchmarks import analysis_step, device_check
 from clmim.analysis import runner, svd
 from clmim.models import vit as vit_lib
 
@@ -80,7 +80,7 @@ def profile_svd(tokens: np.ndarray, repeats: int, check: int) -> dict:
   for name, route in svd_routes().items():
     try:
       fn = jax.jit(route)
-      _, seconds, _ = device_check.timed(lambda: fn(placed), repeats, 60.0)
+      _, seconds, _ = analysis_step.timed(lambda: fn(placed), repeats, 60.0)
       s = np.asarray(fn(placed), np.float64)[:check]
       scale = reference.max(-1, keepdims=True)
       out[name] = {
@@ -107,20 +107,20 @@ def main():
   args = parser.parse_args()
 
   model = vit_lib.build_vit(args.variant, image_size=args.size).clone(dtype=args.dtype)
-  params = device_check.random_params(model)
-  modules, excluded = device_check.select_analyses(
+  params = analysis_step.random_params(model)
+  modules, excluded = analysis_step.select_analyses(
       model, f"ViT-{args.variant} (random init)", {s.strip() for s in args.skip.split(",")})
   if args.only:
     only = {s.strip() for s in args.only.split(",")}
     modules = [m for m in modules if m.NAME in only]
   mesh = runner.make_mesh()
   params = jax.device_put(params, NamedSharding(mesh, P()))
-  images = device_check.ImageCache(args.size, os.cpu_count() or 1)
+  images = analysis_step.ImageCache(args.size, os.cpu_count() or 1)
 
   analyses, forward_s = {}, None
   for module in modules:
     try:
-      check = device_check.StepCheck(model, [module], params, mesh, args.batch, images)
+      check = analysis_step.StepCheck(model, [module], params, mesh, args.batch, images)
       start = time.perf_counter()
       check.compile_and_run()
       compile_s = time.perf_counter() - start

@@ -8,7 +8,7 @@ predictor on each view, the momentum ViT + projector on each, the symmetric Info
 gradient, global-norm clipping, AdamW (no decay on vectors, the cls token and the positions; the
 patch projection and the sin-cos table frozen) and the momentum update. clmim runs it as the
 trainer does (`clmim.train.trainer.make_update`, jit-compiled, on one device). The PyTorch
-version is written here from the same definitions (the ViT of benchmarks/forward_vs_pytorch.py,
+version is written here from the same definitions (the ViT of benchmarks/torch_reference.py,
 BatchNorm MLPs, the augmentations as batched tensor ops, torch.optim.AdamW, `_foreach` EMA).
 
 Before timing, the two are checked to be the same network and loss: PyTorch is loaded with
@@ -44,7 +44,7 @@ from clmim import host_memory  # noqa: E402
 from clmim.data.synthetic import ShapesTextures  # noqa: E402
 from clmim.train import moco_v3, trainer  # noqa: E402
 from configs import pretrain_moco_v3  # noqa: E402
-from forward_vs_pytorch import TorchViT, _cpu_name, _time_interleaved, load_clmim_params  # noqa: E402,E501
+from torch_reference import TorchViT, cpu_name, load_clmim_params, time_interleaved  # noqa: E402
 
 host_memory.keep_freed_memory()  # as training runs do (clmim/main.py), before JAX starts
 
@@ -330,7 +330,7 @@ def main(argv=None):
     for _ in range(args.steps):
       state["torch_loss"] = torch_step(torch_images)
 
-  times = _time_interleaved({"clmim": clmim_steps, "pytorch": torch_steps}, args.repeats)
+  times = time_interleaved({"clmim": clmim_steps, "pytorch": torch_steps}, args.repeats)
   per_step = {name: median / args.steps for name, (median, _) in times.items()}
   result = {
       "benchmark": "moco_step_vs_pytorch",
@@ -345,7 +345,7 @@ def main(argv=None):
       "same_network_check": check,
       "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
       "host_memory": host_memory.status(),
-      "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+      "cpu": cpu_name(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
       "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
       "total_seconds": round(time.time() - started, 1),
   }

@@ -1,8 +1,9 @@
 """benchmarks/forward_vs_pytorch.py times what it claims: the same model and the same quantities.
 
-The benchmark's main path runs on a tiny ViT (its forwards and pipelines must agree), and its
-reimplementations of the official notebook analyses must give clmim's numbers on the very same
-attention maps and states; otherwise the timing would compare different computations.
+The benchmark's main path runs on a tiny ViT (its forwards and pipelines must agree), and the
+reimplementations of the official notebook analyses (benchmarks/torch_reference.py) must give
+clmim's numbers on the very same attention maps and states; otherwise the timing would compare
+different computations.
 """
 import functools
 import importlib.util
@@ -27,9 +28,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "forward_vs_pytorch.py")
 
 
-def _load_benchmark():
-  """The benchmark module, imported from its file (benchmarks/ is not a package)."""
-  spec = importlib.util.spec_from_file_location("forward_vs_pytorch", SCRIPT)
+def _load_benchmark(name="forward_vs_pytorch"):
+  """benchmarks/<name>.py, imported from its file (benchmarks/ is not a package)."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks",
+                                                                   name + ".py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -105,15 +107,15 @@ def test_official_reimplementations_match_clmim_on_the_same_maps(one_torch_threa
   # qkv_gain 4 sharpens the random attention (logits x 16): peaked, unequal maps rather
   # than near-uniform ones. Size 28 at patch 4 is an odd (7 x 7) grid for the Fourier read-out,
   # 32 an even one (8 x 8).
-  bench = _load_benchmark()
+  reference = _load_benchmark("torch_reference")
   model = build_vit("mu/4", image_size=size, depth=3)  # 3 blocks: 3 maps and 7 states suffice
   images = jnp.asarray(np.random.default_rng(1).standard_normal((3, size, size, 3), np.float32))
   params = _random_params(model, images, qkv_gain)
   zs, attns = jax.jit(functools.partial(forward_with_states, model))(params, images)
 
-  official = bench.official_analyses([torch.from_numpy(np.array(z)) for z in zs],
-                                     [torch.from_numpy(np.array(a)) for a in attns],
-                                     model.patch_size)
+  official = reference.official_analyses([torch.from_numpy(np.array(z)) for z in zs],
+                                         [torch.from_numpy(np.array(a)) for a in attns],
+                                         model.patch_size)
   analyses = (attention_distance, nmi, fourier)
 
   @jax.jit  # all three in one computation, as in the runner's step (op by op is much slower)
