@@ -158,3 +158,32 @@ def test_moco_step_benchmark_compares_the_same_network_and_loss():
   assert max(check["gradient_relative_diff"].values()) < 1e-4, check
   assert all(np.isfinite(v) for v in report["final_loss"].values())
   assert set(report["images_per_s"]) == {"clmim", "pytorch"} and report["clmim_speedup"] > 0
+
+
+def test_vit_matmuls_benchmark_times_the_same_products_and_splits_the_gap():
+  """benchmarks/vit_matmuls_vs_pytorch.py: every product and the attention core agree between
+  the libraries before they are timed, the two models compute the same loss and gradients, and
+  the model's gap is split into parts that add up."""
+  import contextlib
+  import io
+  sys.path.insert(0, ROOT)
+  from benchmarks import vit_matmuls_vs_pytorch as bench
+  with contextlib.redirect_stdout(io.StringIO()) as out:
+    report = bench.main(["--size", "16", "--batch", "2", "--repeats", "1", "--inner", "1"])
+  assert json.loads(out.getvalue()) == report
+  assert report["rows"] == 2 * 17
+  check = report["same_model_check"]
+  assert check["loss_abs_diff"] < 1e-6 and check["qkv_kernel_grad_rel_diff"] < 1e-4, check
+  assert set(report["matmuls"]) == {"qkv", "proj", "fc1", "fc2"}
+  per_pass = report["dense_matmuls_per_forward_backward_ms"]
+  assert set(per_pass) == set(bench.FORMS)
+  for form, sums in per_pass.items():
+    for name in ("xla", "torch"):
+      want = report["depth"] * sum(report["matmuls"][layer][form][f"{name}_ms"]
+                                   for layer in report["matmuls"])
+      assert sums[f"{name}_ms"] == pytest.approx(want, abs=0.01)
+  model_gap = 1e3 * (report["model_forward_backward_s"]["clmim"]
+                     - report["model_forward_backward_s"]["pytorch"])
+  assert report["model_gap_ms"] == pytest.approx(model_gap, abs=0.1)
+  parts = report["dense_matmul_gap_ms"] + report["attention_core_gap_ms"] + report["rest_gap_ms"]
+  assert parts == pytest.approx(report["model_gap_ms"], abs=0.2)
