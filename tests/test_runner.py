@@ -219,3 +219,20 @@ def test_running_sums_on_the_device_add_like_float64(monkeypatch):
 def test_sums_kept_on_the_device_change_nothing(monkeypatch, analyzer8, reference, params, data):
   monkeypatch.setattr(runner, "DEVICE_SUM_MIN_SIZE", 1)  # every sum on the device
   _assert_same(analyzer8.run(params, _batched(data, 16), progress=False), reference)
+
+
+def test_a_model_given_to_the_analyzer_is_checked_before_anything_compiles():
+  from clmim.analysis import decoder, svd
+  from clmim.models.vit import build_vit
+  vit = build_vit("mu/4", image_size=16, depth=2)  # a bare ViT: no decoder
+  with pytest.raises(ClmimError, match=r"Analyzer: analysis 'decoder': .*has no decoder"):
+    runner.Analyzer(_toy_forward, [nmi, decoder], PATCH, model=vit)
+  # The options are checked against the model too: block 5 of a 2-block ViT does not exist.
+  with pytest.raises(ClmimError, match=r"Analyzer: analysis 'svd'"):
+    runner.Analyzer(_toy_forward, [svd], PATCH, model=vit, options={"svd": {"block": 5}})
+  # Accepted: nothing refused, and nothing compiled yet.
+  analyzer = runner.Analyzer(_toy_forward, [nmi, svd], PATCH, model=vit,
+                             options={"svd": {"block": 1}})
+  assert analyzer.compilations == 0
+  # Without a model the checks are the caller's, as before.
+  runner.Analyzer(_toy_forward, [decoder], PATCH)

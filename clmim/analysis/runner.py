@@ -176,7 +176,7 @@ class Analyzer:
   """Runs several analyses over a stream of image batches in one sharded pass per batch."""
 
   def __init__(self, forward_fn, analyses, patch_size, mesh=None, device_batch_size=8,
-               options=None):
+               options=None, model=None):
     """Builds (but does not yet compile) the sharded step.
 
     Args:
@@ -190,6 +190,10 @@ class Analyzer:
         any size are re-cut to it. Results do not depend on the incoming batch sizes nor on the
         device count; changing device_batch_size itself changes float32 rounding (~1e-6).
       options: {analysis name: {option: value}}, merged over each module's OPTIONS.
+      model: the model `forward_fn` runs (a registry model or a bare ViT), optional. When given,
+        each analysis' own `check` runs on it here with the resolved options (e.g. `decoder`
+        refuses a model without a decoder), so a mismatch is one ClmimError before anything
+        compiles; without it the checks are the caller's (the analysis jobs run them).
 
     The step is compiled once per Analyzer (on the first `run`) and reused for every `run`,
     also with other params of the same structure: models of one architecture share it.
@@ -212,6 +216,13 @@ class Analyzer:
     self.analyses = list(analyses)
     self.options = {a.NAME: core.resolve_options(a, (options or {}).get(a.NAME))
                     for a in self.analyses}
+    if model is not None:
+      for a in self.analyses:
+        if hasattr(a, "check"):
+          try:
+            a.check(model, self.options[a.NAME])
+          except ClmimError as e:
+            raise ClmimError(f"Analyzer: analysis {a.NAME!r}: {e}") from None
     self.patch_size = patch_size
     self.compilations = 0
     self.compile_seconds = 0.0  # wall time of the steps that traced and compiled
