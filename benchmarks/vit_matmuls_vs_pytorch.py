@@ -18,7 +18,7 @@ Runs with the training runs' host-memory setting (clmim/host_memory.py), which b
 share in one process. Defaults: the demo ViT (mu/4, 32 px) at the demo recipes' batch 64.
 
   python benchmarks/vit_matmuls_vs_pytorch.py [--variant mu/4] [--size 32] [--batch 64]
-      [--repeats 15] [--inner 20]
+      [--repeats 15] [--inner 20] [--depth 0]
 
 Prints one JSON object: per layer and form, ms per product and GFLOP/s of each library; per
 form, the sum over a block's layers times the depth (ms per forward + backward); the attention
@@ -188,10 +188,12 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=15)
   parser.add_argument("--inner", type=int, default=20, help="products per timed call")
+  parser.add_argument("--depth", type=int, default=0, help="ViT blocks (0 = the variant's)")
   args = parser.parse_args(argv)
   started = time.time()
   rng = np.random.default_rng(0)
-  model = build_vit(args.variant, image_size=args.size)
+  depth = {"depth": args.depth} if args.depth else {}
+  model = build_vit(args.variant, image_size=args.size, **depth)
   rows = args.batch * ((args.size // model.patch_size) ** 2 + 1)
   matmuls = time_matmuls(rows, dense_layers(model), args.repeats, args.inner, rng)
   per_pass = {}

@@ -169,9 +169,10 @@ def test_vit_matmuls_benchmark_times_the_same_products_and_splits_the_gap():
   sys.path.insert(0, ROOT)
   from benchmarks import vit_matmuls_vs_pytorch as bench
   with contextlib.redirect_stdout(io.StringIO()) as out:
-    report = bench.main(["--size", "16", "--batch", "2", "--repeats", "1", "--inner", "1"])
+    report = bench.main(["--size", "16", "--batch", "2", "--repeats", "1", "--inner", "1",
+                         "--depth", "2"])
   assert json.loads(out.getvalue()) == report
-  assert report["rows"] == 2 * 17
+  assert report["rows"] == 2 * 17 and report["depth"] == 2
   check = report["same_model_check"]
   assert check["loss_abs_diff"] < 1e-6 and check["qkv_kernel_grad_rel_diff"] < 1e-4, check
   assert set(report["matmuls"]) == {"qkv", "proj", "fc1", "fc2"}

@@ -20,7 +20,7 @@ def _objective(weight):
 def _setup(weight):
   config, objective = _objective(weight)
   images = jax.random.uniform(jax.random.PRNGKey(3), (4, 32, 32, 3))
-  params, state = objective.init(jax.random.PRNGKey(0), images)
+  params, state = jax.jit(objective.init)(jax.random.PRNGKey(0), images)
   return config, objective, params, state, images
 
 

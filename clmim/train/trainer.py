@@ -115,7 +115,9 @@ def initial_state(config, objective):
   """(train_state, optimizer, lr schedule) at step 0."""
   size = config.data.image_size
   sample = jnp.zeros((2, size, size, 3), jnp.float32)
-  params, state = objective.init(jax.random.PRNGKey(config.seed), sample)
+  # Jitted: run op by op, a ViT's random initialisers cost ~8 s of per-op compilation in every
+  # new process (2 cores); one compiled init is ~4 s, and the persistent cache serves it after.
+  params, state = jax.jit(objective.init)(jax.random.PRNGKey(config.seed), sample)
   tx, schedule = make_optimizer(config, params, objective)
   train_state = {"params": params, "state": state, "opt_state": tx.init(params),
                  "step": jnp.zeros((), jnp.int32)}
