@@ -220,14 +220,14 @@ def test_help_and_print_config_exit_0():
 
 def test_random_variant_runs_offline(tmp_path, monkeypatch):
   monkeypatch.setenv("CLMIM_OFFLINE", "1")
-  # At 32 px (a 2x2 grid) to keep it quick; the variant sets everything else.
-  config = _analysis(models="random:B/16?image_size=32", batch_size=8, progress=False,
+  # Ti/16 at 32 px (a 2x2 grid) to keep it quick; the variant sets everything else.
+  config = _analysis(models="random:Ti/16?image_size=32", batch_size=8, progress=False,
                      **{"data.num_images": 2})
   results = clmim_main.run(config, str(tmp_path / "out"))
-  info = results["model_info"]["B/16 (untrained)"]
+  info = results["model_info"]["Ti/16 (untrained)"]
   assert (info["image_size"], info["patch_size"], info["depth"], info["num_heads"]) == \
-      (32, 16, 12, 12)
-  assert info["architecture_from"]["width"] == "variant B/16"
+      (32, 16, 12, 3)
+  assert info["architecture_from"]["width"] == "variant Ti/16"
   assert info["architecture_from"]["image_size"] == "user (image_size=32)"
-  assert np.shape(results["models"]["B/16 (untrained)"]["nmi"]) == (12, 12)
+  assert np.shape(results["models"]["Ti/16 (untrained)"]["nmi"]) == (12, 3)
   assert results["num_images"] == 2
