@@ -27,7 +27,6 @@ import copy
 import json
 import math
 import os
-import platform
 import sys
 import time
 
@@ -44,7 +43,8 @@ from clmim import host_memory  # noqa: E402
 from clmim.data.synthetic import ShapesTextures  # noqa: E402
 from clmim.train import moco_v3, trainer  # noqa: E402
 from configs import pretrain_moco_v3  # noqa: E402
-from torch_reference import TorchViT, cpu_name, load_clmim_params, time_interleaved  # noqa: E402
+from torch_reference import (  # noqa: E402
+    TorchViT, load_average, load_clmim_params, run_record, time_interleaved)
 
 host_memory.keep_freed_memory()  # as training runs do (clmim/main.py), before JAX starts
 
@@ -291,7 +291,7 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--depth", type=int, default=0, help="ViT blocks (0 = the demo's 6)")
   args = parser.parse_args(argv)
-  started = time.time()
+  started, load_at_start = time.time(), load_average()
   config = pretrain_moco_v3.get_config("demo_stage1")
   config.unlock()
   config.batch_size = args.batch
@@ -343,11 +343,7 @@ def main(argv=None):
       "all_seconds": {k: [round(t, 3) for t in ts] for k, (_, ts) in times.items()},
       "final_loss": {"clmim": state["loss"], "pytorch": state["torch_loss"]},
       "same_network_check": check,
-      "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-      "host_memory": host_memory.status(),
-      "cpu": cpu_name(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
-      "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-      "total_seconds": round(time.time() - started, 1),
+      **run_record(load_at_start, started),
   }
   print(json.dumps(result))
   return result

@@ -10,6 +10,7 @@ timing and parity checks only (benchmarks/forward_vs_pytorch.py, moco_step_vs_py
 Never imported by clmim itself; torch and einops are test/benchmark dependencies.
 """
 import math
+import os
 import platform
 import statistics
 import time
@@ -324,6 +325,23 @@ def time_interleaved(fns, repeats):
       fn()
       times[name].append(time.perf_counter() - start)
   return {name: (statistics.median(t), t) for name, t in times.items()}
+
+
+def load_average():
+  """The 1-minute load average (None where the OS has none): read it before a run starts."""
+  return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def run_record(load_at_start, started):
+  """What a side-by-side benchmark records about where and how it ran: library versions, torch's
+  threads, the host-memory setting, the CPU, the load average read at its start (`load_average()`
+  before the work) and its wall seconds since `started` (time.time())."""
+  from clmim import host_memory
+  return {"jax": jax.__version__, "torch": torch.__version__,
+          "torch_threads": torch.get_num_threads(), "host_memory": host_memory.status(),
+          "cpu": cpu_name(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+          "load_average_at_start": load_at_start,
+          "total_seconds": round(time.time() - started, 1)}
 
 
 def cpu_name():

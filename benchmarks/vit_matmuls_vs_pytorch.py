@@ -29,7 +29,6 @@ rest.
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -46,7 +45,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from clmim.models.vit import build_vit  # noqa: E402
-from torch_reference import build_torch_vit, cpu_name, load_clmim_params, time_interleaved  # noqa: E402,E501
+from torch_reference import (  # noqa: E402
+    build_torch_vit, load_average, load_clmim_params, run_record, time_interleaved)
 
 # form: (XLA expression, PyTorch expression, operands as (rows, fan_in, fan_out) -> shapes)
 FORMS = {
@@ -65,6 +65,22 @@ def dense_layers(model):
           "fc1": (model.width, model.mlp_dim), "fc2": (model.mlp_dim, model.width)}
 
 
+def ms_per_call(xla_call, torch_call, repeats, inner):
+  """{"xla": ms, "torch": ms} per call: medians of `repeats` timed calls of `inner` calls each,
+  the two libraries alternating (`time_interleaved`)."""
+  def xla():
+    for _ in range(inner):
+      result = xla_call()
+    jax.block_until_ready(result)
+
+  def pytorch():
+    for _ in range(inner):
+      torch_call()
+
+  times = time_interleaved({"xla": xla, "torch": pytorch}, repeats)
+  return {name: 1e3 * median / inner for name, (median, _) in times.items()}
+
+
 def time_matmuls(rows, layers, repeats, inner, rng):
   """{layer: {form: {xla_ms, torch_ms, xla_gflops, torch_gflops}}}, each product timed alone."""
   out = {}
@@ -77,21 +93,12 @@ def time_matmuls(rows, layers, repeats, inner, rng):
       got, want = np.asarray(product(ja, jb)), torch_expr(ta, tb).numpy()
       assert np.allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max()), (layer, form)
 
-      def xla():
-        for _ in range(inner):
-          result = product(ja, jb)
-        result.block_until_ready()
-
-      def pytorch():
-        for _ in range(inner):
-          torch_expr(ta, tb)
-
-      times = time_interleaved({"xla": xla, "torch": pytorch}, repeats)
+      times = ms_per_call(lambda: product(ja, jb), lambda: torch_expr(ta, tb), repeats, inner)
       flop = 2.0 * rows * fan_in * fan_out
       entry = {}
-      for name, (median, _) in times.items():
-        entry[f"{name}_ms"] = round(1e3 * median / inner, 3)
-        entry[f"{name}_gflops"] = round(flop * inner / median / 1e9, 1)
+      for name, ms in times.items():
+        entry[f"{name}_ms"] = round(ms, 3)
+        entry[f"{name}_gflops"] = round(flop / ms / 1e6, 1)
       out[layer][form] = entry
   return out
 
@@ -128,17 +135,8 @@ def attention_core(model, batch, repeats, inner, rng):
   got, want = np.asarray(jax_grad(jax_rows, jax_weighting)), torch_grad().numpy()
   assert np.allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
 
-  def xla():
-    for _ in range(inner):
-      result = jax_grad(jax_rows, jax_weighting)
-    result.block_until_ready()
-
-  def pytorch():
-    for _ in range(inner):
-      torch_grad()
-
-  times = time_interleaved({"xla": xla, "torch": pytorch}, repeats)
-  return {f"{name}_ms": round(1e3 * median / inner, 3) for name, (median, _) in times.items()}
+  times = ms_per_call(lambda: jax_grad(jax_rows, jax_weighting), torch_grad, repeats, inner)
+  return {f"{name}_ms": round(ms, 3) for name, ms in times.items()}
 
 
 def model_forward_backward(model, batch, repeats, rng):
@@ -190,7 +188,7 @@ def main(argv=None):
   parser.add_argument("--inner", type=int, default=20, help="products per timed call")
   parser.add_argument("--depth", type=int, default=0, help="ViT blocks (0 = the variant's)")
   args = parser.parse_args(argv)
-  started = time.time()
+  started, load_at_start = time.time(), load_average()
   rng = np.random.default_rng(0)
   depth = {"depth": args.depth} if args.depth else {}
   model = build_vit(args.variant, image_size=args.size, **depth)
@@ -217,11 +215,7 @@ def main(argv=None):
       "dense_matmul_gap_ms": round(matmul_gap, 1), "attention_core_gap_ms": round(core_gap, 1),
       "model_gap_ms": round(model_gap, 1),
       "rest_gap_ms": round(model_gap - matmul_gap - core_gap, 1),
-      "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-      "host_memory": host_memory.status(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-      "machine": platform.machine(),
-      "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-      "total_seconds": round(time.time() - started, 1),
+      **run_record(load_at_start, started),
   }
   print(json.dumps(result))
   return result

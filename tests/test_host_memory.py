@@ -90,12 +90,6 @@ def test_unknown_setting_warns_and_keeps():
   assert "CLMIM_HOST_MEMORY='always' is not one of ('keep', 'system')" in stderr
 
 
-def test_results_record_the_setting():
-  from clmim import host_memory
-  from clmim.jobs.analyze import versions
-  assert versions()["host_memory"] == host_memory.status()
-
-
 # main.run with a pretraining config and a file as its workdir: the run stops at its checks, after
 # the mode has decided about host memory; an analysis config leaves it alone.
 RUN_SCRIPT = """

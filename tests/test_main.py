@@ -52,6 +52,8 @@ def test_analysis_run_writes_results_figures_and_summary(checkpoints, tmp_path):
   assert set(results["models"]) == {"moco_v3_demo", "simmim_demo", "moco_v3_demo (untrained)",
                                     "simmim_demo (untrained)"}
   assert results["num_images"] == 64
+  # An analysis run leaves glibc alone (clmim/host_memory.py), and says so.
+  assert results["versions"]["host_memory"] == "system (not requested: not a training run)"
   for name, r in results["models"].items():
     assert np.shape(r["attention_distance"]) == (2, 4), name
     assert np.shape(r["nmi"]) == np.shape(r["attention_entropy"]) == (2, 4)
