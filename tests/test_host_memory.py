@@ -117,3 +117,33 @@ def test_training_runs_keep_freed_memory(module, variant, expected):
   done = _python(RUN_SCRIPT.format(root=root, module=module, variant=variant))
   assert "stopped:" in done.stdout
   assert eval(done.stdout.strip().splitlines()[-1]) == expected  # pylint: disable=eval-used
+
+
+# Every module of clmim and every config, imported in one fresh interpreter: none may start JAX's
+# backends, or what must run before them (host_memory.keep_freed_memory, and on a pod
+# jax.distributed.initialize) could no longer run after `import` lines. A jnp array made at
+# import time, as clmim/data/augment.py once did, starts them.
+IMPORT_SCRIPT = """
+import importlib, os, pkgutil, sys
+sys.path.insert(0, {root!r})
+from jax._src import xla_bridge
+import clmim
+names = [m.name for m in pkgutil.walk_packages(clmim.__path__, "clmim.")]
+names += ["configs." + f[:-3] for f in sorted(os.listdir(os.path.join({root!r}, "configs")))
+          if f.endswith(".py") and not f.startswith("_")]
+for name in names:
+  importlib.import_module(name)
+  if xla_bridge.backends_are_initialized():
+    print("started by", name)
+    break
+else:
+  print("not started after", len(names), "modules")
+"""
+
+
+def test_importing_any_module_leaves_jax_unstarted():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = _python(IMPORT_SCRIPT.format(root=root))
+  last = done.stdout.strip().splitlines()[-1]
+  assert last.startswith("not started after"), last
+  assert int(last.split()[-2]) > 50  # every module was imported, not a handful

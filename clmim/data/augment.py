@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-_LUMA = jnp.array([0.299, 0.587, 0.114])
+# A numpy constant, not a jnp array: creating a jnp array at import would start JAX's backends,
+# after which jax.distributed.initialize and host_memory.keep_freed_memory can no longer run.
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def random_resized_crop(key, images, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
