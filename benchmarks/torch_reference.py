@@ -50,6 +50,18 @@ class TorchAttention(nn.Module):
     out = self.proj(mixed.transpose(1, 2).reshape(batch, tokens, width))
     return out, probs
 
+  def forward_cls(self, x):
+    """The cls token's output alone, [B, 1, C]: every token's key and value, the cls query."""
+    batch, tokens, width = x.shape
+    heads, head_dim = self.num_heads, width // self.num_heads
+    weight, bias = self.qkv.weight, self.qkv.bias
+    q = nn.functional.linear(x[:, :1], weight[:width], bias[:width])
+    q = q.reshape(batch, 1, heads, head_dim).transpose(1, 2)
+    kv = nn.functional.linear(x, weight[width:], bias[width:])
+    k, v = kv.reshape(batch, tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    probs = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+    return self.proj((probs @ v).transpose(1, 2).reshape(batch, 1, width))
+
 
 class TorchMlp(nn.Module):
   """fc1 -> exact (erf) GELU -> fc2."""
@@ -80,6 +92,11 @@ class TorchBlock(nn.Module):
     after_mlp = after_attention + self.mlp(self.norm2(after_attention))
     return after_attention, after_mlp, probs
 
+  def forward_cls(self, x):
+    """The block's output for the cls token alone, [B, 1, C] (clmim's ViT(cls_only=True))."""
+    after_attention = x[:, :1] + self.attn.forward_cls(self.norm1(x))
+    return after_attention + self.mlp(self.norm2(after_attention))
+
 
 class TorchViT(nn.Module):
   """Patch-embedding conv, cls token, learned position embedding, pre-norm blocks, final norm.
@@ -101,14 +118,15 @@ class TorchViT(nn.Module):
         [TorchBlock(width, num_heads, mlp_dim) for _ in range(depth)])
     self.norm = nn.LayerNorm(width, eps=1e-6)
 
-  def forward(self, x, states=False):
-    """x: NCHW float images."""
+  def forward(self, x, states=False, cls_only=False):
+    """x: NCHW float images. cls_only: the final-normed cls token alone [B, 1, D], with the last
+    block computing only its row (as clmim's ViT(cls_only=True))."""
     x = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, D, g, g] -> [B, g*g, D], row-major
     x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
     if not states:
-      for block in self.blocks:
-        x = block(x)[1]
-      return self.norm(x)
+      for index, block in enumerate(self.blocks):
+        x = block.forward_cls(x) if cls_only and index == len(self.blocks) - 1 else block(x)[1]
+      return self.norm(x[:, :1] if cls_only else x)
     zs, attns = [x], []
     for block in self.blocks:
       after_attention, x, probs = block(x, official_extras=True)

@@ -126,6 +126,28 @@ def compute_dtype(name: str):
 DTYPES = ("float32", "bfloat16")
 
 
+class FusedQkv(nn.Module):
+  """The fused q, k, v projection: kernel [D, 3D] and (timm) bias [3D], named as nn.Dense names
+  them, so checkpoints and initial values are nn.Dense's. `columns` (start, stop) computes only
+  that slice of the 3D outputs (k and v without q, or q alone): a block that needs q for the cls
+  token only does not compute it for every patch token."""
+  features: int
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, rows, columns=None):
+    kernel = self.param("kernel", nn.initializers.xavier_uniform(),
+                        (rows.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+    if columns is not None:
+      kernel = kernel[:, columns[0]:columns[1]]
+      bias = None if bias is None else bias[columns[0]:columns[1]]
+    out = jax.lax.dot_general(rows.astype(self.dtype), kernel.astype(self.dtype),
+                              (((rows.ndim - 1,), (0,)), ((), ())))
+    return out if bias is None else out + bias.astype(self.dtype)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention written out so the probabilities can be sown."""
   num_heads: int
@@ -135,43 +157,59 @@ class Attention(nn.Module):
   dtype: str = "float32"
 
   @nn.compact
-  def __call__(self, x, shared_bias=None):
+  def __call__(self, x, shared_bias=None, cls_only=False):
+    """Attention over x [B, N, D]; with cls_only, of the cls token's query alone: [B, 1, D]."""
     batch, tokens, width = x.shape
     head_dim = width // self.num_heads
     dtype = compute_dtype(self.dtype)
-    dense = lambda features, name, **kw: nn.Dense(
-        features, name=name, kernel_init=nn.initializers.xavier_uniform(), dtype=dtype, **kw)
-    # The Dense layers see [B*N, D] rows: XLA:CPU differentiates a 2-D matmul much faster than
-    # one over [B, N, D] (the MLP's gradient 1.75x, measured at the demo ViT's shapes).
-    rows = x.reshape(batch * tokens, width)
+    qkv_dense = FusedQkv(3 * width, self.block_style == "timm", dtype, name="qkv")
     if self.block_style == "timm":
-      qkv = dense(3 * width, "qkv")(rows)
+      biases = None
     else:  # BEiT: one qkv weight, learned q and v biases, no k bias.
-      qkv = dense(3 * width, "qkv", use_bias=False)(rows)
       q_bias = self.param("q_bias", nn.initializers.zeros, (width,))
       v_bias = self.param("v_bias", nn.initializers.zeros, (width,))
-      qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(dtype)
-    # Heads before tokens ([B, heads, N, hd]) in one transpose: the two attention matmuls are
-    # then plain batched matmuls, 2-3x faster on CPU than einsums over the token-major layout.
-    q, k, v = jnp.transpose(qkv.reshape(batch, tokens, 3, self.num_heads, head_dim),
-                            (2, 0, 3, 1, 4))
+      biases = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(dtype)
+    # The projections see [B*N, D] rows: XLA:CPU differentiates a 2-D matmul much faster than
+    # one over [B, N, D] (the MLP's gradient 1.75x, measured at the demo ViT's shapes).
+    rows = x.reshape(batch * tokens, width)
+    if cls_only:
+      # Keys and values of every token, the query of the cls token only: the last block of an
+      # encoder whose reader takes the cls token (MoCo's projector, a cls classifier).
+      q = qkv_dense(x[:, 0], (0, width))
+      kv = qkv_dense(rows, (width, 3 * width))
+      if biases is not None:
+        q, kv = q + biases[:width], kv + biases[width:]
+      q = q.reshape(batch, 1, self.num_heads, head_dim).transpose(0, 2, 1, 3)
+      k, v = jnp.transpose(kv.reshape(batch, tokens, 2, self.num_heads, head_dim),
+                           (2, 0, 3, 1, 4))
+    else:
+      qkv = qkv_dense(rows)
+      if biases is not None:
+        qkv = qkv + biases
+      # Heads before tokens ([B, heads, N, hd]) in one transpose: the two attention matmuls are
+      # then plain batched matmuls, 2-3x faster on CPU than einsums over the token-major layout.
+      q, k, v = jnp.transpose(qkv.reshape(batch, tokens, 3, self.num_heads, head_dim),
+                              (2, 0, 3, 1, 4))
+    queries = q.shape[2]
     scale = head_dim ** -0.5
     if self.block_style == "timm":
       logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale
     else:  # BEiT scales q first; the order matters at float32 precision for parity.
       logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k)
     if self.per_block_rel_pos:
-      logits = logits + RelativePositionBias(self.grid, self.num_heads, name="rel_pos_bias")()
+      logits = logits + RelativePositionBias(self.grid, self.num_heads,
+                                             name="rel_pos_bias")()[:, :queries]
     if shared_bias is not None:
-      logits = logits + shared_bias
+      logits = logits + shared_bias[:, :queries]
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     self.sow("intermediates", "attn", probs)
     # probs·v as a plain batched matmul with heads before tokens, then one transpose back to
     # token-major rows: XLA:CPU otherwise computes it into a [B, heads, hd, N] layout and
     # transposes twice in the gradient (demo ViT forward 96 -> 83 ms with the erf GELU below).
     out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(dtype), v)
-    out = out.transpose(0, 2, 1, 3).reshape(batch * tokens, width)
-    return dense(width, "proj")(out).reshape(batch, tokens, width)
+    out = out.transpose(0, 2, 1, 3).reshape(batch * queries, width)
+    proj = nn.Dense(width, name="proj", kernel_init=nn.initializers.xavier_uniform(), dtype=dtype)
+    return proj(out).reshape(batch, queries, width)
 
 
 def exact_gelu(x):
@@ -223,11 +261,13 @@ class Block(nn.Module):
     return x + y
 
   @nn.compact
-  def __call__(self, x, shared_bias=None, deterministic=True):
+  def __call__(self, x, shared_bias=None, deterministic=True, cls_only=False):
+    """x [B, N, D] -> [B, N, D]; with cls_only, the cls token's output alone, [B, 1, D]."""
     norm = lambda name: LayerNorm(epsilon=1e-6, name=name, dtype=compute_dtype(self.dtype))
     attn = Attention(self.num_heads, self.block_style, self.per_block_rel_pos, self.grid,
                      self.dtype, name="attn")
-    x = self._branch(x, attn(norm("norm1")(x), shared_bias), "gamma_1", deterministic)
+    attended = attn(norm("norm1")(x), shared_bias, cls_only)
+    x = self._branch(x[:, :1] if cls_only else x, attended, "gamma_1", deterministic)
     self.sow("intermediates", "after_attention", x)
     x = self._branch(x, Mlp(self.mlp_dim, self.dtype, name="mlp")(norm("norm2")(x)), "gamma_2",
                      deterministic)
@@ -270,13 +310,19 @@ class ViT(nn.Module):
     return self.image_size // self.patch_size
 
   @nn.compact
-  def __call__(self, images, mask=None, deterministic=True, keep=None):
+  def __call__(self, images, mask=None, deterministic=True, keep=None, cls_only=False):
     """Final-normed tokens [B, 1 + N, D] (cls first) of `images` [B, S, S, 3].
 
     mask [B, N] (True = masked): those patches become the mask token (needs use_mask_token).
     keep [B, K] int: only these patch tokens (after position embedding, in this order) and cls
     go through the blocks, as MAE's encoder does: out [B, 1 + K, D]. Needs rel_pos_bias "none"
     (the bias tables are laid out for the full grid).
+    cls_only: the final-normed cls token alone, [B, 1, D], the same values as out[:, :1]. The
+    last block then computes the cls token's query, attention, projection and MLP only (its
+    keys and values still come from every token), which nothing can prune from the full
+    computation: jit keeps every token's row of a matmul whose other rows are read. Its sown
+    "attn", "after_attention" and "after_mlp" hold the cls row only. For readers of the cls token
+    (MoCo v3's projector, a cls classifier); analyses read every token and leave it False.
     """
     batch = images.shape[0]
     if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
@@ -319,7 +365,10 @@ class ViT(nn.Module):
       rate = self.drop_path * i / max(self.depth - 1, 1)
       x = Block(self.num_heads, self.mlp_dim, self.block_style, self.layer_scale_init,
                 self.rel_pos_bias == "per_block", self.grid, rate, self.dtype,
-                name=f"block_{i}")(x, shared_bias, deterministic)
+                name=f"block_{i}")(x, shared_bias, deterministic,
+                                   cls_only and i == self.depth - 1)
+    if cls_only:
+      x = x[:, :1]  # (already so after the last block; a depth-0 ViT has none)
     # The final tokens in float32 whatever the compute dtype: heads and analyses read them.
     return LayerNorm(epsilon=1e-6, name="norm", dtype=dtype)(x).astype(jnp.float32)
 

@@ -153,8 +153,9 @@ class Objective(SingleEncoderObjective):
 
   def logits(self, params, images, deterministic=True, rng=None):
     """Class scores [B, C] of normalised `images`."""
+    # A cls-pooling head reads the cls token alone: the last block then skips the patch tokens.
     tokens = self.encoder.apply({"params": params["encoder"]}, images,
-                                deterministic=deterministic,
+                                deterministic=deterministic, cls_only=self.head.pool == "cls",
                                 rngs=None if rng is None else {"dropout": rng})
     return self.head.apply({"params": params["head"]}, tokens)
 

@@ -26,8 +26,9 @@ class EncoderWithProjector(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool, stochastic_depth: bool = False):
     # Stochastic depth (config.model.drop_path) acts on the online encoder only, never on the
-    # momentum encoder, whose outputs are targets.
-    cls = self.encoder(images, deterministic=not stochastic_depth)[:, 0]
+    # momentum encoder, whose outputs are targets. cls_only: the projector reads the cls token
+    # alone, so the last block skips the patch tokens' queries and MLP (same values, less work).
+    cls = self.encoder(images, deterministic=not stochastic_depth, cls_only=True)[:, 0]
     return BatchNormMLP(3, self.hidden_dim, self.out_dim, name="projector")(cls, train)
 
 
