@@ -35,32 +35,27 @@ class TorchAttention(nn.Module):
     self.qkv = nn.Linear(width, 3 * width, bias=True)
     self.proj = nn.Linear(width, width)
 
-  def forward(self, x, official_extras=False):
-    """x [B, N, C] -> (output [B, N, C], post-softmax probabilities [B, heads, N, N])."""
+  def forward(self, x, official_extras=False, cls_only=False):
+    """x [B, N, C] -> (output [B, N, C], post-softmax probabilities [B, heads, N, N]); with
+    cls_only, of the cls token's query alone (every token's key and value): [B, 1, C] and
+    [B, heads, 1, N], as clmim's ViT(cls_only=True)."""
     batch, tokens, width = x.shape
-    # [B, N, 3, heads, hd] -> [3, B, heads, N, hd]: q, k and v split from one matmul.
-    qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    heads = lambda t: t.reshape(batch, t.shape[1], -1, self.num_heads,
+                                width // self.num_heads).permute(2, 0, 3, 1, 4)
+    if cls_only:
+      weight, bias = self.qkv.weight, self.qkv.bias
+      q = heads(nn.functional.linear(x[:, :1], weight[:width], bias[:width]))[0]
+      k, v = heads(nn.functional.linear(x, weight[width:], bias[width:])).unbind(0)
+    else:  # [B, N, 3, heads, hd] -> [3, B, heads, N, hd]: q, k and v split from one matmul.
+      q, k, v = heads(self.qkv(x)).unbind(0)
     probs = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
     mixed = probs @ v
     if official_extras:
       # The official models/vit.py computes `attn @ v` a second time (its "attn_ft" output); the
       # pipeline forward keeps that matmul so it costs what the official forward costs.
       _ = probs @ v
-    out = self.proj(mixed.transpose(1, 2).reshape(batch, tokens, width))
+    out = self.proj(mixed.transpose(1, 2).reshape(batch, q.shape[2], width))
     return out, probs
-
-  def forward_cls(self, x):
-    """The cls token's output alone, [B, 1, C]: every token's key and value, the cls query."""
-    batch, tokens, width = x.shape
-    heads, head_dim = self.num_heads, width // self.num_heads
-    weight, bias = self.qkv.weight, self.qkv.bias
-    q = nn.functional.linear(x[:, :1], weight[:width], bias[:width])
-    q = q.reshape(batch, 1, heads, head_dim).transpose(1, 2)
-    kv = nn.functional.linear(x, weight[width:], bias[width:])
-    k, v = kv.reshape(batch, tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    probs = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-    return self.proj((probs @ v).transpose(1, 2).reshape(batch, 1, width))
 
 
 class TorchMlp(nn.Module):
@@ -86,16 +81,12 @@ class TorchBlock(nn.Module):
     self.norm2 = nn.LayerNorm(width, eps=1e-6)
     self.mlp = TorchMlp(width, mlp_dim)
 
-  def forward(self, x, official_extras=False):
-    branch, probs = self.attn(self.norm1(x), official_extras)
-    after_attention = x + branch
+  def forward(self, x, official_extras=False, cls_only=False):
+    """cls_only: the states of the cls token alone, [B, 1, C] (clmim's ViT(cls_only=True))."""
+    branch, probs = self.attn(self.norm1(x), official_extras, cls_only)
+    after_attention = (x[:, :1] if cls_only else x) + branch
     after_mlp = after_attention + self.mlp(self.norm2(after_attention))
     return after_attention, after_mlp, probs
-
-  def forward_cls(self, x):
-    """The block's output for the cls token alone, [B, 1, C] (clmim's ViT(cls_only=True))."""
-    after_attention = x[:, :1] + self.attn.forward_cls(self.norm1(x))
-    return after_attention + self.mlp(self.norm2(after_attention))
 
 
 class TorchViT(nn.Module):
@@ -125,7 +116,7 @@ class TorchViT(nn.Module):
     x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
     if not states:
       for index, block in enumerate(self.blocks):
-        x = block.forward_cls(x) if cls_only and index == len(self.blocks) - 1 else block(x)[1]
+        x = block(x, cls_only=cls_only and index == len(self.blocks) - 1)[1]
       return self.norm(x[:, :1] if cls_only else x)
     zs, attns = [x], []
     for block in self.blocks:

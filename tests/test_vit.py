@@ -97,9 +97,9 @@ def test_cls_only_gives_the_cls_token_of_the_full_forward_and_skips_the_rest(kwa
                                atol=1e-5 * float(jnp.max(jnp.abs(a))) + 1e-12)
   # The skipped work is gone from the program: the last block's MLP sees one row per image
   # (3 x 128 -> 256), block 0's every token's (3 * 17 rows); the full forward has no such row.
-  hlo = jax.jit(lambda p: loss(p, True)[0]).lower(params).as_text()
-  assert "tensor<3x256xf32>" in hlo and "tensor<51x256xf32>" in hlo
-  assert "tensor<3x256xf32>" not in jax.jit(lambda p: loss(p, False)[0]).lower(params).as_text()
+  hlo = {c: grad_fn.lower(params, c).as_text() for c in (True, False)}
+  assert "tensor<3x256xf32>" in hlo[True] and "tensor<51x256xf32>" in hlo[True]
+  assert "tensor<3x256xf32>" not in hlo[False]
 
 
 def test_relative_position_index_known_values():

@@ -18,17 +18,21 @@ from clmim.train.common import build_encoder, normalise
 
 
 class EncoderWithProjector(nn.Module):
-  """ViT -> final-normed cls token -> 3-layer BN projector."""
+  """ViT -> final-normed cls token -> 3-layer BN projector. cls_only (default): the projector
+  reads the cls token alone, so the ViT's last block skips the patch tokens' queries and MLP
+  (same values, less work); False runs every token through it, as the official code does (kept
+  for benchmarks/moco_step_vs_pytorch.py --all_tokens, which measures what that costs)."""
   encoder: ViT
   hidden_dim: int
   out_dim: int
+  cls_only: bool = True
 
   @nn.compact
   def __call__(self, images, train: bool, stochastic_depth: bool = False):
     # Stochastic depth (config.model.drop_path) acts on the online encoder only, never on the
-    # momentum encoder, whose outputs are targets. cls_only: the projector reads the cls token
-    # alone, so the last block skips the patch tokens' queries and MLP (same values, less work).
-    cls = self.encoder(images, deterministic=not stochastic_depth, cls_only=True)[:, 0]
+    # momentum encoder, whose outputs are targets.
+    cls = self.encoder(images, deterministic=not stochastic_depth,
+                       cls_only=self.cls_only)[:, 0]
     return BatchNormMLP(3, self.hidden_dim, self.out_dim, name="projector")(cls, train)
 
 
