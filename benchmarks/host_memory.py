@@ -1,6 +1,7 @@
-r"""Page faults and time per call of two training computations, with glibc's defaults and with
-clmim's host-memory setting (clmim/host_memory.py), each setting in a fresh interpreter,
-alternating --rounds times.
+r"""Page faults and time per call of two training computations with each host-memory setting
+of clmim/host_memory.py — glibc's defaults ("system"), glibc told to keep freed memory ("keep")
+and tcmalloc preloaded ("tcmalloc"; left out, and said so, where no tcmalloc library is found) —
+each setting in a fresh interpreter, alternating --rounds times.
 
 Measured in each interpreter: the demo ViT's forward + backward (mu/4, 32 px, batch 64) and the
 demo MoCo v3 trainer update (configs/pretrain_moco_v3.py:demo_stage1, jitted as the trainer
@@ -22,7 +23,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SETTINGS = ("system", "keep")
 
 
 def _per_call(fn, calls):
@@ -80,16 +80,24 @@ def main(argv=None):
     print(json.dumps(measure(args.calls)))
     return None
   started = time.time()
-  results = {setting: [] for setting in SETTINGS}
+  sys.path.insert(0, ROOT)
+  from clmim import host_memory  # pylint: disable=import-outside-toplevel
+  tcmalloc = host_memory.find_tcmalloc()
+  # Each worker starts with its setting's allocator only: none inherits this process's preload.
+  base = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+  environments = {"system": {**base, "CLMIM_HOST_MEMORY": "system"},
+                  "keep": {**base, "CLMIM_HOST_MEMORY": "keep"}}
+  if tcmalloc:
+    environments["tcmalloc"] = {**base, "CLMIM_HOST_MEMORY": "tcmalloc", "LD_PRELOAD": tcmalloc}
+  results = {setting: [] for setting in environments}
   for _ in range(args.rounds):
-    for setting in SETTINGS:
+    for setting, env in environments.items():
       done = subprocess.run(
           [sys.executable, os.path.abspath(__file__), "--worker", f"--calls={args.calls}"],
-          env={**os.environ, "CLMIM_HOST_MEMORY": setting}, capture_output=True, text=True,
-          check=True)
+          env=env, capture_output=True, text=True, check=True)
       results[setting].append(json.loads(done.stdout.strip().splitlines()[-1]))
   report = {"benchmark": "host_memory", "calls": args.calls, "rounds": args.rounds,
-            "results": results, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "results": results, "tcmalloc": tcmalloc or "not found (setting left out)", "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "libc": "-".join(platform.libc_ver()), "total_seconds": round(time.time() - started, 1)}
   print(json.dumps(report))
   return report

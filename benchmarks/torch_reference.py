@@ -5,7 +5,8 @@ timing and parity checks only (benchmarks/forward_vs_pytorch.py, moco_step_vs_py
   models), loadable with a clmim ViT's parameters (`load_clmim_params`).
 - The official notebooks' analysis functions (attention distance, NMI, Fourier latents) with
   their algorithmic shape and libraries, so that their timing is the official pipeline's.
-- Side-by-side timing: `time_interleaved` alternates the contenders, and `cpu_name`.
+- Side-by-side timing: `time_interleaved` alternates the contenders, `paired_speedup`
+  compares two of them repeat by repeat, and `cpu_name`.
 
 Never imported by clmim itself; torch and einops are test/benchmark dependencies.
 """
@@ -319,7 +320,8 @@ def time_interleaved(fns, repeats):
   each (jit compilation, allocator growth). The fns must return only when their work is done.
 
   A short untimed pause precedes each call: XLA's and OpenMP's worker threads spin for a while
-  after their last task, and would otherwise steal cores from the library timed next.
+  after their last task, and would otherwise steal cores from the library timed next. Every
+  other repeat runs the contenders in reverse order, so that none always follows the same one.
 
   Returns:
     {name: (median seconds, [seconds of every repeat])}.
@@ -327,13 +329,32 @@ def time_interleaved(fns, repeats):
   for fn in fns.values():
     fn()
   times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
+  for repeat in range(repeats):
+    order = list(fns.items())
+    for name, fn in (order if repeat % 2 == 0 else order[::-1]):
       time.sleep(_PAUSE_S)
       start = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - start)
   return {name: (statistics.median(t), t) for name, t in times.items()}
+
+
+def paired_speedup(ours, theirs, resamples=4000, seed=0):
+  """How much faster `ours` ran than `theirs`, repeat by repeat: the two lists are the seconds of
+  the same repeats of `time_interleaved`, so each ratio theirs[r] / ours[r] compares calls made
+  moments apart and the VM's slow drifts cancel. Returns the median ratio, a bootstrap 95 %
+  interval of that median (the repeats resampled with replacement, `resamples` times, seeded),
+  and the share of repeats in which ours was the faster."""
+  if len(ours) != len(theirs) or not ours:
+    raise ValueError(f"paired_speedup needs two equal-length lists of seconds, got {len(ours)} "
+                     f"and {len(theirs)}")
+  ratios = np.asarray(theirs, np.float64) / np.asarray(ours, np.float64)
+  picks = np.random.default_rng(seed).integers(0, ratios.size, (resamples, ratios.size))
+  medians = np.median(ratios[picks], axis=1)
+  return {"median": round(float(np.median(ratios)), 3),
+          "ci95": [round(float(np.percentile(medians, 2.5)), 3),
+                   round(float(np.percentile(medians, 97.5)), 3)],
+          "faster_in": f"{int(np.sum(ratios > 1))}/{ratios.size}"}
 
 
 def load_average():

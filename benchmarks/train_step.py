@@ -129,4 +129,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+  host_memory.run_with_tcmalloc()  # as `python -m clmim.main` training runs do; may restart
   main()

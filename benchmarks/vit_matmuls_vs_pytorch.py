@@ -222,4 +222,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host_memory.run_with_tcmalloc()  # as `python -m clmim.main` training runs do; may restart
   main()

@@ -69,6 +69,11 @@ def initialize_distributed():
                      "CLMIM_NUM_PROCESSES and CLMIM_PROCESS_ID.") from e
 
 
+# The modes that run a training step thousands of times, and so choose the host allocator
+# (clmim/host_memory.py).
+TRAINING_MODES = ("pretrain", "finetune", "sweep")
+
+
 def default_workdir(config) -> str:
   name = config.get("name", "run")
   return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -83,7 +88,7 @@ def run(config, workdir: str, invocation: dict | None = None):
   """
   from clmim import preflight
   mode = preflight.check_mode(config)  # each job runs the rest of preflight.check_run first
-  if mode in ("pretrain", "finetune", "sweep"):
+  if mode in TRAINING_MODES:
     from clmim import host_memory  # before JAX starts: see clmim/host_memory.py
     host_memory.keep_freed_memory()
   enable_compilation_cache(config.get("compilation_cache", ""))
@@ -153,6 +158,9 @@ def main(argv):
   if _PRINT_CONFIG.value:
     print(config)
     return
+  if config.get("mode") in TRAINING_MODES:
+    from clmim import host_memory  # before anything is printed or started: it may restart us
+    host_memory.run_with_tcmalloc()
   if not _VERBOSE.value:
     quiet_libraries()
   try:

@@ -160,6 +160,9 @@ def test_moco_step_benchmark_compares_the_same_network_and_loss():
   assert all(np.isfinite(v) for v in report["final_loss"].values())
   assert set(report["images_per_s"]) == {"clmim", "clmim_all_tokens", "pytorch",
                                           "pytorch_cls_only"}
+  paired = report["paired_clmim_speedup"]
+  assert set(paired) == {"clmim_all_tokens", "pytorch", "pytorch_cls_only"}
+  assert paired["pytorch"]["faster_in"] in ("0/1", "1/1")
   # The two clmim forms train the same network from the same start: one step, equal losses.
   assert report["final_loss"]["clmim"] == pytest.approx(report["final_loss"]["clmim_all_tokens"],
                                                         rel=1e-5)
@@ -193,3 +196,20 @@ def test_vit_matmuls_benchmark_times_the_same_products_and_splits_the_gap():
   assert report["model_gap_ms"] == pytest.approx(model_gap, abs=0.1)
   parts = report["dense_matmul_gap_ms"] + report["attention_core_gap_ms"] + report["rest_gap_ms"]
   assert parts == pytest.approx(report["model_gap_ms"], abs=0.2)
+
+
+def test_paired_speedup_compares_repeat_by_repeat():
+  """benchmarks/torch_reference.paired_speedup: known ratios, an interval around their median,
+  and a drift that both contenders share cancels out."""
+  sys.path.insert(0, ROOT)
+  from benchmarks.torch_reference import paired_speedup
+  drift = np.linspace(1.0, 2.0, 21)  # the VM slows down during the run, for both alike
+  same = paired_speedup(list(drift), list(drift))
+  assert same == {"median": 1.0, "ci95": [1.0, 1.0], "faster_in": "0/21"}
+  ratios = np.linspace(1.05, 1.25, 21)
+  faster = paired_speedup(list(drift), list(drift * ratios))
+  assert faster["median"] == pytest.approx(1.15)
+  assert faster["ci95"][0] < 1.15 < faster["ci95"][1] and faster["ci95"][0] > 1.05
+  assert faster["faster_in"] == "21/21"
+  with pytest.raises(ValueError, match="equal-length"):
+    paired_speedup([1.0, 2.0], [1.0])

@@ -1,15 +1,20 @@
 """clmim/host_memory.py: `keep_freed_memory()` makes XLA:CPU reuse freed host memory (no page
 faults on repeated calls), training runs call it and nothing else does, CLMIM_HOST_MEMORY=system
-leaves glibc alone, and the status says why.
+leaves glibc alone, and the status says why; `run_with_tcmalloc()` restarts a command once with
+tcmalloc preloaded (a stand-in library where the machine has no tcmalloc), and the command line
+does so for training runs only.
 
 Each case runs in a fresh interpreter: the settings only work before JAX starts its threads.
 """
 import os
 import platform
+import shutil
 import subprocess
 import sys
 
 import pytest
+
+from clmim import host_memory
 
 # A jitted function with ~32 MB of intermediates (two [4096, 1024] float32 arrays), called
 # repeatedly; prints the status and the page faults per call after two warm-up calls.
@@ -87,7 +92,83 @@ def test_importing_clmim_changes_nothing():
 def test_unknown_setting_warns_and_keeps():
   status, faults, stderr = _run(CLMIM_HOST_MEMORY="always")
   assert status == "keep" and faults < INTERMEDIATE_PAGES / 10
-  assert "CLMIM_HOST_MEMORY='always' is not one of ('keep', 'system')" in stderr
+  assert ("CLMIM_HOST_MEMORY='always' is not one of ('tcmalloc', 'keep', 'system'); "
+          "using 'tcmalloc'") in stderr
+
+
+# run_with_tcmalloc() in a `python -c` program: whether it ran before and after the restart.
+RESTART_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from clmim import host_memory
+print("loaded" if host_memory.tcmalloc_loaded() else "not loaded", flush=True)
+host_memory.run_with_tcmalloc()
+print(repr(host_memory.keep_freed_memory()))
+"""
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESTART_LINE = "clmim: restarting with tcmalloc"
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+  """A harmless library under a tcmalloc name (a copy of this interpreter's libm): preloading it
+  shows the restart without tcmalloc on the machine; the allocator stays glibc's."""
+  with open("/proc/self/maps") as maps:
+    libm = next(line.split()[-1] for line in maps if "/libm." in line or "/libm-" in line)
+  path = tmp_path_factory.mktemp("lib") / "libtcmalloc_standin.so"
+  shutil.copy(libm, path)
+  return str(path)
+
+
+@glibc_only
+def test_run_with_tcmalloc_restarts_once_with_the_library_preloaded(stand_in):
+  done = _python(RESTART_SCRIPT.format(root=ROOT), CLMIM_TCMALLOC=stand_in)
+  assert done.stdout.splitlines() == ["not loaded", "loaded", "'tcmalloc'"]
+  assert done.stderr.count(RESTART_LINE) == 1 and stand_in in done.stderr
+
+
+@glibc_only
+def test_a_preload_the_linker_ignores_restarts_once_and_keeps_glibc(tmp_path):
+  missing = str(tmp_path / "libtcmalloc_missing.so")
+  done = _python(RESTART_SCRIPT.format(root=ROOT), CLMIM_TCMALLOC=missing)
+  assert done.stdout.splitlines() == ["not loaded", "not loaded", "'keep'"]
+  assert done.stderr.count(RESTART_LINE) == 1 and "the linker ignored" in done.stderr
+
+
+@glibc_only
+@pytest.mark.parametrize("setting,expected", [("keep", "'keep'"),
+                                              ("system", "'system (CLMIM_HOST_MEMORY=system)'")])
+def test_keep_and_system_never_restart(stand_in, setting, expected):
+  done = _python(RESTART_SCRIPT.format(root=ROOT), CLMIM_TCMALLOC=stand_in,
+                 CLMIM_HOST_MEMORY=setting)
+  assert done.stdout.splitlines() == ["not loaded", expected]
+  assert RESTART_LINE not in done.stderr
+
+
+@glibc_only
+@pytest.mark.parametrize("config,restarts", [("pretrain_simmim.py:runlocal", True),
+                                             ("nmi.py", False)])
+def test_the_command_line_restarts_training_runs_only(stand_in, tmp_path, config, restarts):
+  """A file as --workdir stops either run at its checks, after the restart (or none)."""
+  not_a_folder = tmp_path / "file"
+  not_a_folder.write_text("")
+  environment = {k: v for k, v in os.environ.items() if k != "CLMIM_HOST_MEMORY"}
+  done = subprocess.run(
+      [sys.executable, "-m", "clmim.main", "--config", os.path.join(ROOT, "configs", config),
+       "--workdir", str(not_a_folder)], env={**environment, "CLMIM_TCMALLOC": stand_in},
+      cwd=ROOT, capture_output=True, text=True, timeout=240)
+  assert done.returncode == 1 and "is a file, not a folder" in done.stderr, done.stderr
+  assert done.stderr.count(RESTART_LINE) == (1 if restarts else 0), done.stderr
+
+
+@glibc_only
+@pytest.mark.skipif(not host_memory.find_tcmalloc(),
+                    reason="no tcmalloc on this machine (apt-get install libtcmalloc-minimal4)")
+def test_tcmalloc_keeps_freed_memory_too():
+  """With the real tcmalloc preloaded, repeated calls do not fault their intermediates in again."""
+  status, faults, _ = _run(LD_PRELOAD=host_memory.find_tcmalloc())
+  assert status == "tcmalloc"
+  assert faults < INTERMEDIATE_PAGES / 10, faults
 
 
 # main.run with a pretraining config and a file as its workdir: the run stops at its checks, after
@@ -113,8 +194,7 @@ print(repr(host_memory.status()))
     ("nmi", "", "system (not requested: not a training run)"),
 ])
 def test_training_runs_keep_freed_memory(module, variant, expected):
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  done = _python(RUN_SCRIPT.format(root=root, module=module, variant=variant))
+  done = _python(RUN_SCRIPT.format(root=ROOT, module=module, variant=variant))
   assert "stopped:" in done.stdout
   assert eval(done.stdout.strip().splitlines()[-1]) == expected  # pylint: disable=eval-used
 
@@ -142,8 +222,7 @@ else:
 
 
 def test_importing_any_module_leaves_jax_unstarted():
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  done = _python(IMPORT_SCRIPT.format(root=root))
+  done = _python(IMPORT_SCRIPT.format(root=ROOT))
   last = done.stdout.strip().splitlines()[-1]
   assert last.startswith("not started after"), last
   assert int(last.split()[-2]) > 50  # every module was imported, not a handful

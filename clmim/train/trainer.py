@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from clmim import preflight
+from clmim import host_memory, preflight
 from clmim.atomic import write_json_atomic
 from clmim.data import train_data
 from clmim.data.synthetic import ShapesTextures, training_stream
@@ -375,6 +375,7 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
     out = export.save(os.path.join(workdir, "export"), config, encoder,
                       vit_fields(objective.encoder), steps=int(train_state["step"]),
                       final_loss=final.get("loss"), invocation=invocation,
-                      extra={"training_time_s": elapsed})
+                      # what the time depends on most, after the machine (clmim/host_memory.py)
+                      extra={"training_time_s": elapsed, "host_memory": host_memory.status()})
     print(f"Exported encoder to {out}")
   return final
