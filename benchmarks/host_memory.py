@@ -97,7 +97,8 @@ def main(argv=None):
           env=env, capture_output=True, text=True, check=True)
       results[setting].append(json.loads(done.stdout.strip().splitlines()[-1]))
   report = {"benchmark": "host_memory", "calls": args.calls, "rounds": args.rounds,
-            "results": results, "tcmalloc": tcmalloc or "not found (setting left out)", "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "results": results, "tcmalloc": tcmalloc or "not found (setting left out)",
+            "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "libc": "-".join(platform.libc_ver()), "total_seconds": round(time.time() - started, 1)}
   print(json.dumps(report))
   return report

@@ -15,8 +15,9 @@ call. glibc's malloc serves both badly:
   the packing buffers.
 
 tcmalloc (gperftools' `libtcmalloc_minimal.so.4`; `apt-get install libtcmalloc-minimal4`, and
-Colab preloads gperftools' tcmalloc already) does neither: the demo MoCo v3 step ran 1.2x faster
-with it than with either glibc setting (benchmarks/host_memory.py). An allocator can only be
+Colab preloads gperftools' tcmalloc already) does neither: the demo MoCo v3 update ran 1.1-1.2x
+faster with it than with either glibc setting, and compiled as fast as with glibc's defaults
+(benchmarks/host_memory.py). An allocator can only be
 chosen when a process starts, so the command line (`python -m clmim.main` for config.mode
 pretrain, finetune and sweep) and the training benchmarks call `run_with_tcmalloc()`, which
 re-executes the same command once with tcmalloc in `LD_PRELOAD` when it is installed and not

@@ -81,6 +81,10 @@ def test_runlocal_trains_resumes_and_exports(tmp_path, config_module, capsys, mo
   assert "Resumed from step 6" in capsys.readouterr().out
   assert [r["step"] for r in trainer.read_metrics(str(tmp_path))][-1] == 8
   assert tensorboard.read_scalars(str(tmp_path))["loss"][-1][0] == 8  # a second event file
+  # The training run's export says which allocator its training time was measured under.
+  from clmim import host_memory
+  trained = json.loads((tmp_path / "export" / "manifest.json").read_text())
+  assert trained["host_memory"] == host_memory.status() and trained["training_time_s"] > 0
   out = trainer.export_checkpoint(config, str(tmp_path))
   assert registry.resolve(out).info["steps"] == 8
   # The export records the data it was trained on (generator version included).
