@@ -14,17 +14,17 @@ call. glibc's malloc serves both badly:
   `_int_malloc` itself then takes 8-11 % of the step's CPU samples (perf), sorting its bins for
   the packing buffers.
 
-tcmalloc (gperftools' `libtcmalloc_minimal.so.4`; `apt-get install libtcmalloc-minimal4`, and
-Colab preloads gperftools' tcmalloc already) does neither: the demo MoCo v3 update ran 1.1-1.2x
-faster with it than with either glibc setting, and compiled as fast as with glibc's defaults
-(benchmarks/host_memory.py). An allocator can only be
+tcmalloc (gperftools' `libtcmalloc_minimal.so.4`; `apt-get install libtcmalloc-minimal4`) does
+neither: the demo MoCo v3 update ran 1.1-1.2x faster with it than with either glibc setting, and
+compiled as fast as with glibc's defaults (benchmarks/host_memory.py). An allocator can only be
 chosen when a process starts, so the command line (`python -m clmim.main` for config.mode
 pretrain, finetune and sweep) and the training benchmarks call `run_with_tcmalloc()`, which
-re-executes the same command once with tcmalloc in `LD_PRELOAD` when it is installed and not
-loaded yet; the environment variable CLMIM_TCMALLOC names the library where it is not on the
-linker's search path. Code that trains from Python (a notebook) cannot restart itself: it calls
-`keep_freed_memory()` first thing, which finds tcmalloc if the process started with it and
-otherwise sets the three glibc options above, before JAX starts its threads.
+re-executes the same command once with tcmalloc in `LD_PRELOAD` when it is installed and not loaded
+yet; the environment variable CLMIM_TCMALLOC names the library where it is not on the linker's
+search path. Code that trains from Python (a notebook) cannot restart itself: it calls
+`keep_freed_memory()` first thing, which finds tcmalloc if the process started with it (a Jupyter
+server started with LD_PRELOAD set; Colab's runtimes long did that, and may not now) and otherwise
+sets the three glibc options above, before JAX starts its threads.
 
 The glibc options' price is that the process keeps its peak heap until it exits, and one arena
 can slow XLA's multi-threaded compilation (the demo MoCo v3 step compiled in 12.1-13.0 s with
