@@ -23,6 +23,7 @@ def _run(script, *args) -> dict:
   return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_device_check_measures_both_dtypes_and_the_input_pipeline():
   from clmim.analysis import core
   # --batch 0: the auto batch, which on CPU is its cap of 16 per device (one candidate).
@@ -65,6 +66,7 @@ def test_device_check_measures_both_dtypes_and_the_input_pipeline():
   assert report["total_seconds"] > 0 and report["cpu_count"] == os.cpu_count()
 
 
+@pytest.mark.slow
 def test_analysis_profile_times_each_analysis_and_checks_every_svd_route():
   report = _run("analysis_profile.py", "--variant", "mu/4", "--size", "32", "--batch", "4",
                 "--repeats", "1", "--only", "svd,nmi", "--svd_check", "2")
@@ -82,6 +84,7 @@ def test_analysis_profile_times_each_analysis_and_checks_every_svd_route():
   assert "not implemented on CPU" in routes["polar"]["error"]  # cuSOLVER/TPU only
 
 
+@pytest.mark.slow
 def test_scaling_reports_time_per_image_count_and_a_linear_fit():
   counts = [16, 64, 256]
   report = _run("scaling.py", "--variant", "mu/4", "--size", "32", "--batch", "8",
@@ -121,6 +124,7 @@ def test_linear_fit_known_answers():
   assert linear_fit([10, 20, 40], [1.0, 3.0, 4.0])["r2"] < 1
 
 
+@pytest.mark.slow
 def test_train_step_times_each_objective_after_warm_up():
   # In this process: runlocal SimMIM's update step is the one test_train.py compiles (the
   # session's cache serves it), and the report is main()'s return value.

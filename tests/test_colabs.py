@@ -124,6 +124,7 @@ def test_every_notebook_has_expectations():
   assert sorted(EXPECTED) == NOTEBOOKS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_code_runs_from_colabs_dir(name, tmp_path):
   code = "\n".join(_source(c) for c in _load(name)["cells"] if c["cell_type"] == "code")

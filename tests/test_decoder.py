@@ -188,6 +188,7 @@ def test_one_device_vs_eight(reference, model, images):
                                err_msg=result.key)
 
 
+@pytest.mark.slow
 def test_analysis_job_end_to_end_and_refusals(files, tmp_path):
   config = all_config.get_config("runlocal")
   config.models = f"{files[1]}?decoder=1&num_heads={tcp.HEADS}&name=mae"

@@ -65,6 +65,7 @@ def test_layer_decay_scales_known_values():
     assert finetune.layer_scale(path, depth, decay) == pytest.approx(scale), path
 
 
+@pytest.mark.slow
 def test_the_optimizer_scales_each_layers_update():
   config = _config(**{"weight_decay": 0.0, "finetune.layer_decay": 0.5, "warmup_steps": 0})
   objective = trainer.load_objective(config)
@@ -157,6 +158,7 @@ def test_a_cls_head_gives_the_logits_of_the_full_forwards_cls_token():
   assert flops[0] < 0.9 * flops[1], flops  # the last block's patch-token rows are skipped
 
 
+@pytest.mark.slow
 def test_fine_tuning_the_shipped_moco_model_learns_the_shapes_fast(tmp_path):
   """The demo recipe, shortened: 30 steps at batch 16 from moco_v3_demo (last-block shape probe
   0.97), validated on 200 held-out images. Chance is 0.25; the same 30 steps from a random init

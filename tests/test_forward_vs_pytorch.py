@@ -68,6 +68,7 @@ def one_torch_thread():
   torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_main_path_reports_agreeing_forwards_and_pipelines():
   # A subprocess, as users run it: it pins its cores and sets torch's threads for itself only.
   result = subprocess.run(
@@ -142,6 +143,7 @@ def test_official_reimplementations_match_clmim_on_the_same_maps(one_torch_threa
     assert np.max(official["nmi"]) > 0.1
 
 
+@pytest.mark.slow
 def test_moco_step_benchmark_compares_the_same_network_and_loss():
   """benchmarks/moco_step_vs_pytorch.py: PyTorch loaded with clmim's initial weights gives the
   same loss and gradients on one un-augmented pair of views, and both libraries then train."""

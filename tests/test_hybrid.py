@@ -24,6 +24,7 @@ def _setup(weight):
   return config, objective, params, state, images
 
 
+@pytest.mark.slow
 def test_loss_and_gradient_are_the_weighted_sums_of_the_two_branches():
   """At λ = 0.25 the loss is exactly 0.75 · L_MIM + 0.25 · L_CL (both logged), each branch's
   gradient reaches the shared backbone and only its own heads, and the loss's gradient is their
@@ -69,6 +70,7 @@ def test_needs_the_mask_token():
     hybrid.Objective(config)
 
 
+@pytest.mark.slow
 def test_runlocal_logs_both_losses_and_exports(tmp_path):
   config = pretrain_hybrid.get_config("runlocal")
   metrics = trainer.train(config, str(tmp_path))

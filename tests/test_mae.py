@@ -77,6 +77,7 @@ def test_bad_fields_are_named(field, value, message):
     mae.Objective(config)
 
 
+@pytest.mark.slow
 def test_runlocal_trains_and_exports(tmp_path):  # resuming: the trainer's own tests
   config = pretrain_mae.get_config("runlocal")
   metrics = trainer.train(config, str(tmp_path))

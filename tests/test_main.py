@@ -34,6 +34,7 @@ def checkpoints(tmp_path_factory):
   return paths
 
 
+@pytest.mark.slow
 def test_analysis_run_writes_results_figures_and_summary(checkpoints, tmp_path):
   workdir = tmp_path / "out"
   result = _cli("--config", "configs/all.py:runlocal", f"--config.models={','.join(checkpoints)}",

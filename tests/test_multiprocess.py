@@ -138,6 +138,7 @@ def _launch(process_envs, arguments, timeout):
   return outputs
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(checkpoint, folder, tmp_path):
   config = _config(checkpoint, folder)
   want = analyze.run(config, str(tmp_path / "one"))  # this process: 8 devices
@@ -208,6 +209,7 @@ def _flat(tree, width):
   return np.concatenate([v.ravel() for v in _without_round_off_directions(tree, width).values()])
 
 
+@pytest.mark.slow
 def test_one_training_step_on_one_device_matches_eight():
   from clmim.data.synthetic import ShapesTextures
   from clmim.train import trainer
@@ -264,6 +266,7 @@ def _trained_params(config, workdir):
   return jax.device_get(trainer.restore(manager, config.total_steps, template, workdir))["params"]
 
 
+@pytest.mark.slow
 def test_two_processes_train_what_one_does(tmp_path):
   from clmim.train import trainer
   config = _moco_runlocal()

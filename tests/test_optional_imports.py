@@ -190,6 +190,7 @@ def test_library_has_no_module_level_optional_imports():
   assert not eager, "\n".join(eager)
 
 
+@pytest.mark.slow
 def test_imports_and_runs_without_optional_packages(tmp_path):
   """Imports every library module and runs three analyses on a random ViT and the shipped demo
   model with the optional packages blocked; their absence is one clear ClmimError each."""

@@ -106,6 +106,7 @@ _RUN_TWICE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_the_compilation_cache_serves_a_second_run(tmp_path):
   cache = tmp_path / "cache"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",

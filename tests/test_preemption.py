@@ -69,6 +69,7 @@ def _wait_for_checkpoint(workdir, after, timeout=120):
   raise AssertionError(f"no checkpoint after step {after} in {workdir} within {timeout} s")
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_is_bit_identical(folder, tmp_path):
   # Each run compiles its own jitted step (~13 s for the hybrid on 2 cores); all but the first
   # load it from the session's persistent cache (tests/conftest.py), the other process too.

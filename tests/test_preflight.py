@@ -218,6 +218,7 @@ def test_help_and_print_config_exit_0():
   assert "variant: S/16" in result.stdout and "objective: simmim" in result.stdout
 
 
+@pytest.mark.slow
 def test_random_variant_runs_offline(tmp_path, monkeypatch):
   monkeypatch.setenv("CLMIM_OFFLINE", "1")
   # Ti/16 at 32 px (a 2x2 grid) to keep it quick; the variant sets everything else.

@@ -16,6 +16,7 @@ def _run(script, *args):
   return result.stdout
 
 
+@pytest.mark.slow
 def test_supervised_ceiling_reports_a_held_out_curve(tmp_path):
   out = tmp_path / "ceiling.json"
   _run("supervised_ceiling.py", "--steps", "4", "--batch", "8", "--evaluations", "2",
@@ -26,6 +27,7 @@ def test_supervised_ceiling_reports_a_held_out_curve(tmp_path):
   assert result["args"]["version"] == 2 and result["args"]["target"] == "shape"
 
 
+@pytest.mark.slow
 def test_diagnose_shortcuts_tells_object_matching_from_background_matching():
   # README demo section: the version 2 MoCo model finds an image by its object, SimMIM (like
   # the version 1 models, docs/miniature.md#diagnosis) by its background.
@@ -55,6 +57,7 @@ def test_view_agreement_known_answers():
   assert agreement(features[order], features[order] + 5.0) == same
 
 
+@pytest.mark.slow
 def test_view_agreement_separates_same_image_views_from_redrawn_ones():
   # docs/miniature.md: same-image views share colours and background, which an untrained model
   # (and the raw pixels) already sees; views whose background and colours are redrawn share

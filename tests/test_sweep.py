@@ -22,6 +22,7 @@ def _config(**fields):
   return config
 
 
+@pytest.mark.slow
 def test_sweep_trains_each_lambda_once_and_plots_the_metrics(tmp_path):
   summary = main.run(_config(**{"sweep.num_images": 48}), str(tmp_path))
   assert summary["weights"] == [0.0, 1.0]

@@ -40,6 +40,7 @@ def test_momentum_schedule_endpoints():
   assert float(moco_v3.momentum_at(100, 100, 0.96)) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_module", [pretrain_simmim, pretrain_moco_v3])
 def test_runlocal_trains_resumes_and_exports(tmp_path, config_module, capsys, monkeypatch):
   config = config_module.get_config("runlocal")
@@ -109,6 +110,7 @@ def test_unknown_objective_is_a_clear_error():
     trainer.load_objective(config)
 
 
+@pytest.mark.slow
 def test_init_encoder_starts_a_fresh_run_from_an_export(tmp_path):
   first = pretrain_simmim.get_config("runlocal")
   trainer.train(first, str(tmp_path / "first"))
@@ -149,6 +151,7 @@ _OLD_NO_DECAY = ("bias", "scale", "cls_token", "mask_token", "pos_embed", "table
                  "gamma_2", "q_bias", "v_bias")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["pretrain_moco_v3", "pretrain_simmim"])  # frozen / BEiT names
 def test_weight_decay_and_freezing_follow_the_path_patterns(name):
   import importlib
