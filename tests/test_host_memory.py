@@ -1,8 +1,12 @@
-"""clmim/host_memory.py: `keep_freed_memory()` makes XLA:CPU reuse freed host memory (no page
-faults on repeated calls), training runs call it and nothing else does, CLMIM_HOST_MEMORY=system
-leaves glibc alone, and the status says why; `run_with_tcmalloc()` restarts a command once with
-tcmalloc preloaded (a stand-in library where the machine has no tcmalloc), and the command line
-does so for training runs only.
+"""clmim/host_memory.py: `keep_freed_memory()` sets glibc's three keep-freed-memory options (and
+only those), training runs call it and nothing else does, CLMIM_HOST_MEMORY=system leaves glibc
+alone, and the status says why; `run_with_tcmalloc()` restarts a command once with tcmalloc
+preloaded (a stand-in library where the machine has no tcmalloc), and the command line does so
+for training runs only.
+
+These tests check what clmim controls: the options it sets, the library it preloads, the status
+it reports. What the allocator then does (page faults and time per call) differs between
+machines, kernels and glibc builds; benchmarks/host_memory.py measures it.
 
 Each case runs in a fresh interpreter: the settings only work before JAX starts its threads.
 """
@@ -16,31 +20,36 @@ import pytest
 
 from clmim import host_memory
 
-# A jitted function with ~32 MB of intermediates (two [4096, 1024] float32 arrays), called
-# repeatedly; prints the status and the page faults per call after two warm-up calls.
+# A fresh interpreter that records every mallopt call clmim makes (ctypes.CDLL is wrapped before
+# clmim is imported), runs a small jitted function under the setting, and prints the status and
+# the calls. What the allocator then does with the options (page faults per call: ~12,000 with
+# glibc's defaults, ~0 with them, on one machine) depends on the machine's glibc and kernel, so it
+# is measured by benchmarks/host_memory.py, not asserted here.
 SCRIPT = """
-import resource
+import ctypes
+calls = []
+_CDLL = ctypes.CDLL
+class _Recording(_CDLL):
+  def __getattr__(self, name):
+    function = super().__getattr__(name)
+    if name != "mallopt":
+      return function
+    def mallopt(option, value):
+      calls.append((option, value))
+      return function(option, value)
+    setattr(self, name, mallopt)  # CDLL caches the bare function on first access
+    return mallopt
+ctypes.CDLL = _Recording
 {before}
 from clmim import host_memory
 {call}
 import jax, jax.numpy as jnp
-
-@jax.jit
-def f(x, w):
-  h = jnp.tanh(x @ w)
-  h = jnp.tanh(h @ w) + h
-  return jnp.sum(h @ w)
-
-x, w = jnp.ones((4096, 1024)), jnp.full((1024, 1024), 1e-3)
-for _ in range(2):
-  f(x, w).block_until_ready()
-start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-  f(x, w).block_until_ready()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 5
-print(repr(host_memory.status()), faults)
+assert float(jax.jit(lambda x: jnp.sum(jnp.tanh(x @ x)))(jnp.ones((64, 64)))) > 0
+print(repr((host_memory.status(), calls)))
 """
-INTERMEDIATE_PAGES = 2 * 4096 * 1024 * 4 // 4096
+# glibc's mallopt options (malloc.h) as keep_freed_memory must set them: one arena, no mmap for
+# large blocks, no trimming.
+KEEP_OPTIONS = [(-8, 1), (-4, 0), (-1, 2**31 - 1)]
 
 glibc_only = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
@@ -55,45 +64,60 @@ def _python(script, **env):
 
 
 def _run(before="", call="host_memory.keep_freed_memory()", **env):
+  """(status, mallopt calls, stderr) of SCRIPT in a fresh interpreter."""
   done = _python(SCRIPT.format(before=before, call=call), **env)
-  status, faults = done.stdout.strip().splitlines()[-1].rsplit(" ", 1)
-  return eval(status), float(faults), done.stderr  # pylint: disable=eval-used
+  status, calls = eval(done.stdout.strip().splitlines()[-1])  # pylint: disable=eval-used
+  return status, calls, done.stderr
 
 
 @glibc_only
-def test_keeping_freed_memory_stops_repeated_calls_faulting():
-  status, faults, _ = _run()
-  assert status == "keep"
-  # Without the settings each call faults in every page of its intermediates again
-  # (~12,000 faults per call measured here with CLMIM_HOST_MEMORY=system); with them, none.
-  assert faults < INTERMEDIATE_PAGES / 10, faults
+def test_keeping_freed_memory_sets_the_three_glibc_options():
+  status, calls, _ = _run()
+  # "keep" means glibc accepted every option (mallopt returned 1 for each).
+  assert status == "keep" and calls == KEEP_OPTIONS, (status, calls)
 
 
 @glibc_only
 def test_system_setting_leaves_glibc_alone():
-  status, _, _ = _run(CLMIM_HOST_MEMORY="system")
-  assert status == "system (CLMIM_HOST_MEMORY=system)"
+  status, calls, _ = _run(CLMIM_HOST_MEMORY="system")
+  assert status == "system (CLMIM_HOST_MEMORY=system)" and calls == []
 
 
 @glibc_only
 def test_too_late_once_jax_has_started():
-  status, _, _ = _run(before="import jax; jax.devices()")
-  assert status == "system (JAX's backends had already started)"
+  status, calls, _ = _run(before="import jax; jax.devices()")
+  assert status == "system (JAX's backends had already started)" and calls == []
 
 
 @glibc_only
 def test_importing_clmim_changes_nothing():
-  status, faults, _ = _run(call="")
-  assert status == "system (not requested: not a training run)"
-  assert faults > INTERMEDIATE_PAGES / 10  # glibc's defaults: the intermediates fault again
+  status, calls, _ = _run(call="")
+  assert status == "system (not requested: not a training run)" and calls == []
 
 
 @glibc_only
 def test_unknown_setting_warns_and_keeps():
-  status, faults, stderr = _run(CLMIM_HOST_MEMORY="always")
-  assert status == "keep" and faults < INTERMEDIATE_PAGES / 10
+  status, calls, stderr = _run(CLMIM_HOST_MEMORY="always")
+  assert status == "keep" and calls == KEEP_OPTIONS
   assert ("CLMIM_HOST_MEMORY='always' is not one of ('tcmalloc', 'keep', 'system'); "
           "using 'tcmalloc'") in stderr
+
+
+def test_an_option_glibc_refuses_is_reported(monkeypatch):
+  """If mallopt returns 0 for an option, the status says so instead of claiming "keep"."""
+  class RefusingLibc:
+    def __init__(self, name):
+      assert name == "libc.so.6"
+    def mallopt(self, option, value):
+      return 0 if option == -4 else 1
+  monkeypatch.setattr(host_memory, "_status", None)
+  monkeypatch.setattr(host_memory, "tcmalloc_loaded", lambda: None)
+  monkeypatch.setattr(host_memory, "_backends_started", lambda: False)
+  monkeypatch.setattr(host_memory.platform, "system", lambda: "Linux")
+  monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("glibc", "2.36"))
+  monkeypatch.setattr(host_memory.ctypes, "CDLL", RefusingLibc)
+  monkeypatch.setenv("CLMIM_HOST_MEMORY", "keep")
+  assert host_memory.keep_freed_memory() == "system (glibc refused an option)"
 
 
 # run_with_tcmalloc() in a `python -c` program: whether it ran before and after the restart.
@@ -164,11 +188,10 @@ def test_the_command_line_restarts_training_runs_only(stand_in, tmp_path, config
 @glibc_only
 @pytest.mark.skipif(not host_memory.find_tcmalloc(),
                     reason="no tcmalloc on this machine (apt-get install libtcmalloc-minimal4)")
-def test_tcmalloc_keeps_freed_memory_too():
-  """With the real tcmalloc preloaded, repeated calls do not fault their intermediates in again."""
-  status, faults, _ = _run(LD_PRELOAD=host_memory.find_tcmalloc())
-  assert status == "tcmalloc"
-  assert faults < INTERMEDIATE_PAGES / 10, faults
+def test_with_tcmalloc_preloaded_glibc_is_left_alone():
+  """With the real tcmalloc preloaded, the status says so and no glibc option is set."""
+  status, calls, _ = _run(LD_PRELOAD=host_memory.find_tcmalloc())
+  assert status == "tcmalloc" and calls == []
 
 
 # main.run with a pretraining config and a file as its workdir: the run stops at its checks, after
