@@ -196,7 +196,7 @@ def analysis_base(arg: str, name: str, analyses: str,
                                     #   sub-folder per class, the classes of config.data.path)
       num_train_images=4000,        # probe training images, the first in dataset order after
                                     #   per-class subsampling (0 = all of them)
-      cue_conflict_path="",         # image_folder/tfds: a cue-conflict folder (docs/probing.md
+      cue_conflict_path="",         # image_folder/tfds: a cue-conflict folder (docs/analyses/probing.md
                                     #   "Cue-conflict images"); synthetic uses its own split
   ))
   if arg == "runlocal":
