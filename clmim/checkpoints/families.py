@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, Callable, Optional
 
 from clmim.errors import ClmimError
+from clmim.suggestions import did_you_mean
 
 # A split rule: (key prefix, group name, keep the prefix in the group's keys). The first rule
 # whose prefix matches a key wins; keys no rule matches belong to the encoder.
@@ -161,7 +162,8 @@ NAMES = tuple(FAMILIES)
 def get(name: str) -> Family:
   """The record of family `name`, or one error listing the known families."""
   if name not in FAMILIES:
-    raise ClmimError(f"unknown family {name!r} (expected one of {', '.join(NAMES)}).")
+    raise ClmimError(f"unknown family {name!r}{did_you_mean(name, NAMES)} (expected one of "
+                     f"{', '.join(NAMES)}).")
   return FAMILIES[name]
 
 

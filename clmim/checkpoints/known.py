@@ -25,6 +25,7 @@ from clmim.atomic import write_json_atomic
 from clmim.checkpoints import families
 from clmim.checkpoints.native import sha256_of
 from clmim.errors import ClmimError
+from clmim.suggestions import did_you_mean
 
 CACHE_ENV = "CLMIM_CACHE_DIR"
 OFFLINE_ENV = "CLMIM_OFFLINE"
@@ -210,7 +211,8 @@ def fetch(name: str, cache: Optional[str] = None, offline: Optional[bool] = None
           progress: bool = True) -> str:
   """The local path of the known checkpoint `name`, downloading it when needed."""
   if name not in KNOWN:
-    raise ClmimError(f"Unknown checkpoint {name!r}; known: {', '.join(sorted(KNOWN))}.")
+    raise ClmimError(f"Unknown checkpoint {name!r}{did_you_mean(name, KNOWN)}; known: "
+                     f"{', '.join(sorted(KNOWN))}.")
   entry = KNOWN[name]
   return download(entry.url, os.path.join(cache or cache_dir(), entry.filename),
                   entry.size, entry.sha256, offline, progress)

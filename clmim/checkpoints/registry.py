@@ -35,7 +35,8 @@ import jax.numpy as jnp
 from clmim.checkpoints import converters, families, known, native
 from clmim.errors import ClmimError
 from clmim.models import heads
-from clmim.models.vit import VIT_FIELDS, ViT, build_vit, parse_variant
+from clmim.models.vit import VARIANTS, VIT_FIELDS, ViT, build_vit, parse_variant
+from clmim.suggestions import did_you_mean
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "demo_checkpoints")
@@ -120,7 +121,8 @@ def _family_prefix(spec: str):
     return None
   family, path = match.groups()
   if family not in families.FAMILIES:
-    raise ClmimError(f"model spec {spec!r}: unknown family {family!r} (expected "
+    raise ClmimError(f"model spec {spec!r}: unknown family {family!r}"
+                     f"{did_you_mean(family, families.NAMES)} (expected "
                      f"{', '.join(families.NAMES)}, or 'random:' for an untrained copy).")
   return family, path
 
@@ -179,13 +181,53 @@ def _random_decoder(decoder, vit: ViT, seed: int):
   return {**decoder, "params": params}
 
 
+def untrained_copy(base: Model, seed: int) -> Model:
+  """`base`'s architecture (its decoder's too) randomly initialised with `seed`, named
+  "<base name> (untrained)": what `random:<spec>` gives. The weights depend only on the ViT
+  fields, the decoder's kind and sizes, and the seed."""
+  return dataclasses.replace(base, name=f"{base.name} (untrained)", family="random",
+                             params=_init_params(base.vit, seed),
+                             decoder=_random_decoder(base.decoder, base.vit, seed),
+                             source=f"random init, seed {seed}",
+                             info={"method": "untrained", "architecture_of": base.name,
+                                   "architecture_from": base.info.get("architecture_from")})
+
+
+# A ViT size written without its '/' or in another case ("B16", "vit_b16", "ti/16"): what a
+# user meant as a variant, answered with the variant's spelling.
+_VARIANT_GUESS = re.compile(r"(?:vit[-_ ]?)?([a-z]{1,2})[-_/ ]?(\d{1,2})", re.IGNORECASE)
+
+
+def _variant_guess(text: str):
+  """"B/16" for "B16", "vit_b16" or "b/16"; None when `text` does not look like a variant (or
+  its size is no size of `VARIANTS`)."""
+  match = _VARIANT_GUESS.fullmatch(text)
+  sizes = {size.lower(): size for size in VARIANTS}
+  if not match or match.group(1).lower() not in sizes:
+    return None
+  return f"{sizes[match.group(1).lower()]}/{int(match.group(2))}"
+
+
+def _variant_error(spec: str, variant: str) -> ClmimError:
+  """One line for `random:<variant>` with a variant ViT does not have: the sizes, an example,
+  and the closest spelling."""
+  guess = _variant_guess(variant)
+  hint = f" (did you mean {guess!r}?)" if guess and guess != variant else did_you_mean(
+      variant.partition("/")[0], VARIANTS)
+  return ClmimError(f"model spec {spec!r}: unknown ViT variant {variant!r}{hint}: a variant is "
+                    f"'<size>/<patch>' with size one of {', '.join(VARIANTS)} (e.g. 'B/16', "
+                    f"'S/8'); 'random:<model name or path>' copies a model's architecture "
+                    f"instead.")
+
+
 def _locate(spec: str) -> str:
   if spec in known_names():
     return os.path.join(DEMO_DIR, spec)
   if os.path.sep in spec or os.path.exists(spec):
     return spec
   names = known_names() + sorted(known.KNOWN)
-  raise ClmimError(f"Unknown model {spec!r}: not a known name ({', '.join(names)}) nor an "
+  raise ClmimError(f"Unknown model {spec!r}{did_you_mean(spec, names)}: not a known name "
+                   f"({', '.join(names)}) nor an "
                    f"existing checkpoint path (a clmim checkpoint directory, or a .pth/.pth.tar/"
                    f".safetensors file, optionally as '<family>:<path>'), nor 'random:<variant>' "
                    f"such as 'random:B/16'.")
@@ -207,7 +249,10 @@ def _init_params(vit: ViT, seed: int):
 def _random_variant(spec: str, variant: str, options: dict, seed: int) -> Model:
   """`random:<variant>?field=value...`: an untrained ViT of a variant, nothing loaded."""
   _check_options(spec, options, ("name",) + VIT_FIELDS)
-  fields = {"image_size": 224, **parse_variant(variant)}
+  try:
+    fields = {"image_size": 224, **parse_variant(variant)}
+  except ClmimError:
+    raise _variant_error(spec, variant) from None
   origin = {k: f"variant {variant}" for k in fields}
   origin["image_size"] = "default (224 px)"
   user = {k: v for k, v in options.items() if k != "name"}
@@ -231,13 +276,10 @@ def resolve(spec: str, seed: int = 0) -> Model:
     base_spec, options = parse_options(inner)
     if re.fullmatch(r"\w+/\d+", base_spec):
       return _random_variant(spec, base_spec, options, seed)
-    base = resolve(inner, seed)
-    return dataclasses.replace(base, name=f"{base.name} (untrained)", family="random",
-                               params=_init_params(base.vit, seed),
-                               decoder=_random_decoder(base.decoder, base.vit, seed),
-                               source=f"random init, seed {seed}",
-                               info={"method": "untrained", "architecture_of": base.name,
-                                     "architecture_from": base.info.get("architecture_from")})
+    if _VARIANT_GUESS.fullmatch(base_spec) and not (
+        base_spec in known_names() or base_spec in known.KNOWN or os.path.exists(base_spec)):
+      raise _variant_error(spec, base_spec)  # e.g. random:B16, meant as random:B/16
+    return untrained_copy(resolve(inner, seed), seed)
   base_spec, options = parse_options(spec)
   if base_spec in known.KNOWN:
     _check_options(spec, options, _FILE_OPTIONS)
