@@ -122,7 +122,7 @@ class EvalImages:
         self.dataset = ImageFolder(folder, transform,
                                    max_images_per_class=per_class or None,
                                    fraction_per_class=fraction or None,
-                                   num_workers=self.num_workers)
+                                   num_workers=self.num_workers, check=False)
         self._load = self.dataset.load
         positions = np.arange(len(self.dataset))
         what = f"image folder {folder}"
@@ -142,6 +142,11 @@ class EvalImages:
         what = (f"TFDS {self.dataset.name} split {split!r} ({self.dataset.route}, "
                 f"{self.dataset.data_dir})")
       positions = positions[:limit]
+      if source == "image_folder":
+        # Every image this stream reads, and no other, has its header checked now: all the
+        # unreadable files are named before any model runs (once per process, however many
+        # models and probes open the folder).
+        self.dataset.check(positions)
       self.description = (f"{what}{subsampled}, {len(positions)} images, {size} px "
                           f"{transform.interpolation} resize to {transform.resize_to}")
     self._positions = np.asarray(positions, np.int64)

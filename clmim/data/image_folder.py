@@ -11,17 +11,24 @@ Subsampling keeps the first files of each class (a count or a fraction), so it i
 Decoding runs in the thread pool of `clmim.data.loader`: PIL releases the GIL while decoding and
 resizing, so threads overlap decode with whatever consumes the batches.
 
+Nothing is skipped silently: files whose extension clmim does not read are named in one
+warning (and a class folder holding only such files is an error), and before any image is
+streamed the header of every image to be read is checked (`clmim.data.image_check`), so every
+unreadable file is reported in one error, not one per run.
+
 Pillow is imported when a folder is opened, not when this module is: clmim imports and runs on
 the procedural data without it (see `clmim.data.preprocess.pil_image`).
 """
 from __future__ import annotations
 
+import collections
 import os
+import sys
 from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from clmim.data import loader
+from clmim.data import image_check, loader
 from clmim.data.preprocess import pil_image
 from clmim.errors import ClmimError
 
@@ -30,7 +37,10 @@ if TYPE_CHECKING:  # annotations only
 
 NEEDS_PILLOW = "reading image folders"  # what the error says needs Pillow
 
-DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# TIFF too: PIL reads ordinary 8- and 16-bit TIFFs (RGB, L, CMYK; LZW or deflate compressed).
+DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+_warned = set()  # (root, extensions) whose skipped files were already named, this process
 
 
 def _is_hidden(name: str) -> bool:
@@ -62,9 +72,10 @@ def class_names(root: str, extensions: Sequence[str] = DEFAULT_EXTENSIONS) -> Li
   return classes
 
 
-def _list_images(folder: str, extensions: Tuple[str, ...]) -> List[str]:
-  """All image files under `folder` (recursively), sorted by path relative to `folder`."""
-  found = []
+def _list_images(folder: str, extensions: Tuple[str, ...]) -> Tuple[List[str], List[str]]:
+  """(image files, other files) under `folder` (recursively, hidden ones left out), the images
+  sorted by path relative to `folder`."""
+  found, skipped = [], []
 
   def fail(error: OSError):
     # os.walk skips folders it cannot list; a silently missing class is worse than an error.
@@ -73,9 +84,59 @@ def _list_images(folder: str, extensions: Tuple[str, ...]) -> List[str]:
   for dirpath, dirnames, filenames in os.walk(folder, onerror=fail, followlinks=True):
     dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
     for name in filenames:
-      if not _is_hidden(name) and name.lower().endswith(extensions):
+      if _is_hidden(name):
+        continue
+      if name.lower().endswith(extensions):
         found.append(os.path.relpath(os.path.join(dirpath, name), folder))
-  return [os.path.join(folder, rel) for rel in sorted(found)]
+      else:
+        skipped.append(os.path.join(dirpath, name))
+  return [os.path.join(folder, rel) for rel in sorted(found)], sorted(skipped)
+
+
+def _kinds(paths: Sequence[str]) -> str:
+  """'.tif (3), .txt (1)': the extensions of `paths`, most frequent first."""
+  counts = collections.Counter(os.path.splitext(p)[1].lower() or "(no extension)"
+                               for p in paths)
+  return ", ".join(f"{ext} ({n})" for ext, n in counts.most_common())
+
+
+def _scan(root: str, extensions: Tuple[str, ...]):
+  """(classes, files, labels, skipped) of the folder: every image in dataset order, and the
+  files left out for their extension. A class without images is one ClmimError."""
+  accepted = ", ".join(extensions)
+  classes = class_names(root, extensions)
+  files, labels, skipped = [], [], []
+  for label, name in enumerate(classes):
+    folder = os.path.join(root, name)
+    found, others = _list_images(folder, extensions)
+    if not found:
+      # An empty class keeps a label that never occurs; it is almost always a copy that went
+      # wrong, so refuse it (torchvision does too).
+      held = (f"; it holds {len(others)} files clmim does not read: {_kinds(others)}, e.g. "
+              f"{others[0]!r} (convert them to PNG or JPEG)") if others else ""
+      raise ClmimError(f"Class folder {folder!r} has no images: expected files ending in "
+                       f"{accepted}{held}.")
+    files += found
+    labels += [label] * len(found)
+    skipped += others
+  return classes, files, labels, skipped
+
+
+def list_folder(root: str, extensions: Sequence[str] = DEFAULT_EXTENSIONS) -> List[str]:
+  """Every image file of `root/<class>/**` in dataset order (layout errors as ImageFolder)."""
+  return _scan(os.fspath(root), tuple(extensions))[1]
+
+
+def _warn_skipped(root: str, extensions: Tuple[str, ...], skipped: Sequence[str]) -> None:
+  """One warning line, once per folder and process, naming the files left out."""
+  if not skipped or (root, extensions) in _warned:
+    return
+  _warned.add((root, extensions))
+  files = f"{len(skipped)} files are" if len(skipped) > 1 else "1 file is"
+  print(f"clmim: warning: image folder {root!r}: {files} skipped because clmim does not read "
+        f"their extension: {_kinds(skipped)}, e.g. {skipped[0]!r}; it reads "
+        f"{', '.join(extensions)} (convert images in other formats to PNG or JPEG).",
+        file=sys.stderr)
 
 
 class ImageFolder:
@@ -91,8 +152,10 @@ class ImageFolder:
   def __init__(self, root: str, preprocess: Callable[[Image.Image], np.ndarray],
                max_images_per_class: Optional[int] = None,
                extensions: Sequence[str] = DEFAULT_EXTENSIONS, *,
-               num_workers: Optional[int] = None, fraction_per_class: Optional[float] = None):
-    """Lists the files (no decoding yet) and checks the layout.
+               num_workers: Optional[int] = None, fraction_per_class: Optional[float] = None,
+               check: bool = True):
+    """Lists the files, checks the layout and (with `check`) every selected file's header; no
+    pixel is decoded yet.
 
     Args:
       root: folder with one sub-folder per class.
@@ -102,6 +165,8 @@ class ImageFolder:
       num_workers: decoding threads for `batches`; default min(8, number of CPUs).
       fraction_per_class: keep the first int(fraction * n) of the n files of every class (the
         official notebooks' subsample); exclusive with max_images_per_class.
+      check: check the header of every selected file now (see `check`); False leaves that to
+        the caller, who may read fewer of them (`EvalImages`, with its num_images cap).
     """
     # Before anything else: without Pillow no file of the folder can be decoded, and finding
     # that out after listing (or after the models loaded) wastes the user's time.
@@ -112,28 +177,26 @@ class ImageFolder:
       extensions = (extensions,)
     self.extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower()
                             for e in extensions)
-    accepted = ", ".join(self.extensions)
     if max_images_per_class is not None and (
         isinstance(max_images_per_class, bool) or not isinstance(max_images_per_class, int)
         or max_images_per_class <= 0):
       raise ClmimError(f"max_images_per_class = {max_images_per_class!r}: expected a positive "
                        "integer or None.")
-    self.classes = class_names(self.root, self.extensions)
-    files, labels = [], []
-    for label, name in enumerate(self.classes):
-      found = _list_images(os.path.join(self.root, name), self.extensions)
-      if not found:
-        # An empty class keeps a label that never occurs; it is almost always a copy that went
-        # wrong, so refuse it (torchvision does too).
-        raise ClmimError(f"Class folder {os.path.join(self.root, name)!r} has no images: "
-                         f"expected files ending in {accepted}.")
-      files += found
-      labels += [label] * len(found)
+    self.classes, files, labels, skipped = _scan(self.root, self.extensions)
+    _warn_skipped(self.root, self.extensions, skipped)
     keep = loader.select_per_class(labels, max_images_per_class, fraction_per_class,
                                    where=f"Image folder {self.root!r}")
     self.files = [files[i] for i in keep]
     self.labels = [labels[i] for i in keep]
     self.num_workers = num_workers or loader.default_num_workers()
+    if check:
+      self.check()
+
+  def check(self, indices: Optional[Sequence[int]] = None, progress: bool = True) -> None:
+    """Checks the header of the images at `indices` (all when None), each list once per
+    process; every unreadable file is named in one ClmimError (`clmim.data.image_check`)."""
+    files = self.files if indices is None else [self.files[int(i)] for i in indices]
+    image_check.check_files(files, self.root, progress=progress)
 
   def __len__(self) -> int:
     return len(self.files)
@@ -148,7 +211,12 @@ class ImageFolder:
         return self.preprocess(image)
     except (Image.UnidentifiedImageError, Image.DecompressionBombError, OSError,
             SyntaxError, ValueError) as e:
-      raise ClmimError(f"Cannot decode image {path!r}: {e}") from e
+      # Mostly damage past the header (a truncated copy or download), which the header check
+      # cannot see; one line, whatever thread it surfaces from.
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise ClmimError(f"Cannot decode image {path!r} ({reason}): expected a complete image "
+                       "file (one cut short by an interrupted copy passes the header check and "
+                       "fails only here); replace or remove it.") from e
 
   def __getitem__(self, index: int) -> Tuple[np.ndarray, int]:
     """Returns (image float32 [H, W, 3], label int)."""

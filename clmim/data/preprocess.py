@@ -77,6 +77,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
   return image.convert("RGB")
 
 
+_CONVERTIBLE = {}  # PIL mode -> whether `to_rgb` converts it (found by trying, once per mode)
+
+
+def rgb_convertible(mode: str) -> bool:
+  """Whether `to_rgb` can convert an image of PIL mode `mode` (tried on a 1x1 image, so a
+  header check can tell before any pixel is decoded)."""
+  if mode not in _CONVERTIBLE:
+    Image = pil_image("converting images to RGB")  # the module, under its usual name
+    try:
+      to_rgb(Image.new(mode, (1, 1)))
+      _CONVERTIBLE[mode] = True
+    except (ValueError, OSError, KeyError):  # e.g. "conversion from La to L not supported"
+      _CONVERTIBLE[mode] = False
+  return _CONVERTIBLE[mode]
+
+
 def resolve_stats(value: Stats, field: str, where: str) -> Tuple[float, float, float]:
   """Resolves a mean/std given by name ('imagenet', 'half') or as three numbers."""
   if isinstance(value, str):

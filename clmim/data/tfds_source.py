@@ -20,9 +20,11 @@ command that prepares it. Records keep the order TFDS wrote them in, which is fi
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import os
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -53,6 +55,30 @@ def _has_tensorflow() -> bool:
     return importlib.util.find_spec("tensorflow") is not None
   except (ImportError, ValueError):  # a broken or blocked install counts as missing
     return False
+
+
+@contextlib.contextmanager
+def _held_logs() -> Iterator[List[logging.LogRecord]]:
+  """Holds back what TFDS logs (through absl) while a split is opened.
+
+  Looking for a dataset that is not there, TFDS logs warnings such as "Variant folder ... has
+  no dataset_info.json" before it raises; the ClmimError raised then says what is wrong in one
+  line, so the held records are dropped. When the split opens, they are logged as usual.
+  """
+  logger = logging.getLogger("absl")
+  held = []
+
+  def hold(record):
+    held.append(record)
+    return False
+
+  logger.addFilter(hold)
+  try:
+    yield held
+  finally:
+    logger.removeFilter(hold)
+  for record in held:  # reached only when the block succeeded
+    logger.handle(record)
 
 
 def default_data_dir(data_dir: Optional[str]) -> str:
@@ -125,10 +151,25 @@ class TfdsImages:
     self._raw = self._decoded = None
     self._labels = None
     where = f"TFDS {name} split {split!r} in {self.data_dir}"
+    with _held_logs():  # a split that is not there: the error alone, without TFDS's log lines
+      info = self._open(tfds, where)
+    features = info.features
+    self._features = features
+    self.image_key = _feature_key(features, tfds.features.Image, "image", name, True)
+    self.label_key = _feature_key(features, tfds.features.ClassLabel, "label", name, False)
+    if self._decoded is not None:
+      self._raw = self._try_raw_route(tfds)
+      self.length = len(self._decoded)
+    if not self.length:
+      raise ClmimError(f"{where} has no examples: expected a non-empty split.")
+
+  def _open(self, tfds, where: str):
+    """Opens the split with `tfds.data_source` (or tf.data); returns its DatasetInfo."""
+    name, split = self.name, self.split
     try:
       self._decoded = tfds.data_source(name, split=split, data_dir=self.data_dir, download=False)
-      info = self._decoded.dataset_info
       self.route = "array_record-decoded"
+      return self._decoded.dataset_info
     except ClmimError:
       raise
     except tfds.core.DatasetNotFoundError as e:
@@ -141,16 +182,7 @@ class TfdsImages:
         raise ClmimError(f"Cannot open {where}: {_one_line(e)}") from e
       raise ClmimError(f"{where}: no such split ({_one_line(e)}).") from e
     except Exception as e:  # noqa: BLE001 (TFDS raises many types for "not there")
-      info = self._open_unprepared_or_tfrecord(tfds, e, where)
-    features = info.features
-    self._features = features
-    self.image_key = _feature_key(features, tfds.features.Image, "image", name, True)
-    self.label_key = _feature_key(features, tfds.features.ClassLabel, "label", name, False)
-    if self._decoded is not None:
-      self._raw = self._try_raw_route(tfds)
-      self.length = len(self._decoded)
-    if not self.length:
-      raise ClmimError(f"{where} has no examples: expected a non-empty split.")
+      return self._open_unprepared_or_tfrecord(tfds, e, where)
 
   def _open_unprepared_or_tfrecord(self, tfds, error: Exception, where: str):
     """Explains why `tfds.data_source` failed, or opens a tfrecord split with tf.data."""
