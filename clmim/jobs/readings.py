@@ -151,6 +151,8 @@ def _extremes(result, curve: list, results: dict) -> str:
   names = position_names(result, len(curve), results)
   top = max(finite, key=lambda i: curve[i])
   low = min(finite, key=lambda i: curve[i])
+  if fmt(curve[top]) == fmt(curve[low]):
+    return " (flat to 3 decimals)"
   return f" (highest at {names[top]}, lowest at {names[low]})"
 
 
