@@ -2,10 +2,11 @@
 complete, so a reader (or a crashed run) never leaves or sees half a file."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from typing import Callable, IO
+from typing import Callable, IO, Iterator
 
 
 def write_atomic(path, write: Callable[[IO[bytes]], None]) -> str:
@@ -34,3 +35,20 @@ def write_json_atomic(path, payload) -> str:
 def save_figure_atomic(figure, path, **savefig_kwargs) -> str:
   """A matplotlib Figure written as PNG atomically."""
   return write_atomic(path, lambda f: figure.savefig(f, format="png", **savefig_kwargs))
+
+
+@contextlib.contextmanager
+def removed_unless_complete(folder) -> Iterator[None]:
+  """Files the block creates directly in `folder` are removed again if the block raises (a
+  Ctrl-C included): outputs written one by one (figures, then results.json) appear together or
+  not at all. Files that were there before are left alone."""
+  folder = os.fspath(folder)
+  before = set(os.listdir(folder))
+  try:
+    yield
+  except BaseException:
+    for name in set(os.listdir(folder)) - before:
+      path = os.path.join(folder, name)
+      if os.path.isfile(path) and not os.path.islink(path):
+        os.remove(path)
+    raise

@@ -26,11 +26,29 @@ import logging
 import os
 import re
 import shlex
+import signal
 import sys
+import threading
 import time
+import _thread
 
-from absl import app, flags
-from ml_collections import config_flags
+_BEFORE_RUN = "clmim: interrupted (Ctrl-C) before the run started; nothing was written.\n"
+
+
+def _exit_before_run(signum, frame):
+  """Ctrl-C while flags, the config and the libraries load: nothing is written yet, so the
+  process ends at once (a KeyboardInterrupt raised inside an import or a garbage-collector
+  callback would print a traceback, or be ignored)."""
+  del signum, frame
+  os.write(2, _BEFORE_RUN.encode())
+  os._exit(130)
+
+
+if __name__ == "__main__":  # before the slow imports below
+  signal.signal(signal.SIGINT, _exit_before_run)
+
+from absl import app, flags  # pylint: disable=wrong-import-position
+from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file, optionally followed by ':variant'.", lock_config=True)
@@ -130,11 +148,75 @@ def enable_compilation_cache(folder: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+# What the Ctrl-C line reports: the run's mode and workdir, and the workdir's listing when the
+# run started (set by `main` once they are known).
+_RUN = {}
+
+
+def listing(workdir) -> dict:
+  """{name: modification time (ns)} of the entries directly in `workdir` ({} if none)."""
+  try:
+    with os.scandir(workdir) as entries:
+      return {e.name + ("/" if e.is_dir() else ""): e.stat().st_mtime_ns for e in entries}
+  except OSError:
+    return {}
+
+
+def interrupted_line(mode=None, workdir=None, before=None) -> str:
+  """The one line a Ctrl-C prints: what the run left in its workdir (the entries written or
+  removed since it started, from `before`, its listing then) and how to go on."""
+  line = "clmim: interrupted (Ctrl-C)"
+  if not mode or not workdir:
+    return f"{line} before the run started; nothing was written."
+  now, before = listing(workdir), before or {}
+  written = sorted(name for name, mtime in now.items() if before.get(name) != mtime)
+  removed = sorted(set(before) - set(now))
+  shown = lambda names: ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6
+                                                else "")
+  what = f"wrote {shown(written)} in {workdir}" if written else \
+      f"nothing was written in {workdir}"
+  if removed:
+    what += f", removed {shown(removed)} (--config.overwrite=True)"
+  if mode == "analyze":
+    tail = "" if "results.json" in written else \
+        " (an analysis writes its outputs together, at the end)"
+  elif mode in ("pretrain", "finetune", "sweep"):
+    from clmim import preflight
+    steps = preflight.checkpoint_steps(workdir)
+    tail = (f"; the checkpoint of step {steps[-1]} is kept: the same command resumes from it"
+            if steps else "; the same command runs it again")
+    if mode == "sweep":
+      tail = "; finished λ runs are kept: the same command resumes the sweep"
+  else:
+    tail = "; the same command runs it again"
+  return f"{line}; {what}{tail}."
+
+
 def invocation_record(argv, workdir: str) -> dict:
   """What a run records about how it was started: the command, its overrides, the workdir."""
   args = list(argv[1:])
   return {"command": "python -m clmim.main " + shlex.join(args),
           "overrides": [a for a in args if a.startswith("--config.")], "workdir": workdir}
+
+
+def config_text(config) -> str:
+  """The resolved config as plain YAML: every value as `--config.field=value` takes it, tuples
+  as [a, b] lists, no `!!python/tuple` tags and no `&id001` anchors for values that happen to
+  be shared (ConfigDict's own str() prints both)."""
+  import yaml
+
+  class Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data):
+      return True  # a value used twice is printed twice, not as an anchor and an alias
+
+  sequence = lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", list(data),
+                                                            flow_style=True)
+  Dumper.add_representer(tuple, sequence)
+  Dumper.add_representer(list, sequence)
+  # Anything else a config may hold (a path object, a dtype) as its text, not a Python tag.
+  Dumper.add_multi_representer(object, lambda dumper, data: dumper.represent_str(str(data)))
+  return yaml.dump(config.to_dict(), Dumper=Dumper, default_flow_style=False, sort_keys=True,
+                   allow_unicode=True, width=100)
 
 
 def quiet_libraries():
@@ -156,7 +238,7 @@ def main(argv):
     _fail(f"cannot load the config file {flags.FLAGS['config'].config_filename!r}: "
           f"{_last_line(e)}")
   if _PRINT_CONFIG.value:
-    print(config)
+    print(config_text(config), end="")
     return
   if config.get("mode") in TRAINING_MODES:
     from clmim import host_memory  # before anything is printed or started: it may restart us
@@ -170,6 +252,11 @@ def main(argv):
     if workdir is None:
       workdir = default_workdir(config)
       print(f"No --workdir given; writing to {workdir}")
+    _RUN.update(mode=config.get("mode"), workdir=workdir, before=listing(workdir))
+    if signal.getsignal(signal.SIGINT) is _exit_before_run:
+      # From here a Ctrl-C unwinds (the jobs' cleanup runs) and `cli` reports it.
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      sys.unraisablehook = _interrupt_again
     run(config, workdir, invocation_record(sys.argv, workdir))  # absl strips argv of flags
   except ClmimError as e:
     _fail(str(e))
@@ -219,5 +306,30 @@ def _fail(message: str):
   sys.exit(1)
 
 
+def _interrupt_again(unraisable):
+  """A KeyboardInterrupt raised where Python can only ignore it (a garbage-collector callback,
+  a __del__) is raised again a moment later, from another thread, so that it lands in the main
+  thread's own code (raised here, it would be ignored again); anything else as Python reports
+  it."""
+  if isinstance(unraisable.exc_value, KeyboardInterrupt):
+    threading.Timer(0.01, _thread.interrupt_main).start()
+    return
+  sys.__unraisablehook__(unraisable)
+
+
+def cli():
+  """`python -m clmim.main`: `main` under absl, with a Ctrl-C reported in one line (what the run
+  left behind, `interrupted_line`) and exit status 130 (128 + SIGINT), not a traceback.
+  Training saves a checkpoint on Ctrl-C and stops with its own line (clmim.train.trainer)."""
+  try:
+    app.run(main, flags_parser=parse_flags)
+  except KeyboardInterrupt:
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # a second Ctrl-C: out at once
+    print(interrupted_line(**_RUN), file=sys.stderr, flush=True)
+    sys.exit(130)
+  finally:
+    sys.unraisablehook = sys.__unraisablehook__
+
+
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  cli()

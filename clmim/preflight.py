@@ -1,7 +1,8 @@
 """Checks that run before any compute: a mistake costs seconds, not the hours of a run.
 
 `check_run(config, workdir, devices)` is what every job (analysis, pretraining, export,
-snapshots) calls first: the mode against the kind of config, the workdir, the numeric fields
+snapshots) calls first: the mode against the kind of config, the workdir (writable, and one
+kind of run per folder: `check_run_kind`), the numeric fields
 (batch sizes, counts), a resumed run's config. The jobs then resolve their models and data
 sources, still before the first forward pass. Nothing here
 creates a file or a folder: a refused run leaves the disk as it was.
@@ -12,6 +13,7 @@ import copy
 import json
 import os
 import re
+import sys
 import tempfile
 
 from clmim.errors import ClmimError
@@ -266,11 +268,55 @@ def checkpoint_steps(workdir: str) -> list[int]:
                 if d.isdigit() and os.path.isdir(os.path.join(root, d)))
 
 
+ANALYSIS_RECORD = "results.json"  # an analysis workdir's mark (written last, when whole)
+
+
+def training_marks(workdir: str) -> list[str]:
+  """What shows `workdir` holds a training run: its config record, checkpoints, metrics log."""
+  marks = [name for name in (CONFIG_RECORD, "metrics.jsonl")
+           if os.path.isfile(os.path.join(workdir, name))]
+  return marks + (["checkpoints/"] if checkpoint_steps(workdir) else [])
+
+
+def check_run_kind(mode: str, workdir: str) -> None:
+  """One kind of run per workdir: a new training run is refused in a workdir holding an analysis
+  run (results.json), and an analysis run in one holding a training run (config.json,
+  checkpoints, metrics.jsonl). Neither would overwrite the other's files, but a folder mixing
+  two runs' outputs reads as one run. A workdir that already holds both (made before this
+  check) is used as before, with a one-line warning."""
+  if mode not in ("analyze", "pretrain", "finetune") or not os.path.isdir(workdir):
+    return
+  analysis = os.path.isfile(os.path.join(workdir, ANALYSIS_RECORD))
+  training = training_marks(workdir)
+  if analysis and training:
+    _warn(f"--workdir {workdir} holds both an analysis run ({ANALYSIS_RECORD}) and a training "
+          f"run ({', '.join(training)}); going on, but one --workdir per run keeps their "
+          f"outputs apart.")
+  elif analysis and mode != "analyze":
+    raise ClmimError(f"--workdir {workdir} holds an analysis run ({ANALYSIS_RECORD}); a "
+                     f"{'fine-tuning' if mode == 'finetune' else 'training'} run needs a "
+                     f"folder of its own: choose a new --workdir, e.g. "
+                     f"{os.path.join(workdir, mode)}.")
+  elif training and mode == "analyze":
+    raise ClmimError(f"--workdir {workdir} holds a training run ({', '.join(training)}); an "
+                     f"analysis run needs a folder of its own: choose a new --workdir, e.g. "
+                     f"{os.path.join(workdir, 'analysis')} (the run's encoder to analyse: "
+                     f"{os.path.join(workdir, 'export')}).")
+
+
+def _warn(message: str) -> None:
+  """One 'clmim: warning: ...' line on stderr (by the first process only)."""
+  import jax  # already started by the job that calls preflight
+  if jax.process_index() == 0:
+    print(f"clmim: warning: {message}", file=sys.stderr, flush=True)
+
+
 def check_run(config, workdir: str, devices: int) -> str:
   """Everything `clmim.main` checks before a job starts; returns the mode."""
   mode = check_mode(config)
   check_fields(config, mode, devices)
   check_workdir(workdir, must_exist=mode in ("export", "snapshots"))
+  check_run_kind(mode, workdir)
   if mode in PRETRAINING_MODES and mode != "sweep":  # a sweep checks each λ's own folder
     check_resume(config, workdir)
   if mode == "analyze" and os.path.exists(os.path.join(workdir, "results.json")) \

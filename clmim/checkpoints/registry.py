@@ -18,7 +18,10 @@ Options follow a `?`, joined by `&`:
   without one is an error);
 - `random:<variant>`: any ViT field (`image_size=224`, `block_style=beit`,
   `position_embedding=sincos`, `num_heads=3`, ...) and `name`;
-- clmim checkpoint directories: `name` (the name shown in results and figures).
+- clmim checkpoint directories: `name` (the name shown in results and figures), `decoder=1`
+  (also load the pretraining decoder an MAE / SimMIM / hybrid export keeps beside its
+  encoder, see `native.load_decoder`; an export without one is an error saying how to
+  get one).
 `resolve` turns a spec into a `Model`, verifying the file and that every parameter fits, and
 records in `Model.info["architecture_from"]` where each architecture field came from.
 """
@@ -105,6 +108,13 @@ def parse_options(spec: str) -> tuple[str, dict]:
                        f"'?' and are joined by '&', e.g. '?num_heads=3&name=mine').")
     options[key.strip()] = _value(value.strip())
   return base, options
+
+
+def with_option(spec: str, key: str, value) -> str:
+  """`spec` with option `key` set to `value` (added, or replacing the one it has)."""
+  base, options = parse_options(spec)
+  options[key] = value
+  return f"{base}?{'&'.join(f'{k}={v}' for k, v in options.items())}"
 
 
 def _check_options(spec: str, options: dict, allowed) -> None:
@@ -293,7 +303,7 @@ def resolve(spec: str, seed: int = 0) -> Model:
     _check_options(spec, options, _FILE_OPTIONS)
     family, path = official
     return _from_official(os.path.basename(path), family, path, options)
-  _check_options(spec, options, ("name",))
+  _check_options(spec, options, ("name", "decoder"))
   path = _locate(base_spec)
   manifest, params = native.load(path)
   vit = _build(manifest, path)
@@ -301,13 +311,18 @@ def resolve(spec: str, seed: int = 0) -> Model:
   expected = jax.eval_shape(lambda: vit.init(jax.random.PRNGKey(0), images))["params"]
   native.check_params(expected, params, path)
   shipped = base_spec in known_names() and path == os.path.join(DEMO_DIR, base_spec)
+  decoder = native.load_decoder(path, manifest, spec, shipped) if options.get("decoder") \
+      else None
   info = {k: manifest[k] for k in ("method", "steps", "final_loss", "sha256", "version")
           if k in manifest}
   info["architecture_from"] = {k: "checkpoint manifest" for k in manifest["model"]}
+  if decoder:
+    info["decoder"] = {"kind": decoder["kind"], **decoder["config"]}
   return Model(name=options.get("name") or manifest.get("name")
                or os.path.basename(os.path.normpath(path)),
                family=manifest.get("family") or "other", vit=vit,
                params=jax.tree.map(jnp.asarray, params),
                preprocessing=dict(manifest.get("preprocessing", {})),
                # A shipped checkpoint is named, not located: results hold no machine's paths.
-               source=f"{base_spec} (shipped with clmim)" if shipped else path, info=info)
+               source=f"{base_spec} (shipped with clmim)" if shipped else path, info=info,
+               decoder=decoder)

@@ -1,6 +1,7 @@
 """The analysis job behind `python -m clmim.main --config configs/nmi.py` (config.mode "analyze").
 
-For every model of `config.models` (plus, optionally, an untrained copy of each architecture)
+For every model of `config.models` (plus, optionally, an untrained copy of each architecture:
+models of one architecture and preprocessing share one copy, "A + B (untrained)")
 it streams the evaluation images through the sharded `Analyzer` and collects the analyses of
 `config.analyses` (modules of `clmim.analysis`, see `clmim.analysis.core`), with the options of
 `config.analysis_options.<name>`. Everything that can be wrong with the input (workdir, fields,
@@ -16,7 +17,9 @@ results.json:
   {"models": {name: {<every key of every analysis' RESULTS>, "num_images": N}},
    "model_info": {name: {"family", "source", "method", "steps", "image_size", "patch_size",
                          "depth", "num_heads", "architecture_from": {field: where from},
-                         "uniform_attention_distance", "preprocessing", "data", "seconds"}},
+                         "uniform_attention_distance", "preprocessing", "data", "seconds",
+                         untrained copies: "architecture_of" and, when one copy stands for
+                         several models' architecture, "shared_by": [their names]}},
    "analyses": {name: {"options": {...}, "results": {key: {"label", "layout", "x", ...}}}},
    "cka_between_models": {"A ~ B": {"cka_mean_tokens": [stage of A][stage of B], ...}} (when
      cka runs with its between_models option and the run has two trained models),
@@ -35,6 +38,7 @@ import functools
 import json
 import os
 import platform
+import re
 import time
 
 import jax
@@ -43,7 +47,7 @@ import numpy as np
 from clmim import preflight
 from clmim.analysis import attention_distance, core, plots
 from clmim.analysis.runner import Analyzer
-from clmim.atomic import write_atomic, write_json_atomic
+from clmim.atomic import removed_unless_complete, write_atomic, write_json_atomic
 from clmim.checkpoints import registry
 from clmim.data.eval_data import EvalImages
 from clmim.data.labelled import ProbeData
@@ -205,25 +209,93 @@ class Passes:
 
 def resolve_models(config) -> list:
   """[(Model, EvalImages)] for every spec of config.models (+ untrained copies), all loaded and
-  checked before any compute; names made unique or refused."""
+  checked before any compute; names made unique or refused.
+
+  Models of one name are told apart by their folder (two snapshots of one run); a model shipped
+  with clmim keeps its name. The untrained copies (`config.include_untrained`) are made from the
+  loaded models, named after their final names, and one copy stands for every model of the
+  same architecture and preprocessing (see `share_untrained`)."""
   specs = registry.split_specs(config.models)
   if not specs:
     raise ClmimError("config.models is empty: name at least one model, e.g. 'moco_v3_demo'.")
-  if config.include_untrained:
-    specs += [f"random:{s}" for s in specs if not s.startswith("random:")]
+  resolved = [(spec, registry.resolve(spec, seed=config.seed)) for spec in specs]
+  tell_apart(resolved)
+  copies = [(f"random:{spec}", registry.untrained_copy(model, config.seed))
+            for spec, model in resolved
+            if config.include_untrained and not spec.startswith("random:")]
+  models = share_untrained(resolved, copies)
+  check_unique_names(models)
   jobs = []
-  for spec in specs:
-    model = registry.resolve(spec, seed=config.seed)
+  for _, model in models:
     model.vit = model.vit.clone(dtype=config.get("dtype", "float32"))  # how it computes
     jobs.append((model, EvalImages(config.data, model.preprocessing)))
-  names = [m.name for m, _ in jobs]
-  for model, _ in jobs:  # e.g. two snapshots of one run: tell them apart by their folder
-    if names.count(model.name) > 1 and model.family != "random":
-      model.name = f"{model.name} [{os.path.basename(os.path.normpath(model.source))}]"
-  names = [m.name for m, _ in jobs]
-  if len(set(names)) != len(names):
-    raise ClmimError(f"config.models names the same model twice: {names}.")
   return jobs
+
+
+def tell_apart(resolved) -> None:
+  """Renames trained models that share a name "<name> [<folder>]" (e.g. two snapshots of one
+  run, or a runlocal export beside the shipped model it is named after), in place; a model
+  shipped with clmim keeps its name."""
+  names = [model.name for _, model in resolved]
+  for _, model in resolved:
+    shipped = model.source.endswith("(shipped with clmim)")
+    if names.count(model.name) > 1 and model.family != "random" and not shipped:
+      model.name = f"{model.name} [{os.path.basename(os.path.normpath(model.source))}]"
+
+
+def untrained_key(model) -> str:
+  """What an untrained model's numbers depend on: its ViT fields, its decoder's kind and sizes,
+  its preprocessing and its seed (`source`). Equal keys mean equal weights on equal images."""
+  decoder = getattr(model, "decoder", None)
+  return json.dumps([vit_fields(model.vit), decoder and [decoder["kind"], decoder["config"]],
+                     model.preprocessing, model.source], sort_keys=True, default=str)
+
+
+# A shared untrained copy names at most this many of its models (model_info lists them all).
+_NAMED_SHARERS = 3
+
+
+def share_untrained(resolved, copies) -> list:
+  """`resolved` then `copies` ([(spec, Model)]) with one untrained model per `untrained_key`:
+  a copy whose twin is already there (an explicit `random:` spec, or another model's copy) is
+  dropped, and the one kept records whose copies it stands for in model_info["shared_by"]; a
+  copy shared by several models is named after them: "A + B (untrained)"."""
+  kept = list(resolved)
+  by_key = {}
+  for _, model in resolved:
+    if model.family == "random":
+      by_key.setdefault(untrained_key(model), model)
+  sharers = {}
+  for spec, copy in copies:
+    key = untrained_key(copy)
+    if key not in by_key:
+      by_key[key] = copy
+      kept.append((spec, copy))
+    sharers.setdefault(key, []).append(copy.info["architecture_of"])
+  for key, names in sharers.items():
+    model = by_key[key]
+    if len(names) == 1 and model.name == f"{names[0]} (untrained)":
+      continue  # one model's own copy, as ever
+    model.info["shared_by"] = names
+    if model.name == f"{names[0]} (untrained)":  # a copy, not a name the user gave
+      shown = names if len(names) <= _NAMED_SHARERS else \
+          names[:_NAMED_SHARERS - 1] + [f"{len(names) - _NAMED_SHARERS + 1} more"]
+      model.name = f"{' + '.join(shown)} (untrained)"
+  return kept
+
+
+def check_unique_names(models) -> None:
+  """One error naming both specs (and the `?name=` that fixes it) when two models share a name."""
+  seen = {}
+  for spec, model in models:
+    if model.name in seen:
+      stem = re.sub(r" \[[^\]]*\]$", "", model.name)  # without tell_apart's folder tag
+      simple = re.fullmatch(r"[\w.-]+", stem)
+      fix = registry.with_option(spec, "name", f"{stem}_2" if simple else "other")
+      raise ClmimError(f"config.models names the same model twice: {model.name!r} (from "
+                       f"{seen[model.name]!r} and {spec!r}); give one of them a name of its own "
+                       f"with '?name=...', e.g. {fix!r}.")
+    seen[model.name] = spec
 
 
 def check_models(modules, options, jobs, data_cfg=None) -> dict:
@@ -298,16 +370,17 @@ def write_outputs(results: dict, modules, options, workdir: str, overwrite: bool
   removed = remove_previous_outputs(workdir) if overwrite else []
   if removed:
     print(f"Replaced the earlier run's outputs in {workdir} ({len(removed)} files).")
-  paths = plots.write_figures(results, modules, options, workdir)
-  pairs_figure = between_models.figure(results.get("cka_between_models") or {})
-  if pairs_figure is not None:
-    paths.append(plots.save(pairs_figure, os.path.join(workdir, "cka_between_models.png")))
-  results["figures"] = [os.path.basename(p) for p in paths]
-  text = report.summary(results, modules)
-  write_atomic(os.path.join(workdir, "summary.txt"), lambda f: f.write(text.encode() + b"\n"))
-  report.write(results, modules, workdir)
-  path = os.path.join(workdir, "results.json")
-  write_json_atomic(path, results)  # last: a results.json means the run's outputs are whole
+  with removed_unless_complete(workdir):  # an error or a Ctrl-C here leaves no half run
+    paths = plots.write_figures(results, modules, options, workdir)
+    pairs_figure = between_models.figure(results.get("cka_between_models") or {})
+    if pairs_figure is not None:
+      paths.append(plots.save(pairs_figure, os.path.join(workdir, "cka_between_models.png")))
+    results["figures"] = [os.path.basename(p) for p in paths]
+    text = report.summary(results, modules)
+    write_atomic(os.path.join(workdir, "summary.txt"), lambda f: f.write(text.encode() + b"\n"))
+    report.write(results, modules, workdir)
+    path = os.path.join(workdir, "results.json")
+    write_json_atomic(path, results)  # last: a results.json means the run's outputs are whole
   print(text)
   print(f"Wrote {path}, summary.txt, report.md, report.html and "
         f"{', '.join(results['figures'])} in {workdir}")
