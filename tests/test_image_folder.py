@@ -169,8 +169,8 @@ def test_tiff_is_read_and_other_extensions_are_named_once(tmp_path, capsys):
   np.testing.assert_allclose(np.stack([ds[i][0] for i in range(3)])[:, 0, 0, 0] * 255,
                              [90, 50, 255], atol=0.01)
   err = capsys.readouterr().err.splitlines()
-  assert len(err) == 1 and err[0].startswith("clmim: warning: image folder"), err
-  assert "3 files are skipped" in err[0] and str(tmp_path / "b" / "README") in err[0]
+  assert len(err) == 1 and err[0].startswith("clmim: warning: Image folder"), err
+  assert "skipped 3 files" in err[0] and str(tmp_path / "b" / "README") in err[0]
   for kind in (".heic (1)", ".txt (1)", "(no extension) (1)", ".tif"):
     assert kind in err[0], err[0]
   ImageFolder(tmp_path, PP)  # the analysis opens a folder once per model: said once

@@ -88,6 +88,15 @@ def test_rgba_drops_alpha_and_16_bit_is_rescaled():
   np.testing.assert_allclose(raw(deep), 1.0)
 
 
+def test_rgb_convertible_is_known_from_the_mode_alone():
+  # What an image folder's header check asks before any pixel is decoded.
+  for mode in ("RGB", "L", "P", "CMYK", "I;16", "I;16B", "F", "1", "RGBA"):
+    assert pp.rgb_convertible(mode), mode
+  assert not pp.rgb_convertible("La")  # PIL has no La -> RGB conversion
+  with pytest.raises(ValueError):
+    pp.to_rgb(Image.new("La", (2, 2)))
+
+
 def test_bad_settings_raise_clmim_error_naming_the_field():
   with pytest.raises(ClmimError, match=r"interpolation.*'nearest'.*bicubic"):
     pp.EvalPreprocess(16, interpolation="nearest")

@@ -175,9 +175,34 @@ def test_missing_imagenet_names_the_command(tmp_path):
   errors = [line for line in result.stderr.splitlines() if line.startswith("clmim: error:")]
   assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
   message = errors[0]
+  # Only the error: not TFDS's "Variant folder ... has no dataset_info.json" log lines before it.
+  assert [line for line in result.stderr.splitlines() if line.strip()] == errors, result.stderr
   assert f"'imagenet2012' is not prepared in {empty}" in message
   assert (f"pip install tensorflow importlib_resources && python -c \"import tensorflow_datasets "
           f"as tfds; tfds.builder('imagenet2012', data_dir='{empty}', "
           "file_format='array_record').download_and_prepare()\"" in message)
   assert "ILSVRC2012_img_val.tar" in message and str(empty / "downloads" / "manual") in message
   assert not os.path.exists(tmp_path / "out" / "results.json")
+
+
+def test_missing_dataset_logs_nothing_before_its_error(tmp_path, caplog):
+  """TFDS logs through absl while it looks for a dataset; the ClmimError alone says it."""
+  pp = EvalPreprocess(16)
+  for name in ("imagenet2012", "imagenette/320px-v2"):
+    with caplog.at_level("DEBUG"), pytest.raises(ClmimError, match="is not prepared in"):
+      TfdsImages(name, "validation", pp, str(tmp_path))
+  assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+def test_held_logs_are_logged_when_the_split_opens(caplog):
+  from absl import logging as absl_logging
+  from clmim.data import tfds_source
+  with caplog.at_level("INFO"):
+    with tfds_source._held_logs():
+      absl_logging.warning("kept %s", "back")
+      assert not caplog.records  # held while the split is being opened
+    assert [r.getMessage() for r in caplog.records] == ["kept back"]
+    with pytest.raises(ClmimError), tfds_source._held_logs():
+      absl_logging.warning("dropped")
+      raise ClmimError("the dataset is not there")
+  assert [r.getMessage() for r in caplog.records] == ["kept back"]

@@ -1,21 +1,21 @@
 """The header check of an image folder: every problem of every file, reported once, up front.
 
 `check_files(paths, root)` opens each file with PIL, which reads only the header (format, size,
-mode), not the pixels: about 50 us per 375x500 JPEG from the page cache on a 2-core machine,
-against 2.3 ms for a full decode (so ~2.5 s for the 50,000 ImageNet validation JPEGs, where a
-decode pass would take two minutes). It finds what makes a file unreadable before any image is
-streamed, and reports all of them in ONE error: a file PIL does not recognise (not an image, an
-empty file, a wrong extension), one that cannot be opened, one larger than twice PIL's
-decompression-bomb limit (PIL refuses to decode it) and one whose mode cannot become RGB. What
-PIL warns about while opening a file (an image above the bomb limit, which is still read,
-corrupt metadata) becomes one `clmim: warning:` line naming the files, and the same warning is
-not shown raw again when the image is decoded later, inside a progress bar.
+mode), not the pixels: about 45 us per 375x500 JPEG (page cache warm, two threads on a 2-core
+machine) against 2.3 ms for a full decode, so ~2.3 s for 50,000 JPEGs where a decode pass takes
+two minutes. It finds what makes a file unreadable before any image is streamed, and reports
+all of them in ONE error: a file PIL does not recognise (not an image, an empty file, another
+format), one that cannot be opened, one larger than twice PIL's decompression-bomb limit (PIL
+refuses to decode it) and one whose mode cannot become RGB. What PIL warns about while opening
+a file (an image above the bomb limit, which is still read; corrupt metadata) becomes one
+`clmim: warning:` line naming the files, and the same warning is not shown raw again when the
+image is decoded later, inside a progress bar.
 
 Damage past the header (a truncated JPEG) is found only by decoding; `ImageFolder.load` then
-raises one error naming the file. The headers are read by a few threads (a network file system
-answers each open in about a millisecond); a progress bar appears when the check takes more
-than a second. A list of files already checked in this process is not checked again (the
-analysis job opens the same folder once per model and once more for its probes).
+raises one error naming the file. The headers are read by a few threads (on a network file
+system each open waits for the server); a progress bar appears when the check takes more than a
+second. A list of files already checked in this process is not checked again (the analysis job
+opens the same folder once per model and once more for its probes).
 
   python -m clmim.data.image_check FOLDER   # every problem of FOLDER, one line each
 """

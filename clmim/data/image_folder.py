@@ -132,11 +132,10 @@ def _warn_skipped(root: str, extensions: Tuple[str, ...], skipped: Sequence[str]
   if not skipped or (root, extensions) in _warned:
     return
   _warned.add((root, extensions))
-  files = f"{len(skipped)} files are" if len(skipped) > 1 else "1 file is"
-  print(f"clmim: warning: image folder {root!r}: {files} skipped because clmim does not read "
-        f"their extension: {_kinds(skipped)}, e.g. {skipped[0]!r}; it reads "
-        f"{', '.join(extensions)} (convert images in other formats to PNG or JPEG).",
-        file=sys.stderr)
+  files = f"{len(skipped)} files" if len(skipped) > 1 else "1 file"
+  print(f"clmim: warning: Image folder {root!r}: skipped {files} whose extension clmim does not "
+        f"read: {_kinds(skipped)}, e.g. {skipped[0]!r}; clmim reads {', '.join(extensions)} "
+        "(convert images in other formats to PNG or JPEG).", file=sys.stderr)
 
 
 class ImageFolder:
