@@ -86,12 +86,15 @@ def inspect(path: str) -> FileReport:
   except Image.DecompressionBombError as e:
     # Image.open refuses it before handing over its size; the message holds the pixel count.
     found = re.search(r"\((\d+) pixels\)", str(e))
-    size = f"{_megapixels(int(found.group(1)))}, " if found else ""
-    return FileReport(path, f"{size}over twice PIL's decompression-bomb limit of "
+    pixels = f"{_megapixels(int(found.group(1)))}, " if found else ""
+    return FileReport(path, f"{pixels}over twice PIL's decompression-bomb limit of "
                             f"{_megapixels(Image.MAX_IMAGE_PIXELS)}, so PIL refuses to decode it: "
                             "downscale it")
   except Image.UnidentifiedImageError:
-    empty = os.path.getsize(path) == 0 if os.path.exists(path) else False
+    try:
+      empty = os.path.getsize(path) == 0
+    except OSError:
+      empty = False
     return FileReport(path, "an empty file" if empty else
                       "not an image PIL recognises: damaged, or not the format its name says")
   except OSError as e:
