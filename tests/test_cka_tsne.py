@@ -157,6 +157,22 @@ def test_knn_accuracy_known_answers():
     tsne.knn_accuracy(points, labels, 8)
 
 
+def test_tsne_figure_says_which_colour_is_which_image():
+  rng = np.random.default_rng(3)
+  results = {"models": {name: {"tsne_embedding": rng.normal(size=(3, 5, 2)).tolist(),
+                               "tsne_images": [0, 5, 33]} for name in ("a", "b")}}
+  fig = tsne.figures(results, tsne.OPTIONS)["tsne.png"]
+  keys = [ax for ax in fig.axes if ax.images]
+  assert len(keys) == 1  # one key for the whole figure: the colours mean the same in every panel
+  [key] = keys
+  assert [t.get_text() for t in key.get_xticklabels()] == ["0", "5", "33"]
+  assert "image" in key.get_xlabel()
+  # Cell i has the colour of image i's points.
+  panel = fig.axes[0]
+  for i, points in enumerate(panel.collections):
+    np.testing.assert_allclose(key.images[0].get_array()[0, i], points.get_facecolor()[0][:3])
+
+
 def test_tsne_reports_missing_sklearn_before_compute(monkeypatch):
   vit = build_vit("mu/4", image_size=16, depth=2)
   tsne.check(vit, tsne.OPTIONS)

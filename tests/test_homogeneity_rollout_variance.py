@@ -140,6 +140,11 @@ def test_rollout_matches_float64_products():
   assert got["rollout_map_images"] == [4, 0]
 
 
+def test_rollout_map_pixels_need_pixels():
+  attns = [_random_softmax(np.random.default_rng(8), 2, 2, 10)]
+  assert _finalize(rollout, [], attns)["rollout_map_pixels"] == []  # a batch without images
+
+
 def test_rollout_of_identity_is_identity():
   # R = I: the cls row is one-hot on cls, so no mass is left for the patches; by definition the
   # map is then uniform (the limit of attention_distance's epsilon), spread is the grid's.
@@ -241,13 +246,25 @@ def test_figures_of_two_models():
   curves = {"rollout_spread": [1.0, 2.0], "rollout_entropy": [0.5, 0.6],
             "head_similarity": [0.5, 0.9], "query_similarity": [[0.1, 0.3], [0.2, 0.4]],
             "depth_similarity": [0.7, 0.8], "feature_variance": [1.0, 2.0, 3.0]}
-  results = {"models": {"a": {"rollout_map": maps, "rollout_map_images": [0, 2], **curves},
-                        "b": {"rollout_map": maps[:1], "rollout_map_images": [0], **curves}},
+  uniform = np.full((3, 3), 1 / 9).tolist()  # an untrained-looking map
+  pixels = rng.random((2, 12, 12, 3)).tolist()
+  results = {"models": {"a": {"rollout_map": maps, "rollout_map_images": [0, 2],
+                              "rollout_map_pixels": pixels, **curves},
+                        "b": {"rollout_map": [uniform], "rollout_map_images": [0], **curves}},
              "model_info": info}
   figures = plots.analysis_figures(results, rollout, rollout.OPTIONS)
   assert sorted(figures) == ["rollout_entropy.png", "rollout_map.png", "rollout_spread.png"]
   assert all(isinstance(f, Figure) for f in figures.values())
-  assert len(figures["rollout_map.png"].axes) == 3
+  figure = figures["rollout_map.png"]
+  drawn = [a for a in figure.axes if a.images]
+  assert [a.get_title() for a in drawn] == ["input", "", "a (CL)", "", "b (MIM)"]
+  assert drawn[0].images[0].get_array().shape == (12, 12, 3)
+  # One colour scale from 0 for every map: b's uniform map is flat, not full contrast.
+  assert {(a.images[0].norm.vmin, a.images[0].norm.vmax) for a in drawn[2:]} == {
+      (0.0, np.max(maps))}
+  [bar] = [a for a in figure.axes if a.get_label() == "<colorbar>"]
+  assert "rolled-out attention" in bar.get_ylabel()
+  np.testing.assert_allclose(bar.get_yticks(minor=True), [1 / 9])  # the uniform map, 1/N
   assert rollout.figures({"models": {}}, rollout.OPTIONS) == {}
   spread = core.results_of(rollout)["rollout_spread"]
   assert core.reference_value(spread, results) == pytest.approx(
@@ -286,3 +303,9 @@ def test_vit_invariance(setup, reference, batch_size, devices):
   # Guards against comparing trivial (uniform, all-equal) numbers with themselves.
   assert np.asarray(reference["query_similarity"]).min() < 0.95
   assert np.ptp(reference["feature_variance"]) > 0
+
+
+def test_rollout_map_pixels_are_the_chosen_inputs(setup, reference):
+  _, _, images = setup  # 16 px, patch 4: not pooled; kept to 2 decimals
+  np.testing.assert_allclose(reference["rollout_map_pixels"], images[np.array([3, 69])],
+                             atol=5.01e-3, rtol=0)

@@ -94,3 +94,74 @@ def test_bad_results_raise_clmim_error(tmp_path):
   with pytest.raises(ClmimError, match=r"\['m'\]\['fourier'\]"):
     plots.fourier_figure({"models": {"m": {"fourier": [[1.0, 2.0], [3.0]]}}})
   assert os.listdir(tmp_path) == []
+
+
+def test_legend_handles_show_each_curves_line_style():
+  from matplotlib import rcParams
+  fig = plots.curve_figure(_results(), nmi.RESULTS[0])
+  ax = fig.axes[0]
+  legend = ax.get_legend()
+  handles = dict(zip([t.get_text() for t in legend.get_texts()], legend.legend_handles))
+  curves = [line for line in ax.lines if line.get_linestyle() != "None"]
+  assert {line.get_linestyle() for line in curves} >= {"-", "--", ":"}
+  for line in curves:
+    handle = handles[line.get_label()]
+    assert (handle.get_linestyle(), handle.get_color()) == (line.get_linestyle(),
+                                                          line.get_color())
+    # No marker: one in the middle of the handle covered a dashed line's gaps (it read solid).
+    assert handle.get_marker() in ("None", "", None)
+  # Long enough to show a dashed handle's dashes: at least 2.5 periods of the dashed pattern.
+  dashed = handles["random_init"]
+  period = sum(rcParams["lines.dashed_pattern"]) * dashed.get_linewidth()
+  assert legend.handlelength * legend.prop.get_size_in_points() >= 2.5 * period
+
+
+def test_head_dots_are_named_in_the_legend():
+  fig = plots.curve_figure(_results(), nmi.RESULTS[0])
+  legend = fig.axes[0].get_legend()
+  labels = [t.get_text() for t in legend.get_texts()]
+  dots = legend.legend_handles[labels.index(plots.HEAD_DOTS_LABEL)]
+  assert dots.get_marker() == "o" and dots.get_linestyle() == "None"
+  assert fig.axes[0].collections  # the dots themselves
+  # Per-block values draw no dots, and the legend does not mention any.
+  result = core.Result(key="x", label="y", layout="[block]", x="block", series=lambda v: v)
+  fig = plots.curve_figure({"models": {"m": {"x": [1.0, 2.0]}}}, result)
+  assert plots.HEAD_DOTS_LABEL not in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def test_snapshot_steps_get_integer_ticks(tmp_path, monkeypatch):
+  from clmim.jobs import snapshots
+  drawn = []
+  monkeypatch.setattr(snapshots, "save_figure_atomic", lambda figure, path: drawn.append(figure))
+  values = [[0.1, 0.2, 0.3], [0.2, 0.3, 0.4], [0.3, 0.35, 0.5]]  # stage 0, then 2 blocks
+  snapshots.plot({"steps": [1, 2, 3], "nmi": values, "x": {"nmi": "stage"},
+                  "labels": {"nmi": "NMI"}}, str(tmp_path / "snapshots.png"), "title")
+  [figure] = drawn
+  ticks = figure.axes[0].get_xticks()
+  assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_thumbnails_pool_whole_pixel_blocks_of_a_patch(monkeypatch):
+  assert plots.thumbnail_factor(32, 4) == 1  # the demo models: kept as they are
+  assert plots.thumbnail_factor(224, 16) == 8 and plots.thumbnail_factor(384, 16) == 16
+  assert plots.thumbnail_factor(224, 14) == 7  # a divisor of the patch, not just any factor
+  assert plots.thumbnail_factor(64, 4) == 2 and plots.thumbnail_factor(96, 4) == 4
+  monkeypatch.setattr(plots, "MAX_THUMBNAIL", 4)
+  images = np.arange(2 * 8 * 8 * 3, dtype=np.float64).reshape(2, 8, 8, 3)
+  small = plots.thumbnails(images, 4)
+  assert small.shape == (2, 4, 4, 3)
+  np.testing.assert_allclose(small[1, 2, 3], images[1, 4:6, 6:8].mean(axis=(0, 1)))
+
+
+def test_display_images_undo_the_recorded_normalisation():
+  rgb = np.random.default_rng(1).random((2, 4, 4, 3))
+  mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+  results = {"model_info": {"m": {"preprocessing": {"mean": "imagenet", "std": "imagenet"}}}}
+  np.testing.assert_allclose(plots.display_images((rgb - mean) / std, results, "m"), rgb)
+  # The run's config.data.mean/std win over the model's own, as in the evaluation data.
+  results["config"] = {"data": {"mean": "half", "std": "half"}}
+  np.testing.assert_allclose(plots.display_images(rgb * 2 - 1, results, "m"), rgb)
+  # Without a record each image is stretched to [0, 1].
+  shown = plots.display_images(rgb * 3 - 7, {}, "m")
+  np.testing.assert_allclose(shown.min(axis=(1, 2, 3)), 0)
+  np.testing.assert_allclose(shown.max(axis=(1, 2, 3)), 1)

@@ -172,6 +172,32 @@ def test_one_hot_maps_come_back_at_their_image_query_and_block():
     np.testing.assert_array_equal(maps[k, qi, bi, h].ravel(), want)
 
 
+def test_query_attention_figure_has_one_scale_a_colourbar_and_the_input():
+  g, x, y, patch = 4, 2, 1, 2
+  one_hot = np.zeros((1, 1, g, g))
+  one_hot[0, 0, 3, 0] = 1.0
+  uniform = np.full((1, 1, g, g), 1 / g**2)
+  figure = attention_maps.query_attention_figure(np.zeros((1, g * patch, g * patch, 3)),
+                                                 {"trained": one_hot, "untrained": uniform},
+                                                 x, y, patch)
+  drawn = {axis.get_title(): axis for axis in figure.axes if axis.images}
+  assert list(drawn) == ["input, query outlined", "trained", "untrained"]
+  # One scale from 0: the uniform map is flat and dark, not stretched to full contrast.
+  assert {(axis.images[0].norm.vmin, axis.images[0].norm.vmax)
+          for axis in (drawn["trained"], drawn["untrained"])} == {(0.0, 1.0)}
+  [bar] = [axis for axis in figure.axes if axis.get_label() == "<colorbar>"]
+  assert bar.get_ylabel().startswith("attention probability")
+  np.testing.assert_allclose(bar.get_yticks(minor=True), [1 / g**2])  # uniform 1/N marked
+  assert "uniform 1/N" in bar.get_yticklabels(minor=True)[0].get_text()
+  [outline] = drawn["input, query outlined"].patches  # the query at patch size, in pixels
+  assert outline.get_xy() == (x * patch - 0.5, y * patch - 0.5)
+  assert outline.get_width() == patch
+  # A given top (e.g. shared by several figures of a notebook) is kept.
+  figure = attention_maps.query_attention_figure(None, {"a": uniform}, x, y, patch, vmax=0.5)
+  [axis] = [axis for axis in figure.axes if axis.images]
+  assert (axis.images[0].norm.vmin, axis.images[0].norm.vmax) == (0.0, 0.5)
+
+
 def test_query_map_similarity_known_answers():
   g, n = 4, 16
   uniform = np.full((2, 2, n + 1, n + 1), 1 / (n + 1), np.float32)
@@ -249,7 +275,9 @@ def test_runner_results_do_not_depend_on_batching(setup, reference, batch_size, 
   # Selected images are copied, never summed with others: bit-identical.
   for key in ("svd_projection", "svd_shift_ratio"):
     np.testing.assert_array_equal(got[key], reference[key], err_msg=key)
-  np.testing.assert_array_equal(got["attention_maps"]["maps"], reference["attention_maps"]["maps"])
+  for field in ("maps", "pixels"):
+    np.testing.assert_array_equal(got["attention_maps"][field],
+                                  reference["attention_maps"][field])
   for key in ("singular_values", "effective_rank", "token_shift_ratio", "query_map_similarity"):
     np.testing.assert_allclose(got[key], reference[key], rtol=1e-6, atol=1e-9, err_msg=key)
   assert got["num_images"] == 70
@@ -266,6 +294,9 @@ def test_runner_picks_the_chosen_images(setup, reference):
       want = attention_maps.query_attention_map(attns[block - 1], x, y)
       np.testing.assert_allclose(maps[:, qi, block - 1], want, rtol=1e-4, atol=1e-6)
   assert 0 < min(reference["query_map_similarity"]) < 0.99  # attention is not uniform
+  # The inputs the figures show: the chosen images (16 px, patch 4: not pooled), 2 decimals.
+  np.testing.assert_allclose(reference["attention_maps"]["pixels"], images[np.array(chosen)],
+                             atol=5.01e-3, rtol=0)
   rows = [chosen.index(i) for i in OPTIONS["svd"]["images"]]
   for k, row in enumerate(rows):
     want = svd.projection(np.asarray(zs[0][row, 1:]), np.asarray(zs[1][row, 1:]))
@@ -284,7 +315,15 @@ def test_figures(setup, reference, tmp_path):
   assert set(map_figures) == {f"attention_maps_x{x}y{y}_block{b}.png" for x, y in ((2, 2), (1, 1))
                               for b in (1, 2)} | {"query_map_similarity.png"}
   assert all(isinstance(f, Figure) for f in [*svd_figures.values(), *map_figures.values()])
-  # Every map drawn: 3 images x 2 models x 4 heads, the query outlined on each.
+  # Every map drawn: 3 images x (the input + 2 models x 4 heads), the query outlined on each,
+  # on one colour scale with one colourbar.
   figure = map_figures["attention_maps_x1y1_block2.png"]
-  assert len(figure.axes) == 3 * 2 * 4 and all(len(a.patches) == 1 for a in figure.axes)
+  drawn = [a for a in figure.axes if a.images]
+  assert len(drawn) == 3 * (1 + 2 * 4) and all(len(a.patches) == 1 for a in drawn)
+  inputs, maps = drawn[::9], [a for i, a in enumerate(drawn) if i % 9]
+  assert all(a.images[0].get_array().shape == (16, 16, 3) for a in inputs)
+  assert inputs[0].patches[0].get_xy() == (1 * 4 - 0.5, 1 * 4 - 0.5)  # query (1, 1), 4 px
+  top = np.asarray(reference["attention_maps"]["maps"])[:, 1, 1].max()
+  assert {(a.images[0].norm.vmin, a.images[0].norm.vmax) for a in maps} == {(0.0, top)}
+  assert [a.get_label() for a in figure.axes if not a.images] == ["<colorbar>"]
   svd_figures["svd_projection.png"].savefig(tmp_path / "projection.png")

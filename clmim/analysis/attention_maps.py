@@ -13,15 +13,20 @@ attention_maps.<option>:
     y = row, 0-based).
   blocks: "last" or a tuple of 1-based block numbers whose maps are kept.
   heads: what the figures draw, as `panels` accepts: "mean", an int head index or "all".
-Results: "attention_maps" {"images", "queries", "blocks", "maps": [image][query][block][head][g][g]}
-(the chosen images, picked on device by stream position: exact, whatever the batching), and
-"query_map_similarity" [block]: the cosine similarity between the maps of two different chosen
-queries, averaged over query pairs, heads and all images (CL ~1, MIM lower).
-The analysis sees states, not pixels, so its figures draw the maps alone, the query outlined on
-its map cell; the notebook draws them next to the photos with `plot_query_attention`.
+Results: "attention_maps" {"images", "queries", "blocks",
+"maps": [image][query][block][head][g][g], "pixels": [image][row][col][3]} (the chosen images,
+picked on device by stream position: exact, whatever the batching; "pixels" is their
+normalised model input pooled to at most 32 px a side, `plots.thumbnails`, two decimals;
+absent when the stream gives no pixels), and "query_map_similarity" [block]: the cosine
+similarity between the maps of two different chosen queries, averaged over query pairs, heads
+and all images (CL ~1, MIM lower).
+The figures draw, per query, the input (query outlined at patch size) and every model's map on
+one shared colour scale with a colourbar marking uniform attention 1/N; the notebook draws maps
+next to its own pictures with `plot_query_attention`.
 """
 from __future__ import annotations
 
+from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -83,47 +88,66 @@ def panels(maps: dict, heads="mean") -> list:
 
 
 def query_attention_figure(images, maps: dict, x: int, y: int, patch_size: int,
-                           title: str = "", heads="mean") -> Figure:
+                           title: str = "", heads="mean", vmax: Optional[float] = None) -> Figure:
   """The figure `plot_query_attention` saves: one row per image, the image then `panels`.
 
-  `images` may be None: then only the maps are drawn (one row per map row), as the analysis'
-  figures do; the query is outlined on every map's own cell either way.
+  Every map shares one colour scale, 0 .. `vmax` (default: the largest value drawn), with a
+  colourbar of the attention probability on which uniform attention 1/N is marked: a
+  near-uniform map then looks flat, not stretched to full contrast. `images` may be None: then
+  only the maps are drawn (one row per map row); the query is outlined on the image at patch
+  size (in pixels of `images`) and on every map's own cell.
   """
   columns = panels(maps, heads)
   batch = len(images) if images is not None else len(columns[0][1]) if columns else 0
   first = 0 if images is None else 1
   width = first + len(columns)
-  figure = Figure(figsize=(2.2 * width, 2.2 * batch + 0.4), dpi=150)
+  if not batch or not width:
+    raise ClmimError("query attention figure: no maps to draw (maps is empty).")
+  top = plots.map_scale([values for _, values in columns]) if vmax is None else float(vmax)
+  scale = plots.map_norm(top)  # one norm object: every panel on the same colour scale
+  figure = Figure(figsize=(2.2 * width + 1.2, 2.2 * batch + 0.5), dpi=150, layout="constrained")
+  grid = figure.subplots(batch, width, squeeze=False)
+  drawn = None
   for row in range(batch):
     if images is not None:
-      axis = figure.add_subplot(batch, width, row * width + 1)
+      axis = grid[row, 0]
       axis.imshow(np.clip(images[row], 0, 1), interpolation="nearest")
       # The query outlined at its true size and place in pixels, not a fixed-size marker.
       axis.add_patch(Rectangle((x * patch_size - 0.5, y * patch_size - 0.5), patch_size,
                                patch_size, fill=False, edgecolor="red", linewidth=1.5))
       axis.set_axis_off()
+      if row == 0:
+        axis.set_title("input, query outlined", fontsize=8)
     for column, (name, values) in enumerate(columns):
-      axis = figure.add_subplot(batch, width, row * width + column + first + 1)
-      axis.imshow(values[row], cmap="inferno", interpolation="nearest")
+      axis = grid[row, column + first]
+      drawn = axis.imshow(values[row], cmap=plots.MAP_CMAP, norm=scale,
+                          interpolation="nearest")
       # One map cell is one patch: the outline is the query at its true place and size.
       axis.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="cyan",
                                linewidth=1.2))
       axis.set_axis_off()
       if row == 0:
         axis.set_title(name, fontsize=8)
+  if drawn is not None:
+    cells = np.asarray(columns[0][1]).shape[-2:]
+    plots.map_colourbar(figure, drawn, grid.ravel().tolist(),
+                        "attention probability (query → patch)",
+                        uniform=1.0 / (cells[0] * cells[1]))
   if title:
     figure.suptitle(title, fontsize=9)
-  figure.tight_layout()
   return figure
 
 
 def plot_query_attention(images, maps: dict, x: int, y: int, patch_size: int, path: str,
-                         title: str = "", heads="mean") -> str:
+                         title: str = "", heads="mean", vmax: Optional[float] = None) -> str:
   """images [B, H, W, 3] in [0, 1]; maps {model name: [B, heads, g, g]}. Writes `path`.
 
-  `heads`: "mean" (default), an int head index or "all"; see `panels`.
+  `heads`: "mean" (default), an int head index or "all"; see `panels`. `vmax`: the top of the
+  shared colour scale (default: the largest value drawn); give several figures the same one to
+  compare them.
   """
-  save_figure_atomic(query_attention_figure(images, maps, x, y, patch_size, title, heads), path)
+  figure = query_attention_figure(images, maps, x, y, patch_size, title, heads, vmax=vmax)
+  save_figure_atomic(figure, path)
   return path
 
 
@@ -140,7 +164,8 @@ def _as_list(values):
 
 RESULTS = (
     core.Result(key="attention_maps", label="attention of a query patch",
-                layout="{images, queries, blocks, maps: [image][query][block][head][g][g]}",
+                layout="{images, queries, blocks, maps: [image][query][block][head][g][g], "
+                       "pixels: [image][row][col][3]}",
                 x=None, series=None, description="maps of the chosen queries and images"),
     core.Result(key="query_map_similarity", label="cosine similarity of two queries' maps",
                 # No reference line: uniform attention scores 1, exactly like a full collapse.
@@ -247,8 +272,13 @@ def partial_sums(batch: core.Batch, options: dict):
   # A where-sum, so the other images (and padding) add exact zeros, never NaN * 0.
   maps = jnp.stack([jnp.sum(jnp.where(p, kept, 0), axis=0) for p in picked])
   found = jnp.stack([jnp.sum(p[:, 0, 0, 0, 0].astype(jnp.float32)) for p in picked])
-  return {"similarity_sum": jnp.stack(sims), "maps": maps, "found": found,
-          "count": image_count(weights)}
+  out = {"similarity_sum": jnp.stack(sims), "maps": maps, "found": found,
+         "count": image_count(weights)}
+  if batch.images is not None:  # the chosen inputs, pooled, for the figures' image column
+    small = plots.thumbnails(batch.images.astype(jnp.float32), batch.patch_size)
+    out["pixels"] = jnp.stack([jnp.sum(jnp.where(p[:, :, :, :, 0], small, 0), axis=0)
+                               for p in picked])
+  return out
 
 
 def finalize(sums: dict, options: dict):
@@ -265,26 +295,26 @@ def finalize(sums: dict, options: dict):
   similarity = np.asarray(sums["similarity_sum"], np.float64) / count
   maps = maps.transpose(0, 3, 1, 2, 4)  # [image, query, block, head, N]
   maps = maps.reshape(maps.shape[:-1] + (g, g))
-  return {
-      "attention_maps": {"images": list(images),
-                         "queries": [list(q) for q in _queries(options, g)],
-                         "blocks": list(_blocks(options, len(similarity))),
-                         "maps": maps.tolist()},
-      "query_map_similarity": similarity.tolist(),
-  }
+  entry = {"images": list(images), "queries": [list(q) for q in _queries(options, g)],
+           "blocks": list(_blocks(options, len(similarity))), "maps": maps.tolist()}
+  if "pixels" in sums:
+    entry["pixels"] = plots.stored_pixels(sums["pixels"])
+  return {"attention_maps": entry, "query_map_similarity": similarity.tolist()}
 
 
 def figures(results: dict, options: dict) -> dict:
   """attention_maps_x<x>y<y>[_block<b>].png per query (and block, if several): every model's
   maps side by side, one row per chosen image; and query_map_similarity.png."""
   options = {**OPTIONS, **options}
-  groups, images = {}, []  # (x, y, block) -> {model: [images, heads, g, g]}
+  groups, images, inputs = {}, [], None  # (x, y, block) -> {model: [images, heads, g, g]}
   for name, values in (results.get("models") or {}).items():
     entry = values.get("attention_maps") if isinstance(values, dict) else None
     if not entry:
       continue
     images = entry["images"]  # the same for every model of a run: one option set
     maps = np.asarray(entry["maps"], np.float64)
+    if inputs is None and entry.get("pixels"):
+      inputs = plots.display_images(entry["pixels"], results, name)
     for qi, (x, y) in enumerate(entry["queries"]):
       for bi, block in enumerate(entry["blocks"]):
         groups.setdefault((x, y, block), {})[name] = maps[:, qi, bi]
@@ -296,6 +326,9 @@ def figures(results: dict, options: dict) -> dict:
     title = (f"Attention of query patch (x={x}, y={y}), block {block}; rows: images "
              f"{', '.join(str(i) for i in images)}")
     file = f"attention_maps_x{x}y{y}" + (f"_block{block}" if several else "") + ".png"
-    out[file] = query_attention_figure(None, by_model, x, y, 1, title, options["heads"])
+    # A thumbnail pools whole pixel blocks of a patch: a patch is a whole number of its pixels.
+    patch = inputs.shape[1] // next(iter(by_model.values())).shape[-1] if inputs is not None \
+        else 1
+    out[file] = query_attention_figure(inputs, by_model, x, y, patch, title, options["heads"])
   out["query_map_similarity.png"] = plots.curve_figure(results, RESULTS[1])
   return out

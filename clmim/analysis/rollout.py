@@ -8,10 +8,13 @@ Definitions (docs/analyses/rollout.md), per image, on the full [N+1, N+1] maps (
   rollout_entropy[block] = −Σ_k r_l[k] log r_l[k] / log N               (1 = uniform)
   rollout_map            = r_L as a g × g map for the images at the stream positions of the
                            option `images` (positions past the stream are skipped);
-                           rollout_map_images lists the positions actually shown.
+                           rollout_map_images lists the positions actually shown, and
+                           rollout_map_pixels those images' normalised input pooled to at most
+                           32 px a side (`plots.thumbnails`; [] without pixels).
 Spread and entropy are averaged over images. They carry no CL/MIM direction: a uniform map (an
 untrained cls) is already near the largest spread, and a CL cls focused on the object is
-narrower than that (docs/analyses/rollout.md).
+narrower than that (docs/analyses/rollout.md). rollout_map.png draws the inputs and every
+model's maps on one colour scale, whose colourbar marks the uniform map 1/N.
 
 Options:
   images: stream positions (0-based) of the images whose last-block map is kept
@@ -78,6 +81,10 @@ RESULTS = (
                 description="the last block's rolled-out cls-to-patch map of a few images"),
     core.Result("rollout_map_images", "image position", "[image]", x=None, series=None,
                 description="stream positions of the images in rollout_map"),
+    core.Result("rollout_map_pixels", "input of the rollout map", "[image][row][col][3]",
+                x=None, series=None,
+                description="the images of rollout_map as the model saw them (normalised, "
+                            "pooled to at most 32 px a side), for the figure's input column"),
 )
 
 
@@ -162,8 +169,12 @@ def partial_sums(batch: core.Batch, options: dict) -> dict:
   last = r[-1].reshape(-1, 1, g, g)
   map_sum = jnp.sum(jnp.where(match[:, :, None, None], last, 0.0), axis=0)
   map_count = jnp.sum(match.astype(jnp.float32), axis=0)
-  return {"spread_sum": spread_sum, "entropy_sum": entropy_sum, "map_sum": map_sum,
-          "map_count": map_count, "count": image_count(batch.weights)}
+  out = {"spread_sum": spread_sum, "entropy_sum": entropy_sum, "map_sum": map_sum,
+         "map_count": map_count, "count": image_count(batch.weights)}
+  if batch.images is not None:  # the chosen inputs, pooled, for the figure's input column
+    small = plots.thumbnails(batch.images.astype(jnp.float32), batch.patch_size)[:, None]
+    out["pixel_sum"] = jnp.sum(jnp.where(match[:, :, None, None, None], small, 0.0), axis=0)
+  return out
 
 
 def finalize(sums: dict, options: dict) -> dict:
@@ -175,40 +186,65 @@ def finalize(sums: dict, options: dict) -> dict:
   map_sum = np.asarray(sums["map_sum"], np.float64)
   map_count = np.asarray(sums["map_count"], np.float64).reshape(-1)
   kept = [i for i in range(len(chosen)) if map_count[i] > 0]
+  pixels = np.asarray(sums["pixel_sum"], np.float64) if "pixel_sum" in sums else None
   return {
       "rollout_spread": (np.asarray(sums["spread_sum"], np.float64) / count).tolist(),
       "rollout_entropy": (np.asarray(sums["entropy_sum"], np.float64) / count).tolist(),
       "rollout_map": [(map_sum[i] / map_count[i]).tolist() for i in kept],
       "rollout_map_images": [chosen[i] for i in kept],
+      "rollout_map_pixels": [] if pixels is None else [
+          plots.stored_pixels(pixels[i] / map_count[i]) for i in kept],
   }
 
 
 def figures(results: dict, options: dict) -> dict:
-  """"rollout_map.png": images (rows) × models (columns) of the last block's cls rollout (the
-  spread and entropy depth curves are the shared curve figures)."""
+  """"rollout_map.png": images (rows) × the input, then each model (columns), of the last
+  block's cls rollout on one shared colour scale with a colourbar marking the uniform map 1/N
+  (the spread and entropy depth curves are the shared curve figures)."""
   del options
   models = results.get("models", {}) or {}
-  out = {}
   names = [n for n, v in models.items() if isinstance(v, dict) and v.get("rollout_map")]
   if not names:
-    return out
+    return {}
   maps = {n: np.asarray(models[n]["rollout_map"], np.float64) for n in names}
+  with_pixels = [n for n in names if models[n].get("rollout_map_pixels")]
+  inputs = (plots.display_images(models[with_pixels[0]]["rollout_map_pixels"], results,
+                                 with_pixels[0]) if with_pixels else None)
+  first = 0 if inputs is None else 1
   rows = max(len(m) for m in maps.values())
+  width = first + len(names)
   styles = plots.model_styles(results, names)
-  figure = Figure(figsize=(2.0 * len(names) + 0.6, 2.0 * rows + 0.5), dpi=plots.DPI)
+  scale = plots.map_norm(plots.map_scale(list(maps.values())))  # one scale for every panel
+  figure = Figure(figsize=(2.0 * width + 1.2, 2.0 * rows + 0.5), dpi=plots.DPI,
+                  layout="constrained")
+  drawn, axes = None, []
+  if inputs is not None:
+    shown = models[with_pixels[0]].get("rollout_map_images") or list(range(len(inputs)))
+    for row, picture in enumerate(inputs):
+      axis = figure.add_subplot(rows, width, row * width + 1)
+      axis.imshow(picture, interpolation="nearest")
+      axis.set_xticks([])
+      axis.set_yticks([])
+      axes.append(axis)
+      if row == 0:
+        axis.set_title("input", fontsize=8)
+      if row < len(shown):
+        axis.set_ylabel(f"image {shown[row]}", fontsize=8)
   for column, name in enumerate(names):
     shown = models[name].get("rollout_map_images") or list(range(len(maps[name])))
     for row, values in enumerate(maps[name]):
-      axis = figure.add_subplot(rows, len(names), row * len(names) + column + 1)
-      axis.imshow(values, cmap="inferno", interpolation="nearest")
+      axis = figure.add_subplot(rows, width, row * width + column + first + 1)
+      drawn = axis.imshow(values, cmap=plots.MAP_CMAP, norm=scale,
+                          interpolation="nearest")
       axis.set_xticks([])
       axis.set_yticks([])
+      axes.append(axis)
       if row == 0:
         # The family colour ties the column to the model's curves in the other figures.
         axis.set_title(styles[name]["label"], fontsize=8, color=styles[name]["color"])
-      if row < len(shown):
+      if row < len(shown) and column + first == 0:
         axis.set_ylabel(f"image {shown[row]}", fontsize=8)
+  plots.map_colourbar(figure, drawn, axes, "share of cls's rolled-out attention",
+                      uniform=1.0 / drawn.get_array().size)
   figure.suptitle("Attention rollout of cls, last block", fontsize=10)
-  figure.tight_layout()
-  out["rollout_map.png"] = figure
-  return out
+  return {"rollout_map.png": figure}

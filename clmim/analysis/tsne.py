@@ -232,17 +232,21 @@ def finalize(sums, options) -> dict:
 
 
 def figures(results, options) -> dict:
-  """tsne.png: the 2-D embedding per model, coloured by image (the shared depth-curve figure
-  draws tsne_knn_image_accuracy.png)."""
+  """tsne.png: the 2-D embedding per model, one colour per image, and under the panels a strip
+  that says which colour is which image (its stream position); the shared depth-curve figure
+  draws tsne_knn_image_accuracy.png."""
   del options
   names = _models_with(results, "tsne_embedding")
   if not names:
     return {}
   styles = plots.model_styles(results, names)
-  fig = Figure(figsize=(3.4 * len(names), 3.6))
-  for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
+  fig = Figure(figsize=(3.4 * len(names), 4.3), layout="constrained")
+  panels, strip = fig.subfigures(2, 1, height_ratios=[3.6, 0.7])
+  count = 0
+  for ax, name in zip(panels.subplots(1, len(names), squeeze=False)[0], names):
     coords = np.asarray(results["models"][name]["tsne_embedding"], np.float64)
     colours = _image_colours(len(coords))
+    count = max(count, len(coords))
     for i, points in enumerate(coords):
       ax.scatter(points[:, 0], points[:, 1], s=3, color=colours[i], linewidths=0)
     acc = results["models"][name].get("tsne_knn_image_accuracy_2d")
@@ -250,8 +254,28 @@ def figures(results, options) -> dict:
     ax.set_title(styles[name]["label"] + extra, fontsize=10, color=styles[name]["color"])
     ax.set_xticks([])
     ax.set_yticks([])
-  fig.tight_layout()
+  _colour_key(strip, _shown_positions(results, names, count))
   return {"tsne.png": fig}
+
+
+def _shown_positions(results, names, count) -> list:
+  """The stream positions of the embedded images (0 .. count-1 when not recorded)."""
+  for name in names:
+    shown = results["models"][name].get("tsne_images")
+    if shown and len(shown) == count:
+      return [int(i) for i in shown]
+  return list(range(count))
+
+
+def _colour_key(figure, positions) -> None:
+  """A strip of one cell per image in its colour, labelled with its stream position: points
+  are tokens, coloured by the image they come from (colours repeat after 20 images)."""
+  ax = figure.subplots()
+  colours = np.asarray(_image_colours(len(positions)))[None, :, :3]
+  ax.imshow(colours, aspect="auto", interpolation="nearest")
+  ax.set_xticks(range(len(positions)), [str(p) for p in positions], fontsize=7)
+  ax.set_yticks([])
+  ax.set_xlabel("point colour = the image its token comes from (stream position)", fontsize=8)
 
 
 def _image_colours(count: int) -> list:

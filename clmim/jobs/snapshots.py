@@ -21,6 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from clmim import preflight
 from clmim.analysis import core
@@ -110,6 +111,8 @@ def plot(snapshots: dict, path: str, title: str) -> None:
       shade = 0.25 + 0.75 * layer / max(blocks - 1, 1)
       axis.plot(steps, values[:, column], color=(0.1, 0.2, 0.5, shade), label=f"block {layer + 1}")
     axis.set_xlabel("step")
+    # Steps are whole numbers: with few checkpoints the default locator ticks 2.5, 7.5, ...
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_ylabel(snapshots["labels"][key])
     axis.grid(alpha=0.3)
   figure.axes[0].legend(fontsize=6)
