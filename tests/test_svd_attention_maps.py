@@ -315,6 +315,11 @@ def test_figures(setup, reference, tmp_path):
   assert set(map_figures) == {f"attention_maps_x{x}y{y}_block{b}.png" for x, y in ((2, 2), (1, 1))
                               for b in (1, 2)} | {"query_map_similarity.png"}
   assert all(isinstance(f, Figure) for f in [*svd_figures.values(), *map_figures.values()])
+  # The untrained model's dashed curve has a dashed handle, with no marker over its gaps.
+  ax = svd_figures["effective_rank.png"].axes[0]
+  handles = ax.get_legend().legend_handles
+  assert [(h.get_linestyle(), h.get_marker()) for h in handles] == [("-", "None"),
+                                                                    ("--", "None")]
   # Every map drawn: 3 images x (the input + 2 models x 4 heads), the query outlined on each,
   # on one colour scale with one colourbar.
   figure = map_figures["attention_maps_x1y1_block2.png"]

@@ -258,8 +258,9 @@ def _finish(ax, xlabel, ylabel, title):
   ax.set_ylabel(ylabel, fontsize=10)
   ax.set_title(title, fontsize=11)
   ax.grid(alpha=0.25, linewidth=0.6)
-  # Outside the axes: with several models an inside legend always hides some curve.
-  ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  # Outside the axes: with several models an inside legend always hides some curve. Handles
+  # as plots draws them: a dashed (untrained) curve's handle reads dashed.
+  plots.add_legend(ax, fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def _spectrum_figure(results, names, styles) -> Figure:
