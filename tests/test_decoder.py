@@ -2,6 +2,7 @@
 PyTorch reference, the analysis against float64 numpy definitions, exactness through the runner,
 and the errors for models and files without a decoder."""
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -9,11 +10,16 @@ import numpy as np
 import pytest
 
 from clmim.analysis import core, decoder, fourier, plots, runner
-from clmim.checkpoints import registry
+from clmim.checkpoints import native, registry
+from clmim.data.synthetic import ShapesTextures
 from clmim.errors import ClmimError
 from clmim.jobs import analyze, report
 from clmim.models import heads
+from clmim.models.vit import vit_fields
+from clmim.train import trainer
+from clmim.train.common import build_encoder
 from configs import all as all_config
+from configs import pretrain_mae, pretrain_simmim
 
 torch = pytest.importorskip("torch")
 
@@ -273,8 +279,91 @@ def test_simmim_decoder_is_its_pixel_head(tmp_path, images):
 def test_check_names_the_model():
   plain = registry.Model(name="moco", family="cl", vit=None, params=None, preprocessing={},
                          source="", info={})
-  with pytest.raises(ClmimError, match=r"^model 'moco' has no decoder: load an MAE "
-                                       r"_full/visualize or SimMIM checkpoint with "
-                                       r"'\?decoder=1'\.$"):
+  with pytest.raises(ClmimError, match=r"^model 'moco' has no decoder: load an MAE / SimMIM "
+                                       r"export of clmim \('runs/<run>/export\?decoder=1'\) "
+                                       r"or an official MAE _full/visualize or SimMIM "
+                                       r"checkpoint with '\?decoder=1'\.$"):
     decoder.check(plain, core.resolve_options(decoder, None))
   assert fourier.NAME in core.available() and decoder.NAME in core.available()
+
+
+# --- clmim's own exports: the pretraining decoder kept beside the encoder ------------------------
+
+def _export(module, path, seed=0):
+  """An export of `module`'s runlocal objective with random params, decoder included, written
+  as the trainer writes it (trained exports: test_mae.py, test_train.py); returns (objective,
+  params). The params are drawn in numpy at the objective's shapes: nothing compiles."""
+  config = module.get_config("runlocal")
+  objective = trainer.load_objective(config)
+  shapes = jax.eval_shape(objective.init, jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)))[0]
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(lambda x: rng.normal(0, 0.1, x.shape).astype(np.float32), shapes)
+  native.save(str(path), config, objective.encoder_params(params, {}),
+              vit_fields(objective.encoder), steps=0,
+              decoder=trainer.pretraining_decoder(objective, params))
+  return objective, params
+
+
+@pytest.mark.parametrize("module, kind, key", [(pretrain_mae, "mae", "decoder"),
+                                               (pretrain_simmim, "simmim", "head")])
+def test_an_export_keeps_its_decoder_and_decoder_1_loads_it(tmp_path, module, kind, key):
+  path = tmp_path / "export"
+  objective, params = _export(module, path)
+  manifest = json.loads((path / "manifest.json").read_text())
+  assert manifest["decoder"]["kind"] == kind and (path / manifest["decoder"]["file"]).exists()
+  assert registry.resolve(str(path)).decoder is None  # without the option: the encoder alone
+  model = registry.resolve(f"{path}?decoder=1")
+  assert model.decoder["kind"] == kind and model.info["decoder"]["kind"] == kind
+  jax.tree.map(np.testing.assert_array_equal, model.decoder["params"], params[key])
+  # The module the analysis runs is the one the objective trained (same fields, same params).
+  assert heads.decoder_module(kind, model.decoder["config"]) == getattr(objective, key)
+  decoder.check(model, {})
+
+
+def test_the_decoder_analysis_runs_on_a_simmim_export(tmp_path):
+  """(On a trained MAE export, through the analysis job: test_mae.py.)"""
+  _export(pretrain_simmim, tmp_path / "export")
+  model = registry.resolve(f"{tmp_path / 'export'}?decoder=1")
+  images = ShapesTextures(32, "validation", 8, version=3).batch(range(8))["image"] - 0.5
+  out = runner.Analyzer(_forward(model), [decoder], 4, device_batch_size=1).run(
+      _params(model), [images], progress=False)
+  assert np.shape(out["decoder_fourier"]) == (1, 4) and out["decoder_nmi"] == []
+  assert len(out["encoder_decoder_fourier"]) == 2 + 1 + 1  # embedding, 2 blocks, the head
+  assert np.isfinite(out["encoder_decoder_fourier"]).all()
+
+
+def test_exports_without_a_decoder_say_how_to_get_one(tmp_path):
+  # The shipped demo checkpoints hold the encoder only: one line, no "unknown option".
+  with pytest.raises(ClmimError) as error:
+    registry.resolve("simmim_demo?decoder=1")
+  message = str(error.value)
+  assert "\n" not in message and "unknown option" not in message
+  assert "the shipped simmim_demo holds only its encoder" in message
+  assert "configs/pretrain_simmim.py" in message and "export?decoder=1" in message
+  with pytest.raises(ClmimError, match="a moco_v3 model has none"):
+    registry.resolve("moco_v3_demo?decoder=1")
+  # An export written before decoders were kept loads as before; ?decoder=1 says re-export.
+  old = tmp_path / "old"
+  config = pretrain_simmim.get_config("runlocal")
+  encoder = build_encoder(config)
+  shapes = jax.eval_shape(encoder.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  native.save(str(old), config, jax.tree.map(lambda x: np.ones(x.shape, np.float32),
+                                             shapes["params"]),
+              vit_fields(encoder), steps=0, invocation={"workdir": "runs/old"})
+  assert registry.resolve(str(old)).decoder is None
+  with pytest.raises(ClmimError, match=r"this export holds only the encoder .* "
+                                       r"--config.mode=export --workdir runs/old"):
+    registry.resolve(f"{old}?decoder=1")
+
+
+def test_a_corrupt_or_misshapen_kept_decoder_is_one_line(tmp_path):
+  path = tmp_path / "export"
+  _export(pretrain_simmim, path)
+  manifest = json.loads((path / "manifest.json").read_text())
+  manifest["decoder"]["config"]["patch_size"] = 8  # the file's head is for patch 4
+  (path / "manifest.json").write_text(json.dumps(manifest))
+  with pytest.raises(ClmimError, match=r"\(decoder\)' does not fit its model: wrong shapes"):
+    registry.resolve(f"{path}?decoder=1")
+  (path / "decoder.npz").write_bytes(b"PK\x03\x04 truncated")
+  with pytest.raises(ClmimError, match="decoder.npz' are corrupt"):
+    registry.resolve(f"{path}?decoder=1")

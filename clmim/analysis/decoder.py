@@ -16,8 +16,10 @@ and applies the repository's own definitions to its states (docs/analyses/decode
 The decoder sees every token of the unmasked image (`clmim.models.heads.decoder_states`): the
 paper analyses full images, and masking would make the stream depend on random masks.
 
-Models need a decoder: load an MAE _full/visualize or SimMIM checkpoint with `?decoder=1`
-(`check` refuses any other model before compute). No options.
+Models need a decoder: load with `?decoder=1` an export of clmim's own MAE, SimMIM or hybrid
+pretraining (`runs/<run>/export?decoder=1`: exports keep the decoder beside the encoder), or
+an official MAE _full/visualize or SimMIM checkpoint (`check` refuses any other model before
+compute). No options.
 """
 import dataclasses
 
@@ -67,8 +69,9 @@ def check(model, options: dict) -> None:
   del options
   if getattr(model, "decoder", None) is None:
     name = getattr(model, "name", "?")
-    raise ClmimError(f"model {name!r} has no decoder: load an MAE _full/visualize or SimMIM "
-                     f"checkpoint with '?decoder=1'.")
+    raise ClmimError(f"model {name!r} has no decoder: load an MAE / SimMIM export of clmim "
+                     f"('runs/<run>/export?decoder=1') or an official MAE _full/visualize or "
+                     f"SimMIM checkpoint with '?decoder=1'.")
 
 
 def partial_sums(batch: core.Batch, options: dict):
@@ -83,7 +86,8 @@ def partial_sums(batch: core.Batch, options: dict):
   del options
   if not batch.decoder_zs:
     raise ClmimError("decoder: the forward gave no decoder states; load the model with "
-                     "'?decoder=1' (an MAE _full/visualize or SimMIM checkpoint).")
+                     "'?decoder=1' (an MAE / SimMIM export of clmim, or an official MAE "
+                     "_full/visualize or SimMIM checkpoint).")
   # fourier's own sums (its DC-relative accumulation included), so the definition is shared.
   sums = {"encoder_fourier": fourier.partial_sums(batch, {}),
           "decoder_fourier": fourier.partial_sums(

@@ -42,7 +42,8 @@ def normalise(images, data_cfg):
 
 class SingleEncoderObjective:
   """What an objective whose params are {"encoder", its heads} and that keeps no extra state
-  shares (SimMIM, MAE, fine-tuning): only a sin-cos position table frozen, no state update, the encoder under "encoder"."""
+  shares (SimMIM, MAE, fine-tuning): only a sin-cos position table frozen, no state update, the
+  encoder under "encoder", no pretraining decoder to export unless the objective says so."""
 
   def frozen(self, path: str) -> bool:
     """A fixed sin-cos position table stays fixed (stored as a param, like the official files)."""
@@ -57,3 +58,9 @@ class SingleEncoderObjective:
   def with_encoder(self, params, state, encoder):
     """(params, state) with `encoder` as the encoder (config.init_encoder); heads stay new."""
     return {**params, "encoder": encoder}, state
+
+  def pretraining_decoder(self, params):
+    """The decoder an export keeps beside the encoder, {"kind", "params", "config"}
+    (`clmim.models.heads.decoder_module`), or None: none that maps tokens to pixels."""
+    del params
+    return None

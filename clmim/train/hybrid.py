@@ -8,7 +8,8 @@ reaches the backbone from both; λ = `config.hybrid.weight` (0: SimMIM alone, 1:
 a branch with weight 0 is not computed). Both losses are logged (`loss_mim`, `loss_cl`).
 
 Trainable params: {"online": {"encoder", "projector"}, "predictor", "head"}.
-State: MoCo v3's (momentum encoder and BatchNorm statistics).
+State: MoCo v3's (momentum encoder and BatchNorm statistics). Exports keep the pixel head beside
+the encoder when λ < 1 (`<export>?decoder=1` loads it as a SimMIM decoder).
 """
 from __future__ import annotations
 
@@ -72,6 +73,14 @@ class Objective:
 
   def encoder_params(self, params, state):
     return self.moco.encoder_params(params, state)
+
+  def pretraining_decoder(self, params):
+    """The MIM branch's pixel head (SimMIM's), kept in the export; None at λ = 1, where the
+    MIM branch never ran and the head is its random init."""
+    if self.weight >= 1:
+      return None
+    return {"kind": "simmim", "params": params["head"],
+            "config": {"patch_size": self.head.patch_size}}
 
   def with_encoder(self, params, state, encoder):
     """(params, state) with `encoder` as the online and momentum encoder; heads stay new."""

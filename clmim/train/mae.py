@@ -2,7 +2,8 @@
 small ViT decoder with mask tokens, mean squared error on the masked patches' (per-patch
 normalised) pixels (He et al., 2022).
 
-Trainable params: {"encoder", "decoder"}. No extra state. The decoder is
+Trainable params: {"encoder", "decoder"}. No extra state. Exports keep the decoder beside the
+encoder (`pretraining_decoder`; load it with `<export>?decoder=1`). The decoder is
 `clmim.models.heads.MaeDecoder` (the layout the MAE checkpoint converter reads), fed the
 encoder's tokens scattered back to their grid positions: it embeds them, puts its mask token
 wherever a patch was masked (the embedding of the zeros left there is discarded) and adds its
@@ -86,6 +87,13 @@ class Objective(SingleEncoderObjective):
     tokens = self.encoder.apply({"params": encoder}, images)
     decoder = self.decoder.init(k_dec, tokens)["params"]
     return {"encoder": encoder, "decoder": decoder}, {}
+
+  def pretraining_decoder(self, params):
+    """The decoder, kept in the export (`?decoder=1` loads it for the decoder analysis)."""
+    d = self.decoder
+    return {"kind": "mae", "params": params["decoder"],
+            "config": {"width": d.width, "depth": d.depth, "num_heads": d.num_heads,
+                       "mlp_dim": d.mlp_dim, "patch_size": d.patch_size}}
 
   def loss(self, params, state, images, rng, step):
     cfg = self.config.mae

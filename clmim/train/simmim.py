@@ -1,7 +1,8 @@
 """SimMIM objective: block masks, a mask token, a linear pixel head, L1 on masked pixels
 (Xie et al., 2022).
 
-Trainable params: {"encoder", "head"}. No extra state.
+Trainable params: {"encoder", "head"}. No extra state. Exports keep the head beside the encoder
+(`pretraining_decoder`; load it with `<export>?decoder=1`).
 """
 from __future__ import annotations
 
@@ -70,6 +71,11 @@ class Objective(SingleEncoderObjective):
     tokens = self.encoder.apply({"params": encoder}, images)
     head = self.head.init(k_head, tokens[:, 1:])["params"]
     return {"encoder": encoder, "head": head}, {}
+
+  def pretraining_decoder(self, params):
+    """The pixel head, kept in the export (`?decoder=1` loads it for the decoder analysis)."""
+    return {"kind": "simmim", "params": params["head"],
+            "config": {"patch_size": self.head.patch_size}}
 
   def loss(self, params, state, images, rng, step):
     loss, mask_ratio = reconstruction_loss(self.encoder, self.head, params["encoder"],

@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -179,7 +180,15 @@ def export_checkpoint(config, workdir: str, step=None, out_dir=None, invocation=
   out_dir = out_dir or os.path.join(workdir, f"export_step_{step}")
   return export.save(out_dir, config, jax.device_get(encoder), vit_fields(objective.encoder),
                      steps=int(step), final_loss=record.get("loss"), invocation=invocation,
-                     extra={"training_time_s": record.get("elapsed_s")})
+                     extra={"training_time_s": record.get("elapsed_s")},
+                     decoder=pretraining_decoder(objective, train_state["params"]))
+
+
+def pretraining_decoder(objective, params):
+  """The objective's decoder on the host ({"kind", "params", "config"}, see
+  `clmim.train.common.SingleEncoderObjective.pretraining_decoder`), or None."""
+  decoder = getattr(objective, "pretraining_decoder", lambda _: None)(params)
+  return None if decoder is None else {**decoder, "params": jax.device_get(decoder["params"])}
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -192,18 +201,32 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 class PreemptionNotice:
-  """Notes a SIGTERM (a scheduler's or a cloud's preemption notice) instead of dying at once,
-  so the loop can save a checkpoint first; `close` restores the previous handler."""
+  """Notes a SIGTERM (a scheduler's or a cloud's preemption notice) or a SIGINT (Ctrl-C)
+  instead of dying at once, so the loop can save a checkpoint first; `close` restores the
+  previous handlers. A SIGINT that comes while a stop is pending (the second Ctrl-C, e.g.
+  during a slow save) raises KeyboardInterrupt at once: the user is never trapped. A signal the
+  process ignores (SIG_IGN, e.g. SIGINT of a job started with `&`) stays ignored."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signal_name = None  # the first stop signal noted: "SIGTERM" or "SIGINT"
+    self._previous = {}
     if threading.current_thread() is threading.main_thread():  # signals reach the main thread
-      self._previous = signal.signal(signal.SIGTERM, self._note)
+      for signum in self.SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+          self._previous[signum] = signal.signal(signum, self._note)
+
+  @property
+  def requested(self) -> bool:
+    """Whether a stop signal came (to this process)."""
+    return self.signal_name is not None
 
   def _note(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if signum == signal.SIGINT and self.requested:
+      raise KeyboardInterrupt  # the second Ctrl-C: stop now, without waiting for the save
+    self.signal_name = self.signal_name or signal.Signals(signum).name
 
   def agreed(self, log_step: bool) -> bool:
     """Whether to save and stop after this step. One process: as soon as the notice came.
@@ -216,9 +239,34 @@ class PreemptionNotice:
     return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
 
   def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
+
+
+def summary_line(records: list[dict], objective: str, out: str | None, name: str | None = None,
+                 eval_images: int | None = None) -> str:
+  """The line a finished run prints: its steps, wall time (all sessions), final loss and, for
+  fine-tuning, the last held-out top-1 and loss, then where the encoder was exported.
+  `records`: metrics.jsonl's."""
+  last = records[-1] if records else {}
+  what = "fine-tuning" if objective == "finetune" else f"{objective} pretraining"
+  parts = [f"Finished {last.get('step', 0)} steps of {what}"
+           + (f" in {last['elapsed_s']:.1f} s" if last.get("elapsed_s") is not None else "")]
+  if last.get("loss") is not None:
+    parts.append(f"final loss {last['loss']:.4f}")
+  evaluated = next((r for r in reversed(records) if "eval_top1" in r), None)
+  if evaluated is not None:
+    about = [f"loss {evaluated['eval_loss']:.4f}"]
+    if eval_images:
+      about.append(f"{eval_images} images")
+    if evaluated is not last:  # a run that ended between validation passes
+      about.append(f"at step {evaluated['step']}")
+    parts.append(f"held-out top-1 {evaluated['eval_top1']:.3f} ({', '.join(about)})")
+  line = ", ".join(parts) + "."
+  if out:
+    line += f" Exported encoder{f' {name!r}' if name else ''} to {out}"
+  return line
 
 
 def train(config, workdir: str, invocation: dict | None = None) -> dict:
@@ -229,8 +277,11 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
   workdir/metrics.jsonl and, at the end, the encoder as an exported checkpoint
   (workdir/export/) with its manifest — the files by process 0 alone, the checkpoints by every
   process. Each process loads only its rows of every step (clmim/data/train_data.py), so a
-  resumed run reads what the uninterrupted one would have. SIGTERM saves the current step and
-  stops (one ClmimError line). Returns the final metrics.
+  resumed run reads what the uninterrupted one would have. SIGTERM or Ctrl-C (SIGINT) saves
+  the current step and stops (one ClmimError line; a second Ctrl-C stops at once). A finished
+  run prints one line: steps, time, final loss (fine-tuning: held-out top-1 and loss) and the
+  export. MAE, SimMIM and hybrid exports keep the pretraining decoder too. Returns the final
+  metrics.
   """
   preflight.check_run(config, workdir, jax.device_count())
   # --- Objective ------------------------------------------------------------------------
@@ -357,9 +408,14 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
         # each array as one slice per device (3.7 s instead of ~0.2 s per save on 8 CPU devices).
         manager.save(step + 1, args=ocp.args.StandardSave(jax.device_get(train_state)))
       if stopping:
+        if preemption.signal_name == "SIGINT":  # someone is watching: say why it waits
+          bar.write(f"Ctrl-C: saving the checkpoint of step {step + 1} before stopping "
+                    f"(Ctrl-C again stops at once, without it).", file=sys.stderr)
         manager.wait_until_finished()
-        raise ClmimError(f"Stopped by SIGTERM after step {step + 1}: checkpoint saved in "
-                         f"{workdir}/checkpoints; run the same command again to resume.")
+        # Several processes: the one that got the signal may be another.
+        raise ClmimError(f"Stopped by {preemption.signal_name or 'a stop signal'} after step "
+                         f"{step + 1}: checkpoint saved in {workdir}/checkpoints; run the same "
+                         f"command again to resume.")
     manager.wait_until_finished()
   finally:
     preemption.close()
@@ -369,13 +425,18 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
   final = {k: float(v) for k, v in metrics.items()} if metrics else {}
   final.update(last_eval)
   encoder = objective.encoder_params(train_state["params"], train_state["state"])
-  elapsed = (read_metrics(workdir) or [{}])[-1].get("elapsed_s")
+  records = read_metrics(workdir)
+  elapsed = (records or [{}])[-1].get("elapsed_s")
   encoder = jax.device_get(encoder)
+  decoder = pretraining_decoder(objective, train_state["params"])
   if writer:
     out = export.save(os.path.join(workdir, "export"), config, encoder,
                       vit_fields(objective.encoder), steps=int(train_state["step"]),
                       final_loss=final.get("loss"), invocation=invocation,
                       # what the time depends on most, after the machine (clmim/host_memory.py)
-                      extra={"training_time_s": elapsed, "host_memory": host_memory.status()})
-    print(f"Exported encoder to {out}")
+                      extra={"training_time_s": elapsed, "host_memory": host_memory.status()},
+                      decoder=decoder)
+    name = export.read_manifest(out)[0].get("name")
+    print(summary_line(records, config.objective, out, name,
+                       len(evaluator.labels) if evaluator is not None else None))
   return final
