@@ -1,6 +1,9 @@
 """The analysis job in-process: model naming, summary, and the uniform-attention reference."""
+import json
+import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -19,6 +22,11 @@ def checkpoint(tmp_path_factory):
   return path
 
 
+def _manifest_name(path) -> str:
+  """The name a checkpoint's manifest gives it (what results show, before any folder tag)."""
+  return json.loads((path / "manifest.json").read_text())["name"]
+
+
 def test_uniform_attention_distance_brute_force():
   grid, patch = 3, 2
   coords = [(r, c) for r in range(grid) for c in range(grid)]
@@ -33,18 +41,66 @@ def test_snapshots_of_one_run_get_distinct_names(checkpoint, tmp_path, capsys):
   config.models = f"{checkpoint},{other}"
   config.progress = False
   results = analyze.run(config, str(tmp_path / "out"))
-  assert set(results["models"]) == {"simmim_demo [step_10]", "simmim_demo [step_20]"}
+  name = _manifest_name(checkpoint)
+  assert set(results["models"]) == {f"{name} [step_10]", f"{name} [step_20]"}
   # Same weights, same images: identical numbers.
   a, b = results["models"].values()
   np.testing.assert_array_equal(a["nmi"], b["nmi"])
   out = capsys.readouterr().out
-  assert "NMI (mean over heads, by block" in out and "simmim_demo [step_20]" in out
+  assert "NMI (mean over heads, by block" in out and f"{name} [step_20]" in out
   # The summary is a table: a header row with the block numbers, then one row per model.
   header = next(line for line in out.splitlines() if line.strip().startswith("model"))
   assert header.split()[:4] == ["model", "family", "1", "2"]
   config.models = f"{checkpoint},{checkpoint}"
-  with pytest.raises(ClmimError, match="same model twice"):
+  with pytest.raises(ClmimError, match="same model twice") as error:
     analyze.run(config, str(tmp_path / "out2"))
+  assert f"e.g. '{checkpoint}?name={name}_2'" in str(error.value)  # the fix, spelt out
+
+
+def _names(config) -> list:
+  return [model.name for model, _ in analyze.resolve_models(config)]
+
+
+def test_an_export_beside_the_shipped_model_of_its_name(tmp_path):
+  """A runlocal export named like a shipped model (and its untrained copy) is told apart by its
+  folder; the shipped one keeps its name."""
+  export = tmp_path / "export"
+  save_random_checkpoint(export, pretrain_simmim)
+  manifest = json.loads((export / "manifest.json").read_text())
+  (export / "manifest.json").write_text(json.dumps(dict(manifest, name="simmim_demo")))
+  config = all_config.get_config("runlocal")
+  config.models = f"simmim_demo,{export}"
+  config.include_untrained = True
+  assert _names(config) == ["simmim_demo", "simmim_demo [export]", "simmim_demo (untrained)",
+                            "simmim_demo [export] (untrained)"]
+
+
+def test_untrained_copies_are_shared_by_architecture(checkpoint, tmp_path):
+  from clmim.checkpoints import registry
+  other, moco = tmp_path / "other", tmp_path / "moco"
+  save_random_checkpoint(other, pretrain_simmim, seed=3)  # simmim_demo's architecture
+  save_random_checkpoint(moco, pretrain_moco_v3)          # another architecture
+  config = all_config.get_config("runlocal")
+  config.models = f"{checkpoint},{other},{moco}"
+  config.include_untrained = True
+  jobs = analyze.resolve_models(config)
+  simmim, moco_name = _manifest_name(checkpoint), _manifest_name(moco)
+  trained = [f"{simmim} [step_10]", f"{simmim} [other]"]
+  shared = f"{trained[0]} + {trained[1]} (untrained)"
+  assert [m.name for m, _ in jobs] == trained + [moco_name, shared, f"{moco_name} (untrained)"]
+  info = {m.name: m.info for m, _ in jobs}
+  assert info[shared]["shared_by"] == trained
+  assert "shared_by" not in info[f"{moco_name} (untrained)"]
+  # Why one copy may stand for both: same fields and seed, the same weights.
+  a, b = (registry.untrained_copy(m, config.seed) for m, _ in jobs[:2])
+  assert analyze.untrained_key(a) == analyze.untrained_key(b)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(x, y)
+  # An explicit random: copy of that architecture stands for the automatic ones.
+  config.models = f"{checkpoint},{other},random:{other}?name=baseline"
+  jobs = analyze.resolve_models(config)
+  assert [m.name for m, _ in jobs] == trained + ["baseline (untrained)"]
+  assert jobs[-1][0].info["shared_by"] == trained
 
 
 def test_report_findings_and_one_compilation_per_architecture(checkpoint, tmp_path):
@@ -62,15 +118,16 @@ def test_report_findings_and_one_compilation_per_architecture(checkpoint, tmp_pa
   assert results["analyses"]["nmi"]["results"]["nmi"]["cl_direction"] == "lower"
   found = {f["key"]: f for f in report.findings(results, [attention_distance, nmi, fourier])}
   assert set(found) == {"attention_distance", "nmi", "fourier"}
-  moco_nmi = found["nmi"]["values"]["moco_v3_demo"]
-  assert moco_nmi == pytest.approx(np.mean(np.mean(results["models"]["moco_v3_demo"]["nmi"],
+  moco_name = _manifest_name(moco)
+  moco_nmi = found["nmi"]["values"][moco_name]
+  assert moco_nmi == pytest.approx(np.mean(np.mean(results["models"][moco_name]["nmi"],
                                                    axis=1)[1:]))  # later half of 2 blocks
-  assert found["nmi"]["verdicts"]["moco_v3_demo"] == "CL-like"
+  assert found["nmi"]["verdicts"][moco_name] == "CL-like"
   markdown = (workdir / "report.md").read_text()
   assert "## Findings" in markdown and "![nmi.png](nmi.png)" in markdown
   page = (workdir / "report.html").read_text()
   assert page.count("data:image/png;base64,") == len(results["figures"]) == 4
-  assert "moco_v3_demo (untrained)" in page
+  assert f"{moco_name} (untrained)" in page
 
 
 def test_unknown_analysis_is_refused_before_compute(checkpoint, tmp_path):
@@ -93,7 +150,7 @@ def test_cka_between_a_model_and_itself_is_its_own_cka(checkpoint, tmp_path):
   config.data.max_batches = 2  # the paired pass obeys the same cap as the models' passes
   config.batch_size = 8
   results = analyze.run(config, str(tmp_path / "out"))
-  pair = results["cka_between_models"]["simmim_demo ~ copy"]
+  pair = results["cka_between_models"][f"{_manifest_name(checkpoint)} ~ copy"]
   assert pair["num_images"] == results["models"]["copy"]["num_images"] == 16
   own = np.asarray(results["models"]["copy"]["cka_mean_tokens"])
   np.testing.assert_allclose(pair["cka_mean_tokens"], own, rtol=1e-6, atol=1e-9)
@@ -122,3 +179,25 @@ def test_cka_between_models_pairs_only_trained_models_seeing_the_same_input(chec
   config.models = f"{checkpoint},{checkpoint}?name=copy"
   config.analysis_options.cka.between_models = False
   assert "cka_between_models" not in analyze.run(config, str(tmp_path / "out2"))
+
+
+def test_interrupted_writing_leaves_no_partial_outputs(tmp_path, monkeypatch):
+  """A Ctrl-C while the outputs are written (figures already there, results.json not yet)
+  removes this run's files: a workdir holds a whole run or none; other files stay."""
+  config = all_config.get_config("runlocal")
+  config.analyses = "nmi"
+  config.models = "random:mu/4?depth=1&image_size=32"
+  config.progress = False
+  config.data.num_images = 8
+  config.batch_size = 8
+  workdir = tmp_path / "out"
+  workdir.mkdir()
+  (workdir / "notes.txt").write_text("mine")
+
+  def interrupted(results, modules, folder):
+    assert {"nmi.png", "summary.txt"} <= set(os.listdir(folder))  # written before the Ctrl-C
+    raise KeyboardInterrupt
+  monkeypatch.setattr(report, "write", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    analyze.run(config, str(workdir))
+  assert os.listdir(workdir) == ["notes.txt"]

@@ -119,8 +119,53 @@ def test_pretraining_config_in_analyze_mode(tmp_path, no_compute):
 
 
 def test_unknown_family_and_missing_heads(tmp_path, no_compute):
-  _refused(_analysis(models="mea:/x.pth"), tmp_path / "out", "unknown family 'mea'", "moco_v3")
+  _refused(_analysis(models="mea:/x.pth"), tmp_path / "out", "unknown family 'mea'", "moco_v3",
+           "did you mean 'mae'?")
   _refused(_analysis(models="moco_v3_demo?heads=3"), tmp_path / "out", "unknown option 'heads'")
+
+
+@pytest.mark.parametrize("typo, meant", [("moco_v3_dmo", "moco_v3_demo"),
+                                         ("simim_demo", "simmim_demo"),
+                                         ("moco_v3_vitb", "moco_v3_vitb16"),
+                                         ("random:simim_demo", "simmim_demo")])
+def test_model_name_typos_suggest_the_closest_name(tmp_path, no_compute, typo, meant):
+  _refused(_analysis(models=typo), tmp_path / "out", f"Unknown model {typo.split(':')[-1]!r}",
+           f"(did you mean {meant!r}?)")
+
+
+@pytest.mark.parametrize("variant", ["B16", "b/16", "vit_b16"])
+def test_a_misspelt_variant_is_named_as_a_variant(tmp_path, no_compute, variant):
+  message = _refused(_analysis(models=f"random:{variant}"), tmp_path / "out",
+                     f"unknown ViT variant {variant!r}", "(did you mean 'B/16'?)",
+                     "mu, Ti, S, M, B, L, H")
+  assert "Unknown model" not in message
+
+
+def test_workdir_of_another_run_kind_is_refused(tmp_path, no_compute):
+  analysis_dir, training_dir = tmp_path / "analysis", tmp_path / "training"
+  analysis_dir.mkdir()
+  (analysis_dir / "results.json").write_text("{}")
+  training = pretrain_moco_v3.get_config("runlocal")
+  _refused(training, analysis_dir, "holds an analysis run (results.json)",
+           f"{analysis_dir}/pretrain")
+  training_dir.mkdir()
+  (training_dir / preflight.CONFIG_RECORD).write_text(json.dumps(training.to_dict()))
+  _refused(_analysis(), training_dir, "holds a training run (config.json)",
+           f"{training_dir}/analysis")
+  _refused(_analysis(overwrite=True), training_dir, "holds a training run")
+
+
+def test_workdir_holding_both_run_kinds_is_used_with_a_warning(tmp_path, capsys):
+  workdir = tmp_path / "both"
+  workdir.mkdir()
+  training = pretrain_moco_v3.get_config("runlocal")
+  (workdir / preflight.CONFIG_RECORD).write_text(json.dumps(training.to_dict()))
+  (workdir / "results.json").write_text("{}")
+  assert preflight.check_run(training, str(workdir), 8) == "pretrain"  # resumable as before
+  warning = capsys.readouterr().err.strip().splitlines()
+  assert len(warning) == 1 and warning[0].startswith("clmim: warning: --workdir"), warning
+  assert "holds both an analysis run (results.json) and a training run (config.json)" in \
+      warning[0]
 
 
 def test_pretraining_batch_size_zero_leaves_no_checkpoints(tmp_path, no_compute):
@@ -216,6 +261,20 @@ def test_help_and_print_config_exit_0():
                 "--print_config")
   assert result.returncode == 0, result.stderr
   assert "variant: S/16" in result.stdout and "objective: simmim" in result.stdout
+  assert "!!python" not in result.stdout and "crop_scale: [0.67, 1.0]" in result.stdout
+
+
+@pytest.mark.parametrize("module", [nmi, pretrain_moco_v3])
+def test_print_config_is_plain_yaml_of_the_resolved_values(module):
+  """No `!!python/tuple` tags, no `&id001` anchors (nmi's analysis options share a dict);
+  reading the text back gives the config, tuples as lists."""
+  import yaml
+  config = module.get_config("runlocal")
+  text = clmim_main.config_text(config)
+  assert "!!" not in text and "&id" not in text and "*id" not in text
+  as_lists = lambda v: {k: as_lists(x) for k, x in v.items()} if isinstance(v, dict) else \
+      [as_lists(x) for x in v] if isinstance(v, (list, tuple)) else v
+  assert yaml.safe_load(text) == as_lists(config.to_dict())
 
 
 @pytest.mark.slow
