@@ -146,6 +146,8 @@ def test_thumbnails_pool_whole_pixel_blocks_of_a_patch(monkeypatch):
   assert plots.thumbnail_factor(224, 16) == 8 and plots.thumbnail_factor(384, 16) == 16
   assert plots.thumbnail_factor(224, 14) == 7  # a divisor of the patch, not just any factor
   assert plots.thumbnail_factor(64, 4) == 2 and plots.thumbnail_factor(96, 4) == 4
+  assert plots.thumbnail_factor(90, 4) == 2  # 90 px in 4-px patches: only 1 and 2 divide both
+  assert plots.thumbnail_factor(33, 4) == 1  # a side the patch does not divide: kept whole
   monkeypatch.setattr(plots, "MAX_THUMBNAIL", 4)
   images = np.arange(2 * 8 * 8 * 3, dtype=np.float64).reshape(2, 8, 8, 3)
   small = plots.thumbnails(images, 4)

@@ -227,13 +227,15 @@ def fourier_figure(results: dict) -> Figure:
 # ---------------------------------------------------------------- map figures
 
 
-def thumbnail_factor(image_size: int, patch_size: int) -> int:
-  """The pooling factor of `thumbnails`: the smallest divisor of the patch size that brings the
-  image to at most MAX_THUMBNAIL pixels a side (a patch stays a whole number of pixels)."""
-  for factor in range(1, patch_size + 1):
-    if patch_size % factor == 0 and image_size // factor <= MAX_THUMBNAIL:
-      return factor
-  return patch_size
+def thumbnail_factor(image_size: int, patch_size: int, width: Optional[int] = None) -> int:
+  """The pooling factor of `thumbnails`: the smallest divisor of the patch size that divides
+  the image's sides and brings them to at most MAX_THUMBNAIL pixels (a patch stays a whole
+  number of pixels); 1 when no divisor does both."""
+  width = image_size if width is None else width
+  fits = [f for f in range(1, max(int(patch_size), 1) + 1)
+          if patch_size % f == 0 and image_size % f == 0 and width % f == 0]
+  small = [f for f in fits if max(image_size, width) // f <= MAX_THUMBNAIL]
+  return small[0] if small else fits[-1]
 
 
 def thumbnails(images, patch_size: int):
@@ -242,7 +244,7 @@ def thumbnails(images, patch_size: int):
   Array methods only, so it runs on numpy arrays and inside jit on jax arrays alike.
   """
   b, h, w, c = images.shape
-  f = thumbnail_factor(h, patch_size)
+  f = thumbnail_factor(h, patch_size, w)
   return images.reshape(b, h // f, f, w // f, f, c).mean(axis=(2, 4))
 
 
