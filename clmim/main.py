@@ -18,7 +18,9 @@ variant such as `runlocal`); `config.mode` selects what runs:
 Every config field is documented in the README's "Configs" section and next to its default in
 clmim/config_lib.py. `--print_config` prints the resolved config and exits.
 Every user error (a bad file, field, name, workdir) is checked before any compute and printed as
-one line "clmim: error: ..." with exit status 1.
+one line "clmim: error: ..." with exit status 1. Ctrl-C prints one line "clmim: interrupted
+(Ctrl-C); ..." saying what the run left in its workdir, with exit status 130 (an analysis leaves
+no partial outputs; training saves a checkpoint first, see clmim/train/trainer.py).
 """
 from __future__ import annotations
 
@@ -259,7 +261,8 @@ def main(argv):
       sys.unraisablehook = _interrupt_again
     run(config, workdir, invocation_record(sys.argv, workdir))  # absl strips argv of flags
   except ClmimError as e:
-    _fail(str(e))
+    # An error may carry its own status (e.g. 130 for a run stopped by Ctrl-C); else 1.
+    _fail(str(e), getattr(e, "exit_status", 1))
 
 
 _HELP_FLAGS = ("-h", "--help", "-?", "--helpshort", "--helpfull")
@@ -301,9 +304,18 @@ def _last_line(error: Exception) -> str:
   return lines[-1] if lines else repr(error)
 
 
-def _fail(message: str):
+def _fail(message: str, status: int = 1):
   print(f"clmim: error: {message}", file=sys.stderr)
-  sys.exit(1)
+  sys.exit(status)
+
+
+def _signal_main_thread():
+  """SIGINT to the main thread itself, which also wakes it from a blocking wait (a sleep, a
+  lock); `_thread.interrupt_main` (where threads cannot be signalled) only when it returns."""
+  if hasattr(signal, "pthread_kill"):
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+  else:
+    _thread.interrupt_main()
 
 
 def _interrupt_again(unraisable):
@@ -312,7 +324,7 @@ def _interrupt_again(unraisable):
   thread's own code (raised here, it would be ignored again); anything else as Python reports
   it."""
   if isinstance(unraisable.exc_value, KeyboardInterrupt):
-    threading.Timer(0.01, _thread.interrupt_main).start()
+    threading.Timer(0.01, _signal_main_thread).start()
     return
   sys.__unraisablehook__(unraisable)
 

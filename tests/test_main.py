@@ -50,8 +50,8 @@ def test_analysis_run_writes_results_figures_and_summary(checkpoints, tmp_path):
   assert "NMI (paper: CL lower)" in result.stdout
   assert results_run_recorded(workdir)
   results = json.load(open(workdir / "results.json"))
-  assert set(results["models"]) == {"moco_v3_demo", "simmim_demo", "moco_v3_demo (untrained)",
-                                    "simmim_demo (untrained)"}
+  moco, simmim = (_manifest_name(path) for path in checkpoints)
+  assert set(results["models"]) == {moco, simmim, f"{moco} (untrained)", f"{simmim} (untrained)"}
   assert results["num_images"] == 64
   # An analysis run leaves glibc alone (clmim/host_memory.py), and says so.
   assert results["versions"]["host_memory"] == "system (not requested: not a training run)"
@@ -59,15 +59,21 @@ def test_analysis_run_writes_results_figures_and_summary(checkpoints, tmp_path):
     assert np.shape(r["attention_distance"]) == (2, 4), name
     assert np.shape(r["nmi"]) == np.shape(r["attention_entropy"]) == (2, 4)
     assert np.shape(r["fourier"]) == (3, 4) and np.shape(r["fourier_all_states"]) == (5, 4)
-  assert results["model_info"]["moco_v3_demo"]["family"] == "cl"
-  assert results["model_info"]["simmim_demo (untrained)"]["family"] == "random"
-  assert results["model_info"]["moco_v3_demo"]["uniform_attention_distance"] == \
+  assert results["model_info"][moco]["family"] == "cl"
+  assert results["model_info"][f"{simmim} (untrained)"]["family"] == "random"
+  assert results["model_info"][moco]["uniform_attention_distance"] == \
       pytest.approx(16.546, abs=1e-3)
   assert results["config"]["analyses"] == "attention_distance,nmi,fourier"
   assert results["versions"]["jax"] == jax.__version__
   for figure in ("attention_distance.png", "nmi.png", "attention_entropy.png", "fourier.png"):
     assert Image.open(workdir / figure).size[0] > 300
   assert sorted(results["figures"]) == sorted(f for f in os.listdir(workdir) if f.endswith(".png"))
+
+
+def _manifest_name(path) -> str:
+  """The name a checkpoint's manifest gives it (what results show)."""
+  with open(os.path.join(path, "manifest.json")) as f:
+    return json.load(f)["name"]
 
 
 def results_run_recorded(workdir):
@@ -108,6 +114,80 @@ def test_unknown_model_name(tmp_path):
   result = _cli("--config", "configs/nmi.py:runlocal", "--config.models=moco_v9",
                 f"--workdir={tmp_path}")
   _assert_clean_failure(result, tmp_path, "Unknown model 'moco_v9'")
+
+
+def test_ctrl_c_prints_one_line_and_leaves_no_results(tmp_path):
+  """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the analysis
+  computes: one line, status 130, no results.json, no traceback."""
+  import signal
+  workdir = tmp_path / "out"
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+  # Far more images than it gets through before the signal: it is computing when it comes.
+  process = subprocess.Popen(
+      [sys.executable, "-m", "clmim.main", "--config", "configs/nmi.py:runlocal",
+       "--config.data.num_images=20000", "--config.progress=False", f"--workdir={workdir}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      start_new_session=True)
+  try:
+    started = process.stdout.readline()  # "<model>: synthetic shapes x textures, ..."
+    assert "20000 images" in started, started + process.stderr.read()
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+  finally:
+    if process.poll() is None:
+      process.kill()
+  assert process.returncode == 130, stderr
+  assert stderr.strip().splitlines() == [
+      f"clmim: interrupted (Ctrl-C); nothing was written in {workdir} (an analysis writes its "
+      f"outputs together, at the end)."], stderr
+  assert not os.path.exists(workdir / "results.json")
+
+
+def test_a_ctrl_c_python_would_ignore_is_raised_again():
+  """A KeyboardInterrupt raised inside a garbage-collector callback is ignored by Python (the
+  run went on to the end); clmim.main raises it again in the main thread's own code."""
+  script = (
+      "import gc, signal, sys, time\n"
+      "from clmim import main\n"
+      "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+      "sys.unraisablehook = main._interrupt_again\n"
+      "def callback(phase, info):\n"
+      "  if phase == 'start':\n"
+      "    gc.callbacks.remove(callback)  # once\n"
+      "    raise KeyboardInterrupt\n"
+      "gc.callbacks.append(callback)\n"
+      "try:\n"
+      "  gc.collect()\n"
+      "  time.sleep(5)\n"
+      "  print('not interrupted')\n"
+      "except KeyboardInterrupt:\n"
+      "  print('interrupted')\n")
+  result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+  assert result.stdout.strip() == "interrupted", result.stdout + result.stderr
+  assert "Exception ignored" not in result.stderr
+
+
+def test_interrupted_line_says_what_the_run_left(tmp_path):
+  from clmim import main
+  assert main.interrupted_line() == \
+      "clmim: interrupted (Ctrl-C) before the run started; nothing was written."
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "results.json").write_text("{}")
+  (workdir / "notes.txt").write_text("mine")
+  before = main.listing(workdir)
+  (workdir / "results.json").unlink()  # --config.overwrite=True removed the earlier run's
+  assert main.interrupted_line("analyze", str(workdir), before) == (
+      f"clmim: interrupted (Ctrl-C); nothing was written in {workdir}, removed results.json "
+      f"(--config.overwrite=True) (an analysis writes its outputs together, at the end).")
+  (workdir / "checkpoints" / "4").mkdir(parents=True)
+  (workdir / "config.json").write_text("{}")
+  assert main.interrupted_line("pretrain", str(workdir), before) == (
+      f"clmim: interrupted (Ctrl-C); wrote checkpoints/, config.json in {workdir}, removed "
+      f"results.json (--config.overwrite=True); the checkpoint of step 4 is kept: the same "
+      f"command resumes from it.")
 
 
 def test_unknown_config_field(tmp_path):
@@ -157,4 +237,4 @@ def test_image_folder_runs(checkpoints, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.load(open(workdir / "results.json"))
   assert results["num_images"] == 6
-  assert "image folder" in results["model_info"]["simmim_demo"]["data"]
+  assert "image folder" in results["model_info"][_manifest_name(checkpoints[1])]["data"]
