@@ -178,7 +178,8 @@ def interrupted_line(mode=None, workdir=None, before=None) -> str:
   what = f"wrote {shown(written)} in {workdir}" if written else \
       f"nothing was written in {workdir}"
   if removed:
-    what += f", removed {shown(removed)} (--config.overwrite=True)"
+    what += f", removed {shown(removed)}" + (" (--config.overwrite=True)" if mode == "analyze"
+                                             else "")
   if mode == "analyze":
     tail = "" if "results.json" in written else \
         " (an analysis writes its outputs together, at the end)"

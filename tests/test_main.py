@@ -186,8 +186,7 @@ def test_interrupted_line_says_what_the_run_left(tmp_path):
   (workdir / "config.json").write_text("{}")
   assert main.interrupted_line("pretrain", str(workdir), before) == (
       f"clmim: interrupted (Ctrl-C); wrote checkpoints/, config.json in {workdir}, removed "
-      f"results.json (--config.overwrite=True); the checkpoint of step 4 is kept: the same "
-      f"command resumes from it.")
+      f"results.json; the checkpoint of step 4 is kept: the same command resumes from it.")
 
 
 def test_unknown_config_field(tmp_path):
