@@ -181,3 +181,10 @@ def test_known_name_end_to_end(server, tmp_path, monkeypatch):
   monkeypatch.setitem(known.KNOWN, "tiny_dino", dataclasses.replace(entry, variant="S/8"))
   with pytest.raises(ClmimError, match="contradict the requested variant 'S/8'"):
     registry.resolve("tiny_dino")
+
+
+def test_unknown_checkpoint_name_suggests_the_closest(tmp_path):
+  with pytest.raises(ClmimError) as error:
+    known.fetch("mae_vitb", cache=str(tmp_path), offline=True)
+  assert "Unknown checkpoint 'mae_vitb' (did you mean 'mae_vitb16'?)" in str(error.value)
+  assert not os.listdir(tmp_path)  # nothing fetched, nothing created
