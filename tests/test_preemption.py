@@ -1,5 +1,6 @@
 """Real data for training (grain over an image folder) and preemption: a run stopped by SIGTERM,
-then killed by SIGKILL, then resumed, ends bit-identical to an uninterrupted run."""
+then killed by SIGKILL, then resumed, ends bit-identical to an uninterrupted run; Ctrl-C (SIGINT)
+stops a run the same way, and a second Ctrl-C stops it at once."""
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from clmim.data.synthetic import ShapesTextures
 from clmim.errors import ClmimError
 from clmim.train import trainer
 from config_fields import set_fields
-from configs import pretrain_hybrid
+from configs import pretrain_hybrid, pretrain_simmim
 
 TOTAL = 6  # runlocal's: the same compiled step as test_hybrid's run (the session's cache)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,3 +148,102 @@ def test_a_missing_folder_fails_before_training(tmp_path):
   with pytest.raises(ClmimError, match="does not exist"):
     trainer.train(config, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _signal_soon(signum):
+  """Sends `signum` to this process and gives its handler the main thread to run in."""
+  os.kill(os.getpid(), signum)
+  for _ in range(100):
+    time.sleep(0.001)
+
+
+def test_ctrl_c_asks_to_stop_and_a_second_ctrl_c_stops_at_once():
+  before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  notice = trainer.PreemptionNotice()
+  try:
+    _signal_soon(signal.SIGINT)  # no KeyboardInterrupt: the loop saves first
+    assert notice.requested and notice.signal_name == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):  # while saving: the user is not trapped
+      _signal_soon(signal.SIGINT)
+  finally:
+    notice.close()
+  assert {s: signal.getsignal(s) for s in before} == before
+  # A process that ignores SIGINT (a job started with '&') keeps ignoring it.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    notice = trainer.PreemptionNotice()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    _signal_soon(signal.SIGTERM)
+    assert notice.signal_name == "SIGTERM"
+    notice.close()
+  finally:
+    signal.signal(signal.SIGINT, before[signal.SIGINT])
+
+
+def test_render_processes_ignore_the_terminals_ctrl_c():
+  """A terminal sends Ctrl-C to the whole process group: the render workers
+  (config.data.render_workers > 1) must live on for the trainer to save its step."""
+  import multiprocessing
+  from clmim.data.synthetic import training_stream
+  dataset = ShapesTextures(16, "train", 40, version=3)
+  before = set(multiprocessing.active_children())
+  stream = training_stream(dataset, 4, workers=2)
+  first = next(stream)
+  workers = [p for p in multiprocessing.active_children() if p not in before]
+  assert len(workers) == 2
+
+  def ignores_sigint(pid):  # the kernel's record of the process's ignored signals (Linux)
+    with open(f"/proc/{pid}/status") as f:
+      mask = next(line for line in f if line.startswith("SigIgn:")).split()[1]
+    return bool(int(mask, 16) & (1 << (signal.SIGINT - 1)))
+
+  deadline = time.time() + 20  # a spawned worker boots (imports numpy) before it can ignore
+  while not all(ignores_sigint(w.pid) for w in workers) and time.time() < deadline:
+    time.sleep(0.05)
+  for worker in workers:
+    os.kill(worker.pid, signal.SIGINT)
+  time.sleep(0.5)
+  assert all(worker.is_alive() for worker in workers)
+  for step in range(1, 5):  # every batch still comes, the same as without the interruption
+    np.testing.assert_array_equal(next(stream)["image"],
+                                  dataset.batch(range(4 * step, 4 * step + 4))["image"])
+  stream.close()
+  np.testing.assert_array_equal(first["image"], dataset.batch(range(4))["image"])
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_step_and_the_resumed_run_ends_as_the_straight_one(tmp_path, capsys,
+                                                                            monkeypatch):
+  """Ctrl-C while step 3 runs (sent as its batch is read): the run saves step 3 and stops with
+  one line; the same command resumes it, and it ends bit-identical to an uninterrupted run."""
+  config = lambda: pretrain_simmim.get_config("runlocal")
+  trainer.train(config(), str(tmp_path / "straight"))
+  stream = trainer.training_stream
+
+  def interrupted(dataset, batch_size, start_step, **kwargs):
+    for step, batch in enumerate(stream(dataset, batch_size, start_step, **kwargs), start_step):
+      if step == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+      yield batch
+
+  monkeypatch.setattr(trainer, "training_stream", interrupted)
+  handler = signal.getsignal(signal.SIGINT)
+  workdir = str(tmp_path / "interrupted")
+  with pytest.raises(ClmimError) as stopped:
+    trainer.train(config(), workdir)
+  assert str(stopped.value) == (f"Stopped by SIGINT after step 3: checkpoint saved in "
+                                f"{workdir}/checkpoints; run the same command again to resume.")
+  assert "Ctrl-C: saving the checkpoint of step 3" in capsys.readouterr().err
+  assert preflight.checkpoint_steps(workdir)[-1] == 3 and not os.path.exists(
+      os.path.join(workdir, "export"))
+  assert signal.getsignal(signal.SIGINT) == handler
+  monkeypatch.setattr(trainer, "training_stream", stream)
+  trainer.train(config(), workdir)
+  assert "Resumed from step 3" in capsys.readouterr().out
+  straight = _final_state(str(tmp_path / "straight"), config())
+  resumed = _final_state(workdir, config())
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(straight)[0],
+                          jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  losses = lambda run: [(r["step"], r["loss"]) for r in trainer.read_metrics(str(tmp_path / run))]
+  assert losses("interrupted") == losses("straight")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import multiprocessing
+import signal
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -456,7 +457,8 @@ def training_stream(dataset: ShapesTextures, batch_size: int, start_step: int = 
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
   else:  # spawn, not fork: the consumer is a multi-threaded JAX process
     pool = concurrent.futures.ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_ignore_ctrl_c)
     prefetch = max(prefetch, 2 * workers)
   with pool:
     step = start_step
@@ -467,6 +469,13 @@ def training_stream(dataset: ShapesTextures, batch_size: int, start_step: int = 
       pending.append(render(step + prefetch))
       step += 1
       yield batch
+
+
+def _ignore_ctrl_c():
+  """A render process ignores Ctrl-C, which a terminal sends to the whole process group: the
+  trainer decides (it saves a checkpoint and stops, clmim/train/trainer.py), and a worker
+  killed by it would break the pool under the step being saved."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def background_donor(index: int, step: int, size: int) -> int:
