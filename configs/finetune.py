@@ -14,7 +14,8 @@ Variants (the string after ':'):
     pretraining added). The recipe is MAE's scaled to a 6-block, 32 px ViT: lr 1e-3 at batch
     64 (MAE: 5e-4 x batch/256 for 100 ImageNet epochs), layer decay 0.75 (MAE ViT-B: 0.65 for
     12 blocks), crops (0.35, 1) (MAE: (0.08, 1), which at 32 px often crops the object away).
-  runlocal: a seconds-long smoke run of the demo recipe (a 2-block ViT from scratch).
+  runlocal: a seconds-long smoke run of the demo recipe (a 2-block ViT from scratch), named
+    finetune_demo_runlocal.
   vitb16: MAE's ViT-B/16 ImageNet-1k fine-tuning (He et al., 2022, Table 9 / main_finetune.py)
     from the official MAE encoder (`mae_vitb16`, downloaded on first use): batch 1024, lr 5e-4
     x 1024/256 = 2e-3, AdamW (0.9, 0.999), weight decay 0.05, layer decay 0.65, 100 epochs
@@ -96,4 +97,6 @@ def get_config(arg: str = "demo"):
     config.init_encoder = ""
     config.finetune.eval_every = 0
     config.finetune.eval_images = 64
+  if arg == "runlocal":  # a seconds-long model must not take the demo model's name
+    config.name += "_runlocal"
   return config_lib.finish(config, arg)

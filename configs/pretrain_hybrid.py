@@ -14,7 +14,7 @@ and a figure against λ; clmim/jobs/sweep.py):
 
   python -m clmim.main --config configs/pretrain_hybrid.py --config.mode=sweep --workdir runs/sweep
 
-A seconds-long smoke run: configs/pretrain_hybrid.py:runlocal.
+A seconds-long smoke run: configs/pretrain_hybrid.py:runlocal (named hybrid_demo_runlocal).
 Variants (the string after ':'): demo (default), runlocal, vitb16.
 
 vitb16: a ViT-B/16 ImageNet-1k hybrid. The paper's authors did not publish their hybrid's
@@ -37,9 +37,10 @@ def get_config(arg: str = "demo"):
     raise ValueError(f"Unknown config variant {arg!r}; expected one of {tuple(variants)}.")
   config = pretrain_moco_v3.get_config(variants[arg])
   config.unlock()
-  config.name = "hybrid_demo"
+  config.name = "hybrid_demo" + ("_runlocal" if arg == "runlocal" else "")
   config.objective = "hybrid"
-  config.family = "other"          # neither CL nor MIM: figures colour it apart
+  config.family = "other"          # neither CL nor MIM: figures colour it apart (the sweep's
+                                   #   λ = 0 and λ = 1 models are "mim" and "cl")
   config.model.use_mask_token = True
   config.simmim = dict(
       mask_patch=8,            # mask block side in pixels (2x2 tokens at patch 4)

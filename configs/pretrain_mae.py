@@ -7,7 +7,8 @@ targets, AdamW beta2 0.95, weight decay 0.05, crops (0.2, 1) + flip, fixed sin-c
 timm blocks) down to the demo ViT: a decoder of width 64, depth 2, 4 heads (ViT-B's: 512, 8,
 16), lr 1e-3 at batch 64 for 10,000 steps (the official 1.5e-4 x batch/256 is for 800 epochs of
 ImageNet), 300 warm-up steps. No MAE demo checkpoint ships yet.
-A seconds-long smoke run: configs/pretrain_mae.py:runlocal.
+A seconds-long smoke run: configs/pretrain_mae.py:runlocal (named mae_demo_runlocal). Its
+export keeps the decoder: `<workdir>/export?decoder=1` runs the decoder analysis on it.
 Variants (the string after ':'): demo (default), runlocal, vitb16.
 
 vitb16: the official ViT-B/16 ImageNet-1k recipe (He et al., 2022; main_pretrain.py with
@@ -50,4 +51,6 @@ def get_config(arg: str = "demo"):
     config.grad_clip = 0.0
     config.mae.update(decoder_width=512, decoder_depth=8, decoder_heads=16,
                       decoder_mlp_dim=2048)
+  if arg == "runlocal":  # a seconds-long model must not take the demo model's name
+    config.name += "_runlocal"
   return config_lib.finish(config, arg)

@@ -13,7 +13,8 @@ stages, the second starting from the first's export (docs/miniature.md, seventh 
 
 Each stage is 6,000 steps at batch 64 (2.5-3 min on one H100; ~1.7 h each on 2 CPU cores).
 `demo`'s init_encoder is stage 1's export path above; point it elsewhere with
---config.init_encoder=<export>. A seconds-long smoke run: configs/pretrain_moco_v3.py:runlocal.
+--config.init_encoder=<export>. A seconds-long smoke run: configs/pretrain_moco_v3.py:runlocal
+(named moco_v3_demo_runlocal: never a shipped model's name).
 Variants (the string after ':'): demo (default), demo_stage1, runlocal, vitb16.
 
 vitb16: the official ViT-B/16 ImageNet-1k recipe (Chen et al., 2021; main_moco.py with
@@ -94,4 +95,6 @@ def get_config(arg: str = "demo"):
     config.moco.update(hidden_dim=4096, out_dim=256, momentum=0.99)
     config.augment.update(crop_scale=(0.08, 1.0), saturation=0.2, hue=0.1,
                           blur_sigma=(0.1, 2.0))
+  if arg == "runlocal":  # a seconds-long model must not take the demo model's name
+    config.name += "_runlocal"
   return config_lib.finish(config, arg)

@@ -6,7 +6,9 @@ The demo checkpoint shipped in clmim/demo_checkpoints/simmim_demo (version 2) wa
 
 (10,000 steps at batch 64 on version 3 data: 2.5 min on one H100, ~1.4 h on 2 CPU cores.)
 
-A seconds-long smoke run: --config configs/pretrain_simmim.py:runlocal
+A seconds-long smoke run: --config configs/pretrain_simmim.py:runlocal (named
+simmim_demo_runlocal: never a shipped model's name). Exports keep the pixel head:
+`<workdir>/export?decoder=1` runs the decoder analysis on it.
 Variants (the string after ':'): demo (default), runlocal, vitb16.
 
 vitb16: the official ViT-B/16 ImageNet-1k recipe (Xie et al., 2022;
@@ -50,4 +52,6 @@ def get_config(arg: str = "demo"):
     config.beta2 = 0.999
     config.grad_clip = 5.0
     config.simmim.mask_patch = 32
+  if arg == "runlocal":  # a seconds-long model must not take the demo model's name
+    config.name += "_runlocal"
   return config_lib.finish(config, arg)

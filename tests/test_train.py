@@ -1,5 +1,7 @@
 """Pretraining: objective pieces with known answers, and short real runs of the trainer."""
+import importlib
 import json
+import os
 import sys
 
 import jax
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 
 from clmim import preflight
-from clmim.checkpoints import registry
+from clmim.checkpoints import native, registry
 from clmim.errors import ClmimError
 from clmim.jobs import snapshots
 from clmim.train import moco_v3, simmim, tensorboard, trainer
@@ -53,6 +55,11 @@ def test_runlocal_trains_resumes_and_exports(tmp_path, config_module, capsys, mo
     config.augment.second_view_ramp = (2, 4)
     config.data.version = 2
   metrics = trainer.train(config, str(tmp_path))
+  # The last line: steps, time, final loss and the export, under the runlocal's own name.
+  out = capsys.readouterr().out.strip().splitlines()[-1]
+  assert out.startswith(f"Finished 6 steps of {config.objective} pretraining in ")
+  assert f"final loss {metrics['loss']:.4f}." in out
+  assert out.endswith(f"Exported encoder '{config.name}' to {tmp_path / 'export'}")
   assert ramps == [(2, 4) if config.objective == "moco_v3" else (0, 0)]
   assert np.isfinite(metrics["loss"])
   records = trainer.read_metrics(str(tmp_path))
@@ -70,6 +77,9 @@ def test_runlocal_trains_resumes_and_exports(tmp_path, config_module, capsys, mo
                                   init["params"]["online"]["encoder"]["patch_embed"]["kernel"])
   else:
     assert model.params["block_0"]["gamma_1"].shape == (128,)
+    # The export keeps the pixel head: `?decoder=1` gives the decoder analysis its decoder.
+    head = registry.resolve(f"{tmp_path / 'export'}?decoder=1").decoder
+    assert head["kind"] == "simmim" and head["config"] == {"patch_size": 4}
     curves = snapshots.run(config, str(tmp_path))  # metrics over the kept checkpoints
     assert curves["steps"] == [3, 6] and np.shape(curves["nmi"]) == (2, 2)
     assert curves["compilations"] == 1  # one compiled step for every checkpoint
@@ -88,6 +98,8 @@ def test_runlocal_trains_resumes_and_exports(tmp_path, config_module, capsys, mo
   assert trained["host_memory"] == host_memory.status() and trained["training_time_s"] > 0
   out = trainer.export_checkpoint(config, str(tmp_path))
   assert registry.resolve(out).info["steps"] == 8
+  if config.objective == "simmim":  # an export of a checkpoint keeps the decoder too
+    assert registry.resolve(f"{out}?decoder=1").decoder["kind"] == "simmim"
   # The export records the data it was trained on (generator version included).
   manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
   assert manifest["config"]["data"]["version"] == config.data.version
@@ -221,3 +233,40 @@ def test_a_diverged_run_stops_naming_the_first_bad_step_and_saves_nothing_after(
   assert trainer.preflight.checkpoint_steps(str(tmp_path)) == [3]
   assert not (tmp_path / "export").exists()
   assert [r["step"] for r in trainer.read_metrics(str(tmp_path))] == [2]
+
+
+@pytest.mark.parametrize("name", ["pretrain_moco_v3", "pretrain_simmim", "pretrain_mae",
+                                  "pretrain_hybrid", "finetune"])
+def test_runlocal_models_never_take_a_shipped_name(name):
+  """A 6-step depth-2 model named like a shipped one would pass for it in tables and titles."""
+  config = importlib.import_module(f"configs.{name}").get_config("runlocal")
+  assert config.name.endswith("_runlocal") and config.name not in registry.known_names()
+
+
+def test_an_export_of_other_weights_never_takes_a_shipped_name(tmp_path):
+  """A run of the demo recipe is named `<name>_retrained`, so it can be analysed beside the
+  shipped model; the shipped weights themselves keep the name."""
+  manifest, params = native.load(os.path.join(registry.DEMO_DIR, "simmim_demo"))
+  config = pretrain_simmim.get_config("demo")
+  assert config.name == "simmim_demo"
+  native.save(str(tmp_path / "same"), config, params, manifest["model"], steps=10000)
+  retrained = jax.tree.map(lambda x: x + np.float32(1e-3), params)
+  native.save(str(tmp_path / "retrained"), config, retrained, manifest["model"], steps=10000)
+  names = [registry.resolve(spec).name for spec in
+           ("simmim_demo", str(tmp_path / "same"), str(tmp_path / "retrained"))]
+  assert names == ["simmim_demo", "simmim_demo", "simmim_demo_retrained"]
+
+
+def test_the_final_line_says_steps_time_loss_held_out_accuracy_and_the_export():
+  records = [{"step": 250, "loss": 1.2, "elapsed_s": 80.0, "eval_top1": 0.6, "eval_loss": 1.0},
+             {"step": 300, "loss": 1.0345, "elapsed_s": 95.04}]
+  assert trainer.summary_line(records, "finetune", "runs/ft/export", "finetune_demo", 200) == (
+      "Finished 300 steps of fine-tuning in 95.0 s, final loss 1.0345, held-out top-1 0.600 "
+      "(loss 1.0000, 200 images, at step 250). Exported encoder 'finetune_demo' to "
+      "runs/ft/export")
+  records[-1].update(eval_top1=0.71, eval_loss=0.8123)  # validated at the last step
+  assert "held-out top-1 0.710 (loss 0.8123, 200 images)." in \
+      trainer.summary_line(records, "finetune", "out", "x", 200)
+  assert trainer.summary_line(records[:1], "mae", "runs/mae/export", "mae_demo_runlocal") == (
+      "Finished 250 steps of mae pretraining in 80.0 s, final loss 1.2000, held-out top-1 "
+      "0.600 (loss 1.0000). Exported encoder 'mae_demo_runlocal' to runs/mae/export")
