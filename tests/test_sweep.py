@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from clmim import main
+from clmim.analysis import nmi
 from clmim.errors import ClmimError
-from clmim.jobs import sweep
+from clmim.jobs import report, sweep
 from configs import pretrain_hybrid
 
 
@@ -36,6 +37,11 @@ def test_sweep_trains_each_lambda_once_and_plots_the_metrics(tmp_path):
   for weight in ("0", "1"):
     manifest = json.loads((tmp_path / f"lambda_{weight}" / "export" / "manifest.json").read_text())
     assert manifest["config"]["hybrid"]["weight"] == float(weight)
+  # The endpoints are MIM and CL, so the report's findings compare them.
+  families = {n: i["family"] for n, i in analysed["model_info"].items()}
+  assert families["hybrid_lambda_0"] == "mim" and families["hybrid_lambda_1"] == "cl"
+  summary_text = (tmp_path / "analysis" / "summary.txt").read_text()
+  assert "needs a CL and a MIM model" not in summary_text
   # λ = 0 trains the MIM branch only, λ = 1 the CL branch only.
   first = json.loads((tmp_path / "lambda_0" / "metrics.jsonl").read_text().splitlines()[0])
   last = json.loads((tmp_path / "lambda_1" / "metrics.jsonl").read_text().splitlines()[0])
@@ -100,3 +106,18 @@ def test_summary_records_the_probes_test_set_size():
 
 def test_probe_standard_errors_known_answers():
   assert sweep.probe_standard_errors([0.5, 0.9, 1.0], 100) == pytest.approx([0.05, 0.03, 0.0])
+
+
+def test_the_endpoints_are_mim_and_cl_so_the_findings_compare_them():
+  config = _config()
+  assert {w: sweep.member_config(config, w).family for w in (0.0, 0.25, 1.0)} == \
+      {0.0: "mim", 0.25: "other", 1.0: "cl"}
+  names = {0.0: "hybrid_lambda_0", 0.5: "hybrid_lambda_0.5", 1.0: "hybrid_lambda_1"}
+  nmi_of = {0.0: 0.8, 0.5: 0.4, 1.0: 0.2}  # the paper: CL's NMI is lower
+  results = {"models": {names[w]: {"nmi": [[v], [v]]} for w, v in nmi_of.items()},
+             "model_info": {names[w]: {"family": sweep.member_config(config, w).family}
+                            for w in names}}
+  finding = report.findings(results, [nmi])[0]
+  assert finding["as_in_paper"] is True  # was None: "needs a CL and a MIM model"
+  assert finding["verdicts"] == {"hybrid_lambda_0": "MIM-like", "hybrid_lambda_0.5": "CL-like",
+                                 "hybrid_lambda_1": "CL-like"}

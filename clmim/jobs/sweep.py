@@ -11,6 +11,9 @@ analysis job's results.json, figures and report). workdir/sweep.json and sweep.p
 paper's Sec. 5 plots against λ: last-block shape and texture probes (mean patch token), NMI and
 high-frequency ΔlogA (means over the later half of the blocks). Everything a λ needs — its
 value, its workdir's config record, the analyses — is checked before the first one trains.
+The endpoints carry their families — λ = 0 (SimMIM alone) "mim", λ = 1 (MoCo v3 alone) "cl" —
+so the report's findings compare them and call each λ between CL-like or MIM-like; the λ
+between are family "other".
 """
 from __future__ import annotations
 
@@ -47,12 +50,20 @@ def weights(config) -> list[float]:
   return [float(w) for w in values]
 
 
+def family(weight: float, default: str = "other") -> str:
+  """The family of the model a λ trains: λ = 0 is SimMIM alone ("mim"), λ = 1 MoCo v3 alone
+  ("cl"), anything between the hybrid (`default`, the config's family: "other")."""
+  return {0.0: "mim", 1.0: "cl"}.get(float(weight), default)
+
+
 def member_config(config, weight: float):
-  """The pretraining config of one λ: the hybrid recipe with hybrid.weight = λ."""
+  """The pretraining config of one λ: the hybrid recipe with hybrid.weight = λ, its family
+  that of λ (`family`: the endpoints are MIM and CL, so the report compares them)."""
   member = config.copy_and_resolve_references()
   member.unlock()
   member.mode = "pretrain"
   member.name = f"hybrid_lambda_{weight:g}"
+  member.family = family(weight, config.family)
   member.hybrid.weight = weight
   member.lock()
   return member
