@@ -132,7 +132,8 @@ def test_attention_map_reading_counts_shared_and_local_peaks():
                         "maps": _maps(peaks)}
   results = _results({
       "cee": ("cl", {"attention_maps": kept([[(0, 3), (0, 3)], [(3, 0), (3, 0)]]),
-                     "query_map_similarity": [0.5, 0.9], "attention_entropy": [[1, 1], [0.25, 0.75]],
+                     "query_map_similarity": [0.5, 0.9],
+                     "attention_entropy": [[1, 1], [0.25, 0.75]],
                      "object_attention_cls": [[0, 0], [0.75, 0.25]],
                      "object_attention_details": {"object_token_share": 0.2}}, {}),
       "emm": ("mim", {"attention_maps": kept([[(2, 2), (1, 1)], [(3, 3), (0, 0)]]),

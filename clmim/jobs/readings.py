@@ -102,7 +102,7 @@ def where(result, indices, length: int, results: dict) -> str:
     return "no position"
   noun = {"stage": "stage", "block": "block"}.get(result.x)
   if len(indices) == length and length > 1:
-    return f"every {noun or 'position'}"
+    return f"every {noun or result.x}"
   if noun is None:
     return _and([position_names(result, length, results)[i] for i in indices])
   parts = []
@@ -196,7 +196,9 @@ def curve(results: dict, key: str) -> list[str]:
     entry = next((f for f in report.findings(results, [module]) if f["key"] == key), None)
     if entry is not None and entry["as_in_paper"] is not None:
       verdict = "as in the paper" if entry["as_in_paper"] else "NOT as in the paper"
-      lines.append(f"  Later half of the blocks (the findings' verdict): CL "
+      half = "Later half of the blocks" if result.x in ("block", "stage") else \
+          f"Second half of the {result.x}s"
+      lines.append(f"  {half} (the findings' verdict): CL "
                    f"{fmt(entry['values'][cl])}, MIM {fmt(entry['values'][mim])}: {verdict}.")
   else:
     missing = " and ".join(f for f, n in (("CL", cl), ("MIM", mim)) if n not in curves)
