@@ -1,8 +1,10 @@
-"""Robustness perturbations: band energy, RMS, determinism, jit, and host-side validation."""
+"""Robustness perturbations: band energy, RMS, determinism, jit, and host-side validation; the
+robustness analysis' clean top-1 in its results, summary and figure."""
 import math
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -236,3 +238,57 @@ def test_import_does_not_pull_tensorflow_or_pil():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   subprocess.run([sys.executable, "-c", code], check=True, env=env,
                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# --- The robustness analysis shows the clean top-1 its drops are measured from -----------------
+
+def test_measure_returns_the_clean_top1(monkeypatch):
+  """30 of 40 evaluation images right without noise, 20 and 10 under the two bands, 25 under
+  the white noise: clean top-1 0.75, drops 0.25, 0.5 and 0.125."""
+  from clmim.analysis import probing, robustness
+  depth, kinds, width, classes = 2, len(probing.KINDS), 8, 4
+  probes = {"weights": np.zeros((depth, kinds, width, classes)),
+            "bias": np.zeros((depth, kinds, classes)), "ridge": [[1.0] * kinds] * depth,
+            "chance": 0.25, "train_data": "train"}
+  monkeypatch.setattr(probing, "fitted_probes", lambda *args: {"shape": probes})
+  evaluation = types.SimpleNamespace(
+      images=types.SimpleNamespace(std=(0.5, 0.5, 0.5)), description="validation",
+      labels=types.SimpleNamespace(columns=["shape"], values=np.zeros((40, 1), np.int32)))
+  data = types.SimpleNamespace(targets=("shape",), evaluation=lambda: evaluation)
+  passes = types.SimpleNamespace(run=lambda *args: {"clean": 30.0, "count": 40.0,
+                                                   "noisy": np.array([20.0, 10.0, 25.0])})
+  model = types.SimpleNamespace(name="m", vit=types.SimpleNamespace(depth=depth, image_size=32))
+  options = {**robustness.OPTIONS, "bands": (0.25, 0.75), "band_width": 0.5,
+             "white_rms": (0.1,)}
+  out = robustness.measure(model, data, passes, options)
+  assert out["robustness_clean_top1"] == 0.75
+  assert out["band_noise_drop"] == [0.25, 0.5] and out["white_noise_drop"] == [0.125]
+  assert {r.key for r in robustness.RESULTS} <= set(out) | {"num_images"}
+
+
+def _robustness_results():
+  details = {"band_centres": [0.25, 0.75], "band_width": 0.5, "band_rms": 0.1,
+             "white_rms": [0.1], "target": "shape", "block": 2}
+  models = {"cl_model": (0.75, [0.25, 0.5], [0.125]), "mim_model": (0.5, [0.1, 0.4], [0.2])}
+  return {"num_images": 40, "analyses": {"robustness": {"options": {
+              "bands": [0.25, 0.75], "white_rms": [0.1]}}},
+          "models": {n: {"robustness_clean_top1": clean, "band_noise_drop": band,
+                         "white_noise_drop": white, "robustness_details": details}
+                     for n, (clean, band, white) in models.items()},
+          "model_info": {"cl_model": {"family": "cl"}, "mim_model": {"family": "mim"}}}
+
+
+def test_the_summary_and_the_figure_show_the_clean_top1():
+  from clmim.analysis import robustness
+  from clmim.jobs import report
+  results = _robustness_results()
+  text = report.summary(results, [robustness]).splitlines()
+  at = text.index("clean top-1 of the noise probe (by condition):")
+  assert text[at + 1].split() == ["model", "family", "clean"]
+  assert text[at + 2].split() == ["cl_model", "cl", "0.750"]
+  assert text[at + 3].split() == ["mim_model", "mim", "0.500"]
+  figure = robustness.figures(results, {})["robustness.png"]
+  legend = [t.get_text() for ax in figure.axes if ax.get_legend()
+            for t in ax.get_legend().get_texts()]
+  assert any("cl_model" in t and "clean top-1 0.750" in t for t in legend), legend
+  assert any("mim_model" in t and "clean top-1 0.500" in t for t in legend), legend

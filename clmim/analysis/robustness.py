@@ -26,9 +26,12 @@ Options:
   seed: the noise seed.
   holdout_fraction, ridge_grid: the probe's, as in `probing`.
 
-Results: "band_noise_drop": [band] top-1 drop; "white_noise_drop": [strength] top-1 drop;
-"robustness_details": the clean and noisy top-1, the conditions, the probe's block, feature,
-target, ridge and data.
+Results: "robustness_clean_top1": the probe's top-1 on the clean evaluation images (what every
+drop is measured from: a drop of 0.3 means little at a clean top-1 of 0.3); "band_noise_drop":
+[band] top-1 drop; "white_noise_drop": [strength] top-1 drop; "robustness_details": the clean
+and noisy top-1, the conditions, the probe's block, feature, target, ridge and data. The
+summary prints the clean top-1 as its own table and robustness.png writes it in each model's
+legend entry.
 """
 from __future__ import annotations
 
@@ -62,7 +65,18 @@ def _identity(values):
   return np.asarray(values, np.float64).tolist()
 
 
+def _clean_column(results):
+  """The clean top-1's one column head."""
+  del results
+  return ["clean"]
+
+
 RESULTS = (
+    core.Result("robustness_clean_top1", "clean top-1 of the noise probe", "[]", x="condition",
+                series=lambda value: [float(value)],
+                description="the probe's top-1 on the evaluation images without noise: what "
+                            "every drop below is measured from",
+                columns=_clean_column),
     core.Result("band_noise_drop", "top-1 drop under band noise", "[band]", x="band",
                 series=_identity, cl_direction="lower",
                 description="clean top-1 minus top-1 with noise of one frequency band added "
@@ -188,6 +202,7 @@ def measure(model, data, passes, options) -> dict:
   bands = len(options["bands"])
   return {
       "num_images": int(round(float(sums["count"]))),
+      "robustness_clean_top1": clean,
       "band_noise_drop": (clean - noisy[:bands]).tolist(),
       "white_noise_drop": (clean - noisy[bands:]).tolist(),
       "robustness_details": {
@@ -203,7 +218,7 @@ def measure(model, data, passes, options) -> dict:
 
 def figures(results: dict, options: dict) -> dict:
   """robustness.png: the drop per band centre (Park & Kim's Fourier-noise plot) and per
-  white-noise strength, one line per model."""
+  white-noise strength, one line per model; each legend entry gives the model's clean top-1."""
   names = [n for n, r in results.get("models", {}).items() if r.get("band_noise_drop")]
   if not names:
     return {}
@@ -213,7 +228,10 @@ def figures(results: dict, options: dict) -> dict:
   for name in names:
     details = results["models"][name]["robustness_details"]
     style = styles[name]
-    kw = dict(color=style["color"], linestyle=style["linestyle"], label=style["label"],
+    # The clean top-1 every drop starts from (results.json's of older runs: in the details).
+    clean = results["models"][name].get("robustness_clean_top1", details.get("clean_top1"))
+    label = style["label"] + ("" if clean is None else f", clean top-1 {clean:.3f}")
+    kw = dict(color=style["color"], linestyle=style["linestyle"], label=label,
               marker="o", markersize=3.5, linewidth=1.8)
     ax_band.plot(details["band_centres"], results["models"][name]["band_noise_drop"], **kw)
     ax_white.plot(details["white_rms"], results["models"][name]["white_noise_drop"], **kw)
