@@ -159,7 +159,7 @@ def test_a_cls_head_gives_the_logits_of_the_full_forwards_cls_token():
 
 
 @pytest.mark.slow
-def test_fine_tuning_the_shipped_moco_model_learns_the_shapes_fast(tmp_path):
+def test_fine_tuning_the_shipped_moco_model_learns_the_shapes_fast(tmp_path, capsys):
   """The demo recipe, shortened: 30 steps at batch 16 from moco_v3_demo (last-block shape probe
   0.97), validated on 200 held-out images. Chance is 0.25; the same 30 steps from a random init
   of the same ViT reached 0.325 when measured (0.32 at batch 32), this run 0.71 — the bar is
@@ -170,6 +170,12 @@ def test_fine_tuning_the_shipped_moco_model_learns_the_shapes_fast(tmp_path):
             "tensorboard": False, "init_encoder": "moco_v3_demo"}
   pretrained = trainer.train(_config(**fields), str(tmp_path / "moco"))
   assert pretrained["eval_top1"] >= 0.55, pretrained
+  # The run's last line: the held-out top-1 and loss it ended with, and where the export went.
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  assert last.startswith("Finished 30 steps of fine-tuning in ")
+  assert (f"held-out top-1 {pretrained['eval_top1']:.3f} (loss {pretrained['eval_loss']:.4f}, "
+          f"200 images). Exported encoder 'finetune_demo_runlocal' to {tmp_path / 'moco'}"
+          f"/export") in last
   records = [json.loads(line) for line in open(tmp_path / "moco" / "metrics.jsonl")]
   assert [("eval_top1" in r) for r in records] == [False, False, True]
   assert records[-1]["eval_top1"] == pretrained["eval_top1"]

@@ -81,3 +81,13 @@ def test_runlocal_logs_both_losses_and_exports(tmp_path):
     assert r["loss"] == pytest.approx(0.5 * r["loss_mim"] + 0.5 * r["loss_cl"], rel=1e-5)
   model = registry.resolve(str(tmp_path / "export"))
   assert model.info["method"] == "hybrid" and model.vit.use_mask_token
+  assert model.name == "hybrid_demo_runlocal"
+  # The MIM branch's pixel head is kept: `?decoder=1` loads it as a SimMIM decoder.
+  assert registry.resolve(f"{tmp_path / 'export'}?decoder=1").decoder["kind"] == "simmim"
+
+
+def test_the_export_keeps_the_pixel_head_unless_the_mim_branch_never_ran():
+  head = {"linear": {"kernel": np.ones((128, 48)), "bias": np.zeros(48)}}
+  assert _objective(0.5)[1].pretraining_decoder({"head": head}) == {
+      "kind": "simmim", "params": head, "config": {"patch_size": 4}}
+  assert _objective(1.0)[1].pretraining_decoder({"head": head}) is None  # an untrained head

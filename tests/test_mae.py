@@ -6,8 +6,10 @@ import pytest
 
 from clmim.checkpoints import registry
 from clmim.errors import ClmimError
+from clmim.jobs import analyze
 from clmim.models.vit import build_vit
 from clmim.train import mae, trainer
+from configs import all as all_config
 from configs import pretrain_mae
 
 
@@ -87,3 +89,19 @@ def test_runlocal_trains_and_exports(tmp_path):  # resuming: the trainer's own t
   assert records[-1]["loss"] < records[0]["loss"]  # it learns, even in six steps
   model = registry.resolve(str(tmp_path / "export"))
   assert model.family == "mim" and model.vit.depth == 2 and model.info["method"] == "mae"
+  assert model.name == "mae_demo_runlocal"
+  # The export keeps the decoder, and the decoder analysis runs on it through the job.
+  analysis = all_config.get_config("runlocal")
+  analysis.models = f"{tmp_path / 'export'}?decoder=1"
+  analysis.analyses = "decoder"
+  analysis.include_untrained = False
+  analysis.progress = False
+  analysis.data.num_images = 8
+  analysis.batch_size = 8
+  results = analyze.run(analysis, str(tmp_path / "analysis"))
+  values = results["models"]["mae_demo_runlocal"]
+  assert np.shape(values["decoder_fourier"]) == (3, 4)  # its blocks' input, then 2 blocks
+  assert np.shape(values["decoder_nmi"]) == (2, 4)      # 2 blocks x 4 heads
+  assert np.isfinite(values["encoder_decoder_fourier"]).all()
+  assert results["model_info"]["mae_demo_runlocal"]["decoder"] == {
+      "kind": "mae", "width": 64, "depth": 2, "num_heads": 4, "mlp_dim": 256, "patch_size": 4}
