@@ -148,6 +148,27 @@ def test_colabs_doc_states_no_results():
   assert result_claims(prose) == []
 
 
+def _demo_data_versions():
+  """{demo model: the generator version its manifest says it was trained on}."""
+  folder = os.path.join(ROOT, "clmim", "demo_checkpoints")
+  versions = {}
+  for name in sorted(os.listdir(folder)):
+    with open(os.path.join(folder, name, "manifest.json")) as f:
+      versions[name] = json.load(f)["data_version"]
+  return versions
+
+
+def test_demo_draws_the_images_the_models_were_trained_on():
+  """The tour's query maps are drawn on the run's images (config.data, whose generator version is
+  the demo models'), not on a generator built with its own default version."""
+  from clmim import config_lib
+  code = "\n".join(_source(c) for c in _load("clmim_demo.ipynb")["cells"]
+                   if c["cell_type"] == "code")
+  assert "ShapesTextures(" not in code and "EvalImages(config.data," in code
+  version = config_lib.analysis_base("demo", name="x", analyses="nmi").data.version
+  assert set(_demo_data_versions().values()) == {version}
+
+
 READING = re.compile(r"^\[reading: ([\w, ]+)\] .*?(?:\n(?=\n)|\Z)", re.MULTILINE | re.DOTALL)
 
 
@@ -343,6 +364,9 @@ def test_notebook_code_runs_from_colabs_dir(name, tmp_path):
     results = json.load(f)
   assert results["num_images"] == num_images and not results["config"]["include_untrained"]
   assert {os.path.basename(f) for f in displayed} >= figures
+  if name == "clmim_demo.ipynb":  # the images drawn are of the version the models know
+    version, = set(_demo_data_versions().values())
+    assert f"images: synthetic shapes x textures, version {version}," in result.stdout
   # Each figure's reading is printed, and every number it quotes is this run's.
   printed = printed_readings(result.stdout)
   assert set(printed) == READINGS[name], result.stdout[-3000:]
