@@ -233,6 +233,7 @@ def test_ctrl_c_saves_the_step_and_the_resumed_run_ends_as_the_straight_one(tmp_
     trainer.train(config(), workdir)
   assert str(stopped.value) == (f"Stopped by SIGINT after step 3: checkpoint saved in "
                                 f"{workdir}/checkpoints; run the same command again to resume.")
+  assert stopped.value.exit_status == 130  # clmim.main exits with it, as for any Ctrl-C
   assert "Ctrl-C: saving the checkpoint of step 3" in capsys.readouterr().err
   assert preflight.checkpoint_steps(workdir)[-1] == 3 and not os.path.exists(
       os.path.join(workdir, "export"))

@@ -413,9 +413,12 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
                     f"(Ctrl-C again stops at once, without it).", file=sys.stderr)
         manager.wait_until_finished()
         # Several processes: the one that got the signal may be another.
-        raise ClmimError(f"Stopped by {preemption.signal_name or 'a stop signal'} after step "
-                         f"{step + 1}: checkpoint saved in {workdir}/checkpoints; run the same "
-                         f"command again to resume.")
+        stopped = ClmimError(f"Stopped by {preemption.signal_name or 'a stop signal'} after "
+                             f"step {step + 1}: checkpoint saved in {workdir}/checkpoints; run "
+                             f"the same command again to resume.")
+        if preemption.signal_name == "SIGINT":
+          stopped.exit_status = 130  # the shell's 128 + SIGINT, as clmim.main's other Ctrl-Cs
+        raise stopped
     manager.wait_until_finished()
   finally:
     preemption.close()
