@@ -55,6 +55,9 @@ def test_device_check_measures_both_dtypes_and_the_input_pipeline():
   diffs = compared["max_rel_diff"]
   assert {"attention_distance", "nmi", "attention_entropy", "fourier"} <= set(diffs)
   for key, value in diffs.items():
+    if key == "rollout_map_pixels":  # the input images the rollout maps are drawn on: no metric
+      assert value == 0, value
+      continue
     assert math.isfinite(value) and 0 < value < 0.2, (key, value)
   assert compared["worst"][1] == max(diffs.values())
 
