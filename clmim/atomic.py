@@ -27,9 +27,22 @@ def write_atomic(path, write: Callable[[IO[bytes]], None]) -> str:
   return path
 
 
+def json_text(value, level: int = 0) -> str:
+  """JSON indented one space per level, except that a list of numbers, strings, booleans or
+  nulls stays on one line: results hold many [block][head] and pixel lists, which one number per
+  line made 3-4x longer (and hard to read)."""
+  pad, inner = " " * level, " " * (level + 1)
+  if isinstance(value, dict) and value:
+    items = (f"{inner}{json.dumps(str(k))}: {json_text(v, level + 1)}" for k, v in value.items())
+    return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+  if isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in value):
+    return "[\n" + ",\n".join(inner + json_text(v, level + 1) for v in value) + "\n" + pad + "]"
+  return json.dumps(value)
+
+
 def write_json_atomic(path, payload) -> str:
-  """JSON (indented) written atomically."""
-  return write_atomic(path, lambda f: f.write(json.dumps(payload, indent=1).encode()))
+  """JSON (`json_text`) written atomically."""
+  return write_atomic(path, lambda f: f.write(json_text(payload).encode()))
 
 
 def save_figure_atomic(figure, path, **savefig_kwargs) -> str:

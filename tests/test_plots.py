@@ -1,4 +1,5 @@
 """Figures from a small fake results dict: files exist, decode as PNGs, and writes are atomic."""
+import json
 import os
 
 import numpy as np
@@ -167,3 +168,16 @@ def test_display_images_undo_the_recorded_normalisation():
   shown = plots.display_images(rgb * 3 - 7, {}, "m")
   np.testing.assert_allclose(shown.min(axis=(1, 2, 3)), 0)
   np.testing.assert_allclose(shown.max(axis=(1, 2, 3)), 1)
+
+
+def test_results_json_keeps_lists_of_numbers_on_one_line(tmp_path):
+  from clmim.atomic import write_json_atomic
+  payload = {"nmi": [[0.1, 0.2], [0.3, float("nan")]], "names": ["a", "b"], "empty": [],
+             "nested": {"x": [{"k": 1}], "y": (1, None, True)}}
+  path = write_json_atomic(tmp_path / "results.json", payload)
+  text = open(path).read()
+  assert ' "names": ["a", "b"],' in text and "  [0.3, NaN]" in text
+  assert '"y": [1, null, true]' in text
+  reread = json.loads(text)
+  assert reread["nmi"][0] == [0.1, 0.2]
+  assert reread["nested"] == {"x": [{"k": 1}], "y": [1, None, True]}
