@@ -149,5 +149,5 @@ def figures(results: dict, options: dict) -> dict:
   ax.set_title("High-frequency amplitude through encoder and decoder", fontsize=12)
   ax.grid(alpha=0.25, linewidth=0.6)
   ax.spines[["top", "right"]].set_visible(False)
-  ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  plots.add_legend(ax, fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   return {"decoder.png": fig}

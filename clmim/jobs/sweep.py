@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from clmim import config_lib, preflight
 from clmim.atomic import save_figure_atomic, write_json_atomic
 from clmim.errors import ClmimError
-from clmim.analysis import core
+from clmim.analysis import core, plots
 from clmim.jobs import analyze, report
 from clmim.jobs.analyze import analysis_setup
 from clmim.train import trainer
@@ -126,7 +126,7 @@ def figure(summary: dict) -> Figure:
                 color="tab:purple")
     if key + "_untrained" in summary:
       ax.axhline(summary[key + "_untrained"], ls="--", color="grey", label="untrained")
-      ax.legend(fontsize=8)
+      plots.add_legend(ax, fontsize=8)  # a dashed handle for the dashed line
     ax.set_xlabel("λ (0 = SimMIM only, 1 = MoCo v3 only)")
     ax.set_title(label, fontsize=10)
   return fig
