@@ -36,5 +36,8 @@ if "CLMIM_TEST_CACHE" not in os.environ:
   atexit.register(shutil.rmtree, os.environ["CLMIM_TEST_CACHE"], ignore_errors=True)
 SESSION_CACHE = os.environ["CLMIM_TEST_CACHE"]
 config_lib.COMPILATION_CACHE = SESSION_CACHE
+# Commands the tests start (python -m clmim.main, the notebooks, benchmarks) default to it too:
+# no test reads or fills the user's ~/.cache/clmim/jax.
+os.environ["CLMIM_COMPILATION_CACHE"] = SESSION_CACHE
 main.enable_compilation_cache(SESSION_CACHE)
 

@@ -124,3 +124,19 @@ def test_the_compilation_cache_serves_a_second_run(tmp_path):
   from clmim import main
   with pytest.raises(ClmimError, match="config.compilation_cache=.*cannot create the folder"):
     main.enable_compilation_cache(str(blocked / "cache"))
+
+
+def test_clmim_compilation_cache_replaces_the_default_folder(tmp_path):
+  """$CLMIM_COMPILATION_CACHE is every config's default cache folder (the tests point their
+  commands at a session folder with it); without it the default is ~/.cache/clmim/jax."""
+  script = ("from configs import nmi, pretrain_simmim; "
+            "print(nmi.get_config().compilation_cache, "
+            "pretrain_simmim.get_config('runlocal').compilation_cache)")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  def defaults(**env):
+    environment = {k: v for k, v in os.environ.items() if k != "CLMIM_COMPILATION_CACHE"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True,
+                          text=True, check=True, env={**environment, **env})
+    return done.stdout.split()
+  assert defaults(CLMIM_COMPILATION_CACHE=str(tmp_path)) == [str(tmp_path)] * 2
+  assert defaults() == ["~/.cache/clmim/jax"] * 2
