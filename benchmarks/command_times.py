@@ -9,7 +9,7 @@ and for the test tiers the summary line pytest printed.
 
   python benchmarks/command_times.py [--runs nmi,all,paper] [--tests quick,full] [--warm]
 
-`--runs` names analysis configs (`configs/<name>.py`, default variant); `--tests` names tiers:
+`--runs` names analysis configs (`configs/<name>.py`, or `<name>:<variant>`); `--tests` names tiers:
 `quick` is `python -m pytest -q -n 2 -m "not slow" tests`, `full` the README's (and CI's)
 `python -m pytest -q -n 2 tests`. Run it on a quiet machine; it prints one JSON object.
 """
@@ -58,7 +58,7 @@ def timed(arguments, env):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--runs", default="nmi,all,paper",
-                      help="analysis configs to run (configs/<name>.py), comma-separated")
+                      help="analysis configs to run (configs/<name>.py[:variant]), comma-separated")
   parser.add_argument("--tests", default="",
                       help="test tiers to time: quick, full (comma-separated; default none)")
   parser.add_argument("--warm", action="store_true",
@@ -76,11 +76,12 @@ def main(argv=None):
       # test suite makes a fresh one per session anyway.
       env["CLMIM_COMPILATION_CACHE"] = os.path.join(scratch, "jax-cache")
     for name in filter(None, args.runs.split(",")):
-      workdir = os.path.join(scratch, name)
+      module, _, variant = name.partition(":")
+      config = f"configs/{module}.py" + (f":{variant}" if variant else "")
       seconds, peak, status, text = timed(
-          ["-m", "clmim.main", "--config", f"configs/{name}.py", "--workdir", workdir,
+          ["-m", "clmim.main", "--config", config, "--workdir", os.path.join(scratch, name),
            "--config.progress=False"], env)
-      report["runs"][name] = {"command": f"python -m clmim.main --config configs/{name}.py",
+      report["runs"][name] = {"command": f"python -m clmim.main --config {config}",
                               "wall_s": seconds, "peak_rss_mb": peak, "exit_status": status}
       print(f"{name}: {seconds} s, {peak} MB, status {status}", file=sys.stderr, flush=True)
       if status:

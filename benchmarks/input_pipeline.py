@@ -5,7 +5,9 @@ folder and to a TFDS array_record split (no TensorFlow needed), then times
 `EvalImages.load_batches` over them with 1 and 2 worker threads, for a ViT-B/16's 224 px bicubic
 preprocessing. No model runs: the model's rate is given (--model_images_per_s, measured
 separately, e.g. with benchmarks/analysis_overhead.py) and the JSON says which side bounds an
-analysis run. Prints one JSON object; the machine's load average is part of it.
+analysis run. It also times the header check every image-folder run does before streaming
+(`header_check`: microseconds per image, no decode). Prints one JSON object; the machine's load
+average is part of it.
 
   python benchmarks/input_pipeline.py [--num_images 96] [--workers 1,2] [--jpeg_size 500x375]
 """
@@ -92,6 +94,23 @@ def time_source(data_cfg, workers: int, repeats: int, batch: int) -> dict:
           "all_images_per_s": [round(r, 2) for r in rates], "route": images.description}
 
 
+def time_header_check(folder: str, workers: int, repeats: int) -> dict:
+  """Microseconds per image of the header check every image-folder run does before streaming
+  (`clmim.data.image_check.inspect_all`: PIL opens each file's header; no decode)."""
+  from clmim.data import image_check  # pylint: disable=import-outside-toplevel
+  paths = sorted(os.path.join(base, name) for base, _, names in os.walk(folder)
+                 for name in names)
+  image_check.inspect_all(paths, progress=False, num_workers=workers)  # warm-up: page cache
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    reports = image_check.inspect_all(paths, progress=False, num_workers=workers)
+    times.append(time.perf_counter() - start)
+  assert not any(r.problem for r in reports), [r for r in reports if r.problem][:3]
+  return {"us_per_image": round(1e6 * statistics.median(times) / len(paths), 1),
+          "images": len(paths), "workers": workers}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--num_images", type=int, default=96)
@@ -126,6 +145,9 @@ def main():
       for workers in (int(x) for x in args.workers.split(",")):
         cfg = ml_collections.ConfigDict(fields)
         results[f"{name}/workers={workers}"] = time_source(cfg, workers, args.repeats, args.batch)
+    header_check = {f"workers={workers}": time_header_check(
+        sources["image_folder"]["path"], workers, args.repeats)
+                    for workers in (int(x) for x in args.workers.split(","))}
   best = max(r["images_per_s"] for r in results.values())
   model = args.model_images_per_s
   print(json.dumps({
@@ -135,6 +157,7 @@ def main():
       "jpeg": {"size": list(size), "quality": 90, "count": args.num_images,
                "mean_kib": round(float(np.mean([len(j) for j in jpegs])) / 1024, 1)},
       "results": results,
+      "header_check": header_check,
       "model_images_per_s": model,
       "model_rate_source": "reused measurement of a ViT-B/16 analysis forward on this machine "
                            "(not re-run by this benchmark)",

@@ -1,4 +1,5 @@
-"""benchmarks/device_check.py, analysis_profile.py and scaling.py run on CPU (a mu/4 ViT at 32 px, two fake
+"""benchmarks/device_check.py, analysis_profile.py, scaling.py, input_pipeline.py and
+command_times.py run on CPU (a mu/4 ViT at 32 px, two fake
 devices) and report what their docstrings promise. No timing thresholds: the CPU is shared."""
 import json
 import math
@@ -145,3 +146,20 @@ def test_train_step_times_each_objective_after_warm_up():
   assert train_step.steady_rate(records, 2) == pytest.approx(2.0)
   with pytest.raises(ValueError, match="too few steps"):
     train_step.steady_rate(records[:2], 2)
+
+
+def test_input_pipeline_times_both_sources_and_the_header_check():
+  report = _run("input_pipeline.py", "--num_images", "8", "--repeats", "1", "--workers", "1",
+                "--jpeg_size", "64x48")
+  assert set(report["results"]) == {"image_folder/workers=1", "tfds_array_record/workers=1"}
+  assert all(r["images_per_s"] > 0 for r in report["results"].values())
+  check = report["header_check"]["workers=1"]
+  assert check["images"] == 8 and check["us_per_image"] > 0
+
+
+@pytest.mark.slow
+def test_command_times_runs_a_config_with_a_cold_cache():
+  report = _run("command_times.py", "--runs", "nmi:runlocal")
+  run = report["runs"]["nmi:runlocal"]
+  assert run["exit_status"] == 0 and run["wall_s"] > 0 and run["peak_rss_mb"] > 100
+  assert report["compilation_cache"].startswith("cold") and report["tests"] == {}
