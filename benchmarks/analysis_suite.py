@@ -54,7 +54,7 @@ def main():
       "seconds_per_model": {n: i["seconds"] for n, i in results["model_info"].items()},
       "compilations": results["compilations"], "compile_seconds": results["compile_seconds"],
       "peak_memory_mb": round(peak_kib / 1024),
-      "figures": results["figures"], "workdir": workdir,
+      "figures": results["figures"], "workdir": args.workdir or "a temporary folder",
       "backend": jax.default_backend(), "devices": jax.device_count(),
       "cpu_count": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__,
   }))

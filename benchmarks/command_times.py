@@ -24,20 +24,11 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine_info import cpu_name  # noqa: E402
+
 TIERS = {"quick": ["-m", "pytest", "-q", "-n", "2", "-m", "not slow", "tests"],
          "full": ["-m", "pytest", "-q", "-n", "2", "tests"]}
-
-
-def cpu_name():
-  """The CPU model from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
 
 
 def timed(arguments, env):

@@ -145,6 +145,9 @@ def main():
       for workers in (int(x) for x in args.workers.split(",")):
         cfg = ml_collections.ConfigDict(fields)
         results[f"{name}/workers={workers}"] = time_source(cfg, workers, args.repeats, args.batch)
+        # The JSON names no path of this machine (results get committed).
+        results[f"{name}/workers={workers}"]["route"] = results[f"{name}/workers={workers}"][
+            "route"].replace(root, "<temporary folder>")
     header_check = {f"workers={workers}": time_header_check(
         sources["image_folder"]["path"], workers, args.repeats)
                     for workers in (int(x) for x in args.workers.split(","))}

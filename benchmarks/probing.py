@@ -167,7 +167,7 @@ def run_job(args) -> dict:
       "ridge_solves": solve["calls"], "ridge_solve_seconds": round(solve["seconds"], 2),
       "peak_memory_mb": peak, "rss_before_job_mb": rss_before,
       "architectures": shapes, "classes": classes,
-      "chosen_ridge": ridge, "top1": curves, "workdir": workdir,
+      "chosen_ridge": ridge, "top1": curves, "workdir": args.workdir or "a temporary folder",
   }
 
 

@@ -6,7 +6,7 @@ timing and parity checks only (benchmarks/forward_vs_pytorch.py, moco_step_vs_py
 - The official notebooks' analysis functions (attention distance, NMI, Fourier latents) with
   their algorithmic shape and libraries, so that their timing is the official pipeline's.
 - Side-by-side timing: `time_interleaved` alternates the contenders, `paired_speedup`
-  compares two of them repeat by repeat, and `cpu_name`.
+  compares two of them repeat by repeat, and `cpu_name` (from machine_info.py).
 
 Never imported by clmim itself; torch and einops are test/benchmark dependencies.
 """
@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 
 import einops
@@ -21,6 +22,9 @@ import jax
 import numpy as np
 import torch
 from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling, also from tests/
+from machine_info import cpu_name  # noqa: E402  (re-exported: the benchmarks import it from here)
 
 # ------------------------------------------------------------------------------------------------
 # The PyTorch model (timm 0.5.4 VisionTransformer, as the official models/vit.py uses it)
@@ -372,15 +376,3 @@ def run_record(load_at_start, started):
           "cpu": cpu_name(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
           "load_average_at_start": load_at_start,
           "total_seconds": round(time.time() - started, 1)}
-
-
-def cpu_name():
-  """The CPU model from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()

@@ -41,3 +41,19 @@ config_lib.COMPILATION_CACHE = SESSION_CACHE
 os.environ["CLMIM_COMPILATION_CACHE"] = SESSION_CACHE
 main.enable_compilation_cache(SESSION_CACHE)
 
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+  """Any forward pass or training-state initialisation fails the test: a check under test must
+  come before the first of them (an error after an hour of compute loses the hour)."""
+  from clmim.analysis import runner  # pylint: disable=import-outside-toplevel
+  from clmim.train import trainer  # pylint: disable=import-outside-toplevel
+
+  def tripwire(*args, **kwargs):
+    raise AssertionError("compute started before the input was checked")
+  monkeypatch.setattr(runner.Analyzer, "run", tripwire)
+  monkeypatch.setattr(trainer, "initial_state", tripwire)

@@ -254,14 +254,6 @@ def inspected(monkeypatch):
   return opened
 
 
-@pytest.fixture
-def no_compute(monkeypatch):
-  """Any forward pass fails the test: the error must come before it."""
-  from clmim.analysis import runner
-
-  def tripwire(*args, **kwargs):
-    raise AssertionError("compute started before the images were checked")
-  monkeypatch.setattr(runner.Analyzer, "run", tripwire)
 
 
 def _two_classes(root, count=3, broken=()):

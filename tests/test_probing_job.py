@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clmim.analysis import runner
 from clmim.data.synthetic import ShapesTextures
 from clmim.errors import ClmimError
 from clmim.jobs import analyze
@@ -34,12 +33,6 @@ def _config(module=probing_config, **data):
   return config
 
 
-@pytest.fixture
-def no_compute(monkeypatch):
-  """Any forward pass fails the test: the error must come before it."""
-  def tripwire(*args, **kwargs):
-    raise AssertionError("compute started before the input was checked")
-  monkeypatch.setattr(runner.Analyzer, "run", tripwire)
 
 
 def test_procedural_probes_bias_and_robustness_in_one_run(tmp_path, capsys):
