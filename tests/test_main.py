@@ -1,4 +1,13 @@
-"""The command line, end to end: results.json, figures, summary, and one clear error per bad input."""
+"""The command line, end to end: results.json, figures, summary, and one clear error per bad input.
+
+The bad inputs that the jobs find (a corrupt checkpoint, an unknown model or analysis, an image
+folder without images or with an undecodable image) run in-process through `clmim.main.run`, what
+the command line calls after parsing its flags, with the compute replaced by a tripwire: a
+subprocess would add ~2 s of imports each and prove nothing more. The command line itself, its
+one `clmim: error:` line and exit status, is shown by a missing checkpoint (an error found by a
+job) and an unknown config field (one found while parsing the flags); Ctrl-C and a whole run go
+through it too.
+"""
 import json
 import os
 import subprocess
@@ -9,8 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clmim import main as clmim_main
+from clmim.errors import ClmimError
+from config_fields import set_fields
 from tiny_checkpoints import save_random_checkpoint
-from configs import pretrain_moco_v3, pretrain_simmim
+from configs import attention_distance, nmi, pretrain_moco_v3, pretrain_simmim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,20 +112,34 @@ def test_missing_checkpoint(checkpoints, tmp_path):
   _assert_clean_failure(result, tmp_path, missing, "does not exist")
 
 
-def test_corrupt_checkpoint(checkpoints, tmp_path):
+def _assert_refused(config, workdir, *fragments):
+  """What `_assert_clean_failure` checks of a command, in-process: `clmim.main.run` raises one
+  ClmimError (the command line prints it as its one `clmim: error:` line, exit status 1; any
+  other exception would be its traceback), on one line, and writes no results.json."""
+  with pytest.raises(ClmimError) as error:
+    clmim_main.run(config, str(workdir))
+  message = str(error.value)
+  assert "\n" not in message, message
+  for fragment in fragments:
+    assert fragment in message, message
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def _nmi(**fields):
+  """configs/nmi.py:runlocal with `--config.<field>=<value>` overrides."""
+  return set_fields(nmi.get_config("runlocal"), fields)
+
+
+def test_corrupt_checkpoint(checkpoints, tmp_path, no_compute):
   import shutil
   corrupt = tmp_path / "corrupt"
   shutil.copytree(checkpoints[1], corrupt)
   (corrupt / "encoder.npz").write_bytes(b"PK\x03\x04 truncated")
-  result = _cli("--config", "configs/nmi.py:runlocal", f"--config.models={corrupt}",
-                f"--workdir={tmp_path}")
-  _assert_clean_failure(result, tmp_path, str(corrupt / "encoder.npz"), "corrupt")
+  _assert_refused(_nmi(models=str(corrupt)), tmp_path, str(corrupt / "encoder.npz"), "corrupt")
 
 
-def test_unknown_model_name(tmp_path):
-  result = _cli("--config", "configs/nmi.py:runlocal", "--config.models=moco_v9",
-                f"--workdir={tmp_path}")
-  _assert_clean_failure(result, tmp_path, "Unknown model 'moco_v9'")
+def test_unknown_model_name(tmp_path, no_compute):
+  _assert_refused(_nmi(models="moco_v9"), tmp_path, "Unknown model 'moco_v9'")
 
 
 def test_ctrl_c_prints_one_line_and_leaves_no_results(tmp_path):
@@ -194,31 +220,28 @@ def test_unknown_config_field(tmp_path):
   _assert_clean_failure(result, tmp_path, "--config.data.num_imagez=3", "num_images")
 
 
-def test_unknown_analysis(checkpoints, tmp_path):
-  result = _cli("--config", "configs/nmi.py:runlocal", f"--config.models={checkpoints[0]}",
-                "--config.analyses=nmi,nmy", f"--workdir={tmp_path}")
-  _assert_clean_failure(result, tmp_path, "unknown analysis 'nmy'", "attention_distance", "fourier")
+def test_unknown_analysis(checkpoints, tmp_path, no_compute):
+  _assert_refused(_nmi(models=checkpoints[0], analyses="nmi,nmy"), tmp_path,
+                  "unknown analysis 'nmy'", "attention_distance", "fourier")
 
 
-def test_image_folder_without_images(checkpoints, tmp_path):
+def test_image_folder_without_images(checkpoints, tmp_path, no_compute):
   (tmp_path / "data" / "cat").mkdir(parents=True)
   (tmp_path / "data" / "cat" / "notes.txt").write_text("no images here")
-  result = _cli("--config", "configs/nmi.py:runlocal", f"--config.models={checkpoints[0]}",
-                "--config.data.source=image_folder", f"--config.data.path={tmp_path / 'data'}",
-                f"--workdir={tmp_path}")
-  _assert_clean_failure(result, tmp_path, str(tmp_path / "data"))
+  config = _nmi(models=checkpoints[0], **{"data.source": "image_folder",
+                                           "data.path": str(tmp_path / "data")})
+  _assert_refused(config, tmp_path, str(tmp_path / "data"))
 
 
-def test_undecodable_image(checkpoints, tmp_path):
+def test_undecodable_image(checkpoints, tmp_path, no_compute):
   folder = tmp_path / "data" / "dog"
   folder.mkdir(parents=True)
   for i in range(3):
     Image.fromarray(np.full((40, 50, 3), 40 * i, np.uint8)).save(folder / f"ok_{i}.png")
   (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
-  result = _cli("--config", "configs/nmi.py:runlocal", f"--config.models={checkpoints[0]}",
-                "--config.data.source=image_folder", f"--config.data.path={tmp_path / 'data'}",
-                f"--workdir={tmp_path}")
-  _assert_clean_failure(result, tmp_path, "broken.jpg")
+  config = _nmi(models=checkpoints[0], **{"data.source": "image_folder",
+                                           "data.path": str(tmp_path / "data")})
+  _assert_refused(config, tmp_path, "broken.jpg")
 
 
 def test_image_folder_runs(checkpoints, tmp_path):
@@ -229,11 +252,10 @@ def test_image_folder_runs(checkpoints, tmp_path):
       pixels = np.random.default_rng(i).integers(0, 255, (60, 45, 3), dtype=np.uint8)
       Image.fromarray(pixels).save(folder / f"{i}.jpg")
   workdir = tmp_path / "out"
-  result = _cli("--config", "configs/attention_distance.py:runlocal",
-                f"--config.models={checkpoints[1]}", "--config.data.source=image_folder",
-                f"--config.data.path={tmp_path / 'data'}", "--config.data.num_images=0",
-                f"--workdir={workdir}")
-  assert result.returncode == 0, result.stderr[-3000:]
+  config = set_fields(attention_distance.get_config("runlocal"), {
+      "models": checkpoints[1], "data.source": "image_folder",
+      "data.path": str(tmp_path / "data"), "data.num_images": 0, "progress": False})
+  clmim_main.run(config, str(workdir))
   results = json.load(open(workdir / "results.json"))
   assert results["num_images"] == 6
   assert "image folder" in results["model_info"][_manifest_name(checkpoints[1])]["data"]
