@@ -1,4 +1,6 @@
 """The ViT: parameter layout, sown states, position tables, variants."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,9 +127,14 @@ def test_mask_token_replaces_masked_patches():
   model = vit_lib.build_vit("mu/4", image_size=8, depth=1, use_mask_token=True,
                             position_embedding="none")
   images = jax.random.normal(jax.random.PRNGKey(1), (1, 8, 8, 3))
-  params = model.init(jax.random.PRNGKey(0), images)["params"]
+  # Random values drawn in numpy at the parameters' shapes, and one jitted forward: run op by
+  # op, the initialisers and the forward compile each operation at these shapes (~2 s).
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images))["params"]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
   mask = jnp.array([[True, False, False, True]])
-  _, state = model.apply({"params": params}, images, mask, mutable=["intermediates"])
+  _, state = jax.jit(lambda p, x, m: model.apply({"params": p}, x, m, mutable=["intermediates"]))(
+      params, images, mask)
   embedding = np.asarray(state["intermediates"]["embedding"][0])
   np.testing.assert_array_equal(embedding[0, 1], params["mask_token"][0, 0])
   np.testing.assert_array_equal(embedding[0, 4], params["mask_token"][0, 0])
@@ -152,6 +159,14 @@ def _float64_layer_norm(x, scale, bias, epsilon=1e-6):
   return centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + epsilon) * scale + bias
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _value_and_pullback(module, params, x, cotangent):
+  """module.apply's value and its pullback of `cotangent`, (grad params, grad x), as one jitted
+  program (as training runs it; op by op, each operation compiles on its own: ~1 s more)."""
+  out, pullback = jax.vjp(module.apply, params, x)
+  return out, pullback(cotangent)
+
+
 def test_layer_norm_value_and_gradient_match_float64_and_flax():
   import flax.linen as nn
   from clmim.models.layer_norm import LayerNorm
@@ -160,8 +175,7 @@ def test_layer_norm_value_and_gradient_match_float64_and_flax():
   params = {"params": {"scale": rng.standard_normal(16).astype(np.float32),
                        "bias": rng.standard_normal(16).astype(np.float32)}}
   cotangent = rng.standard_normal(x.shape).astype(np.float32)
-  out, pullback = jax.vjp(lambda p, x: LayerNorm(epsilon=1e-6).apply(p, x), params, x)
-  grad_params, grad_x = pullback(cotangent)
+  out, (grad_params, grad_x) = _value_and_pullback(LayerNorm(epsilon=1e-6), params, x, cotangent)
   scale, bias = (np.float64(params["params"][k]) for k in ("scale", "bias"))
   np.testing.assert_allclose(out, _float64_layer_norm(np.float64(x), scale, bias), atol=2e-6)
   # The gradient's known answer: central differences of the float64 function, entry by entry.
@@ -179,22 +193,24 @@ def test_layer_norm_value_and_gradient_match_float64_and_flax():
       numeric[index] = (loss(up) - loss(down)) / (2 * step)
     np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-4)
   # Same function and gradients as flax's LayerNorm (which it replaces), to float32 round-off.
-  flax_out, flax_pullback = jax.vjp(lambda p, x: nn.LayerNorm(epsilon=1e-6).apply(p, x), params, x)
+  flax_out, flax_grads = _value_and_pullback(nn.LayerNorm(epsilon=1e-6), params, x, cotangent)
   np.testing.assert_allclose(out, flax_out, atol=5e-6)
-  for ours, theirs in zip(jax.tree.leaves((grad_params, grad_x)),
-                          jax.tree.leaves(flax_pullback(cotangent))):
+  for ours, theirs in zip(jax.tree.leaves((grad_params, grad_x)), jax.tree.leaves(flax_grads)):
     np.testing.assert_allclose(ours, theirs, atol=5e-6)
 
 
 def test_layer_norm_in_bfloat16_normalises_in_float32_and_keeps_the_dtypes():
   from clmim.models.layer_norm import LayerNorm
-  x = (jax.random.normal(jax.random.PRNGKey(0), (4, 8)) * 100 + 1000).astype(jnp.bfloat16)
+  # Drawn in numpy and run jitted, as in training: op by op, each operation would compile on
+  # its own (~1 s).
+  x = jnp.asarray((np.random.default_rng(0).normal(size=(4, 8)) * 100 + 1000).astype(jnp.bfloat16))
   module = LayerNorm(dtype=jnp.bfloat16)
-  params = module.init(jax.random.PRNGKey(1), x)
-  out = module.apply(params, x)
+  params = jax.jit(module.init)(jax.random.PRNGKey(1), x)
+  out = jax.jit(module.apply)(params, x)
   assert out.dtype == jnp.bfloat16
   # A large common offset is removed in float32: the rows come out normalised.
   np.testing.assert_allclose(np.float32(out).mean(-1), 0, atol=2e-2)
   np.testing.assert_allclose(np.float32(out).std(-1), 1, atol=2e-2)
-  grads = jax.grad(lambda p, x: module.apply(p, x).astype(jnp.float32).sum(), (0, 1))(params, x)
+  grads = jax.jit(jax.grad(lambda p, x: module.apply(p, x).astype(jnp.float32).sum(), (0, 1)))(
+      params, x)
   assert grads[1].dtype == jnp.bfloat16 and grads[0]["params"]["scale"].dtype == jnp.float32
