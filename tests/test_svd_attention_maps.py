@@ -286,7 +286,7 @@ def test_runner_results_do_not_depend_on_batching(setup, reference, batch_size, 
 def test_runner_picks_the_chosen_images(setup, reference):
   forward, params, images = setup
   chosen = reference["attention_maps"]["images"]
-  zs, attns = forward(params, images[np.array(chosen)])
+  zs, attns = jax.jit(forward)(params, images[np.array(chosen)])  # op by op: ~1.5 s of compiles
   maps = np.asarray(reference["attention_maps"]["maps"])  # [image][query][block][head][g][g]
   assert maps.shape == (3, 2, 2, 4, 4, 4)
   for qi, (x, y) in enumerate(reference["attention_maps"]["queries"]):
