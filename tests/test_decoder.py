@@ -153,8 +153,9 @@ def test_decoder_params_and_states_match_torch(model, files, images, torch_state
   for i, (got, want) in enumerate(zip(list(zs) + list(dzs), ref_zs + ref_dzs)):
     err = float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
     assert err <= 1e-4, f"state {i}: relative error {err}"
-  latent = model.vit.apply({"params": model.params}, images)
-  pred = module.apply({"params": model.decoder["params"]}, latent)
+  # Jitted, as the analysis runs them (op by op, each operation compiles on its own: ~1.5 s).
+  latent = jax.jit(model.vit.apply)({"params": model.params}, images)
+  pred = jax.jit(module.apply)({"params": model.decoder["params"]}, latent)
   np.testing.assert_allclose(np.asarray(pred), ref_pred, atol=1e-4 * np.abs(ref_pred).max())
 
 
