@@ -17,6 +17,21 @@ from clmim.models.vit import build_vit
 FAST_TSNE = {"iterations": 250, "perplexity": 5.0}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_openmp_thread():
+  """scikit-learn's t-SNE on one OpenMP thread: its threads wait for each other by spinning, and
+  with the test workers sharing the cores that costs seconds per embedding (96 points: 0.6-3.4 s
+  on two threads, 0.08 s on one); the embedding is the same, bit for bit. scikit-learn loads its
+  OpenMP library on import: imported first, so that the limit reaches it."""
+  from threadpoolctl import threadpool_limits
+  try:
+    import sklearn.manifold  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    pass  # the t-SNE tests say what is missing
+  with threadpool_limits(1, user_api="openmp"):
+    yield
+
+
 def _ref_cka(x, y):
   """Linear CKA from the definition, float64 (Kornblith et al. 2019, eq. for linear kernels)."""
   x = x - x.mean(0)
@@ -97,7 +112,11 @@ def test_cka_options_stages_features_and_constant_stage():
 
 
 def _stream_sums(module, zs, batch_size, options, pad_to=None):
-  """partial_sums over a stream cut into batches (each padded to `pad_to`), added in float64."""
+  """partial_sums over a stream cut into batches (each padded to `pad_to`), added in float64.
+  One jitted step for the whole stream, as the runner has (op by op, the first batch of each
+  shape compiles every operation on its own: seconds)."""
+  step = jax.jit(lambda z, w, i: analysis_testing.partial_sums(module, z, None, w, index=i,
+                                                                options=options))
   total = None
   b = zs[0].shape[0]
   for start in range(0, b, batch_size):
@@ -107,8 +126,7 @@ def _stream_sums(module, zs, batch_size, options, pad_to=None):
     part = [np.concatenate([z[idx], np.full((pad,) + z.shape[1:], np.nan, np.float32)])
             for z in zs]
     weights = (index >= 0).astype(np.float32)
-    sums = analysis_testing.partial_sums(module, [jnp.asarray(z) for z in part], None, weights,
-                                         index=jnp.asarray(index), options=options)
+    sums = step([jnp.asarray(z) for z in part], weights, jnp.asarray(index))
     sums = {k: np.asarray(v, np.float64) for k, v in sums.items()}
     total = sums if total is None else {k: total[k] + sums[k] for k in total}
   return total
