@@ -100,7 +100,8 @@ def test_read_only_workdir(tmp_path, no_compute):
 
 @pytest.mark.parametrize("mode", ["pretrain", "export", "snapshots"])
 def test_analysis_config_in_a_training_mode(tmp_path, no_compute, mode):
-  _refused(_analysis(mode=mode), tmp_path / "out", f"config.mode={mode!r}", "analysis config")
+  _refused(_analysis(mode=mode), tmp_path / "out",
+           f"config.mode={mode!r} does not apply to an analysis config")
 
 
 def test_pretraining_config_in_analyze_mode(tmp_path, no_compute):
@@ -232,16 +233,15 @@ def _cli(*args):
                         capture_output=True, text=True, timeout=120)
 
 
-def test_command_line_prints_one_line_and_exits_1(tmp_path):
+def test_command_line_prints_one_line_and_exits_1():
+  """The format every refusal above has on the command line: `clmim.main` prints the ClmimError
+  that `run` raises as one line, exit status 1, no traceback (one command shows it; each more
+  would cost ~2 s of imports to show the same lines of clmim/main.py again)."""
   result = _cli("--config", "configs/all.py:runlocal", "--workdir", "/proc/clmim-x")
   assert result.returncode == 1
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(
       "clmim: error: --workdir /proc/clmim-x: cannot write there"), result.stderr
-  result = _cli("--config", "configs/nmi.py", "--config.mode=pretrain", f"--workdir={tmp_path}/o")
-  assert result.returncode == 1 and "Traceback" not in result.stderr
-  assert "config.mode='pretrain' does not apply to an analysis config" in result.stderr
-  assert not os.path.exists(tmp_path / "o")
 
 
 def test_help_and_print_config_exit_0():
