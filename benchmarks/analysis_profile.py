@@ -15,12 +15,15 @@ Each is compared with float64 numpy singular values of the same matrices: `max_r
 largest |s - s64| / max(s64) and `erank_rel_err` the largest relative error of the effective
 rank (the svd analysis' summary) over --svd_check matrices.
 
-  python benchmarks/analysis_profile.py [--variant B/16] [--size 224] [--batch 16]
+  python benchmarks/analysis_profile.py [--variant B/16] [--size 224] [--depth 0] [--batch 16]
       [--dtype float32] [--repeats 3] [--svd_check 4] [--skip tsne] [--only ...]
   # CPU smoke setting (tests/test_benchmarks.py):
-  JAX_PLATFORMS=cpu python benchmarks/analysis_profile.py --variant mu/4 --size 32 --batch 4
+  JAX_PLATFORMS=cpu python benchmarks/analysis_profile.py --variant mu/4 --size 32 --depth 2 \
+      --batch 4
 
-Prints one JSON object: model, image_size, dtype, device_batch, forward_s, analyses {name:
+--depth (0 = the variant's) gives the ViT fewer or more blocks (a quick smoke run with fewer).
+
+Prints one JSON object: model, image_size, depth, dtype, device_batch, forward_s, analyses {name:
 {step_s, extra_s, compile_s} or {error}}, slowest, svd {tokens: [batch, N, D], algorithms
 {name: {seconds, max_rel_err, erank_rel_err} or {error}}}, device, backend, jax, total_seconds.
 """
@@ -97,6 +100,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--variant", default="B/16")
   parser.add_argument("--size", type=int, default=224)
+  parser.add_argument("--depth", type=int, default=0, help="ViT blocks (0 = the variant's)")
   parser.add_argument("--batch", type=int, default=16, help="images per device per step")
   parser.add_argument("--dtype", default="float32", choices=vit_lib.DTYPES)
   parser.add_argument("--repeats", type=int, default=3)
@@ -106,7 +110,8 @@ def main():
   parser.add_argument("--only", default="", help="comma list: profile only these analyses")
   args = parser.parse_args()
 
-  model = vit_lib.build_vit(args.variant, image_size=args.size).clone(dtype=args.dtype)
+  model = vit_lib.build_vit(args.variant, image_size=args.size,
+                            depth=args.depth or None).clone(dtype=args.dtype)
   params = analysis_step.random_params(model)
   modules, excluded = analysis_step.select_analyses(
       model, f"ViT-{args.variant} (random init)", {s.strip() for s in args.skip.split(",")})
@@ -140,7 +145,8 @@ def main():
   tokens = np.asarray(zs[-1][:, 1:], np.float32)
   report = {
       "benchmark": "analysis_profile", "model": f"ViT-{args.variant}", "image_size": args.size,
-      "dtype": args.dtype, "device_batch": args.batch, "forward_s": round(forward_s or 0, 5),
+      "depth": model.depth, "dtype": args.dtype, "device_batch": args.batch,
+      "forward_s": round(forward_s or 0, 5),
       "analyses": analyses, "excluded": sorted(excluded),
       "slowest": max(timed, key=lambda k: timed[k]["extra_s"]) if timed else None,
       "svd": {"tokens": list(tokens.shape),

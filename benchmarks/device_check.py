@@ -30,14 +30,17 @@ cannot be interrupted, so a very slow first compile can overrun it.
 Needs jax, flax, numpy, Pillow, tqdm and matplotlib (which the analysis modules import); not
 ml_collections, tensorflow_datasets nor scikit-learn (without it `tsne` is refused anyway).
 
-  python benchmarks/device_check.py [--variant B/16] [--size 224] [--batch 0] [--repeats 5]
-      [--images 256] [--dtypes float32,bfloat16] [--budget_s 270]
+  python benchmarks/device_check.py [--variant B/16] [--size 224] [--depth 0] [--batch 0]
+      [--repeats 5] [--images 256] [--dtypes float32,bfloat16] [--budget_s 270]
   # the CPU smoke setting of tests/test_benchmarks.py (two fake devices):
   XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \
-    python benchmarks/device_check.py --variant mu/4 --size 32 --repeats 2 --images 32
+    python benchmarks/device_check.py --variant mu/4 --size 32 --depth 2 --repeats 2 --images 32
+
+--depth (0 = the variant's) gives the ViT fewer or more blocks; fewer make a quick smoke run
+(the compiles shrink with the depth), not a measurement of the variant.
 
 Prints one JSON object:
-  model, image_size, params_m: the ViT and its parameter count (millions).
+  model, image_size, depth, params_m: the ViT, its blocks and its parameter count (millions).
   analyses: the analyses in the step; excluded: {name: why it is not in the step}.
   batch: device_batch (images per device per step), global_batch (all devices), mode ("auto" or
     "given"), and for auto: search_dtype, search ([{device_batch, fits, compile_s,
@@ -192,6 +195,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--variant", default="B/16")
   parser.add_argument("--size", type=int, default=224, help="the model's image size (px)")
+  parser.add_argument("--depth", type=int, default=0, help="ViT blocks (0 = the variant's)")
   parser.add_argument("--batch", type=int, default=0,
                       help="images per device per step; 0 = auto (see the module doc)")
   parser.add_argument("--max_batch", type=int, default=0,
@@ -215,8 +219,8 @@ def main():
   dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
   if not dtypes or any(d not in vit_lib.DTYPES for d in dtypes) or len(set(dtypes)) < len(dtypes):
     parser.error(f"--dtypes: expected distinct names from {vit_lib.DTYPES}, got {args.dtypes!r}")
-  if args.images < 1 or args.repeats < 1 or args.batch < 0:
-    parser.error("--images and --repeats must be >= 1 and --batch >= 0")
+  if args.images < 1 or args.repeats < 1 or args.batch < 0 or args.depth < 0:
+    parser.error("--images and --repeats must be >= 1, --batch and --depth >= 0")
   if args.matmul_precision:
     jax.config.update("jax_default_matmul_precision", args.matmul_precision)
   budget = Budget(args.budget_s)
@@ -229,7 +233,7 @@ def main():
   parts["input_pipeline"] = time.perf_counter() - start
 
   start = time.perf_counter()
-  model = vit_lib.build_vit(args.variant, image_size=args.size)
+  model = vit_lib.build_vit(args.variant, image_size=args.size, depth=args.depth or None)
   params = random_params(model)
   modules, excluded = select_analyses(model, f"ViT-{args.variant} (random init)",
                                       {s.strip() for s in args.skip.split(",")})
@@ -270,6 +274,7 @@ def main():
 
   report = {
       "benchmark": "device_check", "model": f"ViT-{args.variant}", "image_size": args.size,
+      "depth": model.depth,
       "params_m": round(sum(x.size for x in jax.tree.leaves(params)) / 1e6, 2),
       "analyses": [m.NAME for m in modules], "excluded": excluded,
       "batch": {"device_batch": device_batch,

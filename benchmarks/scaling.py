@@ -12,14 +12,17 @@ large one would report the large one's peak. In its subprocess each N first runs
 only (rendering, preprocessing, transfer, steps, host accumulation; no compile), and the peak
 is the whole subprocess's (Python, JAX, the compiled step and the run).
 
-  python benchmarks/scaling.py [--variant Ti/16] [--size 224] [--images 512,2048,8192]
-      [--analyses attention_distance,nmi,fourier] [--batch 32] [--workers 0]
+  python benchmarks/scaling.py [--variant Ti/16] [--size 224] [--depth 0]
+      [--images 512,2048,8192] [--analyses attention_distance,nmi,fourier] [--batch 32]
+      [--workers 0]
   # the CPU smoke setting of tests/test_benchmarks.py (two fake devices):
   XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \
-    python benchmarks/scaling.py --variant mu/4 --size 32 --images 16,64,256 --batch 8
+    python benchmarks/scaling.py --variant mu/4 --size 32 --depth 2 --images 16,64,256 --batch 8
+
+--depth (0 = the variant's) gives the ViT fewer or more blocks (a quick smoke run with fewer).
 
 Prints one JSON object:
-  model, image_size, analyses, device_batch, global_batch, workers (loader threads).
+  model, image_size, depth, analyses, device_batch, global_batch, workers (loader threads).
   runs: per N, in the order given: images (N), num_images (the run's own count), seconds,
     images_per_s, seconds_per_image, compile_s (the warm-up batch that compiled the step, not
     in seconds), compilations (traces of the step: 1), peak_rss_mb (ru_maxrss of the
@@ -83,7 +86,7 @@ def run_child(args) -> dict:
   from clmim.models.vit import build_vit, forward_with_states
 
   n = args.child
-  model = build_vit(args.variant, image_size=args.size)
+  model = build_vit(args.variant, image_size=args.size, depth=args.depth or None)
   mesh = runner.make_mesh()
   params = jax.device_put(random_params(model),
                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -111,7 +114,7 @@ def run_child(args) -> dict:
       "rss_before_mb": None if rss_before is None else _mib(rss_before),
       "rss_after_mb": None if rss_after is None else _mib(rss_after),
       "device_batch": analyzer.device_batch_size, "global_batch": analyzer.global_batch_size,
-      "workers": workers, "backend": jax.default_backend(),
+      "workers": workers, "depth": model.depth, "backend": jax.default_backend(),
       "device": str(devices[0].device_kind), "device_count": len(devices),
       "jax": jax.__version__,
   }
@@ -133,6 +136,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--variant", default="Ti/16")
   parser.add_argument("--size", type=int, default=224)
+  parser.add_argument("--depth", type=int, default=0, help="ViT blocks (0 = the variant's)")
   parser.add_argument("--images", default="512,2048,8192", help="comma list of N")
   parser.add_argument("--analyses", default=DEFAULT_ANALYSES)
   parser.add_argument("--batch", type=int, default=32, help="images per device per step")
@@ -151,7 +155,8 @@ def main():
   runs = []
   for n in counts:
     command = [sys.executable, os.path.abspath(__file__), "--child", str(n),
-               "--variant", args.variant, "--size", str(args.size), "--analyses", args.analyses,
+               "--variant", args.variant, "--size", str(args.size), "--depth", str(args.depth),
+               "--analyses", args.analyses,
                "--batch", str(args.batch), "--workers", str(args.workers)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
@@ -163,12 +168,13 @@ def main():
   largest = max(runs, key=lambda r: r["images"])
   print(json.dumps({
       "benchmark": "scaling", "model": f"ViT-{args.variant}", "image_size": args.size,
+      "depth": first["depth"],
       "analyses": [a.strip() for a in args.analyses.split(",") if a.strip()],
       "device_batch": first["device_batch"], "global_batch": first["global_batch"],
       "workers": first["workers"],
       "runs": [{k: v for k, v in r.items()
-                if k not in ("device_batch", "global_batch", "workers", "backend", "device",
-                             "device_count", "jax")} for r in runs],
+                if k not in ("device_batch", "global_batch", "workers", "depth", "backend",
+                             "device", "device_count", "jax")} for r in runs],
       "fit": linear_fit([r["images"] for r in runs], [r["seconds"] for r in runs]),
       "peak_memory_ratio": round(largest["peak_rss_mb"] / smallest["peak_rss_mb"], 4),
       "backend": first["backend"], "device": first["device"],
