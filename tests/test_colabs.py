@@ -344,9 +344,11 @@ def test_notebook_code_runs_from_colabs_dir(name, tmp_path):
   path = tmp_path / "notebook.py"
   path.write_text(script)
   # No PYTHONPATH: clmim must come from the pip install, as in Colab. CLMIM_COLAB_SMALL selects
-  # the small analysis settings; one CPU device as on a Colab CPU runtime.
+  # the small analysis settings; one CPU device as on a Colab CPU runtime (LLVM at -O0 as in
+  # conftest: compiling the tiny models' steps is much of the run; what it shows is the same).
   env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-  env.update(CLMIM_COLAB_SMALL="1", MPLBACKEND="Agg", JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env.update(CLMIM_COLAB_SMALL="1", MPLBACKEND="Agg", JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_backend_optimization_level=0")
   before = set(os.listdir(COLABS))
   # Run as a kernel would: the working directory (colabs/) first on sys.path, not the script's.
   runner = f"import runpy; runpy.run_path({str(path)!r}, run_name='__main__')"
