@@ -39,6 +39,8 @@ def parse_args():
   parser.add_argument("--version", type=int, default=3,
                       help="procedural data version (3: the demo models' data)")
   parser.add_argument("--evaluations", type=int, default=6, help="held-out checks during training")
+  parser.add_argument("--held_out", type=int, default=1000,
+                      help="held-out (validation) images each check classifies")
   parser.add_argument("--workers", type=int, default=1, help="rendering processes")
   parser.add_argument("--out", default="", help="also write the JSON here")
   return parser.parse_args()
@@ -52,7 +54,8 @@ def main():
   encoder = build_encoder(config)
   size = config.data.image_size
   train = ShapesTextures(size, "train", config.data.num_train_images, version=args.version)
-  held_out = ShapesTextures(size, "validation", 1000, version=args.version).batch(range(1000))
+  held_out = ShapesTextures(size, "validation", args.held_out,
+                            version=args.version).batch(range(args.held_out))
   params = {"encoder": encoder.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"],
             "head": {"w": jnp.zeros((encoder.width, 4)), "b": jnp.zeros(4)}}
   warmup = min(300, args.steps // 10)
