@@ -1,5 +1,6 @@
 """Mixed precision (`dtype`, `config.dtype`) and the persistent compilation cache."""
 import collections
+import functools
 import json
 import os
 import subprocess
@@ -42,15 +43,17 @@ def _primitive_dtypes(fn, *args) -> collections.Counter:
 def test_bfloat16_runs_every_matmul_in_bfloat16_and_hands_analyses_float32(extra):
   model = build_vit("mu/4", image_size=32, depth=2, **extra)  # two blocks: every kind of layer
   images = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
-  params = model.init(jax.random.PRNGKey(0), images)["params"]
+  # Jit-compiled, as the analyses and the trainers run them (op by op is slower: every op
+  # compiles on its own).
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), images)["params"]
   half = model.clone(dtype="bfloat16")
   assert vit_fields(half) == vit_fields(model)  # how it computes, not what it is
   counts = _primitive_dtypes(lambda p, x: half.apply({"params": p}, x), params, images)
   assert counts and all(dtype == "bfloat16" for _, dtype in counts)
   assert all(dtype == "float32" for _, dtype in
              _primitive_dtypes(lambda p, x: model.apply({"params": p}, x), params, images))
-  zs, attns = forward_with_states(half, params, images)
-  zs32, attns32 = forward_with_states(model, params, images)
+  zs, attns = jax.jit(functools.partial(forward_with_states, half))(params, images)
+  zs32, attns32 = jax.jit(functools.partial(forward_with_states, model))(params, images)
   assert all(z.dtype == jnp.float32 for z in zs) and all(a.dtype == jnp.float32 for a in attns)
   # Attention rows are float32 softmax outputs: they sum to 1 to float32 round-off.
   np.testing.assert_allclose(np.asarray(attns[-1]).sum(-1), 1.0, atol=1e-5)
@@ -129,14 +132,24 @@ def test_the_compilation_cache_serves_a_second_run(tmp_path):
 def test_clmim_compilation_cache_replaces_the_default_folder(tmp_path):
   """$CLMIM_COMPILATION_CACHE is every config's default cache folder (the tests point their
   commands at a session folder with it); without it the default is ~/.cache/clmim/jax."""
-  script = ("from configs import nmi, pretrain_simmim; "
-            "print(nmi.get_config().compilation_cache, "
-            "pretrain_simmim.get_config('runlocal').compilation_cache)")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  def defaults(**env):
-    environment = {k: v for k, v in os.environ.items() if k != "CLMIM_COMPILATION_CACHE"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True,
-                          text=True, check=True, env={**environment, **env})
-    return done.stdout.split()
-  assert defaults(CLMIM_COMPILATION_CACHE=str(tmp_path)) == [str(tmp_path)] * 2
-  assert defaults() == ["~/.cache/clmim/jax"] * 2
+  # One fresh interpreter for both cases (an interpreter costs ~2 s): imported with the variable
+  # set, then config_lib imported again (reload) with it unset.
+  script = textwrap.dedent("""
+      import importlib, os
+      from clmim import config_lib
+      from configs import nmi, pretrain_simmim
+      def defaults():
+        print(nmi.get_config().compilation_cache,
+              pretrain_simmim.get_config("runlocal").compilation_cache)
+      defaults()
+      del os.environ["CLMIM_COMPILATION_CACHE"]
+      importlib.reload(config_lib)
+      defaults()
+  """)
+  environment = {k: v for k, v in os.environ.items() if k != "CLMIM_COMPILATION_CACHE"}
+  done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                        text=True, check=True,
+                        env={**environment, "CLMIM_COMPILATION_CACHE": str(tmp_path)})
+  with_variable, without = (line.split() for line in done.stdout.splitlines())
+  assert with_variable == [str(tmp_path)] * 2
+  assert without == ["~/.cache/clmim/jax"] * 2
