@@ -15,7 +15,10 @@ give the same numbers, and reports both. Each timed call alternates between the 
 background load drifts hit both alike. Prints one JSON object.
 
   python benchmarks/forward_vs_pytorch.py [--batch 16] [--size 224] [--variant B/16]
-      [--repeats 5] [--threads N]
+      [--depth 0] [--repeats 5] [--threads N]
+
+`--depth` (0 = the variant's) gives the ViT fewer or more blocks (tests/test_forward_vs_pytorch.py
+runs two, a quick check that the two sides agree; not a timing of the variant).
 
 `--threads N` pins the process to N cores before jax and torch start their thread pools (when
 run as a script) and sets torch.set_num_threads(N); the default is every core this process may
@@ -109,6 +112,7 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--size", type=int, default=224)
   parser.add_argument("--variant", default="B/16")
+  parser.add_argument("--depth", type=int, default=0, help="ViT blocks (0 = the variant's)")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--threads", type=int, default=None,
                       help="torch threads and (as a script) cores used; default: every core")
@@ -121,7 +125,7 @@ def main(argv=None):
   torch.set_num_threads(threads)
 
   # Same model, same weights, same images on both sides.
-  model = build_vit(args.variant, image_size=args.size)
+  model = build_vit(args.variant, image_size=args.size, depth=args.depth or None)
   rng = np.random.default_rng(0)
   images = rng.standard_normal((args.batch, args.size, args.size, 3), dtype=np.float32)
   images_jax = jnp.asarray(images)
@@ -194,6 +198,7 @@ def main(argv=None):
   clmim_pipe, official_pipe = pipelines["clmim"][0], pipelines["official"][0]
   result = {
       "benchmark": "forward_vs_pytorch", "model": f"ViT-{args.variant} (timm blocks)",
+      "depth": model.depth,
       "batch": args.batch, "image_size": args.size, "dtype": "float32", "repeats": args.repeats,
       "threads": threads, "torch_threads": torch.get_num_threads(),
       # Busy cores make the timings meaningless (OpenMP barriers stall on oversubscription).

@@ -71,12 +71,15 @@ def one_torch_thread():
 @pytest.mark.slow
 def test_main_path_reports_agreeing_forwards_and_pipelines():
   # A subprocess, as users run it: it pins its cores and sets torch's threads for itself only.
+  # Two blocks: what is checked (agreeing forwards and pipelines) holds for any depth, and the
+  # compiles shrink with it.
   result = subprocess.run(
-      [sys.executable, SCRIPT, "--variant", "mu/4", "--size", "32", "--batch", "4",
-       "--repeats", "1", "--threads", "1"],
+      [sys.executable, SCRIPT, "--variant", "mu/4", "--size", "32", "--depth", "2", "--batch",
+       "4", "--repeats", "1", "--threads", "1"],
       capture_output=True, text=True, timeout=240, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["depth"] == 2
   for key in ("clmim_forward_s", "torch_forward_s", "forward_speedup",
               "clmim_pipeline_images_per_s", "official_pipeline_images_per_s",
               "pipeline_speedup", "max_abs_diff", "official_parts_s", "clmim_forward_gflops",
