@@ -16,6 +16,7 @@ Prints JSON: per model and feature, the share of images whose object composite i
 mean cosines, and the retrieval shares. Untrained copies (`random:<name>`) are the baseline.
 """
 import argparse
+import functools
 import json
 import os
 import sys
@@ -33,13 +34,20 @@ from clmim.data.synthetic import ShapesTextures  # noqa: E402
 from clmim.models.vit import forward_with_states  # noqa: E402
 
 
+@functools.lru_cache(maxsize=None)
+def _last_state(vit):
+  """The jit-compiled last-block state of `vit`: one per architecture, so that every call of
+  `features` with it (each model, each image set) reuses one trace and compile."""
+  return jax.jit(lambda p, x: forward_with_states(vit, p, x)[0][-1])
+
+
 def features(model, images, batch=128):
   """{"cls", "mean_tokens"}: [n, D] normalised last-block features."""
   mean = np.asarray(preprocess.resolve_stats(model.preprocessing.get("mean", "half"), "mean",
                                              "model"), np.float32)
   std = np.asarray(preprocess.resolve_stats(model.preprocessing.get("std", "half"), "std",
                                             "model"), np.float32)
-  run = jax.jit(lambda p, x: forward_with_states(model.vit, p, x)[0][-1])
+  run = _last_state(model.vit)
   out = {"cls": [], "mean_tokens": []}
   for start in range(0, len(images), batch):
     z = run(model.params, (images[start:start + batch] - mean) / std)
