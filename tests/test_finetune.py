@@ -74,7 +74,8 @@ def test_the_optimizer_scales_each_layers_update():
   # finetune.head_init_std: MAE's tiny initial head (truncated normal, std 2e-5).
   assert 1e-5 < float(np.std(params["head"]["linear"]["kernel"])) < 3e-5
   grads = jax.tree.map(jnp.ones_like, params)
-  updates, _ = tx.update(grads, tx.init(params), params)  # Adam's first step: -lr * sign(g)
+  # Adam's first step: -lr * sign(g). Jitted: op by op, the update costs seconds of compilation.
+  updates = jax.jit(lambda p, g: tx.update(g, tx.init(p), p)[0])(params, grads)
   head = float(updates["head"]["linear"]["kernel"].ravel()[0])
   block0 = float(updates["encoder"]["block_0"]["mlp"]["fc1"]["kernel"].ravel()[0])
   embed = float(updates["encoder"]["patch_embed"]["kernel"].ravel()[0])
@@ -132,9 +133,10 @@ def test_held_out_accuracy_does_not_depend_on_batch_padding():
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     evaluate = objective.evaluator(sharded, replicated, (0, batch_size))
     results.append(evaluate(state["params"], state["state"]))
-    # The same numbers by hand, on one device, image by image.
+    # The same numbers by hand, on one device, without batches or padding (jitted: op by op,
+    # the forward pass costs seconds of per-op compilation).
     images, labels = train_data.held_out(config.data, config.finetune)
-    logits = objective.logits(state["params"], (images(range(20)) - 0.5) / 0.5)
+    logits = jax.jit(objective.logits)(state["params"], (images(range(20)) - 0.5) / 0.5)
     np.testing.assert_allclose(results[-1]["eval_top1"],
                                np.mean(np.argmax(logits, -1) == labels), atol=1e-6)
     np.testing.assert_allclose(

@@ -73,7 +73,8 @@ def _config(checkpoint, folder):
 def test_one_vs_eight_devices_on_planned_shards(folder):
   model = build_vit("mu/4", image_size=16, depth=2, block_style="beit",
                     position_embedding="none", rel_pos_bias="shared", layer_scale_init=0.1)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  # Jitted: op by op, the initialisers cost seconds of per-op compilation.
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
   params = jax.tree.map(lambda x: x * 3.0 if x.ndim == 2 else x, params)
   config = _config("", folder)
   images = EvalImages(config.data, {"image_size": 16, "interpolation": "bilinear"})

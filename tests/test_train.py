@@ -124,7 +124,10 @@ def test_unknown_objective_is_a_clear_error():
 
 @pytest.mark.slow
 def test_init_encoder_starts_a_fresh_run_from_an_export(tmp_path):
+  # Every run here logs every step (config.log_every is no part of the compiled step: all of
+  # them run runlocal's one step program, from the session's compilation cache).
   first = pretrain_simmim.get_config("runlocal")
+  first.log_every = 1
   trainer.train(first, str(tmp_path / "first"))
   exported = registry.resolve(str(tmp_path / "first" / "export"))
   config = pretrain_simmim.get_config("runlocal")
@@ -133,12 +136,14 @@ def test_init_encoder_starts_a_fresh_run_from_an_export(tmp_path):
   encoder = trainer.initial_encoder(config, objective)
   kernel = lambda tree: np.asarray(tree["block_1"]["mlp"]["fc1"]["kernel"])
   np.testing.assert_array_equal(kernel(encoder), kernel(exported.params))
-  # A fresh run from the export trains on from its weights: its first loss is below a new run's.
-  config.total_steps = config.log_every = 1
-  fresh = pretrain_simmim.get_config("runlocal")
-  fresh.total_steps = fresh.log_every = 1
-  assert trainer.train(config, str(tmp_path / "again"))["loss"] < \
-      trainer.train(fresh, str(tmp_path / "fresh"))["loss"]
+  # A fresh run from the export trains on from its weights: its first loss is below a new
+  # run's. (The first step's loss is computed on the initial weights, with the same images and
+  # masks in both runs; "first" is such a new run.)
+  config.log_every = 1
+  trainer.train(config, str(tmp_path / "again"))
+  first_loss = lambda run: trainer.read_metrics(str(tmp_path / run))[0]
+  assert first_loss("again")["step"] == first_loss("first")["step"] == 1
+  assert first_loss("again")["loss"] < first_loss("first")["loss"]
   # Another architecture is refused before any step, naming the field and a parameter.
   deeper = pretrain_simmim.get_config("runlocal")
   deeper.model.depth = 3
@@ -169,19 +174,26 @@ def test_weight_decay_and_freezing_follow_the_path_patterns(name):
   import importlib
   config = importlib.import_module(f"configs.{name}").get_config("runlocal")
   objective = trainer.load_objective(config)
-  params, _ = objective.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)))
+  # Jitted, as trainer.initial_state does (op by op, the initialisers and the optimizer's
+  # update cost seconds of per-op compilation); the same init program, so the session's
+  # compilation cache serves it.
+  params, _ = jax.jit(objective.init)(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)))
   flat = {trainer._path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
   def step(cfg):
     """Each parameter's update after one step from 0 with gradient 0: weight decay only."""
     tx, _ = trainer.make_optimizer(cfg, params, objective)
-    ones = jax.tree.map(jnp.ones_like, params)
-    zero_grads = jax.tree.map(jnp.zeros_like, params)
-    state = tx.init(ones)
-    for _ in range(2):  # warm-up: step 0 has lr 0
-      updates, state = tx.update(zero_grads, state, ones)
-    return {trainer._path_str(p): float(jnp.abs(u).max())
-            for p, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
+
+    @jax.jit
+    def two_steps(params):
+      ones = jax.tree.map(jnp.ones_like, params)
+      zero_grads = jax.tree.map(jnp.zeros_like, params)
+      state = tx.init(ones)
+      for _ in range(2):  # warm-up: step 0 has lr 0
+        updates, state = tx.update(zero_grads, state, ones)
+      return jax.tree.map(lambda u: jnp.abs(u).max(), updates)
+    return {trainer._path_str(p): float(u)
+            for p, u in jax.tree_util.tree_flatten_with_path(two_steps(params))[0]}
 
   decayed = step(config)
   for path, x in flat.items():  # the default pattern is the former name list, exactly
@@ -211,22 +223,17 @@ def test_bad_path_patterns_are_one_line():
 def test_a_diverged_run_stops_naming_the_first_bad_step_and_saves_nothing_after(tmp_path,
                                                                                monkeypatch):
   """The loss turns NaN from step 4 on (1-based); log every 2, checkpoint every 3: the run stops
-  at step 4 with one line naming step 4, keeps only the step-3 checkpoint and exports nothing."""
+  at step 4 with one line naming step 4, keeps only the step-3 checkpoint and exports nothing.
+  (NaN images from step 4 on make the loss NaN: runlocal's own compiled step, from the
+  session's compilation cache, diverges.)"""
   config = pretrain_simmim.get_config("runlocal")
-  load = trainer.load_objective
+  stream = trainer.training_stream
 
-  def poisoned(cfg):
-    objective = load(cfg)
-    clean = objective.loss
+  def poisoned(dataset, batch_size, start_step, **kwargs):
+    for step, batch in enumerate(stream(dataset, batch_size, start_step, **kwargs), start_step):
+      yield {**batch, "image": np.full_like(batch["image"], np.nan)} if step >= 3 else batch
 
-    def loss(params, state, images, rng, step):
-      value, (state, metrics) = clean(params, state, images, rng, step)
-      value = jnp.where(step >= 3, jnp.nan, value)
-      return value, (state, {**metrics, "loss": value})
-    objective.loss = loss
-    return objective
-
-  monkeypatch.setattr(trainer, "load_objective", poisoned)
+  monkeypatch.setattr(trainer, "training_stream", poisoned)
   with pytest.raises(ClmimError, match=r"not finite at step 4;.*latest checkpoint: 3\)") as error:
     trainer.train(config, str(tmp_path))
   assert "\n" not in str(error.value)
