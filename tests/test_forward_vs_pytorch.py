@@ -173,6 +173,7 @@ def test_moco_step_benchmark_compares_the_same_network_and_loss():
                                                         rel=1e-5)
 
 
+@pytest.mark.slow
 def test_vit_matmuls_benchmark_times_the_same_products_and_splits_the_gap():
   """benchmarks/vit_matmuls_vs_pytorch.py: every product and the attention core agree between
   the libraries before they are timed, the two models compute the same loss and gradients, and

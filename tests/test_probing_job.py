@@ -35,6 +35,7 @@ def _config(module=probing_config, **data):
 
 
 
+@pytest.mark.slow
 def test_procedural_probes_bias_and_robustness_in_one_run(tmp_path, capsys):
   config = _config()
   config.batch_size = 64
