@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from clmim import main as clmim_main
-from clmim.errors import ClmimError
 from config_fields import set_fields
+from refusals import refused
 from tiny_checkpoints import save_random_checkpoint
 from configs import attention_distance, nmi, pretrain_moco_v3, pretrain_simmim
 
@@ -112,19 +112,6 @@ def test_missing_checkpoint(checkpoints, tmp_path):
   _assert_clean_failure(result, tmp_path, missing, "does not exist")
 
 
-def _assert_refused(config, workdir, *fragments):
-  """What `_assert_clean_failure` checks of a command, in-process: `clmim.main.run` raises one
-  ClmimError (the command line prints it as its one `clmim: error:` line, exit status 1; any
-  other exception would be its traceback), on one line, and writes no results.json."""
-  with pytest.raises(ClmimError) as error:
-    clmim_main.run(config, str(workdir))
-  message = str(error.value)
-  assert "\n" not in message, message
-  for fragment in fragments:
-    assert fragment in message, message
-  assert not os.path.exists(os.path.join(workdir, "results.json"))
-
-
 def _nmi(**fields):
   """configs/nmi.py:runlocal with `--config.<field>=<value>` overrides."""
   return set_fields(nmi.get_config("runlocal"), fields)
@@ -135,11 +122,12 @@ def test_corrupt_checkpoint(checkpoints, tmp_path, no_compute):
   corrupt = tmp_path / "corrupt"
   shutil.copytree(checkpoints[1], corrupt)
   (corrupt / "encoder.npz").write_bytes(b"PK\x03\x04 truncated")
-  _assert_refused(_nmi(models=str(corrupt)), tmp_path, str(corrupt / "encoder.npz"), "corrupt")
+  refused(_nmi(models=str(corrupt)), tmp_path, str(corrupt / "encoder.npz"), "corrupt",
+          root=str(tmp_path))
 
 
 def test_unknown_model_name(tmp_path, no_compute):
-  _assert_refused(_nmi(models="moco_v9"), tmp_path, "Unknown model 'moco_v9'")
+  refused(_nmi(models="moco_v9"), tmp_path, "Unknown model 'moco_v9'", root=str(tmp_path))
 
 
 def test_ctrl_c_prints_one_line_and_leaves_no_results(tmp_path):
@@ -221,8 +209,8 @@ def test_unknown_config_field(tmp_path):
 
 
 def test_unknown_analysis(checkpoints, tmp_path, no_compute):
-  _assert_refused(_nmi(models=checkpoints[0], analyses="nmi,nmy"), tmp_path,
-                  "unknown analysis 'nmy'", "attention_distance", "fourier")
+  refused(_nmi(models=checkpoints[0], analyses="nmi,nmy"), tmp_path,
+          "unknown analysis 'nmy'", "attention_distance", "fourier", root=str(tmp_path))
 
 
 def test_image_folder_without_images(checkpoints, tmp_path, no_compute):
@@ -230,7 +218,7 @@ def test_image_folder_without_images(checkpoints, tmp_path, no_compute):
   (tmp_path / "data" / "cat" / "notes.txt").write_text("no images here")
   config = _nmi(models=checkpoints[0], **{"data.source": "image_folder",
                                            "data.path": str(tmp_path / "data")})
-  _assert_refused(config, tmp_path, str(tmp_path / "data"))
+  refused(config, tmp_path, str(tmp_path / "data"), root=str(tmp_path))
 
 
 def test_undecodable_image(checkpoints, tmp_path, no_compute):
@@ -241,7 +229,7 @@ def test_undecodable_image(checkpoints, tmp_path, no_compute):
   (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
   config = _nmi(models=checkpoints[0], **{"data.source": "image_folder",
                                            "data.path": str(tmp_path / "data")})
-  _assert_refused(config, tmp_path, "broken.jpg")
+  refused(config, tmp_path, "broken.jpg", root=str(tmp_path))
 
 
 def test_image_folder_runs(checkpoints, tmp_path):

@@ -16,32 +16,13 @@ import pytest
 
 from clmim import main as clmim_main
 from clmim import preflight
-from clmim.errors import ClmimError
 from config_fields import set_fields
+from refusals import listing, refused
 from configs import nmi, pretrain_moco_v3, pretrain_simmim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-
-
-def _listing(root):
-  return sorted(os.path.relpath(os.path.join(d, f), root)
-                for d, dirs, files in os.walk(root) for f in files + dirs)
-
-
-def _refused(config, workdir, *fragments, root=None):
-  """Runs config, expects one ClmimError containing `fragments`, and nothing new on disk."""
-  root = root or os.path.dirname(str(workdir))
-  before = _listing(root)
-  with pytest.raises(ClmimError) as error:
-    clmim_main.run(config, str(workdir))
-  message = str(error.value)
-  assert "\n" not in message, message
-  for fragment in fragments:
-    assert fragment in message, message
-  assert _listing(root) == before
-  return message
 
 
 def _analysis(**fields):
@@ -51,39 +32,39 @@ def _analysis(**fields):
 @pytest.mark.parametrize("value", [0, -4, 3])
 def test_analysis_batch_size_must_split_over_the_devices(tmp_path, no_compute, value):
   assert jax.device_count() == 8
-  _refused(_analysis(batch_size=value), tmp_path / "out", f"config.batch_size={value}")
+  refused(_analysis(batch_size=value), tmp_path / "out", f"config.batch_size={value}")
 
 
-def test_negative_counts_are_refused(tmp_path, no_compute):
-  _refused(_analysis(**{"data.num_images": -1}), tmp_path / "out", "config.data.num_images=-1",
+def test_negative_counts_arerefused(tmp_path, no_compute):
+  refused(_analysis(**{"data.num_images": -1}), tmp_path / "out", "config.data.num_images=-1",
            ">= 0")
-  _refused(_analysis(**{"data.max_batches": -2}), tmp_path / "out", "config.data.max_batches")
+  refused(_analysis(**{"data.max_batches": -2}), tmp_path / "out", "config.data.max_batches")
 
 
-def test_unknown_data_version_and_render_workers_are_refused(tmp_path, no_compute):
-  _refused(_analysis(**{"data.version": 4}), tmp_path / "out", "config.data.version=4",
+def test_unknown_data_version_and_render_workers_arerefused(tmp_path, no_compute):
+  refused(_analysis(**{"data.version": 4}), tmp_path / "out", "config.data.version=4",
            "1: the four shapes")
   config = pretrain_moco_v3.get_config("runlocal")
   config.data.version = 0
-  _refused(config, tmp_path / "run", "config.data.version=0")
+  refused(config, tmp_path / "run", "config.data.version=0")
   config.data.version = 2
   config.data.render_workers = 0
-  _refused(config, tmp_path / "run", "config.data.render_workers=0", ">= 1")
+  refused(config, tmp_path / "run", "config.data.render_workers=0", ">= 1")
   config = pretrain_moco_v3.get_config("runlocal")
   config.augment.second_view = "redraw:background+colour"
-  _refused(config, tmp_path / "run", "config.augment.second_view='redraw:background+colour'",
+  refused(config, tmp_path / "run", "config.augment.second_view='redraw:background+colour'",
            "redraw:background+colours")
   config = pretrain_moco_v3.get_config("runlocal")
   config.augment.second_view_ramp = (100, -1)
-  _refused(config, tmp_path / "run", "config.augment.second_view_ramp=(100, -1)", "two steps")
+  refused(config, tmp_path / "run", "config.augment.second_view_ramp=(100, -1)", "two steps")
 
 
 def test_workdir_that_is_a_file_or_unwritable(tmp_path, no_compute):
   blocker = tmp_path / "file"
   blocker.write_text("x")
-  _refused(_analysis(), blocker, "is a file")
-  _refused(_analysis(), blocker / "sub", "is a file")
-  _refused(_analysis(), "/proc/clmim-out", "/proc/clmim-out", "cannot write", root=str(tmp_path))
+  refused(_analysis(), blocker, "is a file")
+  refused(_analysis(), blocker / "sub", "is a file")
+  refused(_analysis(), "/proc/clmim-out", "/proc/clmim-out", "cannot write", root=str(tmp_path))
 
 
 def test_read_only_workdir(tmp_path, no_compute):
@@ -93,27 +74,27 @@ def test_read_only_workdir(tmp_path, no_compute):
   try:
     if os.access(locked, os.W_OK) and os.geteuid() == 0:
       pytest.skip("root writes into read-only folders; /proc covers unwritable workdirs")
-    _refused(_analysis(), locked / "out", "cannot write")
+    refused(_analysis(), locked / "out", "cannot write")
   finally:
     locked.chmod(stat.S_IRWXU)
 
 
 @pytest.mark.parametrize("mode", ["pretrain", "export", "snapshots"])
 def test_analysis_config_in_a_training_mode(tmp_path, no_compute, mode):
-  _refused(_analysis(mode=mode), tmp_path / "out",
+  refused(_analysis(mode=mode), tmp_path / "out",
            f"config.mode={mode!r} does not apply to an analysis config")
 
 
 def test_pretraining_config_in_analyze_mode(tmp_path, no_compute):
   config = pretrain_moco_v3.get_config("runlocal")
   config.mode = "analyze"
-  _refused(config, tmp_path / "out", "config.mode='analyze'", "pretraining config")
+  refused(config, tmp_path / "out", "config.mode='analyze'", "pretraining config")
 
 
 def test_unknown_family_and_missing_heads(tmp_path, no_compute):
-  _refused(_analysis(models="mea:/x.pth"), tmp_path / "out", "unknown family 'mea'", "moco_v3",
+  refused(_analysis(models="mea:/x.pth"), tmp_path / "out", "unknown family 'mea'", "moco_v3",
            "did you mean 'mae'?")
-  _refused(_analysis(models="moco_v3_demo?heads=3"), tmp_path / "out", "unknown option 'heads'")
+  refused(_analysis(models="moco_v3_demo?heads=3"), tmp_path / "out", "unknown option 'heads'")
 
 
 @pytest.mark.parametrize("typo, meant", [("moco_v3_dmo", "moco_v3_demo"),
@@ -121,30 +102,30 @@ def test_unknown_family_and_missing_heads(tmp_path, no_compute):
                                          ("moco_v3_vitb", "moco_v3_vitb16"),
                                          ("random:simim_demo", "simmim_demo")])
 def test_model_name_typos_suggest_the_closest_name(tmp_path, no_compute, typo, meant):
-  _refused(_analysis(models=typo), tmp_path / "out", f"Unknown model {typo.split(':')[-1]!r}",
+  refused(_analysis(models=typo), tmp_path / "out", f"Unknown model {typo.split(':')[-1]!r}",
            f"(did you mean {meant!r}?)")
 
 
 @pytest.mark.parametrize("variant", ["B16", "b/16", "vit_b16"])
 def test_a_misspelt_variant_is_named_as_a_variant(tmp_path, no_compute, variant):
-  message = _refused(_analysis(models=f"random:{variant}"), tmp_path / "out",
+  message = refused(_analysis(models=f"random:{variant}"), tmp_path / "out",
                      f"unknown ViT variant {variant!r}", "(did you mean 'B/16'?)",
                      "mu, Ti, S, M, B, L, H")
   assert "Unknown model" not in message
 
 
-def test_workdir_of_another_run_kind_is_refused(tmp_path, no_compute):
+def test_workdir_of_another_run_kind_isrefused(tmp_path, no_compute):
   analysis_dir, training_dir = tmp_path / "analysis", tmp_path / "training"
   analysis_dir.mkdir()
   (analysis_dir / "results.json").write_text("{}")
   training = pretrain_moco_v3.get_config("runlocal")
-  _refused(training, analysis_dir, "holds an analysis run (results.json)",
+  refused(training, analysis_dir, "holds an analysis run (results.json)",
            f"{analysis_dir}/pretrain")
   training_dir.mkdir()
   (training_dir / preflight.CONFIG_RECORD).write_text(json.dumps(training.to_dict()))
-  _refused(_analysis(), training_dir, "holds a training run (config.json)",
+  refused(_analysis(), training_dir, "holds a training run (config.json)",
            f"{training_dir}/analysis")
-  _refused(_analysis(overwrite=True), training_dir, "holds a training run")
+  refused(_analysis(overwrite=True), training_dir, "holds a training run")
 
 
 def test_workdir_holding_both_run_kinds_is_used_with_a_warning(tmp_path, capsys):
@@ -163,18 +144,18 @@ def test_workdir_holding_both_run_kinds_is_used_with_a_warning(tmp_path, capsys)
 def test_pretraining_batch_size_zero_leaves_no_checkpoints(tmp_path, no_compute):
   config = pretrain_simmim.get_config("runlocal")
   config.batch_size = 0
-  _refused(config, tmp_path / "run", "config.batch_size=0")
+  refused(config, tmp_path / "run", "config.batch_size=0")
   config.batch_size = 12  # not a multiple of 8 devices
-  _refused(config, tmp_path / "run", "config.batch_size=12", "multiple of the 8 devices")
+  refused(config, tmp_path / "run", "config.batch_size=12", "multiple of the 8 devices")
 
 
 @pytest.mark.parametrize("mode", ["export", "snapshots"])
 def test_export_and_snapshots_without_checkpoints_create_nothing(tmp_path, no_compute, mode):
   config = pretrain_moco_v3.get_config("runlocal")
   config.mode = mode
-  _refused(config, tmp_path / "missing", "no such folder")
+  refused(config, tmp_path / "missing", "no such folder")
   (tmp_path / "empty").mkdir()
-  _refused(config, tmp_path / "empty", "no checkpoints")
+  refused(config, tmp_path / "empty", "no checkpoints")
 
 
 def test_resuming_with_another_objective_names_the_fields(tmp_path, no_compute):
@@ -182,7 +163,7 @@ def test_resuming_with_another_objective_names_the_fields(tmp_path, no_compute):
   workdir.mkdir()
   saved = pretrain_moco_v3.get_config("runlocal").to_dict()
   (workdir / preflight.CONFIG_RECORD).write_text(json.dumps(saved))
-  message = _refused(pretrain_simmim.get_config("runlocal"), workdir, "different config",
+  message = refused(pretrain_simmim.get_config("runlocal"), workdir, "different config",
                      "objective: 'moco_v3' -> 'simmim'", "new --workdir")
   assert "model.block_style" in message
   same = pretrain_moco_v3.get_config("runlocal")
@@ -190,21 +171,21 @@ def test_resuming_with_another_objective_names_the_fields(tmp_path, no_compute):
   same.data.render_workers = 8  # how batches are rendered, not what they hold
   preflight.check_resume(same, str(workdir))
   same.data.version = 2  # other images: another run
-  _refused(same, workdir, "data.version: 3 -> 2")
+  refused(same, workdir, "data.version: 3 -> 2")
   # A record written before a field existed resumes under that field's old behaviour only.
   older = dict(saved, data={k: v for k, v in saved["data"].items() if k != "version"},
                augment={k: v for k, v in saved["augment"].items() if k != "second_view_ramp"})
   del older["init_encoder"]
   (workdir / preflight.CONFIG_RECORD).write_text(json.dumps(older))
   # Before data.version existed every run drew version 1 images; today's default is 3.
-  _refused(pretrain_moco_v3.get_config("runlocal"), workdir, "data.version: 1 -> 3")
+  refused(pretrain_moco_v3.get_config("runlocal"), workdir, "data.version: 1 -> 3")
   old_images = pretrain_moco_v3.get_config("runlocal")
   old_images.data.version = 1
   preflight.check_resume(old_images, str(workdir))
   ramped = pretrain_moco_v3.get_config("runlocal")
   ramped.data.version = 1
   ramped.augment.second_view_ramp = (0, 10)
-  _refused(ramped, workdir, "augment.second_view_ramp: [0, 0] -> [0, 10]")
+  refused(ramped, workdir, "augment.second_view_ramp: [0, 0] -> [0, 10]")
 
 
 def test_reused_analysis_workdir_is_refused_then_replaced(tmp_path, monkeypatch):
@@ -215,7 +196,7 @@ def test_reused_analysis_workdir_is_refused_then_replaced(tmp_path, monkeypatch)
   (workdir / "notes.txt").write_text("mine")
   config = _analysis(**{"data.num_images": 8}, batch_size=8,
                      models="random:mu/4?depth=1&image_size=32")
-  _refused(config, workdir, "already holds an analysis run", "--config.overwrite=True")
+  refused(config, workdir, "already holds an analysis run", "--config.overwrite=True")
   config.overwrite = True
   config.progress = False
   results = clmim_main.run(config, str(workdir))
