@@ -84,6 +84,8 @@ def main(argv=None):
           f'"{a}"' if " " in a else a for a in TIERS[tier]), "wall_s": seconds,
                                "exit_status": status, "summary": summary[-1] if summary else ""}
       print(f"{tier} tests: {seconds} s, status {status}", file=sys.stderr, flush=True)
+      if status:
+        print(text[-6000:], file=sys.stderr)
   print(json.dumps(report, indent=1))
 
 
