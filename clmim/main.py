@@ -46,7 +46,10 @@ def _exit_before_run(signum, frame):
   os._exit(130)
 
 
-if __name__ == "__main__":  # before the slow imports below
+# Before the slow imports below. A process started with SIGINT ignored (a `&` job of a shell
+# without job control, e.g. a script's background run) keeps ignoring it: the terminal's Ctrl-C
+# is meant for the command in the foreground.
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
   signal.signal(signal.SIGINT, _exit_before_run)
 
 from absl import app, flags  # pylint: disable=wrong-import-position

@@ -130,32 +130,53 @@ def test_unknown_model_name(tmp_path, no_compute):
   refused(_nmi(models="moco_v9"), tmp_path, "Unknown model 'moco_v9'", root=str(tmp_path))
 
 
+def _ctrl_c_while_computing(workdir, num_images, sigint):
+  """Runs configs/nmi.py:runlocal on `num_images` images with SIGINT's disposition `sigint`
+  (the default handler, or SIG_IGN as a shell gives a `&` job without job control), sends the
+  whole process group a Ctrl-C once it computes: (exit status, stderr)."""
+  import signal
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+  process = subprocess.Popen(
+      [sys.executable, "-m", "clmim.main", "--config", "configs/nmi.py:runlocal",
+       f"--config.data.num_images={num_images}", "--config.progress=False",
+       f"--workdir={workdir}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
+  try:
+    started = process.stdout.readline()  # "<model>: synthetic shapes x textures, ..."
+    assert f"{num_images} images" in started, started + process.stderr.read()
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+  finally:
+    if process.poll() is None:
+      process.kill()
+  return process.returncode, stderr
+
+
 def test_ctrl_c_prints_one_line_and_leaves_no_results(tmp_path):
   """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the analysis
   computes: one line, status 130, no results.json, no traceback."""
   import signal
   workdir = tmp_path / "out"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
   # Far more images than it gets through before the signal: it is computing when it comes.
-  process = subprocess.Popen(
-      [sys.executable, "-m", "clmim.main", "--config", "configs/nmi.py:runlocal",
-       "--config.data.num_images=20000", "--config.progress=False", f"--workdir={workdir}"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      start_new_session=True)
-  try:
-    started = process.stdout.readline()  # "<model>: synthetic shapes x textures, ..."
-    assert "20000 images" in started, started + process.stderr.read()
-    os.killpg(process.pid, signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-  finally:
-    if process.poll() is None:
-      process.kill()
-  assert process.returncode == 130, stderr
+  status, stderr = _ctrl_c_while_computing(workdir, 20000, signal.default_int_handler)
+  assert status == 130, stderr
   assert stderr.strip().splitlines() == [
       f"clmim: interrupted (Ctrl-C); nothing was written in {workdir} (an analysis writes its "
       f"outputs together, at the end)."], stderr
   assert not os.path.exists(workdir / "results.json")
+
+
+@pytest.mark.slow
+def test_a_run_started_ignoring_ctrl_c_keeps_ignoring_it(tmp_path):
+  """A background job of a script (`clmim ... &` without job control) starts with SIGINT
+  ignored; the Ctrl-C a user types for the foreground command must not stop it."""
+  import signal
+  workdir = tmp_path / "out"
+  status, stderr = _ctrl_c_while_computing(workdir, 64, signal.SIG_IGN)
+  assert status == 0, stderr
+  assert os.path.exists(workdir / "results.json")
 
 
 def test_a_ctrl_c_python_would_ignore_is_raised_again():

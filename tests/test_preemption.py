@@ -71,7 +71,7 @@ def _wait_for_checkpoint(workdir, after, timeout=120):
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_run_is_bit_identical(folder, tmp_path):
+def test_killed_and_resumed_run_is_bit_identical(folder, tmp_path, ctrl_c_handled):
   # Each run compiles its own jitted step (~13 s for the hybrid on 2 cores); all but the first
   # load it from the session's persistent cache (tests/conftest.py), the other process too.
   cache = config_lib.COMPILATION_CACHE
@@ -150,6 +150,21 @@ def test_a_missing_folder_fails_before_training(tmp_path):
   assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.fixture
+def ctrl_c_handled():
+  """SIGINT and SIGTERM as an interactive process has them, restored afterwards. The test
+  process inherits its dispositions from whatever started it: a shell without job control
+  starts a `&` job (and nohup, a CI runner...) with SIGINT ignored, and a process that ignores
+  SIGINT keeps ignoring it (PreemptionNotice) — the case the Ctrl-C tests check last, on
+  purpose, not by accident of how pytest was launched."""
+  before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  yield
+  for signum, handler in before.items():
+    signal.signal(signum, handler)
+
+
 def _signal_soon(signum):
   """Sends `signum` to this process and gives its handler the main thread to run in."""
   os.kill(os.getpid(), signum)
@@ -157,7 +172,7 @@ def _signal_soon(signum):
     time.sleep(0.001)
 
 
-def test_ctrl_c_asks_to_stop_and_a_second_ctrl_c_stops_at_once():
+def test_ctrl_c_asks_to_stop_and_a_second_ctrl_c_stops_at_once(ctrl_c_handled):
   before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
   notice = trainer.PreemptionNotice()
   try:
@@ -212,8 +227,8 @@ def test_render_processes_ignore_the_terminals_ctrl_c():
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_the_step_and_the_resumed_run_ends_as_the_straight_one(tmp_path, capsys,
-                                                                            monkeypatch):
+def test_ctrl_c_saves_the_step_and_the_resumed_run_ends_as_the_straight_one(
+    tmp_path, capsys, monkeypatch, ctrl_c_handled):
   """Ctrl-C while step 3 runs (sent as its batch is read): the run saves step 3 and stops with
   one line; the same command resumes it, and it ends bit-identical to an uninterrupted run."""
   config = lambda: pretrain_simmim.get_config("runlocal")
