@@ -130,19 +130,24 @@ def test_unknown_model_name(tmp_path, no_compute):
   refused(_nmi(models="moco_v9"), tmp_path, "Unknown model 'moco_v9'", root=str(tmp_path))
 
 
-def _ctrl_c_while_computing(workdir, num_images, sigint):
-  """Runs configs/nmi.py:runlocal on `num_images` images with SIGINT's disposition `sigint`
-  (the default handler, or SIG_IGN as a shell gives a `&` job without job control), sends the
+def _ctrl_c_while_computing(workdir, num_images, ignoring: bool):
+  """Runs configs/nmi.py:runlocal on `num_images` images, with SIGINT ignored when `ignoring`
+  (as a shell starts a `&` job without job control), else default; sends the
   whole process group a Ctrl-C once it computes: (exit status, stderr)."""
   import signal
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+  command = ["-m", "clmim.main", "--config", "configs/nmi.py:runlocal",
+             f"--config.data.num_images={num_images}", "--config.progress=False",
+             f"--workdir={workdir}"]
+  # As a shell starts a command: the disposition set, then exec (which keeps SIG_IGN and
+  # SIG_DFL). Not inherited from this test process, which may itself ignore SIGINT (nohup, `&`).
+  disposition = "SIG_IGN" if ignoring else "SIG_DFL"
+  command = ["-c", f"import os, signal, sys; signal.signal(signal.SIGINT, signal.{disposition}); "
+             "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])", *command]
   process = subprocess.Popen(
-      [sys.executable, "-m", "clmim.main", "--config", "configs/nmi.py:runlocal",
-       f"--config.data.num_images={num_images}", "--config.progress=False",
-       f"--workdir={workdir}"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
+      [sys.executable, *command], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True, start_new_session=True)
   try:
     started = process.stdout.readline()  # "<model>: synthetic shapes x textures, ..."
     assert f"{num_images} images" in started, started + process.stderr.read()
@@ -157,10 +162,9 @@ def _ctrl_c_while_computing(workdir, num_images, sigint):
 def test_ctrl_c_prints_one_line_and_leaves_no_results(tmp_path):
   """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the analysis
   computes: one line, status 130, no results.json, no traceback."""
-  import signal
   workdir = tmp_path / "out"
   # Far more images than it gets through before the signal: it is computing when it comes.
-  status, stderr = _ctrl_c_while_computing(workdir, 20000, signal.default_int_handler)
+  status, stderr = _ctrl_c_while_computing(workdir, 20000, ignoring=False)
   assert status == 130, stderr
   assert stderr.strip().splitlines() == [
       f"clmim: interrupted (Ctrl-C); nothing was written in {workdir} (an analysis writes its "
@@ -172,9 +176,8 @@ def test_ctrl_c_prints_one_line_and_leaves_no_results(tmp_path):
 def test_a_run_started_ignoring_ctrl_c_keeps_ignoring_it(tmp_path):
   """A background job of a script (`clmim ... &` without job control) starts with SIGINT
   ignored; the Ctrl-C a user types for the foreground command must not stop it."""
-  import signal
   workdir = tmp_path / "out"
-  status, stderr = _ctrl_c_while_computing(workdir, 64, signal.SIG_IGN)
+  status, stderr = _ctrl_c_while_computing(workdir, 64, ignoring=True)
   assert status == 0, stderr
   assert os.path.exists(workdir / "results.json")
 
