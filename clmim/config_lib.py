@@ -169,6 +169,14 @@ def analysis_base(arg: str, name: str, analyses: str,
                                     #   in float32; accuracy: docs/performance.md)
   config.progress = True            # progress bars
   config.compilation_cache = COMPILATION_CACHE  # see pretrain_base
+  # Bootstrap 95 % intervals over images for every curve and finding (clmim/analysis/
+  # bootstrap.py; the verdict rule: docs/definitions.md "Verdicts").
+  config.intervals = ml_collections.ConfigDict(dict(
+      folds=32,                     # image i is in fold i mod folds; replicates resample folds
+                                    #   (0 = no intervals: every verdict is "inconclusive")
+      replicates=1000,              # bootstrap replicates (>= 20)
+      seed=0,                       # seed of the fold draws (the same draws for every model)
+  ))
   config.data = ml_collections.ConfigDict(dict(
       source="synthetic",           # "synthetic" (no download), "image_folder" or "tfds"
       split="validation",           # synthetic: validation (held out), train, cue_conflict;

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from clmim.analysis import attention_distance, fourier, nmi
-from clmim.jobs import analyze, report
+from clmim.jobs import analyze, report, verdicts
 from clmim.errors import ClmimError
 from tiny_checkpoints import save_random_checkpoint
 from configs import all as all_config
@@ -127,7 +127,12 @@ def test_report_findings_and_one_compilation_per_architecture(checkpoint, tmp_pa
   moco_nmi = found["nmi"]["values"][moco_name]
   assert moco_nmi == pytest.approx(np.mean(np.mean(results["models"][moco_name]["nmi"],
                                                    axis=1)[1:]))  # later half of 2 blocks
-  assert found["nmi"]["verdicts"][moco_name] == "CL-like"
+  assert found["nmi"]["verdict"] in verdicts.VERDICTS
+  assert found["nmi"]["cl"] == moco_name and found["nmi"]["intervals"][moco_name] is not None
+  low, high = results["intervals"]["models"][moco_name]["nmi"]["low"], \
+      results["intervals"]["models"][moco_name]["nmi"]["high"]
+  curve = np.mean(results["models"][moco_name]["nmi"], axis=1)
+  assert np.all(np.asarray(low) <= curve + 1e-9) and np.all(curve <= np.asarray(high) + 1e-9)
   markdown = (workdir / "report.md").read_text()
   assert "## Findings" in markdown and "![nmi.png](nmi.png)" in markdown
   page = (workdir / "report.html").read_text()

@@ -194,7 +194,8 @@ def _numbers(value):
 
 def traceable_values(results, keys):
   """What a reading of `keys` may quote, from results.json and the declarations: every stored
-  value, the declared series (e.g. means over heads) and their later-half means, the reference."""
+  value, the declared series (e.g. means over heads) and their later-half means, the reference,
+  the stored findings' numbers (intervals, gaps, shifts)."""
   values = []
   for key in keys:
     _, result = readings.declaration(key)
@@ -207,6 +208,7 @@ def traceable_values(results, keys):
     reference = core.reference_value(result, results)
     if reference is not None:
       values.append(float(reference))
+    values += [x for f in results.get("findings", []) if f["key"] == key for x in _numbers(f)]
   return np.asarray(values)
 
 

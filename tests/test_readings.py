@@ -40,8 +40,9 @@ def test_curve_reading_compares_cl_and_mim_block_by_block():
   assert "CL (cee) against MIM (emm): CL higher in blocks 1 and 3, lower in block 2." in text
   assert "The paper's direction (CL higher) holds in blocks 1 and 3, not in block 2." in text
   # The findings' later half of 3 blocks: blocks 2-3 -> CL 14.5, MIM 11.
-  assert "Later half of the blocks (the findings' verdict): CL 14.500, MIM 11.000: as in the " \
-         "paper." in text
+  assert "Later half of the blocks (the findings' verdict): inconclusive: no bootstrap " \
+         "interval." in text  # a hand-made results dict has no intervals
+  assert "CL cee 14.500, MIM emm 11.000; gap (the paper's way > 0) +3.500." in text
   assert "Against the reference, uniform attention (16.000): cee above it in block 3, below " \
          "it in blocks 1-2; emm below it in every block." in text
   assert text.endswith("\n") and "\n\n" not in text
@@ -56,13 +57,13 @@ def test_curve_reading_of_a_lower_direction_over_stages():
   assert "a [CL]: 5.000, 4.000, 2.000 (highest at the embedding, lowest at block 2)" in text
   assert "CL higher in the embedding, lower in blocks 1-2." in text
   assert "The paper's direction (CL lower) holds in blocks 1-2, not in the embedding." in text
-  assert "NOT as in the paper" not in text and ": as in the paper." in text
+  assert "gap (the paper's way > 0) +5.000." in text  # later half: block 2, 2.0 vs 7.0
 
 
 def test_not_as_in_the_paper_and_holds_nowhere():
   text = readings.reading(_distance(MIM, CL), "attention_distance")  # swapped families
   assert "The paper's direction (CL higher) holds in block 2, not in blocks 1 and 3." in text
-  assert "NOT as in the paper" in text
+  assert "gap (the paper's way > 0) -3.500." in text
   flat = [[5, 5], [5, 5], [5, 5]]
   text = readings.reading(_distance(flat, [[6, 6]] * 3), "attention_distance")
   assert "CL lower in every block." in text and "holds nowhere." in text
@@ -97,7 +98,7 @@ def test_models_of_different_depths_are_compared_over_the_later_half():
   results = _distance([[1, 1], [2, 2]], [[4, 4], [4, 4], [0, 0], [0, 0]])
   text = readings.reading(results, "attention_distance")
   assert "cee and emm have curves of different lengths (2 and 4 points)" in text
-  assert "CL 2.000, MIM 0.000: as in the paper." in text
+  assert "CL cee 2.000, MIM emm 0.000; gap (the paper's way > 0) +2.000." in text
   assert "CL higher in" not in text
 
 
@@ -170,7 +171,7 @@ def test_every_quoted_decimal_is_a_value_of_the_results():
                                                       {"architecture_of": "cee"})})
   text = readings.reading(results, "attention_distance")
   values = {"11.000", "8.000", "21.000", "9.000", "10.000", "12.000", "16.500", "14.500",
-            "16.000"}
+            "16.000", "3.500"}  # the last: the findings' gap, 14.5 - 11 (results["findings"])
   assert set(re.findall(r"-?\d+\.\d+", text)) == values
 
 

@@ -118,6 +118,7 @@ def test_the_endpoints_are_mim_and_cl_so_the_findings_compare_them():
              "model_info": {names[w]: {"family": sweep.member_config(config, w).family}
                             for w in names}}
   finding = report.findings(results, [nmi])[0]
-  assert finding["as_in_paper"] is True  # was None: "needs a CL and a MIM model"
-  assert finding["verdicts"] == {"hybrid_lambda_0": "MIM-like", "hybrid_lambda_0.5": "CL-like",
-                                 "hybrid_lambda_1": "CL-like"}
+  # Compared (was "needs a CL and a MIM model"): λ = 1 against λ = 0, the paper's way.
+  assert (finding["cl"], finding["mim"]) == ("hybrid_lambda_1", "hybrid_lambda_0")
+  assert finding["gap"] == pytest.approx(0.6)
+  assert finding["verdict"] == "inconclusive"  # no intervals in this hand-made results dict

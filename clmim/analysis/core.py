@@ -20,6 +20,10 @@ runner, the jobs, the summary, the figures and the report learn about it only th
   def check(model, options: dict) -> None
       raises ClmimError before any compute when a model cannot be analysed (e.g. no decoder);
       `model` is the registry's `Model` (its `vit`, `decoder`, `name`, ...)
+  BOOTSTRAP = False            # no bootstrap interval (its statistic is not a mean over the
+                               #   images, e.g. t-SNE of a few chosen images); default True
+  FIXED_SUMS = ("maps",)       # sums over chosen images, the same in every bootstrap replicate
+                               #   (see `clmim.analysis.bootstrap`)
 
 Analyses that need several passes over labelled data (a probe is fitted on training images,
 then evaluated) declare, instead of `partial_sums` and `finalize`:
@@ -50,7 +54,7 @@ import numpy as np
 from clmim.errors import ClmimError
 
 # Modules of clmim/analysis/ that are not analyses.
-_NOT_ANALYSES = {"core", "runner", "common", "plots", "report", "linear_probe", "noise"}
+_NOT_ANALYSES = {"core", "runner", "common", "plots", "linear_probe", "noise", "bootstrap"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +154,8 @@ class Stage:
   partial_sums: Callable
   finalize: Callable = lambda sums, options: sums  # the measure divides, with what it knows
   OPTIONS: dict = dataclasses.field(default_factory=dict)
+  BOOTSTRAP: bool = True  # False for a pass that fits (the fit is held fixed in the replicates)
+  FIXED_SUMS: tuple = ()
 
 
 def is_multi_pass(module) -> bool:

@@ -176,8 +176,9 @@ def _fit_sums(targets, batch, options):
 def fit_stage(targets) -> core.Stage:
   """The stage that streams the training moments of `targets` ((name, classes) pairs)."""
   targets = tuple(targets)
+  # The fit is held fixed in the bootstrap: intervals are over evaluation images, given the probe.
   return core.Stage(f"{NAME}_fit", ("probe_fit", targets),
-                    lambda batch, options: _fit_sums(targets, batch, options))
+                    lambda batch, options: _fit_sums(targets, batch, options), BOOTSTRAP=False)
 
 
 def holdout_rows(n: int, fraction: float) -> np.ndarray:

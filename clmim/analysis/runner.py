@@ -35,10 +35,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import tqdm
 
-from clmim.analysis import core
+from clmim.analysis import bootstrap, core
 from clmim.errors import ClmimError
 
 _COUNT = "__num_images__"
+_FOLDS = "__folds__"
 PAD = -1  # a slot of the plan that holds no image (the same value as clmim.data.loader.PAD)
 # Sums with at least this many numbers stay on the devices between steps. Bringing cka's
 # cross-moments of a ViT-B/16 (2 x 54 M float32) to the host and adding them in float64 took
@@ -176,7 +177,7 @@ class Analyzer:
   """Runs several analyses over a stream of image batches in one sharded pass per batch."""
 
   def __init__(self, forward_fn, analyses, patch_size, mesh=None, device_batch_size=8,
-               options=None, model=None):
+               options=None, model=None, folds=0):
     """Builds (but does not yet compile) the sharded step.
 
     Args:
@@ -194,6 +195,9 @@ class Analyzer:
         each analysis' own `check` runs on it here with the resolved options (e.g. `decoder`
         refuses a model without a decoder), so a mismatch is one ClmimError before anything
         compiles; without it the checks are the caller's (the analysis jobs run them).
+      folds: G >= 2 to also keep every analysis' sums per fold of images (image i in fold
+        i mod G; `clmim.analysis.bootstrap`), for bootstrap intervals; 0 = no folds. After a
+        run, `fold_sums` and `totals` hold them (`unfolded` names the analyses left out, why).
 
     The step is compiled once per Analyzer (on the first `run`) and reused for every `run`,
     also with other params of the same structure: models of one architecture share it.
@@ -214,6 +218,9 @@ class Analyzer:
     if len(set(names)) != len(names):
       raise ClmimError(f"Analyzer: analysis names must be unique; got {names}.")
     self.analyses = list(analyses)
+    bootstrap.check_settings(folds, 1000, 0, where="Analyzer")
+    self.folds = int(folds)
+    self.fold_sums, self.totals, self.unfolded = {}, {}, {}
     self.options = {a.NAME: core.resolve_options(a, (options or {}).get(a.NAME))
                     for a in self.analyses}
     if model is not None:
@@ -246,6 +253,8 @@ class Analyzer:
                          images=images, labels=labels, context=context,
                          forward=lambda x: tuple(forward_fn(params, x)))
       sums = {a.NAME: a.partial_sums(batch, self.options[a.NAME]) for a in self.analyses}
+      if self.folds:
+        sums[_FOLDS] = self._fold_sums(batch, sums)
       sums[_COUNT] = (weights > 0).sum().astype(np.float32)
       return jax.lax.psum(sums, "data")
 
@@ -253,6 +262,51 @@ class Analyzer:
     self._step = jax.jit(jax.shard_map(
         local_step, mesh=self.mesh,
         in_specs=(P(), P(), P("data"), P("data"), P("data"), P("data")), out_specs=P()))
+
+  def _fold_sums(self, batch, sums) -> dict:
+    """{analysis: its sums (less FIXED_SUMS) per fold, [G, ...]}, traced inside the step.
+
+    The analyses apply the weights last (`weighted_sum`), so vmapping `partial_sums` over the
+    folds' weight rows batches only those sums: the forward and the per-image work are shared.
+    """
+    weights = bootstrap.fold_weights(batch.weights, batch.index, self.folds)
+    out = {}
+    for a in self.analyses:
+      fixed = bootstrap.fixed_sums(a)
+      size = sum(int(np.prod(x.shape)) for k, v in sums[a.NAME].items() if k not in fixed
+                 for x in jax.tree.leaves(v))
+      if not bootstrap.resampled(a):
+        self.unfolded[a.NAME] = "its statistic is not a mean over the images"
+        continue
+      if size * self.folds > bootstrap.MAX_FOLDED_NUMBERS:
+        self.unfolded[a.NAME] = (f"{size} x {self.folds} fold sums exceed "
+                                 f"{bootstrap.MAX_FOLDED_NUMBERS}")
+        continue
+
+      def per_fold(w, a=a, fixed=fixed):
+        folded = dataclasses.replace(batch, weights=w)
+        return {k: v for k, v in a.partial_sums(folded, self.options[a.NAME]).items()
+                if k not in fixed}
+      out[a.NAME] = jax.vmap(per_fold)(weights)
+    return out
+
+  def replicate_curves(self, draws) -> dict:
+    """{result key: [R, positions]} of the last run's curves in each bootstrap replicate (one
+    row of `draws`, fold counts), for the analyses that were resampled. A replicate whose
+    finalize fails (e.g. no image of a class drawn) is a row of NaN."""
+    out = {}
+    for a in self.analyses:
+      if a.NAME not in self.fold_sums:
+        continue
+      outputs = []
+      for counts in draws:
+        sums = bootstrap.replicate_sums(self.fold_sums[a.NAME], self.totals[a.NAME], counts)
+        try:
+          outputs.append(a.finalize(sums, self.options[a.NAME]))
+        except (ClmimError, ArithmeticError, ValueError):
+          outputs.append({})
+      out.update(bootstrap.curves(a, outputs))
+    return out
 
   @property
   def local_batch_size(self) -> int:
@@ -413,6 +467,8 @@ class Analyzer:
     totals = sums.result()
     if totals is None or totals[_COUNT] <= 0:
       raise ClmimError("Analyzer.run: no images to analyse (empty stream or all weights 0).")
+    self.totals = {a.NAME: totals[a.NAME] for a in self.analyses}
+    self.fold_sums = totals.get(_FOLDS, {})
     results = {}
     for a in self.analyses:
       results.update(a.finalize(totals[a.NAME], self.options[a.NAME]))

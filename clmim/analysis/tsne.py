@@ -30,6 +30,9 @@ from clmim.errors import ClmimError
 
 NAME = "tsne"
 READS = ("zs",)
+# Its statistics are computed on a few chosen images, not averaged over the stream: no
+# bootstrap interval over images (clmim.analysis.bootstrap).
+BOOTSTRAP = False
 OPTIONS = {"state": "last", "images": tuple(range(18)), "max_tokens_per_image": 0, "k": 5,
            "seed": 0, "iterations": 1000, "perplexity": 20.0}
 

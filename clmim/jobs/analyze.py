@@ -23,6 +23,10 @@ results.json:
    "analyses": {name: {"options": {...}, "results": {key: {"label", "layout", "x", ...}}}},
    "cka_between_models": {"A ~ B": {"cka_mean_tokens": [stage of A][stage of B], ...}} (when
      cka runs with its between_models option and the run has two trained models),
+   "intervals": {"folds", "replicates", "seed", "coverage", "not_resampled": {analysis: why},
+                 "models": {name: {key: {"low": [...], "high": [...]}}}} (bootstrap, per curve),
+   "findings": [one entry per result the paper compares CL and MIM on, with its verdict:
+                `clmim.jobs.verdicts`],
    "num_images": N, "compilations": C, "compile_seconds": s (the per-model steps' compilation,
    including their first step), "config": {...},
    "run": {"command", "overrides", "workdir"}, "versions": {...},
@@ -45,14 +49,14 @@ import jax
 import numpy as np
 
 from clmim import preflight
-from clmim.analysis import attention_distance, core, plots
+from clmim.analysis import attention_distance, bootstrap, core, plots
 from clmim.analysis.runner import Analyzer
 from clmim.atomic import removed_unless_complete, write_atomic, write_json_atomic
 from clmim.checkpoints import registry
 from clmim.data.eval_data import EvalImages
 from clmim.data.labelled import ProbeData
 from clmim.errors import ClmimError
-from clmim.jobs import between_models, report
+from clmim.jobs import between_models, report, verdicts
 from clmim.models.heads import forward_with_decoder
 from clmim.models.vit import forward_with_states, vit_fields
 
@@ -93,7 +97,8 @@ class Session:
   `analyze(model, images)` returns (results of that model, its model_info entry).
   """
 
-  def __init__(self, modules, options, batch_size: int, progress: bool, max_batches: int = 0):
+  def __init__(self, modules, options, batch_size: int, progress: bool, max_batches: int = 0,
+               folds: int = 0, replicates: int = 1000, seed: int = 0):
     # Multi-pass analyses (probing, robustness) run their own passes (`measure`); the others
     # share the one stream per model.
     self.modules = [m for m in modules if not core.is_multi_pass(m)]
@@ -102,6 +107,13 @@ class Session:
     self.device_batch = batch_size // jax.device_count()  # exact: preflight checked it
     self.progress, self.max_batches = progress, max_batches
     self._analyzers = {}
+    # Bootstrap (clmim.analysis.bootstrap): one set of fold draws for every model, so that
+    # differences between models are resampled paired.
+    bootstrap.check_settings(folds, replicates, seed)
+    self.folds = int(folds)
+    self.draws = bootstrap.draws(folds, replicates, seed) if folds else None
+    self.replicates = {}  # {model name: {result key: [R, positions]}}
+    self.not_resampled = {}  # {analysis: why it has no interval}
 
   def analyzer(self, model) -> Analyzer:
     """The Analyzer of `model`'s architecture, its decoder's included (built once: models of one
@@ -117,22 +129,25 @@ class Session:
       forward = functools.partial(forward_with_decoder, vit, decoder["kind"], decoder["config"])
     if key not in self._analyzers:
       self._analyzers[key] = Analyzer(forward, self.modules, vit.patch_size,
-                                      device_batch_size=self.device_batch, options=self.options)
+                                      device_batch_size=self.device_batch, options=self.options,
+                                      folds=self.folds)
     return self._analyzers[key]
 
-  def extra_analyzer(self, key, forward, modules, patch_size, options) -> Analyzer:
+  def extra_analyzer(self, key, forward, modules, patch_size, options, folds=0) -> Analyzer:
     """An Analyzer for another pass over the same data (e.g. two models at once, see
     `between_models`), with this session's batching and counted in its compilations."""
     if key not in self._analyzers:
       self._analyzers[key] = Analyzer(forward, modules, patch_size,
-                                      device_batch_size=self.device_batch, options=options)
+                                      device_batch_size=self.device_batch, options=options,
+                                      folds=folds)
     return self._analyzers[key]
 
   def stage_analyzer(self, model, stage) -> Analyzer:
     """The Analyzer of one multi-pass stage on `model`'s architecture (encoder only)."""
     key = ("stage", stage.key) + tuple(sorted(vit_fields(model.vit).items()))
     return self.extra_analyzer(key, functools.partial(forward_with_states, model.vit), [stage],
-                               model.vit.patch_size, {stage.NAME: stage.OPTIONS})
+                               model.vit.patch_size, {stage.NAME: stage.OPTIONS},
+                               folds=self.folds)
 
   def stream(self, analyzer: Analyzer, images, params, desc: str, quiet: bool = False,
              labels=None, context=None) -> dict:
@@ -150,6 +165,23 @@ class Session:
     batches = images.load_batches(plan.local_indices, analyzer.local_batch_size)
     return analyzer.run(params, batches, progress=self.progress and not quiet, plan=plan,
                         desc=desc, labels=labels, context=context)
+
+  def _replayed(self, module, model, probe_data, passes) -> dict:
+    """{result key: [R, positions]}: the multi-pass `module`'s measure run again per bootstrap
+    replicate on its passes' resampled sums (no compute on the devices: `ReplayedPasses`)."""
+    if not bootstrap.resampled(module):
+      self.not_resampled[module.NAME] = "its statistic is not a mean over the images"
+      return {}
+    outputs = []
+    for counts in self.draws:
+      try:
+        outputs.append(module.measure(model, probe_data, ReplayedPasses(passes, counts),
+                                      self.options[module.NAME]))
+      except (ClmimError, ArithmeticError, ValueError):
+        outputs.append({})
+    for name, why in passes.unfolded.items():
+      self.not_resampled.setdefault(f"{module.NAME} ({name})", why)
+    return bootstrap.curves(module, outputs)
 
   @property
   def compilations(self) -> int:
@@ -170,13 +202,20 @@ class Session:
       both = params
       if getattr(model, "decoder", None) is not None:
         both = {"encoder": params, "decoder": model.decoder["params"]}
-      out = self.stream(self.analyzer(model), images, both, model.name, quiet)
+      analyzer = self.analyzer(model)
+      out = self.stream(analyzer, images, both, model.name, quiet)
+      replicates = analyzer.replicate_curves(self.draws) if self.folds else {}
+      self.not_resampled.update(analyzer.unfolded)
     passes = Passes(self, model, params, quiet)
     for module in self.multi_pass:
       measured = dict(module.measure(model, probe_data, passes, self.options[module.NAME]))
       evaluated = measured.pop("num_images")  # its evaluation images (not its training ones)
       out.update(measured)
       out.setdefault("num_images", evaluated)
+      if self.folds:
+        replicates.update(self._replayed(module, model, probe_data, passes))
+    if self.folds:
+      self.replicates[model.name] = replicates
     vit = model.vit
     info = {"family": model.family, "source": model.source, **model.info,
             "image_size": vit.image_size, "patch_size": vit.patch_size, "depth": vit.depth,
@@ -200,11 +239,42 @@ class Passes:
   def __init__(self, session: Session, model, params, quiet: bool):
     self.session, self.model, self.params, self.quiet = session, model, params, quiet
     self.cache = {}
+    # Every pass run, for the bootstrap's replay: {(stage name, key, desc): [(stage, output,
+    # totals, fold sums), ...]} in the order they ran.
+    self.recorded, self.unfolded = {}, {}
 
   def run(self, stage, images, labels, context, desc: str) -> dict:
     analyzer = self.session.stage_analyzer(self.model, stage)
-    return self.session.stream(analyzer, images, self.params, f"{self.model.name}: {desc}",
-                               self.quiet, labels=labels, context=context)
+    out = self.session.stream(analyzer, images, self.params, f"{self.model.name}: {desc}",
+                              self.quiet, labels=labels, context=context)
+    self.recorded.setdefault((stage.NAME, stage.key, desc), []).append(
+        (stage, out, analyzer.totals.get(stage.NAME), analyzer.fold_sums.get(stage.NAME)))
+    self.unfolded.update(analyzer.unfolded)
+    return out
+
+
+class ReplayedPasses:
+  """`Passes` for one bootstrap replicate: `run` returns, for the same call (stage, desc and
+  occurrence) of the real measure, the stage finalized on the replicate's resampled sums
+  (`counts`: fold draws); a pass that was not resampled (a fit) returns its real output. The
+  cache (fitted probes) is the real run's, so nothing is fitted again."""
+
+  def __init__(self, passes: Passes, counts):
+    self.cache, self._recorded, self._counts = passes.cache, passes.recorded, counts
+    self._seen = {}
+
+  def run(self, stage, images, labels, context, desc: str) -> dict:
+    key = (stage.NAME, stage.key, desc)
+    occurrence = self._seen.get(key, 0)
+    self._seen[key] = occurrence + 1
+    calls = self._recorded.get(key, [])
+    if occurrence >= len(calls):
+      raise ClmimError(f"bootstrap replay: pass {desc!r} was not run by the real measure.")
+    recorded_stage, output, totals, folded = calls[occurrence]
+    if folded is None:
+      return output
+    sums = bootstrap.replicate_sums(folded, totals, self._counts)
+    return recorded_stage.finalize(sums, recorded_stage.OPTIONS)
 
 
 def resolve_models(config) -> list:
@@ -317,6 +387,16 @@ def check_models(modules, options, jobs, data_cfg=None) -> dict:
   return probe_data
 
 
+def interval_settings(config) -> dict:
+  """config.intervals as Session's keyword arguments (folds 0 when the config has none)."""
+  section = config.get("intervals")
+  if section is None:
+    return {"folds": 0, "replicates": 1000, "seed": 0}
+  settings = {"folds": section.folds, "replicates": section.replicates, "seed": section.seed}
+  bootstrap.check_settings(**settings)
+  return settings
+
+
 def remove_previous_outputs(workdir: str) -> list[str]:
   """Deletes the files an earlier analysis run wrote in `workdir` (its results.json, summary,
   report and the figures its results.json lists); other files are left alone."""
@@ -342,8 +422,9 @@ def run(config, workdir: str, invocation: dict | None = None) -> dict:
   jobs = resolve_models(config)
   probe_data = check_models(modules, options, jobs, config.data)
 
+  intervals = interval_settings(config)
   session = Session(modules, options, config.batch_size, config.progress,
-                    int(config.data.max_batches))
+                    int(config.data.max_batches), **intervals)
   results = {"models": {}, "model_info": {}}
   for model, images in jobs:
     results["models"][model.name], results["model_info"][model.name] = \
@@ -353,6 +434,8 @@ def run(config, workdir: str, invocation: dict | None = None) -> dict:
     results["cka_between_models"] = between_models.cka_between_models(jobs, options["cka"],
                                                                       session)
   results["analyses"] = describe_analyses(modules, options)
+  results["intervals"] = verdicts.interval_record(intervals, session)
+  results["findings"] = verdicts.findings(results, modules, session.replicates)
   results["num_images"] = min(r["num_images"] for r in results["models"].values())
   results["compilations"] = session.compilations
   results["compile_seconds"] = round(compile_seconds, 2)

@@ -10,7 +10,8 @@ ViT-B checkpoints, any depth, one model alone or no untrained copies.
 A reading's first line names the results.json keys it quotes, `[reading: key, ...] title`; its
 other lines are indented and it ends at a blank line. Every number it quotes is a value of those
 keys in results.json, a point of a declared series of them (e.g. the mean over heads), the
-later-half mean of the findings (`clmim.jobs.report.findings`) or a declared reference, printed
+later-half mean, interval or gap of the findings (`clmim.jobs.report.findings`, stored in
+results.json["findings"]) or a declared reference, printed
 to 3 decimals as the summary tables print them (tests/test_colabs.py checks this on the executed
 notebooks). Block numbers and counts are integers.
 
@@ -27,7 +28,7 @@ import functools
 import numpy as np
 
 from clmim.analysis import core
-from clmim.jobs import report
+from clmim.jobs import report, verdicts
 
 FAMILIES = {"cl": "CL", "mim": "MIM", "random": "untrained", "other": "other"}
 
@@ -58,20 +59,8 @@ def _family(results: dict, name: str) -> str:
   return FAMILIES.get(family, family)
 
 
-def pair(results: dict) -> tuple:
-  """(first CL model, first MIM model) of the run, either None: the pair the findings compare."""
-  info = results["model_info"]
-  first = lambda family: next((n for n in results["models"] if info[n]["family"] == family), None)
-  return first("cl"), first("mim")
-
-
-def untrained_copy(results: dict, name: str):
-  """The name of the untrained copy of model `name`'s architecture in this run, or None."""
-  for other, info in results["model_info"].items():
-    if info.get("family") == "random" and (info.get("architecture_of") == name or
-                                           name in (info.get("shared_by") or ())):
-      return other
-  return None
+pair = verdicts.pair  # (first CL model, first MIM model): the pair the findings compare
+untrained_copy = verdicts.untrained_copy
 
 
 def _series(result, values) -> list:
@@ -194,12 +183,11 @@ def curve(results: dict, key: str) -> list[str]:
       lines.append(f"  {cl} and {mim} have curves of different lengths ({len(a)} and {len(b)} "
                    "points): compared over the later half only.")
     entry = next((f for f in report.findings(results, [module]) if f["key"] == key), None)
-    if entry is not None and entry["as_in_paper"] is not None:
-      verdict = "as in the paper" if entry["as_in_paper"] else "NOT as in the paper"
+    if entry is not None and entry["verdict"] is not None:
       half = "Later half of the blocks" if result.x in ("block", "stage") else \
           f"Second half of the {result.x}s"
-      lines.append(f"  {half} (the findings' verdict): CL "
-                   f"{fmt(entry['values'][cl])}, MIM {fmt(entry['values'][mim])}: {verdict}.")
+      lines.append(f"  {half} (the findings' verdict): {verdicts.headline(entry)}.")
+      lines += [f"    {line}." for line in verdicts.describe(entry)]
   else:
     missing = " and ".join(f for f, n in (("CL", cl), ("MIM", mim)) if n not in curves)
     lines.append(f"  No CL-MIM comparison: this run has no {missing} model with {key} "

@@ -1,11 +1,10 @@
 """What a person reads after an analysis run: the printed summary, report.md and report.html.
 
 Everything here is derived from results.json and the analysis modules' declarations
-(`clmim.analysis.core.Result`): a table per depth curve, and one line per *finding* — a result
-on which the paper finds CL and MIM apart (`cl_direction`) — with each model's value over the
-later half of its blocks. A model is called "CL-like" or "MIM-like" on a finding when its value
-is nearer the run's first contrastive model's or first masked-image model's (so the verdicts
-need one of each); the last column says whether that CL/MIM pair shows the paper's direction.
+(`clmim.analysis.core.Result`): a table per depth curve, and one entry per *finding* — a result
+on which the paper finds CL and MIM apart (`cl_direction`) — with the first CL and MIM models'
+values over the later half of their blocks, their untrained copies, bootstrap intervals and a
+verdict (`clmim.jobs.verdicts`: reproduced, architectural, not reproduced or inconclusive).
 report.html is self-contained (figures embedded), report.md links the figures beside it.
 """
 from __future__ import annotations
@@ -20,16 +19,8 @@ import numpy as np
 
 from clmim.analysis import core
 from clmim.atomic import write_atomic
-
-
-def later_half(result, values) -> float:
-  """Mean of a depth curve over the later half of the blocks (a stage curve's embedding entry,
-  stage 0, is not a block); of another curve (e.g. over noise bands), over its second half."""
-  curve = np.asarray(result.series(values), np.float64)
-  if result.x == "stage":
-    curve = curve[1:]
-  later = curve[len(curve) // 2:]
-  return float(np.nanmean(later)) if np.isfinite(later).any() else float("nan")
+from clmim.jobs import verdicts
+from clmim.jobs.verdicts import later_half  # noqa: F401 (the report's reading of a curve)
 
 
 def curve_tables(results: dict, modules) -> list[tuple[str, list, list]]:
@@ -61,29 +52,14 @@ def curve_tables(results: dict, modules) -> list[tuple[str, list, list]]:
 
 
 def findings(results: dict, modules) -> list[dict]:
-  """One entry per result with a `cl_direction`: values per model, verdicts, the paper's check."""
-  info, models = results["model_info"], results["models"]
-  cl = next((n for n in models if info[n]["family"] == "cl"), None)
-  mim = next((n for n in models if info[n]["family"] == "mim"), None)
-  out = []
-  for module in modules:
-    for result in module.RESULTS:
-      if result.cl_direction is None or result.series is None:
-        continue
-      values = {n: later_half(result, r[result.key]) for n, r in models.items()
-                if result.key in r}
-      if not values:
-        continue
-      entry = {"key": result.key, "label": result.label, "paper": f"CL {result.cl_direction}",
-               "values": values, "verdicts": {}, "as_in_paper": None}
-      if cl in values and mim in values and np.isfinite([values[cl], values[mim]]).all():
-        a, b = values[cl], values[mim]
-        entry["as_in_paper"] = (a > b) if result.cl_direction == "higher" else (a < b)
-        for name, v in values.items():
-          if np.isfinite(v):
-            entry["verdicts"][name] = "CL-like" if abs(v - a) < abs(v - b) else "MIM-like"
-      out.append(entry)
-  return out
+  """The run's findings of `modules` (`clmim.jobs.verdicts`): those results.json recorded, with
+  their bootstrap intervals, or, for a results dict without them (an older run), computed
+  afresh without intervals (every verdict then "inconclusive")."""
+  keys = {r.key for m in modules for r in m.RESULTS}
+  recorded = results.get("findings")
+  if recorded is None:
+    recorded = verdicts.findings(results, modules)
+  return [f for f in recorded if f["key"] in keys]
 
 
 def _table_lines(columns, rows, width=7) -> list[str]:
@@ -105,13 +81,11 @@ def summary(results: dict, modules) -> str:
   found = findings(results, modules)
   if found:
     lines.append("Findings (mean over the later half of the blocks; of noise bands: the higher "
-                 "half):")
+                 "half; [95 % bootstrap interval over images]; verdict rule: docs/"
+                 "definitions.md \"Verdicts\"):")
     for f in found:
-      values = ", ".join(f"{n} {v:.3f}" + (f" [{f['verdicts'][n]}]" if n in f["verdicts"] else "")
-                         for n, v in f["values"].items())
-      check = {True: "as in the paper", False: "NOT as in the paper",
-               None: "needs a CL and a MIM model"}[f["as_in_paper"]]
-      lines.append(f"  {f['label']} (paper: {f['paper']}): {values} -> {check}")
+      lines.append(f"  {f['label']} (paper: {f['paper']}) -> {verdicts.headline(f)}")
+      lines += [f"      {line}" for line in verdicts.describe(f)]
   return "\n".join(lines)
 
 
@@ -125,18 +99,26 @@ def _blocks(results: dict, modules) -> list[tuple]:
             ("code", (results.get("run") or {}).get("command") or "(run from Python)")]
   found = findings(results, modules)
   if found:
-    names = list(results["models"])
-    rows = [[f["label"], f["paper"]] + [
-        f"{f['values'][n]:.3f}" + (f" ({f['verdicts'][n]})" if n in f["verdicts"] else "")
-        if n in f["values"] else "" for n in names] +
-        [{True: "yes", False: "**no**", None: "—"}[f["as_in_paper"]]] for f in found]
+    cell = lambda f, name: "" if name not in f["values"] else \
+        f"{f['values'][name]:.3f}" + (f" [{f['intervals'][name][0]:.3f}, "
+                                      f"{f['intervals'][name][1]:.3f}]"
+                                      if f["intervals"].get(name) else "")
+    rows = []
+    for f in found:
+      copies = f.get("untrained") or {}
+      gap = "" if f.get("gap") is None else verdicts.describe(f)[0].split("; gap ")[-1]
+      rows.append([f["label"], f["paper"], cell(f, f["cl"]), cell(f, f["mim"]),
+                   cell(f, copies.get("CL")), cell(f, copies.get("MIM")), gap,
+                   f"**{f['verdict'] or '—'}**: {f['reason']}"])
     blocks += [("h2", "Findings"),
-               ("p", "Mean over the later half of the blocks (over noise bands: the higher-"
-                     "frequency half). A model is CL-like (MIM-like) on "
-                     "a finding when its value is nearer the first contrastive (masked-image) "
-                     "model's; the last column says whether that pair shows the paper's "
-                     "direction."),
-               ("table", ["finding", "paper"] + names + ["as in the paper"], rows)]
+               ("p", "Each value is the mean over the later half of the blocks (over noise "
+                     "bands: the higher-frequency half) with its 95 % bootstrap interval over "
+                     "images. The gap is signed so that > 0 is the paper's direction. The "
+                     "verdict follows the rule of docs/definitions.md \"Verdicts\": reproduced "
+                     "needs the gap beyond its interval, untrained copies that do not already "
+                     "hold half of it, and training that moved both models the paper's way."),
+               ("table", ["finding", "paper", "CL", "MIM", "CL untrained", "MIM untrained",
+                          "gap", "verdict"], rows)]
   figures = list(results.get("figures", []))
   for module in modules:
     blocks.append(("h2", module.NAME))

@@ -12,8 +12,8 @@ paper's Sec. 5 plots against λ: last-block shape and texture probes (mean patch
 high-frequency ΔlogA (means over the later half of the blocks). Everything a λ needs — its
 value, its workdir's config record, the analyses — is checked before the first one trains.
 The endpoints carry their families — λ = 0 (SimMIM alone) "mim", λ = 1 (MoCo v3 alone) "cl" —
-so the report's findings compare them and call each λ between CL-like or MIM-like; the λ
-between are family "other".
+so the report's findings compare them (with intervals and verdicts, `clmim.jobs.verdicts`); the
+λ between are family "other".
 """
 from __future__ import annotations
 
