@@ -211,3 +211,38 @@ def test_interrupted_writing_leaves_no_partial_outputs(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     analyze.run(config, str(workdir))
   assert os.listdir(workdir) == ["notes.txt"]
+
+
+def test_config_intervals_fields(checkpoint, tmp_path):
+  """config.intervals: folds = 0 gives no intervals (every verdict "no bootstrap interval");
+  folds, replicates and seed are recorded and change the intervals; a bad value is one error
+  naming the field, before any compute."""
+  config = all_config.get_config("runlocal")
+  config.models = f"{checkpoint}"
+  config.analyses = "nmi"
+  config.include_untrained = True
+  config.progress = False
+  config.data.num_images = 16
+  config.batch_size = 8
+  name = f"{_manifest_name(checkpoint)} (untrained)"
+
+  def run(workdir, **fields):
+    for field, value in fields.items():
+      config.intervals[field] = value
+    return analyze.run(config, str(tmp_path / workdir))
+
+  first = run("a", folds=4, replicates=20, seed=0)
+  assert {k: first["intervals"][k] for k in ("folds", "replicates", "seed")} == \
+      {"folds": 4, "replicates": 20, "seed": 0}
+  band = first["intervals"]["models"][name]["nmi"]
+  assert np.all(np.asarray(band["low"]) < np.asarray(band["high"]))
+  other_seed = run("b", seed=1)["intervals"]["models"][name]["nmi"]
+  assert other_seed != band
+  more = run("c", seed=0, replicates=200)["intervals"]["models"][name]["nmi"]
+  assert more != band
+  none = run("d", folds=0)
+  assert none["intervals"]["models"] == {}
+  config.intervals.folds = 1
+  with pytest.raises(ClmimError, match=r"config\.intervals\.folds"):
+    analyze.run(config, str(tmp_path / "e"))
+  assert not (tmp_path / "e").exists()

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from matplotlib.collections import PolyCollection
 from PIL import Image
 
 from clmim.analysis import attention_distance, core, fourier, nmi, plots
@@ -87,6 +88,23 @@ def test_reference_line_comes_from_the_result():
   fig = plots.curve_figure(_results(), attention_distance.RESULTS[0])
   labels = [line.get_label() for line in fig.axes[0].lines]
   assert "uniform attention" in labels
+
+
+def test_bootstrap_intervals_are_drawn_as_bands():
+  results = _results()
+  curve = np.mean(results["models"]["moco"]["nmi"], axis=1)
+  results["intervals"] = {"coverage": 0.95, "models": {"moco": {"nmi": {
+      "low": (curve - 0.1).tolist(), "high": (curve + 0.1).tolist()}}}}
+  ax = plots.curve_figure(results, nmi.RESULTS[0]).axes[0]
+  bands = lambda ax: [c for c in ax.collections if isinstance(c, PolyCollection)
+                      and len(c.get_paths()) and c.get_paths()[0].vertices.size]
+  (band,) = bands(ax)
+  ys = band.get_paths()[0].vertices[:, 1]
+  assert ys.min() == pytest.approx(np.nanmin(curve - 0.1))
+  assert ys.max() == pytest.approx(np.nanmax(curve + 0.1))
+  assert "95% interval over images" in ax.get_legend_handles_labels()[1]
+  # No intervals, no band.
+  assert not bands(plots.curve_figure(_results(), nmi.RESULTS[0]).axes[0])
 
 
 def test_bad_results_raise_clmim_error(tmp_path):

@@ -143,11 +143,21 @@ def finish_axes(ax, xlabel: str, ylabel: str, title: str, legend: bool = True):
     add_legend(ax, fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
+def interval_band(results: dict, name: str, key: str, length: int):
+  """(low, high) arrays of model `name`'s bootstrap interval of curve `key`
+  (results["intervals"], `clmim.analysis.bootstrap`), or None when the run has none."""
+  entry = ((results.get("intervals") or {}).get("models") or {}).get(name, {}).get(key)
+  if not entry or len(entry["low"]) != length:
+    return None
+  return (np.asarray(entry["low"], np.float64), np.asarray(entry["high"], np.float64))
+
+
 def curve_figure(results: dict, result) -> Figure:
   """One `core.Result`'s depth curve for every model that has it: `result.series(values)`
   against depth (blocks 1..L, or stages 0..L with 0 = the embedding), one line per model, small
   dots for the heads of "[block][head]" results (a legend entry says so: the line is the
-  result's series, e.g. the mean over heads), the reference (if any) dotted."""
+  result's series, e.g. the mean over heads), a shaded band for the bootstrap interval where
+  the run has one, the reference (if any) dotted."""
   from clmim.analysis import core
   key = result.key
   names = _models_with(results, key)
@@ -157,7 +167,7 @@ def curve_figure(results: dict, result) -> Figure:
   fig = Figure(figsize=(5.2, 3.8))
   ax = fig.add_subplot()
   first = 0 if result.x == "stage" else 1
-  dots = False
+  dots = banded = False
   for name in names:
     style = styles[name]
     values = results["models"][name][key]
@@ -175,6 +185,14 @@ def curve_figure(results: dict, result) -> Figure:
           dots = True
     ax.plot(depth, curve, marker="o", markersize=3.5, linewidth=1.8, zorder=2,
             color=style["color"], linestyle=style["linestyle"], label=style["label"])
+    band = interval_band(results, name, key, len(curve))
+    if band is not None:
+      ax.fill_between(depth, band[0], band[1], color=style["color"], alpha=0.18, linewidth=0,
+                      zorder=1)
+      banded = True
+  if banded:
+    ax.fill_between([], [], [], color="0.45", alpha=0.3, linewidth=0,
+                    label=f"{results['intervals']['coverage']:.0%} interval over images")
   if dots:
     # The dots say nothing without a word: one legend entry names them (the line is the mean).
     ax.plot([], [], linestyle="None", marker="o", markersize=3, color="0.45", alpha=0.6,
@@ -208,6 +226,10 @@ def fourier_figure(results: dict) -> Figure:
     kw = dict(color=style["color"], linestyle=style["linestyle"], label=style["label"])
     ax_depth.plot(np.arange(rows.shape[0]), rows[:, -1], marker="o", markersize=3.5,
                   linewidth=1.8, **kw)
+    band = interval_band(results, name, "fourier", rows.shape[0])
+    if band is not None:
+      ax_depth.fill_between(np.arange(rows.shape[0]), *band, color=style["color"], alpha=0.18,
+                            linewidth=0)
     # Entry k is the spatial frequency 2πk/g of the g x g token grid (π = Nyquist); g from the
     # model's record, else the even grid that gives this many entries.
     info = results.get("model_info", {}).get(name, {})

@@ -235,6 +235,11 @@ def figures(results: dict, options: dict) -> dict:
               marker="o", markersize=3.5, linewidth=1.8)
     ax_band.plot(details["band_centres"], results["models"][name]["band_noise_drop"], **kw)
     ax_white.plot(details["white_rms"], results["models"][name]["white_noise_drop"], **kw)
+    for ax, key, x in ((ax_band, "band_noise_drop", details["band_centres"]),
+                       (ax_white, "white_noise_drop", details["white_rms"])):
+      band = plots.interval_band(results, name, key, len(x))
+      if band is not None:  # the bootstrap interval over images
+        ax.fill_between(x, *band, color=style["color"], alpha=0.18, linewidth=0)
   details = results["models"][names[0]]["robustness_details"]
   for ax in (ax_band, ax_white):
     ax.axhline(0.0, color="k", linewidth=0.8, linestyle=":")
