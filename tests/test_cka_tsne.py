@@ -204,6 +204,10 @@ def test_tsne_reports_missing_sklearn_before_compute(monkeypatch):
     tsne.embed(np.zeros((30, 3)), tsne.OPTIONS)
   monkeypatch.undo()
   assert tsne.state_index({"state": "-2"}, 5) == 3  # a string set from the command line
+  # "official": the notebook's zs[10] of 12 blocks, the same relative depth elsewhere.
+  assert tsne.state_index({"state": "official"}, 25) == 10
+  assert [tsne.state_index({"state": "official"}, 2 * d + 1) for d in (1, 2, 6, 24)] == \
+      [2, 2, 6, 20]
   for bad in ({"state": 5}, {"images": (1, 1)}, {"iterations": 100}):
     with pytest.raises(ClmimError):
       tsne.check(vit, {**tsne.OPTIONS, **bad})

@@ -74,6 +74,10 @@ def test_homogeneity_matches_float64_pairs():
     np.testing.assert_allclose(got["head_similarity"][layer], heads, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got["query_similarity"][layer], queries, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got["depth_similarity"][layer], depth, rtol=1e-5, atol=1e-6)
+    unit = y / np.linalg.norm(y, axis=-1, keepdims=True)
+    tokens = np.mean([np.einsum("bd,bd->b", unit[:, k], unit[:, j]).mean()
+                      for k, j in itertools.combinations(range(9), 2)])
+    np.testing.assert_allclose(got["token_similarity"][layer], tokens, rtol=1e-5, atol=1e-6)
 
 
 def test_homogeneity_known_answers():
@@ -92,6 +96,16 @@ def test_homogeneity_known_answers():
   np.testing.assert_allclose(got["head_similarity"][0], 1.0, rtol=1e-6)
   np.testing.assert_allclose(got["query_similarity"][1], [0.0] * h, atol=1e-6)
   np.testing.assert_allclose(got["depth_similarity"], [1.0, -1.0], rtol=1e-6)
+  # Tokens that all point one way (up to scale) are perfectly similar; a token and its
+  # opposite, half each, average to -1/(n-1) over the pairs.
+  shared = np.broadcast_to(rng.normal(size=(2, 1, 5)), (2, n + 1, 5)) * \
+      rng.uniform(0.5, 2, size=(2, n + 1, 1))
+  signs = np.where(np.arange(n + 1) % 2, 1.0, -1.0)[None, :, None]
+  zs = [z, z, shared.astype(np.float32), z, (shared * signs).astype(np.float32)]
+  got = _finalize(homogeneity, zs, [identical_heads, one_hot])
+  opposite = np.mean([signs[0, 1 + k, 0] * signs[0, 1 + j, 0]
+                      for k, j in itertools.combinations(range(n), 2)])
+  np.testing.assert_allclose(got["token_similarity"], [1.0, opposite], rtol=1e-5, atol=1e-6)
   got = _finalize(homogeneity, zs, [same_rows, same_rows])
   np.testing.assert_allclose(got["query_similarity"], np.ones((2, h)), rtol=1e-6)
 

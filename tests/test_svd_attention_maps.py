@@ -45,7 +45,7 @@ def test_rank_r_tokens_have_r_singular_values(r, method):
   equal = 2 * u @ v.T
   skewed = rng.normal(size=(n, r)) @ rng.normal(size=(r, d))
   zs = [_with_cls(np.stack([equal, skewed]), rng)] * 3  # depth 1: 3 states
-  out = _analyse(svd, zs, max_rank=100, method=method)
+  out = _analyse(svd, zs, max_rank=100, method=method, centre=False)  # Z as constructed
   values = np.asarray(out["singular_values"])
   assert values.shape == (3, min(n, d))  # max_rank above min(N, D) keeps the whole spectrum
   np.testing.assert_allclose(values[:, r:], 0, atol=1e-6)
@@ -98,8 +98,8 @@ def test_centring_removes_the_common_token():
   common = rng.normal(size=(1, 1, 8)) * 10
   tokens = common + rng.normal(size=(2, 16, 1)) * rng.normal(size=(1, 1, 8))  # rank 2
   zs = [_with_cls(tokens, rng)] * 3
-  plain = np.asarray(_analyse(svd, zs)["singular_values"])
-  centred = np.asarray(_analyse(svd, zs, centre=True)["singular_values"])
+  plain = np.asarray(_analyse(svd, zs, centre=False)["singular_values"])
+  centred = np.asarray(_analyse(svd, zs)["singular_values"])  # the default: centred
   assert (plain[:, 1] > 1e-3).all() and (plain[:, 2:] < 1e-6).all()
   np.testing.assert_allclose(centred[:, 0], 1, rtol=1e-5)
 
@@ -332,3 +332,28 @@ def test_figures(setup, reference, tmp_path):
   assert {(a.images[0].norm.vmin, a.images[0].norm.vmax) for a in maps} == {(0.0, top)}
   assert [a.get_label() for a in figure.axes if not a.images] == ["<colorbar>"]
   svd_figures["svd_projection.png"].savefig(tmp_path / "projection.png")
+
+
+def test_image_spectrum_is_the_covariance_of_the_pooled_vectors():
+  """Known answer: the eigenvalues of numpy's covariance of the mean patch tokens; images that
+  differ along two directions only have effective rank <= 2 and the rest of the spectrum ~0."""
+  from clmim.analysis import image_spectrum
+  rng = np.random.default_rng(3)
+  directions = rng.normal(size=(2, 6))
+  pooled = rng.normal(size=(12, 2)) * [3.0, 1.0] @ directions + 5.0  # 12 images, rank 2
+  tokens = pooled[:, None, :] + rng.normal(size=(12, 9, 6)) * 0.0  # every token the image's vector
+  zs = [_with_cls(tokens, rng)] * 3
+  out = image_spectrum.finalize(
+      {k: np.asarray(v, np.float64) for k, v in jax.jit(
+          lambda z, w, i: image_spectrum.partial_sums(core.Batch(z, [], w, i, 4), {"max_rank": 4}))(
+          zs, np.ones(12, np.float32), np.arange(12, dtype=np.int32)).items()}, {"max_rank": 4})
+  expected = np.sort(np.linalg.eigvalsh(np.cov(pooled.T)))[::-1]
+  got = np.exp(np.asarray(out["image_singular_values"])[0])
+  np.testing.assert_allclose(got[:2], expected[:2], rtol=1e-4)
+  assert np.all(np.nan_to_num(got[2:]) < 1e-3 * expected[0])
+  shares = expected[:2] / expected[:2].sum()
+  np.testing.assert_allclose(out["image_effective_rank"][0], np.exp(-np.sum(shares * np.log(shares))),
+                             rtol=1e-3)
+  assert len(out["image_effective_rank"]) == 2  # stages zs[0] and zs[2]
+  with pytest.raises(ClmimError, match="max_rank"):
+    image_spectrum.check(None, {"max_rank": 0})

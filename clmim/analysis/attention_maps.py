@@ -12,7 +12,8 @@ attention_maps.<option>:
     corner when g <= 3) or a tuple of at least two distinct (x, y) patch positions (x = column,
     y = row, 0-based).
   blocks: "last" or a tuple of 1-based block numbers whose maps are kept.
-  heads: what the figures draw, as `panels` accepts: "mean", an int head index or "all".
+  heads: what the figures draw, as `panels` accepts: an int head index (default 0, the head of
+    the official figure), "mean" (the mean over heads) or "all" (every head in its column).
 Results: "attention_maps" {"images", "queries", "blocks",
 "maps": [image][query][block][head][g][g], "pixels": [image][row][col][3]} (the chosen images,
 picked on device by stream position: exact, whatever the batching; "pixels" is their
@@ -157,7 +158,7 @@ NAME = "attention_maps"
 READS = ("attn",)
 # The chosen images' maps are not resampled by the bootstrap (clmim.analysis.bootstrap).
 FIXED_SUMS = ("maps", "found", "pixels")
-OPTIONS = {"images": (0, 1, 2, 3), "queries": "centre_corner", "blocks": "last", "heads": "mean"}
+OPTIONS = {"images": (0, 1, 2, 3), "queries": "centre_corner", "blocks": "last", "heads": 0}
 
 
 def _as_list(values):

@@ -8,6 +8,10 @@ Definitions (docs/analyses/homogeneity.md), per block, image and head; `a = attn
   query_similarity[block][head] mean over query pairs q < q' of cos(u[h, q], u[h, q'])
   depth_similarity[block]       mean over patch tokens k of cos(x_in[k], x_out[k]): the block's
                                 input (previous block's output, or the embedding) and output
+  token_similarity[block]       mean over patch-token pairs k < k' of cos(x_out[k], x_out[k']):
+                                how alike the tokens' *representations* are after the block
+                                (the paper's "tokens of an image move together" for CL), beside
+                                query_similarity, which compares attention rows
 
 Each is averaged over images. A mean of pairwise cosines needs no pair tensor: for unit vectors
 u_1 .. u_n with mean ū and spread V = Σ_i |u_i − ū|², the mean over pairs i < j of u_i·u_j is
@@ -50,6 +54,12 @@ RESULTS = (
         title="Similarity of tokens before and after a block",
         description="cosine similarity of each patch token before and after the block "
                     "(1 = the block leaves the tokens' directions unchanged)"),
+    core.Result(
+        "token_similarity", "token similarity (cosine)", "[block]", x="block",
+        series=per_block_values, cl_direction="higher",
+        title="Similarity between the tokens of an image",
+        description="cosine similarity of the representations of different patch tokens of an "
+                    "image after the block (1 = every token points the same way)"),
 )
 
 
@@ -92,14 +102,15 @@ def partial_sums(batch: core.Batch, options: dict) -> dict:
   """Per-device sums over images of the three similarities (see the module docstring).
 
   Returns:
-    {"head_sum": [blocks], "query_sum": [blocks, heads], "depth_sum": [blocks], "count": []}.
+    {"head_sum": [blocks], "query_sum": [blocks, heads], "depth_sum": [blocks],
+     "token_sum": [blocks], "count": []}.
   """
   del options
   depth = len(batch.attns)
   if len(batch.zs) != 2 * depth + 1:
     raise ClmimError(f"homogeneity: expected 2*depth+1 = {2 * depth + 1} states for {depth} "
                      f"attention maps, got {len(batch.zs)}.")
-  head, query, dep = [], [], []
+  head, query, dep, tokens = [], [], [], []
   for i, attn in enumerate(batch.attns):
     u = unit_rows(attn)  # [B, H, N, N]
     head.append(weighted_sum(jnp.mean(mean_pair_cosine(u, axis=1), axis=-1), batch.weights))
@@ -107,8 +118,13 @@ def partial_sums(batch: core.Batch, options: dict) -> dict:
     # Block i reads zs[2i] (its input) and writes zs[2i + 2] (its output); cls excluded.
     cos = token_cosine(batch.zs[2 * i][:, 1:], batch.zs[2 * i + 2][:, 1:])
     dep.append(weighted_sum(jnp.mean(cos, axis=-1), batch.weights))
+    out = batch.zs[2 * i + 2][:, 1:].astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(out * out, axis=-1, keepdims=True))
+    unit = jnp.where(norm > 0, out / jnp.where(norm > 0, norm, 1.0), 0.0)
+    tokens.append(weighted_sum(mean_pair_cosine(unit, axis=1), batch.weights))
   return {"head_sum": jnp.stack(head), "query_sum": jnp.stack(query),
-          "depth_sum": jnp.stack(dep), "count": image_count(batch.weights)}
+          "depth_sum": jnp.stack(dep), "token_sum": jnp.stack(tokens),
+          "count": image_count(batch.weights)}
 
 
 def finalize(sums: dict, options: dict) -> dict:
@@ -119,4 +135,4 @@ def finalize(sums: dict, options: dict) -> dict:
     raise ClmimError("homogeneity: no images were analysed (total weight is 0).")
   mean = lambda key: (np.asarray(sums[key], np.float64) / count).tolist()
   return {"head_similarity": mean("head_sum"), "query_similarity": mean("query_sum"),
-          "depth_similarity": mean("depth_sum")}
+          "depth_similarity": mean("depth_sum"), "token_similarity": mean("token_sum")}

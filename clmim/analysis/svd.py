@@ -1,8 +1,10 @@
 """SVD view of the patch tokens: how many directions they use, and how attention moves them.
 
 Definitions (docs/analyses/svd.md). Z is one image's patch-token matrix [N, D] of one state of
-`zs` (cls dropped), not centred by default (option `centre`): the paper's point is that CL
-shifts the whole token cloud, and centring would remove exactly that shift.
+`zs` (cls dropped), centred over its tokens by default (option `centre`), as the paper's
+authors describe their SVD (of the tokens' covariance, whose eigenvalues are s^2 / N of the
+centred Z); `centre=False` keeps the mean token, which then shows as a large first singular
+value (a shift of the whole token cloud).
   singular_values [state][rank]: s / sum(s) of Z's singular values (the full min(N, D)
     spectrum sums to 1; the first `max_rank` are kept), averaged over images.
   effective_rank [state]: exp(-sum_k p_k log p_k), p = s / sum(s) (Roy & Vetterli, 2007),
@@ -19,7 +21,7 @@ Options (config.analysis_options.svd.<option>):
   max_rank: int >= 1, spectrum entries kept (32).
   images: stream positions of the images to project ((0,)).
   block: 1-based block whose attention branch is projected, or "last" ("last").
-  centre: bool, subtract each image's mean patch token before the spectra (False).
+  centre: bool, subtract each image's mean patch token before the spectra (True).
   method: how the singular values are computed ("exact"): "exact" = an SVD of Z (on NVIDIA
     GPUs cuSOLVER's polar-decomposition SVD); "gram" = |Z^T v| for the eigenvectors v of the
     smaller Gram matrix (Z Z^T or Z^T Z, full float32 matmuls), ~26x faster than "exact" on
@@ -39,7 +41,7 @@ NAME = "svd"
 READS = ("zs",)
 # The chosen images' tokens are not resampled by the bootstrap (clmim.analysis.bootstrap).
 FIXED_SUMS = ("before", "after", "found")
-OPTIONS = {"max_rank": 32, "images": (0,), "block": "last", "centre": False, "method": "exact"}
+OPTIONS = {"max_rank": 32, "images": (0,), "block": "last", "centre": True, "method": "exact"}
 METHODS = ("exact", "gram")
 
 

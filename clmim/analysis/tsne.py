@@ -12,7 +12,10 @@ Results:
     image id, cosine distance between the original tokens, at every stage (embedding output and
     each block's output). Chance is 1 / number of images. High = tokens cluster by image.
   "tsne_knn_image_accuracy_state": the same on the state that t-SNE embeds (option `state`:
-    "last" = the last block's output, default, or an index into zs, also as a string "5").
+    "official" (default) = the official notebook's zs[10] of a 12-block ViT-B, i.e. the output
+    of block 5 of 12, at the same relative depth for other depths: the output of block
+    max(1, round-half-up(5 * depth / 12)), zs[2 * that]; "last" = the last block's output; or
+    an index into zs, also as a string "5").
   "tsne_knn_image_accuracy_2d": the same in the 2-D t-SNE embedding (Euclidean distance).
   "tsne_embedding": [image][token][2] t-SNE coordinates from scikit-learn's TSNE (perplexity
     20, random init, 1000 iterations: options `perplexity`, `iterations` (>= 250), `seed`).
@@ -33,7 +36,7 @@ READS = ("zs",)
 # Its statistics are computed on a few chosen images, not averaged over the stream: no
 # bootstrap interval over images (clmim.analysis.bootstrap).
 BOOTSTRAP = False
-OPTIONS = {"state": "last", "images": tuple(range(18)), "max_tokens_per_image": 0, "k": 5,
+OPTIONS = {"state": "official", "images": tuple(range(18)), "max_tokens_per_image": 0, "k": 5,
            "seed": 0, "iterations": 1000, "perplexity": 20.0}
 
 # The pip requirement named when scikit-learn is missing (the pin of requirements.txt).
@@ -103,17 +106,30 @@ def chosen_images(options) -> np.ndarray:
   return np.asarray(positions, np.int32)
 
 
+# The official notebook embeds zs[10] of ViT-B/16: the output of block 5 of 12.
+OFFICIAL_BLOCK, OFFICIAL_DEPTH = 5, 12
+
+
+def official_block(depth: int) -> int:
+  """The block whose output sits at the official state's relative depth (5 of 12)."""
+  return max(1, int(np.floor(OFFICIAL_BLOCK * depth / OFFICIAL_DEPTH + 0.5)))
+
+
 def state_index(options, num_states: int) -> int:
-  """The zs index of option `state` ("last" or an int, negative counting from the end)."""
+  """The zs index of option `state` ("official", "last" or an int, negative counting from
+  the end)."""
   state = options["state"]
   if state == "last":
     return num_states - 1
+  if state == "official":
+    return 2 * official_block((num_states - 1) // 2)
   if isinstance(state, str) and state.strip().lstrip("-").isdigit():
     state = int(state)  # a config string field set from the command line
   if isinstance(state, (int, np.integer)) and not isinstance(state, bool) \
       and -num_states <= state < num_states:
     return int(state) % num_states
-  raise ClmimError(f"config.analysis_options.tsne.state: expected 'last' or an index into the "
+  raise ClmimError(f"config.analysis_options.tsne.state: expected 'official', 'last' or an "
+                   f"index into the "
                    f"{num_states} states zs; got {state!r}.")
 
 

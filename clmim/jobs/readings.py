@@ -276,7 +276,9 @@ def _extra(results: dict, key: str) -> tuple[list[str], list[str]]:
   """Keys and lines a curve's reading adds for the notebooks' other panels of its figure."""
   options = results.get("config", {}).get("analysis_options", {})
   state = options.get("tsne", {}).get("state", "last")
-  state = "the last block's output" if state == "last" else f"state {state}"
+  state = {"last": "the last block's output",
+           "official": "the official notebook's state, at its relative depth"}.get(
+               state, f"state {state}")
   block = options.get("svd", {}).get("block", "last")
   block = "the last block" if block == "last" else f"block {block}"
   extra = {
