@@ -89,6 +89,48 @@ def test_cka_matches_float64_reference_with_padding():
                                                    for i in range(3)], rtol=2e-5)
 
 
+def _ref_unbiased_cka(x, y):
+  """Unbiased linear CKA from its definition with explicit n x n Gram matrices (float64)."""
+  def hsic(k, l):
+    n = len(k)
+    k, l = k - np.diag(np.diag(k)), l - np.diag(np.diag(l))
+    ones = np.ones(n)
+    return (np.trace(k @ l) + ones @ k @ ones * (ones @ l @ ones) / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * ones @ k @ l @ ones) / (n * (n - 3))
+  k, l = x @ x.T, y @ y.T
+  return hsic(k, l) / np.sqrt(hsic(k, k) * hsic(l, l))
+
+
+def test_unbiased_cka_matches_its_definition_with_padding():
+  rng = np.random.default_rng(4)
+  zs = _random_zs(rng)
+  zs[4] = (0.6 * zs[2] + 0.4 * zs[4]).astype(np.float32)
+  weights = np.ones(40, np.float32)
+  weights[[0, 21]] = 0
+  padded = [z.copy() for z in zs]
+  for z in padded:
+    z[[0, 21]] = np.nan
+  res = _cka_results(padded, weights)
+  feats = [z[weights > 0, 1:].astype(np.float64).mean(1) for z in zs[0::2]]
+  want = [[_ref_unbiased_cka(a, b) for b in feats] for a in feats]
+  # Float32 sums of uncentred products (the features' mean is ~2x their spread here): ~1e-4.
+  np.testing.assert_allclose(res["cka_unbiased_mean_tokens"], want, rtol=0, atol=5e-4)
+
+
+def test_unbiased_cka_of_independent_features_is_near_zero_where_the_biased_one_is_not():
+  """Known answer: for independent features with D comparable to n, plain linear CKA sits far
+  above 0 (its floor is ~D/n), the unbiased estimator near 0."""
+  rng = np.random.default_rng(5)
+  n, d = 200, 64
+  zs = [rng.normal(size=(n, 2, d)).astype(np.float32) for _ in range(3)]  # depth 1, 2 stages
+  res = _cka_results(zs, options={"features": "mean_tokens"})
+  biased = res["cka_mean_tokens"][0][1]
+  unbiased = res["cka_unbiased_mean_tokens"][0][1]
+  assert biased > 0.2  # seeds 0-3: 0.24-0.25
+  assert abs(unbiased) < 0.03  # seeds 0-3: |.| <= 0.008
+  np.testing.assert_allclose(np.diag(res["cka_unbiased_mean_tokens"]), 1.0, rtol=1e-5)
+
+
 def test_cka_options_stages_features_and_constant_stage():
   rng = np.random.default_rng(2)
   zs = _random_zs(rng)

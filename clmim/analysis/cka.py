@@ -24,7 +24,10 @@ Memory: P D^2 floats per feature kind; all stages: P = S(S+1)/2, for ViT-B (S = 
     results.json "cka_between_models", figure cka_between_models.png).
 
 Results: "cka_mean_tokens", "cka_cls": [stage][stage] (None when not computed; NaN for a stage
-whose feature is constant over the images, e.g. the cls token at stage 0); "cka_adjacent":
+whose feature is constant over the images, e.g. the cls token at stage 0);
+"cka_unbiased_mean_tokens", "cka_unbiased_cls": the same with the unbiased HSIC estimator
+(`unbiased_pair_cka`: from four more small sums per pair, ~0 for independent features where
+the plain estimator sits at ~D/n; needs >= 4 images); "cka_adjacent":
 [block] CKA(stage b-1, stage b), b = 1 .. depth, always every block, of the mean-token features
 (cls when only those are computed).
 """
@@ -56,6 +59,12 @@ RESULTS = (
                 series=None, description="linear CKA between stages, mean-token features"),
     core.Result("cka_cls", "linear CKA (cls token)", "[stage][stage]", x=None, series=None,
                 description="linear CKA between stages, cls-token features"),
+    core.Result("cka_unbiased_mean_tokens", "unbiased linear CKA (mean patch token)",
+                "[stage][stage]", x=None, series=None,
+                description="unbiased linear CKA between stages (no ~D/n floor), mean tokens"),
+    core.Result("cka_unbiased_cls", "unbiased linear CKA (cls token)", "[stage][stage]",
+                x=None, series=None,
+                description="unbiased linear CKA between stages, cls-token features"),
     core.Result("cka_adjacent", "CKA(stage b-1, stage b)", "[block]", x="block",
                 series=_adjacent_series, cl_direction="higher",
                 description="how alike consecutive stages are (linear CKA, mean tokens)",
@@ -147,6 +156,55 @@ def partial_sums(batch: core.Batch, options) -> dict:
     # the centring in finalize subtracts large numbers from these moments.
     out[f"moment_{kind}"] = jnp.einsum("pbd,pbe->pde", fw[rows], f[cols],
                                        precision=jax.lax.Precision.HIGHEST)
+    # The unbiased estimator's diagonal corrections (`unbiased_pair_cka`).
+    sq = jnp.sum(f * f, axis=-1)  # [S, b] |x|^2 per image
+    out[f"sq_{kind}"] = jnp.sum(sq * w[None], axis=1)
+    out[f"sqsq_{kind}"] = jnp.sum(sq[rows] * sq[cols] * w[None], axis=1)
+    out[f"xsq_{kind}"] = jnp.einsum("pbd,pb->pd", fw[rows], sq[cols],
+                                    precision=jax.lax.Precision.HIGHEST)
+    out[f"sqx_{kind}"] = jnp.einsum("pb,pbd->pd", sq[rows], fw[cols],
+                                    precision=jax.lax.Precision.HIGHEST)
+  return out
+
+
+def unbiased_pair_cka(sums: dict, kind: str, count: float, pairs) -> dict:
+  """{(i, j): float64 unbiased linear CKA} (Song et al. 2012's unbiased HSIC, as Nguyen et al.
+  2021 use it for CKA) from the streamed sums of feature `kind`, images weighted 1.
+
+  With K = X X^T, L = Y Y^T (n x n, not centred) and K~, L~ their off-diagonal parts:
+    HSIC_u = [tr(K~L~) + (1^T K~ 1)(1^T L~ 1) / ((n-1)(n-2)) - 2/(n-2) 1^T K~ L~ 1] / (n(n-3))
+  where every term is a sum over images of streamed quantities:
+    tr(K~L~)   = ||X^T Y||_F^2 - sum_a |x_a|^2 |y_a|^2
+    1^T K~ 1   = |sum_a x_a|^2 - sum_a |x_a|^2
+    1^T K~L~ 1 = Sx^T (X^T Y) Sy - Sx . sum_a x_a |y_a|^2 - Sy . sum_a |x_a|^2 y_a
+                 + sum_a |x_a|^2 |y_a|^2,      Sx = sum_a x_a.
+  Unlike the plain (biased) estimator, it is ~0 for independent features at any n (the biased
+  one is ~D/n there). Needs n >= 4; NaN where a stage's HSIC_u(X, X) <= 0. Precision: the
+  terms are sums of *uncentred* products, added in float32 on the devices, so features whose
+  mean is large against their spread lose digits: ~1e-4 absolute when the mean is twice the
+  spread (tests/test_cka_tsne.py), against ~1e-5 relative for the plain estimator.
+  """
+  n = float(count)
+  if n < 4:
+    return {pair: float("nan") for pair in pairs}
+  total = np.asarray(sums[f"sum_{kind}"], np.float64)
+  sq = np.asarray(sums[f"sq_{kind}"], np.float64)
+  hsic = {}
+  for p, (i, j) in enumerate(pairs):
+    moment = np.asarray(sums[f"moment_{kind}"][p], np.float64)
+    sqsq = float(sums[f"sqsq_{kind}"][p])
+    trace = np.vdot(moment, moment) - sqsq
+    ones_x = total[i] @ total[i] - sq[i]
+    ones_y = total[j] @ total[j] - sq[j]
+    middle = (total[i] @ moment @ total[j] - total[i] @ np.asarray(sums[f"xsq_{kind}"][p])
+              - total[j] @ np.asarray(sums[f"sqx_{kind}"][p]) + sqsq)
+    hsic[i, j] = (trace + ones_x * ones_y / ((n - 1) * (n - 2))
+                  - 2 / (n - 2) * middle) / (n * (n - 3))
+  out = {}
+  for (i, j), value in hsic.items():
+    scale = hsic[i, i] * hsic[j, j]
+    out[i, j] = float(value / np.sqrt(scale)) if hsic[i, i] > 0 and hsic[j, j] > 0 \
+        else float("nan")
   return out
 
 
@@ -180,11 +238,14 @@ def finalize(sums, options) -> dict:
   kinds = feature_kinds(options)
   num = np.asarray(sums[f"sum_{kinds[0]}"]).shape[0]
   stages = chosen_stages(options, num)
-  out = {f"cka_{k}": None for k in KINDS}
+  out = {f"cka{u}_{k}": None for k in KINDS for u in ("", "_unbiased")}
   for kind in kinds:
     values = pair_cka(sums[f"moment_{kind}"], sums[f"sum_{kind}"], count,
                       _pairs_of(kind, kinds, num, options))
     out[f"cka_{kind}"] = [[values[min(i, j), max(i, j)] for j in stages] for i in stages]
+    unbiased = unbiased_pair_cka(sums, kind, count, _pairs_of(kind, kinds, num, options))
+    out[f"cka_unbiased_{kind}"] = [[unbiased[min(i, j), max(i, j)] for j in stages]
+                                   for i in stages]
     if kind == kinds[0]:
       out["cka_adjacent"] = [values[b - 1, b] for b in range(1, num)]
   return out

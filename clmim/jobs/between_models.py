@@ -1,4 +1,5 @@
-"""Linear CKA between the layers of two different models, exact over the same images.
+"""Linear CKA (plain and unbiased) between the layers of two different models, exact over the
+same images.
 
 CKA compares two representations of the same samples, so both models must run on each batch.
 For every two trained models of a run (untrained copies are left out) this builds a paired
@@ -45,7 +46,8 @@ def _same_input(a, images_a, b, images_b) -> str:
 
 
 def cka_between_models(jobs, options: dict, session) -> dict:
-  """{"A ~ B": {"stages": [SA, SB], "cka_<kind>": [SA][SB], ...} or {"skipped": why}} for every
+  """{"A ~ B": {"stages": [SA, SB], "cka_<kind>": [SA][SB], "cka_unbiased_<kind>": [SA][SB],
+  ...} or {"skipped": why}} for every
   two trained models of `jobs` ([(Model, EvalImages)]), each pair streamed by the analysis job's
   `session` (its batching, max_batches and multi-process plan; counted in its compilations)."""
   trained = [(m, images) for m, images in jobs if m.family != "random"]
@@ -63,8 +65,9 @@ def cka_between_models(jobs, options: dict, session) -> dict:
     split = a.vit.depth + 1
     entry = {"stages": [split, b.vit.depth + 1], "num_images": result["num_images"]}
     for kind in cka.feature_kinds(pair_options):
-      matrix = np.asarray(result[f"cka_{kind}"], np.float64)
-      entry[f"cka_{kind}"] = matrix[:split, split:].tolist()
+      for estimator in ("", "_unbiased"):
+        matrix = np.asarray(result[f"cka{estimator}_{kind}"], np.float64)
+        entry[f"cka{estimator}_{kind}"] = matrix[:split, split:].tolist()
     out[name] = entry
   return out
 
