@@ -166,7 +166,17 @@ def test_cka_between_a_model_and_itself_is_its_own_cka(checkpoint, tmp_path):
   np.testing.assert_allclose(pair["cka_mean_tokens"], own, rtol=1e-6, atol=1e-9)
   np.testing.assert_allclose(np.diag(own), 1.0, rtol=1e-6)
   assert pair["stages"] == [3, 3] and "cka_between_models.png" in results["figures"]
-  assert results["compilations"] == 2  # one shared per-model step, one paired step
+  # Mutual k-NN of a model with itself: the same neighbourhoods at every stage (k = 10 of 16).
+  assert (pair["mutual_knn_k"], pair["mutual_knn_images"]) == (10, 16)
+  np.testing.assert_allclose(np.diag(pair["mutual_knn_mean_tokens"]), 1.0)
+  assert np.diag(pair["cka_unbiased_mean_tokens"]) == pytest.approx(1.0, rel=1e-5)
+  # one shared per-model step, one paired CKA step, one paired gather step
+  assert results["compilations"] == 3
+  config.analysis_options.cka.mutual_knn_images = 0  # off
+  config.overwrite = True
+  pair = analyze.run(config, str(tmp_path / "out"))["cka_between_models"][
+      f"{_manifest_name(checkpoint)} ~ copy"]
+  assert "mutual_knn_mean_tokens" not in pair and "cka_mean_tokens" in pair
 
 
 def test_cka_between_models_pairs_only_trained_models_seeing_the_same_input(checkpoint,

@@ -131,6 +131,21 @@ def test_unbiased_cka_of_independent_features_is_near_zero_where_the_biased_one_
   np.testing.assert_allclose(np.diag(res["cka_unbiased_mean_tokens"]), 1.0, rtol=1e-5)
 
 
+def test_mutual_knn_known_answers():
+  """Rotated and scaled features keep every neighbourhood (1); independent ones share about
+  k/(n-1) by chance; bad options are one error naming both fields."""
+  from clmim.jobs.between_models import mutual_knn
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(300, 16))
+  q, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+  assert mutual_knn(a, 3 * a @ q, 10) == 1.0
+  assert mutual_knn(a, rng.normal(size=(300, 8)), 10) == pytest.approx(10 / 299, abs=0.02)
+  for k, images in ((0, 100), (10, 10), (True, 100), (10, -1)):
+    with pytest.raises(ClmimError, match="mutual_knn_k / mutual_knn_images"):
+      cka.mutual_knn_settings({"mutual_knn_k": k, "mutual_knn_images": images})
+  assert cka.mutual_knn_settings({"mutual_knn_k": 10, "mutual_knn_images": 0}) == (10, 0)
+
+
 def test_cka_options_stages_features_and_constant_stage():
   rng = np.random.default_rng(2)
   zs = _random_zs(rng)

@@ -22,6 +22,11 @@ Memory: P D^2 floats per feature kind; all stages: P = S(S+1)/2, for ViT-B (S = 
   between_models: True (default): the analysis job also computes CKA between the stages of every
     two trained models of the run on the same images (clmim/jobs/between_models.py;
     results.json "cka_between_models", figure cka_between_models.png).
+  mutual_knn_k: k of the mutual k-NN alignment between models (10; Huh et al. 2024): for each
+    of the first `mutual_knn_images` images, the share of its k nearest images (cosine) in
+    model A's stage that are also among its k nearest in model B's stage, averaged.
+  mutual_knn_images: how many images (the first in stream order) the alignment compares (1000;
+    0 = no mutual k-NN). Their features are gathered on the devices: images x stages x D floats.
 
 Results: "cka_mean_tokens", "cka_cls": [stage][stage] (None when not computed; NaN for a stage
 whose feature is constant over the images, e.g. the cls token at stage 0);
@@ -41,7 +46,8 @@ from clmim.errors import ClmimError
 
 NAME = "cka"
 READS = ("zs",)
-OPTIONS = {"features": "mean_tokens,cls", "stages": "all", "between_models": True}
+OPTIONS = {"features": "mean_tokens,cls", "stages": "all", "between_models": True,
+           "mutual_knn_k": 10, "mutual_knn_images": 1000}
 KINDS = ("mean_tokens", "cls")
 
 # A stage whose centred variance is below this fraction of its raw second moment is treated as
@@ -105,10 +111,21 @@ def chosen_stages(options, num_stages=None) -> list:
   return stages
 
 
+def mutual_knn_settings(options) -> tuple[int, int]:
+  """(k, images) of the mutual k-NN options, checked: k >= 1, images 0 or > k."""
+  k, images = options["mutual_knn_k"], options["mutual_knn_images"]
+  ints = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (k, images))
+  if not ints or k < 1 or images < 0 or (images and images <= k):
+    raise ClmimError(f"config.analysis_options.cka.mutual_knn_k / mutual_knn_images: expected "
+                     f"k >= 1 and images 0 (off) or more than k; got {k!r} and {images!r}.")
+  return int(k), int(images)
+
+
 def check(model, options) -> None:
   """Rejects bad options before any compute."""
   vit = getattr(model, "vit", model)  # the registry Model, or a bare ViT
   feature_kinds(options)
+  mutual_knn_settings(options)
   chosen_stages(options, vit.depth + 1)
 
 

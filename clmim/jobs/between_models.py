@@ -8,6 +8,10 @@ position of `zs`, which is where the `cka` analysis reads stages — and streams
 `cka` analysis itself (same sums, same centring, same invariance). The cross block of the
 resulting [SA + SB] x [SA + SB] matrix is CKA(stage i of A, stage j of B).
 
+Besides CKA, each pair gets the mutual k-NN alignment of every stage of A with every stage of B
+(cka options `mutual_knn_k`, `mutual_knn_images`): the first images' features are gathered in
+a second paired pass (`GatherStage`), and `mutual_knn` compares their neighbourhoods on the host.
+
 A pair is skipped, with the reason recorded, when its models do not see the same input (other
 preprocessing or resolution) or have different widths (their features would not stack).
 Enabled by `config.analysis_options.cka.between_models` when `cka` runs.
@@ -20,7 +24,9 @@ import itertools
 import numpy as np
 from matplotlib.figure import Figure
 
-from clmim.analysis import cka
+import jax.numpy as jnp
+
+from clmim.analysis import cka, core
 from clmim.models.vit import forward_with_states
 
 
@@ -31,6 +37,45 @@ def _paired_forward(vit_a, vit_b):
     # Each stage at an even index (cka reads zs[0::2]); the odd slots repeat it and are unread.
     return [s for stage in stages for s in (stage, stage)][:-1], []
   return forward
+
+
+def gather_stage(kinds, count: int) -> core.Stage:
+  """A stage that gathers the features ([kind][stage, count, D]) of stream positions
+  0 .. count-1, each exactly once (a one-hot sum over the batch, as tsne gathers)."""
+  kinds = tuple(kinds)
+
+  def partial_sums(batch, options):
+    hit = (batch.index[:, None] == jnp.arange(count)[None, :]) & (batch.weights[:, None] > 0)
+    hit = hit.astype(jnp.float32)  # [b, count]
+    out = {"found": hit.sum(axis=0)}
+    for kind in kinds:
+      f = jnp.stack([cka.stage_feature(z, kind) for z in batch.zs[0::2]])  # [S, b, D]
+      f = jnp.where(hit.sum(axis=1)[None, :, None] > 0, f, 0)  # padding may hold NaN
+      out[kind] = jnp.einsum("bc,sbd->scd", hit, f, precision="highest")
+    return out
+
+  return core.Stage("mutual_knn_features", ("gather", kinds, count), partial_sums,
+                    BOOTSTRAP=False)
+
+
+def neighbours(features, k: int) -> np.ndarray:
+  """[n, k] indices of each row's k nearest other rows by cosine similarity (float64)."""
+  x = np.asarray(features, np.float64)
+  norms = np.linalg.norm(x, axis=1, keepdims=True)
+  x = x / np.where(norms > 0, norms, 1)
+  sims = x @ x.T
+  np.fill_diagonal(sims, -np.inf)
+  return np.argpartition(-sims, k - 1, axis=1)[:, :k]
+
+
+def mutual_knn(a, b, k: int) -> float:
+  """Mean over rows of |kNN_A(i) ∩ kNN_B(i)| / k for features a [n, Da] and b [n, Db] of the
+  same n images: 1 when both spaces have the same neighbourhoods, ~k/(n-1) by chance."""
+  na, nb = neighbours(a, k), neighbours(b, k)
+  n = len(na)
+  member = np.zeros((n, n), bool)
+  member[np.arange(n)[:, None], na] = True
+  return float(member[np.arange(n)[:, None], nb].sum(axis=1).mean() / k)
 
 
 def _same_input(a, images_a, b, images_b) -> str:
@@ -68,7 +113,33 @@ def cka_between_models(jobs, options: dict, session) -> dict:
       for estimator in ("", "_unbiased"):
         matrix = np.asarray(result[f"cka{estimator}_{kind}"], np.float64)
         entry[f"cka{estimator}_{kind}"] = matrix[:split, split:].tolist()
+    entry.update(_mutual_knn(a, b, images_a, session, options, name))
     out[name] = entry
+  return out
+
+
+def _mutual_knn(a, b, images, session, options, name) -> dict:
+  """{"mutual_knn_<kind>": [SA][SB], "mutual_knn_k", "mutual_knn_images"} of one pair, or {}
+  when the option is off."""
+  k, count = cka.mutual_knn_settings(options)
+  count = min(count, len(images))
+  if not count or count <= k:
+    return {}
+  kinds = cka.feature_kinds(options)
+  stage = gather_stage(kinds, count)
+  analyzer = session.extra_analyzer(("mutual knn", name, count), _paired_forward(a.vit, b.vit),
+                                    [stage], a.vit.patch_size, {stage.NAME: stage.OPTIONS})
+  gathered = session.stream(analyzer, images, (a.params, b.params), f"{name}: mutual k-NN",
+                            quiet=True)
+  found = int((np.asarray(gathered["found"]) > 0).sum())  # fewer with max_batches
+  split = a.vit.depth + 1
+  out = {"mutual_knn_k": k, "mutual_knn_images": found}
+  if found <= k:
+    return {}
+  for kind in kinds:
+    features = np.asarray(gathered[kind], np.float64)[:, :found]
+    out[f"mutual_knn_{kind}"] = [[mutual_knn(features[i], features[split + j], k)
+                                  for j in range(b.vit.depth + 1)] for i in range(split)]
   return out
 
 
