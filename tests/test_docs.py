@@ -116,3 +116,23 @@ def test_the_analysis_config_table_lists_every_field_with_its_default():
     if literal is not None and literal != values[field]:
       wrong[field] = (default, values[field])
   assert not wrong, f"README default vs config_lib.analysis_base: {wrong}"
+
+
+def test_rendered_numbers_match_their_result_files(tmp_path):
+  """scripts/render_docs.py --check: every marked number of README.md and docs/ equals its
+  committed result file; a changed number in a copy is caught."""
+  import subprocess
+  import sys as _sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = os.path.join(root, "scripts", "render_docs.py")
+  done = subprocess.run([_sys.executable, script, "--check"], capture_output=True, text=True)
+  assert done.returncode == 0, done.stdout + done.stderr
+  with open(os.path.join(root, "docs", "analyses", "svd.md")) as f:
+    text = f.read()
+  marker = "finding/effective_rank/verdict:s -->"
+  assert marker in text
+  copy = tmp_path / "svd.md"
+  copy.write_text(text.replace(marker, marker + "stale"))
+  done = subprocess.run([_sys.executable, script, "--check", str(copy)], capture_output=True,
+                        text=True)
+  assert done.returncode == 1 and "stale" in done.stdout
