@@ -184,7 +184,7 @@ def partial_sums(batch: core.Batch, options) -> dict:
   return out
 
 
-def unbiased_pair_cka(sums: dict, kind: str, count: float, pairs) -> dict:
+def unbiased_pair_cka(sums: dict, kind: str, count: float, pairs, constant=()) -> dict:
   """{(i, j): float64 unbiased linear CKA} (Song et al. 2012's unbiased HSIC, as Nguyen et al.
   2021 use it for CKA) from the streamed sums of feature `kind`, images weighted 1.
 
@@ -196,7 +196,9 @@ def unbiased_pair_cka(sums: dict, kind: str, count: float, pairs) -> dict:
     1^T K~L~ 1 = Sx^T (X^T Y) Sy - Sx . sum_a x_a |y_a|^2 - Sy . sum_a |x_a|^2 y_a
                  + sum_a |x_a|^2 |y_a|^2,      Sx = sum_a x_a.
   Unlike the plain (biased) estimator, it is ~0 for independent features at any n (the biased
-  one is ~D/n there). Needs n >= 4; NaN where a stage's HSIC_u(X, X) <= 0. Precision: the
+  one is ~D/n there). Needs n >= 4; NaN where a stage's HSIC_u(X, X) <= 0 or the stage is in
+  `constant` (constant over the images, as `pair_cka` finds: float round-off would otherwise
+  turn 0/0 into an arbitrary number, e.g. for the cls token before the first block). Precision: the
   terms are sums of *uncentred* products, added in float32 on the devices, so features whose
   mean is large against their spread lose digits: ~1e-4 absolute when the mean is twice the
   spread (tests/test_cka_tsne.py), against ~1e-5 relative for the plain estimator.
@@ -220,8 +222,8 @@ def unbiased_pair_cka(sums: dict, kind: str, count: float, pairs) -> dict:
   out = {}
   for (i, j), value in hsic.items():
     scale = hsic[i, i] * hsic[j, j]
-    out[i, j] = float(value / np.sqrt(scale)) if hsic[i, i] > 0 and hsic[j, j] > 0 \
-        else float("nan")
+    defined = hsic[i, i] > 0 and hsic[j, j] > 0 and i not in constant and j not in constant
+    out[i, j] = float(value / np.sqrt(scale)) if defined else float("nan")
   return out
 
 
@@ -260,7 +262,9 @@ def finalize(sums, options) -> dict:
     values = pair_cka(sums[f"moment_{kind}"], sums[f"sum_{kind}"], count,
                       _pairs_of(kind, kinds, num, options))
     out[f"cka_{kind}"] = [[values[min(i, j), max(i, j)] for j in stages] for i in stages]
-    unbiased = unbiased_pair_cka(sums, kind, count, _pairs_of(kind, kinds, num, options))
+    constant = {i for (i, j), value in values.items() if i == j and np.isnan(value)}
+    unbiased = unbiased_pair_cka(sums, kind, count, _pairs_of(kind, kinds, num, options),
+                                 constant)
     out[f"cka_unbiased_{kind}"] = [[unbiased[min(i, j), max(i, j)] for j in stages]
                                    for i in stages]
     if kind == kinds[0]:

@@ -197,14 +197,15 @@ class Session:
     multi-pass analysis' `measure` with `probe_data` (the model's `ProbeData`)."""
     started = time.time()
     params = model.params if params is None else params
-    out = {}
+    out, replicates = {}, {}
     if self.modules:
       both = params
       if getattr(model, "decoder", None) is not None:
         both = {"encoder": params, "decoder": model.decoder["params"]}
       analyzer = self.analyzer(model)
       out = self.stream(analyzer, images, both, model.name, quiet)
-      replicates = analyzer.replicate_curves(self.draws) if self.folds else {}
+      if self.folds:
+        replicates = analyzer.replicate_curves(self.draws)
       self.not_resampled.update(analyzer.unfolded)
     passes = Passes(self, model, params, quiet)
     for module in self.multi_pass:
