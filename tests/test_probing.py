@@ -183,3 +183,71 @@ def test_robustness_counts_do_not_depend_on_batching_or_devices():
                     float(out["count"])))
   assert results[0] == results[1] == results[2]
   assert results[0][2] == 29 and len(results[0][1]) == 3
+
+
+# ---------------------------------------------------------------- the k-NN probe
+
+def _knn_reference(train, evaluation, k=20, temperature=0.07):
+  """float64 weighted k-NN top-1 (DINO's vote) on the stand-in's features."""
+  def unit(f):
+    x = np.asarray(probing.normalised(jnp.asarray(f)), np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+  memory, queries = unit(train[0]), unit(evaluation[0])
+  hits = 0
+  for q, label in zip(queries, evaluation[1]):
+    sims = memory @ q
+    top = np.argsort(-sims, kind="stable")[:k]
+    votes = np.zeros(4)
+    np.add.at(votes, train[1][top], np.exp(sims[top] / temperature))
+    hits += int(np.argmax(votes) == label)
+  return hits / len(evaluation[1])
+
+
+def test_knn_separable_clusters_are_found_perfectly_and_noise_gives_chance():
+  out = _measure(_blobs(80, seed=11), _blobs(40, seed=12), knn_k=5)
+  for kind in probing.KINDS:
+    assert out[f"knn_label_{kind}"] == [1.0] * DEPTH
+  assert out["probing_details"]["knn"]["memory_images"] == 80
+  rng = np.random.default_rng(13)
+  noise = lambda n: (rng.normal(size=(n, WIDTH)), rng.integers(4, size=n))
+  top1 = _measure(noise(400), noise(400), knn_k=20)["knn_label_cls"]
+  assert all(abs(v - 0.25) < 0.08 for v in top1), top1
+
+
+def test_knn_matches_a_float64_reference_for_any_batching_and_device_count():
+  train, evaluation = _blobs(60, spread=1.2, seed=14), _blobs(45, spread=1.2, seed=15)
+  reference = _knn_reference(train, evaluation, k=7, temperature=0.1)
+  assert 0.4 < reference < 1  # the clusters overlap: a non-trivial answer
+  results = [_measure(train, evaluation, _Passes(d, s, b), knn_k=7, knn_temperature=0.1,
+                      ridge_grid=(1.0,), holdout_fraction=0.0)["knn_label_mean_tokens"]
+             for d, s, b in ((8, 4, 13), (1, 5, 45), (2, 3, 7))]
+  assert results[0] == results[1] == results[2]
+  np.testing.assert_allclose(results[0], [reference] * DEPTH, atol=1e-12)
+
+
+def test_knn_votes_are_weighted_by_similarity_over_temperature():
+  similarity = jnp.asarray([[0.9, 0.5, 0.5, -jnp.inf]])  # one query, a 4-image memory
+  labels = jnp.asarray([1, 0, 0, 1])
+  sharp = probing.knn_probe.votes(similarity, labels, 3, 0.07, 2)
+  flat = probing.knn_probe.votes(similarity, labels, 3, 10.0, 2)
+  assert int(jnp.argmax(sharp[0])) == 1  # one close neighbour outweighs two far ones
+  assert int(jnp.argmax(flat[0])) == 0  # at a high temperature the majority wins
+  np.testing.assert_allclose(sharp[0, 0] / sharp[0, 1], 2 * np.exp(-0.4 / 0.07), rtol=1e-5)
+  four = probing.knn_probe.votes(similarity, labels, 4, 0.07, 2)  # -inf: not in the memory
+  np.testing.assert_allclose(four, sharp, rtol=1e-6)
+
+
+def test_knn_memory_cap_and_bad_options_are_refused_before_compute():
+  out = _measure(_blobs(50, seed=16), _blobs(20, seed=17), knn_k=3, knn_train_images=10)
+  assert out["probing_details"]["knn"]["memory_images"] == 10
+  assert "knn_label_cls" not in _measure(_blobs(30, seed=16), _blobs(10, seed=17), knn_k=0)
+  for bad, field in (({"knn_k": -1}, "knn_k"), ({"knn_k": 2.5}, "knn_k"),
+                     ({"knn_temperature": 0}, "knn_temperature"),
+                     ({"knn_train_images": -3}, "knn_train_images")):
+    with pytest.raises(ClmimError, match=f"probing.{field}="):
+      probing.check_options({**probing.OPTIONS, **bad})
+  features, labels = _blobs(12)
+  data = _Data(_Set(features, ["label"], labels, 4), None)
+  with pytest.raises(ClmimError, match="knn_k=20: the k-NN memory holds 12"):
+    probing.check_training_set(data, {**probing.OPTIONS, "ridge_grid": (1.0,),
+                                      "holdout_fraction": 0.0})

@@ -46,12 +46,15 @@ def test_procedural_probes_bias_and_robustness_in_one_run(tmp_path, capsys):
   assert out.count("probe fit (independent)") == 1
   values = next(iter(results["models"].values()))
   for key in ("probe_shape_cls", "probe_shape_mean_tokens", "probe_texture_cls",
-              "probe_texture_mean_tokens", "shape_bias_cls", "shape_bias_mean_tokens"):
+              "probe_texture_mean_tokens", "shape_bias_cls", "shape_bias_mean_tokens",
+              "knn_shape_cls", "knn_texture_mean_tokens"):
     assert len(values[key]) == 2 and all(0 <= v <= 1 for v in values[key]), key
   details = values["probing_details"]
   assert details["targets"]["shape"]["train_images"] == 64
   assert details["targets"]["shape"]["evaluation_images"] == 40
   assert details["cue_conflict"]["images"] == 40
+  assert details["knn"] == {"k": 20, "temperature": 0.07, "memory_images": 64,
+                            "memory_data": details["targets"]["shape"]["train_data"]}
   assert len(details["cue_conflict"]["decision_top1"]) == 2
   assert len(values["band_noise_drop"]) == 2 and len(values["white_noise_drop"]) == 1
   robust = values["robustness_details"]
@@ -174,6 +177,7 @@ def test_a_labelled_tfds_dataset_is_probed_and_too_few_training_images_are_refus
   details = values["probing_details"]["targets"]["label"]
   assert details["classes"] == ["dark", "middle", "light"] and details["train_images"] == 30
   assert values["probe_label_mean_tokens"][-1] == 1.0  # three grey levels: trivially separable
+  assert values["knn_label_mean_tokens"][-1] == 1.0
   config.data.num_train_images = 1  # one image: held out to choose the ridge, none to fit
   with pytest.raises(ClmimError, match="leave 0 to fit"):
     analyze.run(config, str(tmp_path / "again"))

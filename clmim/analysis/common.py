@@ -23,3 +23,15 @@ def grid_side(num_patches: int, what: str) -> int:
     raise ClmimError(f"{what} have {num_patches} patch tokens (excluding cls); expected a square "
                      "number g*g of patches.")
   return g
+
+
+def gather_first(index, weights, count: int, features):
+  """(found [count], gathered [..., count, D]): `features` [..., b, D] of the images at stream
+  positions 0 .. count-1, each at its position exactly once whatever the batching and device
+  count (a one-hot sum over the batch; summed over steps and devices by the runner); found is 1
+  where that image was seen. Padding and later images add nothing, even if NaN."""
+  hit = ((index[:, None] == jnp.arange(count)[None, :]) & (weights[:, None] > 0))
+  hit = hit.astype(jnp.float32)  # [b, count]
+  seen = hit.sum(axis=1) > 0
+  features = jnp.where(seen[:, None], features, 0)
+  return hit.sum(axis=0), jnp.einsum("bc,...bd->...cd", hit, features, precision="highest")

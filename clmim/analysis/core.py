@@ -54,7 +54,8 @@ import numpy as np
 from clmim.errors import ClmimError
 
 # Modules of clmim/analysis/ that are not analyses.
-_NOT_ANALYSES = {"core", "runner", "common", "plots", "linear_probe", "noise", "bootstrap"}
+_NOT_ANALYSES = {"core", "runner", "common", "plots", "linear_probe", "knn_probe", "noise",
+                 "bootstrap"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,8 +31,13 @@ Options:
     holdout_fraction may be 0).
   cue_conflict: True: also measure the shape bias (synthetic data, or a folder in
     config.data.cue_conflict_path).
+  knn_k: 20: the weighted k-NN probe's k (`clmim.analysis.knn_probe`, DINO's evaluation);
+    0: no k-NN probe.
+  knn_temperature: 0.07: its vote temperature T (weights exp(cosine / T)).
+  knn_train_images: 10000: its memory, the first that many training images (0: all of them).
 
-Results: "probe_<target>_<feature>": [block] top-1; "shape_bias_<feature>": [block];
+Results: "probe_<target>_<feature>": [block] top-1; "knn_<target>_<feature>": [block] the
+k-NN probe's top-1; "shape_bias_<feature>": [block];
 "probing_details": the classes, chance level, chosen ridge per block and feature, image counts
 and data of every probe, and the deciding probe's own top-1 ("decision_top1").
 """
@@ -43,13 +48,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from clmim.analysis import core
+from clmim.analysis import knn_probe
 from clmim.analysis import linear_probe as lp
 from clmim.errors import ClmimError
 
 NAME = "probing"
 READS = ("zs",)
 OPTIONS = {"features": "cls,mean_tokens", "holdout_fraction": 0.1,
-           "ridge_grid": lp.DEFAULT_RIDGE_GRID, "cue_conflict": True}
+           "ridge_grid": lp.DEFAULT_RIDGE_GRID, "cue_conflict": True, **knn_probe.OPTIONS}
 KINDS = ("cls", "mean_tokens")
 TARGETS = ("shape", "texture", "label")
 _GOLDEN = (5 ** 0.5 - 1) / 2
@@ -88,7 +94,14 @@ RESULTS = tuple(
                 description=f"cue-conflict images: shape / (shape + texture) decisions of the "
                             f"deciding probe on each block's {_KIND_LABEL[k]}",
                 title=f"Shape bias per block ({_KIND_LABEL[k]})")
-    for k in KINDS) + (
+    for k in KINDS) + tuple(
+    core.Result(f"knn_{t}_{k}", f"{t} k-NN top-1 ({_KIND_LABEL[k]})", "[block]",
+                series=_series, reference=_chance(t), reference_label="chance",
+                cl_direction=_DIRECTION[t],
+                description=f"weighted k-NN probe (DINO's: k=20, T=0.07 by default) of the {t} "
+                            f"label on each block's {_KIND_LABEL[k]}, top-1",
+                title=f"k-NN probe of the {t} label ({_KIND_LABEL[k]})")
+    for t in TARGETS for k in KINDS) + (
     core.Result("probing_details", "probe details", "{...}", x=None, series=None,
                 description="classes, chance, chosen ridge, image counts of every probe"),)
 
@@ -121,6 +134,8 @@ def check_options(options, where=NAME) -> None:
   if not values or not all(np.isfinite(a) and a >= 0 for a in values):
     raise ClmimError(f"config.analysis_options.{where}.ridge_grid={options['ridge_grid']!r}: "
                      "expected one or more numbers >= 0.")
+  if "knn_k" in options:  # robustness shares these checks without a k-NN probe
+    knn_probe.check_options(options, where)
   if len(values) > 1 and fraction == 0:
     raise ClmimError(f"config.analysis_options.{where}: holdout_fraction=0 leaves no images to "
                      "choose among several ridge_grid values; give one value or a fraction > 0.")
@@ -272,6 +287,8 @@ def check_training_set(data, options, where=NAME) -> None:
                      f"and {held} to choose the ridge (config.analysis_options.{where}."
                      f"holdout_fraction={options['holdout_fraction']}); use more training images "
                      "(config.data.num_train_images) or a single ridge_grid value.")
+  if "knn_k" in options:
+    knn_probe.check_training_set(count, options, where)
 
 
 def check_data(data, options) -> None:
@@ -305,6 +322,10 @@ def measure(model, data, passes, options) -> dict:
              if key not in ("weights", "bias")}
     entry["ridge"] = [[row[k] for k in picked] for row in entry["ridge"]]
     details["targets"][target] = {**entry, "evaluation_images": count}
+  if options["knn_k"]:
+    top1, details["knn"] = knn_probe.measure(passes, data, options, block_features)
+    for target, values in top1.items():
+      out.update({f"knn_{target}_{kind}": values[:, k].tolist() for k, kind in zip(picked, kinds)})
   conflict = data.cue_conflict() if options["cue_conflict"] else None
   if conflict is not None:
     out.update(_shape_bias(data, passes, options, conflict, kinds, picked, details))

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 
 import jax.numpy as jnp
 
-from clmim.analysis import cka, core
+from clmim.analysis import cka, common, core
 from clmim.models.vit import forward_with_states
 
 
@@ -45,13 +45,10 @@ def gather_stage(kinds, count: int) -> core.Stage:
   kinds = tuple(kinds)
 
   def partial_sums(batch, options):
-    hit = (batch.index[:, None] == jnp.arange(count)[None, :]) & (batch.weights[:, None] > 0)
-    hit = hit.astype(jnp.float32)  # [b, count]
-    out = {"found": hit.sum(axis=0)}
+    out = {}
     for kind in kinds:
       f = jnp.stack([cka.stage_feature(z, kind) for z in batch.zs[0::2]])  # [S, b, D]
-      f = jnp.where(hit.sum(axis=1)[None, :, None] > 0, f, 0)  # padding may hold NaN
-      out[kind] = jnp.einsum("bc,sbd->scd", hit, f, precision="highest")
+      out["found"], out[kind] = common.gather_first(batch.index, batch.weights, count, f)
     return out
 
   return core.Stage("mutual_knn_features", ("gather", kinds, count), partial_sums,
