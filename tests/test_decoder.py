@@ -3,6 +3,7 @@ PyTorch reference, the analysis against float64 numpy definitions, exactness thr
 and the errors for models and files without a decoder."""
 import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from clmim.checkpoints import native, registry
 from clmim.data.synthetic import ShapesTextures
 from clmim.errors import ClmimError
 from clmim.jobs import analyze, report
-from clmim.models import heads
+from clmim.models import heads, masking
 from clmim.models.vit import vit_fields
 from clmim.train import trainer
 from clmim.train.common import build_encoder
@@ -246,8 +247,9 @@ def test_simmim_decoder_is_its_pixel_head(tmp_path, images):
   torch.save({"model": simmim.state_dict()}, path)
   model = registry.resolve(f"simmim:{path}?decoder=1")
   assert model.decoder["kind"] == "simmim" and not model.vit.use_mask_token
-  assert "mask_token" not in model.params
-  decoder.check(model, {})
+  assert "mask_token" not in model.params and "mask_token" in model.decoder
+  assert model.decoder["training_mask"] == {"ratio": 0.6, "patch_px": 32}
+  decoder.check(model, core.resolve_options(decoder, None))
   few = images[:4]
   _, _, dzs, dattns = jax.jit(_forward(model))(_params(model), few)
   assert len(dzs) == 1 and not dattns
@@ -318,7 +320,12 @@ def test_an_export_keeps_its_decoder_and_decoder_1_loads_it(tmp_path, module, ki
   jax.tree.map(np.testing.assert_array_equal, model.decoder["params"], params[key])
   # The module the analysis runs is the one the objective trained (same fields, same params).
   assert heads.decoder_module(kind, model.decoder["config"]) == getattr(objective, key)
-  decoder.check(model, {})
+  # The masks its pretraining drew, from its manifest: the masked feed's defaults.
+  section = module.get_config("runlocal")[kind]
+  assert model.decoder["training_mask"] == {
+      "ratio": section.mask_ratio, "patch_px": section.mask_patch if kind == "simmim" else None}
+  assert ("mask_token" in model.decoder) == (kind == "simmim")
+  decoder.check(model, core.resolve_options(decoder, None))
 
 
 def test_the_decoder_analysis_runs_on_a_simmim_export(tmp_path):
@@ -368,3 +375,125 @@ def test_a_corrupt_or_misshapen_kept_decoder_is_one_line(tmp_path):
   (path / "decoder.npz").write_bytes(b"PK\x03\x04 truncated")
   with pytest.raises(ClmimError, match="decoder.npz' are corrupt"):
     registry.resolve(f"{path}?decoder=1")
+
+
+# --- the decoder fed as in pretraining (input="masked", the default) -----------------------------
+
+def _masked_forward(model, **feed):
+  d = model.decoder
+  forward = functools.partial(heads.forward_with_decoder, model.vit, d["kind"], d["config"],
+                              feed={"patch": 0, "seed": 0, **feed})
+  forward.takes_index = True
+  return forward
+
+
+def test_masked_mae_feed_matches_torch_and_masks_three_quarters(files, model, images):
+  mae = files[0]
+  assert model.decoder["training_mask"] == {"ratio": 0.75, "patch_px": None}
+  feed = decoder.feed(model, core.resolve_options(decoder, None))
+  assert feed == {"ratio": 0.75, "patch": 0, "seed": 0}
+  index = jnp.arange(NUM_IMAGES, dtype=jnp.int32)
+  tokens = tcp.GRID ** 2
+  keep, mask = masking.per_image(lambda k: masking.random_keep(k, 1, tokens, 0.75), 0, index)
+  keep, mask = np.array(keep), np.array(mask)
+  assert (mask.sum(1) == tokens - tokens // 4).all()  # 12 of 16 masked in every image
+  assert len({tuple(row) for row in keep}) > 1  # each image its own draw
+  _, _, dzs, dattns = jax.jit(_masked_forward(model, ratio=0.75))(_params(model), images, index)
+  with torch.no_grad():  # MAE's forward_encoder + forward_decoder with these kept patches
+    x = mae.patch_embed.proj(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    x = x.flatten(2).transpose(1, 2) + mae.pos_embed[:, 1:]
+    visible = torch.gather(x, 1, torch.from_numpy(keep).long()[..., None].expand(-1, -1,
+                                                                                 tcp.WIDTH))
+    cls = (mae.cls_token + mae.pos_embed[:, :1]).expand(NUM_IMAGES, -1, -1)
+    h = torch.cat([cls, visible], 1)
+    for block in mae.blocks:
+      h, _, _ = block(h)
+    h = mae.decoder_embed(mae.norm(h))
+    full = mae.mask_token.expand(NUM_IMAGES, tokens, -1).clone()
+    for i in range(NUM_IMAGES):
+      full[i, keep[i]] = h[i, 1:]
+    y = torch.cat([h[:, :1], full], 1) + mae.decoder_pos_embed
+    ref_dzs, ref_attns = [y], []
+    for block in mae.decoder_blocks:
+      y, y1, attn = block(y)
+      ref_dzs += [y1, y]
+      ref_attns.append(attn)
+  for got, want in zip(dzs, ref_dzs):
+    np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=2e-4 * float(want.abs().max()))
+  for got, want in zip(dattns, ref_attns):
+    np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=2e-5)
+
+
+def test_masked_results_do_not_depend_on_batching_or_devices(model, images):
+  forward, params = _masked_forward(model, ratio=0.75), _params(model)
+  runs = []
+  for devices, size, batch in ((8, 2, 16), (1, 3, 5), (4, 1, 7)):
+    mesh = runner.make_mesh(jax.devices()[:devices])
+    out = runner.Analyzer(forward, [decoder], tcp.PATCH, mesh=mesh, device_batch_size=size).run(
+        params, (images[i:i + batch] for i in range(0, NUM_IMAGES, batch)), progress=False)
+    runs.append(out)
+  for out in runs[1:]:
+    np.testing.assert_allclose(out["decoder_fourier"], runs[0]["decoder_fourier"], atol=1e-5)
+    np.testing.assert_allclose(out["decoder_nmi"], runs[0]["decoder_nmi"], atol=1e-6)
+
+
+def test_masked_simmim_feed_is_the_encoder_with_mask_tokens(tmp_path, images):
+  class SimMIM(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.encoder = tcp.TorchViT(beit=True, mask_token=True)
+      self.decoder = torch.nn.Sequential(
+          torch.nn.Conv2d(tcp.WIDTH, tcp.PATCH ** 2 * 3, 1), torch.nn.PixelShuffle(tcp.PATCH))
+
+  simmim = tcp._randomize(SimMIM(), 13)
+  path = str(tmp_path / "simmim_pretrain__vit_base__img224__800ep.pth")
+  torch.save({"model": simmim.state_dict()}, path)
+  model = registry.resolve(f"simmim:{path}?decoder=1")
+  options = {**core.resolve_options(decoder, None), "mask_patch": 16}
+  feed = decoder.feed(model, options)
+  assert feed == {"ratio": 0.6, "patch": 2, "seed": 0}
+  few, index = images[:4], jnp.arange(4, dtype=jnp.int32)
+  mask = np.asarray(masking.per_image(
+      lambda k: masking.block_masks(k, 1, tcp.GRID, 2, 0.6), 0, index))
+  assert (mask.sum(1) == 12).all()  # ceil(0.6 * 4) of the four 2x2 blocks
+  params = {**_params(model), "mask_token": model.decoder["mask_token"]}
+  _, _, dzs, _ = jax.jit(_masked_forward(model, ratio=0.6, patch=2))(params, few, index)
+  encoder = simmim.encoder
+  with torch.no_grad():
+    x = encoder.patch_embed.proj(torch.from_numpy(few.transpose(0, 3, 1, 2)))
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.where(torch.from_numpy(mask)[..., None], encoder.mask_token, x)
+    x = torch.cat([encoder.cls_token.expand(len(few), -1, -1), x], 1)
+    for block in encoder.blocks:
+      x, _, _ = block(x, encoder.rel_pos_bias())
+    grid = encoder.norm(x)[:, 1:].transpose(1, 2).reshape(len(few), tcp.WIDTH, tcp.GRID,
+                                                           tcp.GRID)
+    pixels = simmim.decoder(grid).numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(np.asarray(heads.unpatchify(dzs[0][:, 1:], tcp.PATCH, tcp.GRID)),
+                             pixels, atol=1e-4 * np.abs(pixels).max())
+
+
+def test_masked_is_the_job_default_and_bad_feeds_are_refused(files, tmp_path):
+  config = all_config.get_config("runlocal")
+  config.models = f"{files[1]}?decoder=1&num_heads={tcp.HEADS}&name=mae"
+  config.analyses = "decoder"
+  config.include_untrained = False
+  config.progress = False
+  config.data.num_images = 8
+  config.batch_size = 8
+  masked = analyze.run(config, str(tmp_path / "masked"))["models"]["mae"]
+  config.analysis_options.decoder.input = "unmasked"
+  unmasked = analyze.run(config, str(tmp_path / "unmasked"))["models"]["mae"]
+  assert masked["decoder_fourier"] != unmasked["decoder_fourier"]
+  # The encoder's half is the unmasked image's either way.
+  assert masked["encoder_decoder_fourier"][:tcp.DEPTH + 1] == \
+      unmasked["encoder_decoder_fourier"][:tcp.DEPTH + 1]
+  for field, value, expected in (("input", "half", "expected one of masked, unmasked"),
+                                 ("mask_ratio", 1.5, "expected a share in (0, 1)"),
+                                 ("mask_ratio", 0.99, "keeps no patch of 16")):
+    config.analysis_options.decoder.input = "masked"
+    config.analysis_options.decoder.mask_ratio = 0.0
+    setattr(config.analysis_options.decoder, field, value)
+    with pytest.raises(ClmimError, match=rf"decoder\.{field}=.*{re.escape(expected)}"):
+      analyze.run(config, str(tmp_path / f"refused_{field}"))
+    assert not (tmp_path / f"refused_{field}").exists()

@@ -104,4 +104,5 @@ def test_runlocal_trains_and_exports(tmp_path):  # resuming: the trainer's own t
   assert np.shape(values["decoder_nmi"]) == (2, 4)      # 2 blocks x 4 heads
   assert np.isfinite(values["encoder_decoder_fourier"]).all()
   assert results["model_info"]["mae_demo_runlocal"]["decoder"] == {
-      "kind": "mae", "width": 64, "depth": 2, "num_heads": 4, "mlp_dim": 256, "patch_size": 4}
+      "kind": "mae", "width": 64, "depth": 2, "num_heads": 4, "mlp_dim": 256, "patch_size": 4,
+      "training_mask": {"ratio": 0.75, "patch_px": None}}  # fed masked by default, as trained

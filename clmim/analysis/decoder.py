@@ -13,13 +13,30 @@ and applies the repository's own definitions to its states (docs/analyses/decode
   encoder_decoder_fourier[stage]  ΔlogA at the highest frequency of the encoder's stages
       (`fourier`'s curve) followed by the decoder's: the paper's figure as one curve.
 
-The decoder sees every token of the unmasked image (`clmim.models.heads.decoder_states`): the
-paper analyses full images, and masking would make the stream depend on random masks.
+What the decoder sees (option `input`):
+  "masked" (default): what it saw in pretraining. Each image gets its own random mask (drawn
+      from `mask_seed` and the image's stream position: the same masks for any batching and
+      device count). MAE: the encoder runs on the kept int(N·(1 − ratio)) patches only and the
+      decoder gets them at their grid positions with its mask token elsewhere; SimMIM: the
+      encoder runs with masked blocks replaced by its mask token, the pixel head on its output.
+      The ratio (and SimMIM's block side) are the checkpoint's: its manifest's for clmim's
+      exports, the official recipes' for official files (MAE 0.75; SimMIM 0.6 in 32 px blocks).
+  "unmasked": every token of the unmasked image's encoding, which MAE's decoder never saw in
+      training (the earlier default; masks then play no part).
+The encoder's own states (every other analysis, and the encoder part of
+encoder_decoder_fourier) are always the unmasked image's.
+
+Options:
+  input: "masked" (default) or "unmasked".
+  mask_ratio: 0.0 = the checkpoint's training ratio; else the share of patches masked, (0, 1).
+  mask_patch: 0 = the checkpoint's SimMIM block side in pixels; else a multiple of the patch
+    size that tiles the image (SimMIM only).
+  mask_seed: 0: the seed every image's mask is drawn from.
 
 Models need a decoder: load with `?decoder=1` an export of clmim's own MAE, SimMIM or hybrid
 pretraining (`runs/<run>/export?decoder=1`: exports keep the decoder beside the encoder), or
 an official MAE _full/visualize or SimMIM checkpoint (`check` refuses any other model before
-compute). No options.
+compute).
 """
 import dataclasses
 
@@ -32,7 +49,8 @@ from clmim.errors import ClmimError
 
 NAME = "decoder"
 READS = ("zs", "decoder_zs", "decoder_attns")
-OPTIONS = {}
+OPTIONS = {"input": "masked", "mask_ratio": 0.0, "mask_patch": 0, "mask_seed": 0}
+INPUTS = ("masked", "unmasked")
 
 # Exactly fourier's curve: the last (highest) frequency of each stage.
 _HIGHEST = core.results_of(fourier)["fourier"].series
@@ -64,14 +82,54 @@ RESULTS = (
 )
 
 
+def _where(field: str) -> str:
+  return f"config.analysis_options.{NAME}.{field}"
+
+
+def feed(model, options: dict) -> dict | None:
+  """The masked feed {"ratio", "patch" (SimMIM block side in tokens, else 0), "seed"} of
+  `model`'s decoder under `options`, or None for input="unmasked". Raises ClmimError (one line,
+  naming the option) when it cannot be built; `check` calls it before any compute."""
+  if options["input"] not in INPUTS:
+    raise ClmimError(f"{_where('input')}={options['input']!r}: expected one of "
+                     f"{', '.join(INPUTS)}.")
+  if options["input"] == "unmasked":
+    return None
+  decoder, vit = model.decoder, model.vit
+  trained = decoder.get("training_mask") or {}
+  ratio = float(options["mask_ratio"] or trained.get("ratio") or 0)
+  if not 0 < ratio < 1:
+    raise ClmimError(f"{_where('mask_ratio')}={options['mask_ratio']!r}: expected a share in "
+                     f"(0, 1), or 0 for the checkpoint's, which model {model.name!r} does not "
+                     f"record; give one, or input='unmasked'.")
+  seed = options["mask_seed"]
+  if isinstance(seed, bool) or not isinstance(seed, int):
+    raise ClmimError(f"{_where('mask_seed')}={seed!r}: expected an integer.")
+  tokens = vit.grid ** 2
+  if decoder["kind"] == "mae":
+    if int(tokens * (1 - ratio)) < 1:
+      raise ClmimError(f"{_where('mask_ratio')}={ratio}: keeps no patch of {tokens}.")
+    return {"ratio": ratio, "patch": 0, "seed": seed}
+  pixels = int(options["mask_patch"] or trained.get("patch_px") or 0)
+  if pixels % vit.patch_size or not pixels or vit.grid % (pixels // vit.patch_size):
+    raise ClmimError(f"{_where('mask_patch')}={options['mask_patch']!r} (block side {pixels} px "
+                     f"for model {model.name!r}): expected a multiple of the patch size "
+                     f"{vit.patch_size} that tiles the {vit.image_size} px image; 0 takes the "
+                     "checkpoint's.")
+  if "mask_token" not in decoder:
+    raise ClmimError(f"model {model.name!r}: input='masked' needs SimMIM's encoder mask token, "
+                     f"which this checkpoint does not hold; use {_where('input')}='unmasked'.")
+  return {"ratio": ratio, "patch": pixels // vit.patch_size, "seed": seed}
+
+
 def check(model, options: dict) -> None:
-  """Refuses a model without a decoder, before any compute."""
-  del options
+  """Refuses a model without a decoder, or a feed it cannot have, before any compute."""
   if getattr(model, "decoder", None) is None:
     name = getattr(model, "name", "?")
     raise ClmimError(f"model {name!r} has no decoder: load an MAE / SimMIM export of clmim "
                      f"('runs/<run>/export?decoder=1') or an official MAE _full/visualize or "
                      f"SimMIM checkpoint with '?decoder=1'.")
+  feed(model, options)
 
 
 def partial_sums(batch: core.Batch, options: dict):

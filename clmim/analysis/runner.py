@@ -245,13 +245,18 @@ class Analyzer:
 
     def local_step(params, context, images, weights, index, labels):
       self.compilations += 1  # runs when traced, not per step
-      states = tuple(forward_fn(params, images))
+      # A forward that masks per image (the decoder fed as in pretraining) needs each image's
+      # stream position: it says so with `takes_index`.
+      takes_index = getattr(forward_fn, "takes_index", False)
+      run = (lambda x: forward_fn(params, x, index)) if takes_index else \
+          (lambda x: forward_fn(params, x))
+      states = tuple(run(images))
       if len(states) not in (2, 4):
         raise ClmimError(f"Analyzer: forward_fn must return (zs, attns) or (zs, attns, "
                          f"decoder_zs, decoder_attns); got {len(states)} values.")
       batch = core.Batch(states[0], states[1], weights, index, patch_size, *states[2:],
                          images=images, labels=labels, context=context,
-                         forward=lambda x: tuple(forward_fn(params, x)))
+                         forward=lambda x: tuple(run(x)))
       sums = {a.NAME: a.partial_sums(batch, self.options[a.NAME]) for a in self.analyses}
       if self.folds:
         sums[_FOLDS] = self._fold_sums(batch, sums)

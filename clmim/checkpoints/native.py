@@ -219,7 +219,12 @@ def load_decoder(path: str, manifest: dict, spec: str, shipped: bool = False,
     raise ClmimError(f"Checkpoint {spec!r}: its manifest's decoder config {config} does not "
                      f"make a {kind} decoder: {e}") from None
   check_params(expected, params, f"{spec} (decoder)")
-  return {"kind": kind, "params": jax.tree.map(jnp.asarray, params), "config": config}
+  # The masks its pretraining drew (the decoder analysis feeds the decoder those by default).
+  section = (manifest.get("config") or {}).get("mae" if kind == "mae" else "simmim") or {}
+  training_mask = {"ratio": section.get("mask_ratio"),
+                   "patch_px": section.get("mask_patch") if kind == "simmim" else None}
+  return {"kind": kind, "params": jax.tree.map(jnp.asarray, params), "config": config,
+          "training_mask": training_mask}
 
 
 def check_params(expected, loaded, source: str) -> None:

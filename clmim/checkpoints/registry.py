@@ -149,6 +149,12 @@ def _official_file(spec: str):
   return None
 
 
+# The masks the official pretraining recipes drew (MAE's pretrain script: mask_ratio 0.75;
+# SimMIM's ViT-B configs: MASK_RATIO 0.6, MASK_PATCH_SIZE 32).
+_OFFICIAL_MASKS = {"mae": {"ratio": 0.75, "patch_px": None},
+                   "simmim": {"ratio": 0.6, "patch_px": 32}}
+
+
 def _from_official(name: str, family, path: str, options: dict, info=None) -> Model:
   if not os.path.exists(path):
     raise ClmimError(f"Checkpoint {path!r} does not exist.")
@@ -163,8 +169,12 @@ def _from_official(name: str, family, path: str, options: dict, info=None) -> Mo
                        f"{converted.family} file has none (MAE's _full/visualize files and "
                        f"SimMIM's have one).")
     decoder = {"kind": converted.family, "params": jax.tree.map(jnp.asarray, head["params"]),
-               "config": dict(head["config"])}
+               "config": dict(head["config"]),
+               # What the official recipes masked (MAE: 75 % of the patches; SimMIM: 60 % in
+               # 32 px blocks): the decoder analysis feeds the decoder that by default.
+               "training_mask": dict(_OFFICIAL_MASKS[converted.family])}
     if vit.use_mask_token:
+      decoder["mask_token"] = jnp.asarray(params["mask_token"])
       # with_heads also keeps SimMIM's encoder mask token; the analyses never mask, so the
       # encoder stays exactly what the spec without `decoder=1` gives.
       vit = vit.clone(use_mask_token=False)
@@ -172,7 +182,8 @@ def _from_official(name: str, family, path: str, options: dict, info=None) -> Mo
       converted.info["architecture"].pop("use_mask_token", None)
   record = families.get(converted.family)
   preprocessing = {"image_size": vit.image_size, **record.preprocessing}
-  extra = {"decoder": {"kind": decoder["kind"], **decoder["config"]}} if decoder else {}
+  extra = {"decoder": {"kind": decoder["kind"], **decoder["config"],
+                       "training_mask": decoder["training_mask"]}} if decoder else {}
   return Model(name=options.get("name") or name, family=record.kind, vit=vit,
                params=jax.tree.map(jnp.asarray, params), preprocessing=preprocessing,
                source=path, info={"method": converted.family, **converted.info, **extra,
@@ -188,7 +199,11 @@ def _random_decoder(decoder, vit: ViT, seed: int):
   # A seed other than the encoder's: the two inits must not share random streams.
   params = heads.init_decoder(decoder["kind"], decoder["config"], latent,
                               jax.random.fold_in(jax.random.PRNGKey(seed), 1))
-  return {**decoder, "params": params}
+  out = {**decoder, "params": params}
+  if "mask_token" in decoder:  # SimMIM's encoder mask token, as the encoder would init it
+    out["mask_token"] = 0.02 * jax.random.truncated_normal(
+        jax.random.fold_in(jax.random.PRNGKey(seed), 2), -2.0, 2.0, decoder["mask_token"].shape)
+  return out
 
 
 def untrained_copy(base: Model, seed: int) -> Model:
@@ -317,7 +332,10 @@ def resolve(spec: str, seed: int = 0) -> Model:
           if k in manifest}
   info["architecture_from"] = {k: "checkpoint manifest" for k in manifest["model"]}
   if decoder:
-    info["decoder"] = {"kind": decoder["kind"], **decoder["config"]}
+    info["decoder"] = {"kind": decoder["kind"], **decoder["config"],
+                       "training_mask": decoder["training_mask"]}
+    if "mask_token" in params:  # SimMIM / hybrid: what a masked decoder feed needs
+      decoder["mask_token"] = jnp.asarray(params["mask_token"])
   return Model(name=options.get("name") or manifest.get("name")
                or os.path.basename(os.path.normpath(path)),
                family=manifest.get("family") or "other", vit=vit,

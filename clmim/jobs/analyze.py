@@ -50,6 +50,7 @@ import numpy as np
 
 from clmim import preflight
 from clmim.analysis import attention_distance, bootstrap, core, plots
+from clmim.analysis import decoder as decoder_analysis
 from clmim.analysis.runner import Analyzer
 from clmim.atomic import removed_unless_complete, write_atomic, write_json_atomic
 from clmim.checkpoints import registry
@@ -125,8 +126,14 @@ class Session:
     else:
       # The decoder runs in the same step, on the encoder's output (params become
       # {"encoder", "decoder"}, see `analyze`).
-      key += (("decoder", decoder["kind"], tuple(sorted(decoder["config"].items()))),)
-      forward = functools.partial(forward_with_decoder, vit, decoder["kind"], decoder["config"])
+      feed = None
+      if any(m.NAME == decoder_analysis.NAME for m in self.modules):
+        feed = decoder_analysis.feed(model, self.options[decoder_analysis.NAME])
+      key += (("decoder", decoder["kind"], tuple(sorted(decoder["config"].items())),
+               tuple(sorted((feed or {}).items()))),)
+      forward = functools.partial(forward_with_decoder, vit, decoder["kind"], decoder["config"],
+                                  feed=feed)
+      forward.takes_index = feed is not None  # per-image masks from the stream position
     if key not in self._analyzers:
       self._analyzers[key] = Analyzer(forward, self.modules, vit.patch_size,
                                       device_batch_size=self.device_batch, options=self.options,
@@ -202,6 +209,8 @@ class Session:
       both = params
       if getattr(model, "decoder", None) is not None:
         both = {"encoder": params, "decoder": model.decoder["params"]}
+        if "mask_token" in model.decoder:
+          both["mask_token"] = model.decoder["mask_token"]
       analyzer = self.analyzer(model)
       out = self.stream(analyzer, images, both, model.name, quiet)
       if self.folds:

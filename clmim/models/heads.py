@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from clmim.errors import ClmimError
+from clmim.models import masking
 from clmim.models.layer_norm import LayerNorm
 from clmim.models.vit import Block, collect_states, sincos_position_embedding
 
@@ -77,7 +78,7 @@ class MaeDecoder(nn.Module):
   Sows like the encoder ("embedding": the blocks' input, then per block "attn",
   "after_attention", "after_mlp"), so `clmim.models.vit.collect_states` reads its states.
   `mask` [B, N] (True = masked) replaces those tokens' embeddings by the mask token, as MAE's
-  un-shuffle does; the analyses pass none (see `decoder_states`).
+  un-shuffle does (the decoder analysis passes one by default, see `masked_decoder_states`).
   """
   width: int
   depth: int
@@ -126,36 +127,71 @@ def init_decoder(kind: str, config: dict, latent, rng):
   return decoder_module(kind, config).init(rng, _decoder_input(kind, latent))["params"]
 
 
-def decoder_states(kind: str, config: dict, params, latent) -> tuple[list, list]:
+def decoder_states(kind: str, config: dict, params, latent, mask=None) -> tuple[list, list]:
   """(zs, attns) of a decoder run on the encoder's final-normed tokens `latent` [B, N+1, D].
 
-  NOTE: nothing is masked: the decoder sees every token of the unmasked image, as the encoder
-  does in the analyses (the paper analyses full images). MAE never trained its decoder on this
-  input (it sees 25% visible tokens + mask tokens), so the states describe the decoder applied
-  to a full image's encoding, not a reconstruction.
+  `mask` [B, N] (True = masked; MAE only): those tokens become the decoder's mask token, as in
+  training (`latent` then holds the visible tokens at their grid positions, see
+  `masking.scatter_visible`). Without it the decoder reads every token of `latent`.
 
   - "mae": zs = the blocks' input (embed(latent) + pos_embed), then per block the state after
     the attention branch and after the MLP branch ([B, N+1, width], like the encoder's zs);
     attns = per block [B, heads, N+1, N+1].
   - "simmim": the decoder is one linear map per token (no blocks): zs = [its output,
     [B, N+1, p*p*3] with a zero row standing in for cls (the head has none; analyses drop it)],
-    attns = [].
+    attns = []. (SimMIM masks in the encoder: pass the masked encoder's `latent`.)
   """
   x = _decoder_input(kind, latent)
   module = decoder_module(kind, config)
   if kind == "simmim":
     pixels = module.apply({"params": params}, x)
     return [jnp.concatenate([jnp.zeros_like(pixels[:, :1]), pixels], axis=1)], []
-  _, state = module.apply({"params": params}, x, mutable=["intermediates"])
+  _, state = module.apply({"params": params}, x, mask, mutable=["intermediates"])
   return collect_states(state, module.depth)
 
 
-def forward_with_decoder(vit, kind: str, config: dict, params, images):
+def masked_decoder_states(vit, kind: str, config: dict, params, images, index, feed: dict):
+  """(zs, attns) of the decoder fed as in pretraining: each image masked by its own draw
+  (`masking.per_image` with feed["seed"] and the image's stream position `index`).
+
+  - MAE: int(N * (1 - ratio)) patches kept uniformly at random; the encoder runs on those only
+    (`ViT(keep=...)`), the decoder gets them at their grid positions and its mask token
+    elsewhere (MAE's forward_encoder + forward_decoder).
+  - SimMIM: ceil(ratio * blocks) blocks of feed["patch"] x feed["patch"] tokens masked; the
+    encoder runs on every token with the masked ones replaced by its mask token
+    (`params["mask_token"]`), the pixel head on its output.
+  `params` is {"encoder", "decoder", "mask_token" (SimMIM)}; feed = {"ratio", "patch", "seed"}.
+  """
+  tokens = vit.grid ** 2
+  if kind == "mae":
+    keep, mask = masking.per_image(
+        lambda key: masking.random_keep(key, 1, tokens, feed["ratio"]), feed["seed"], index)
+    visible = vit.apply({"params": params["encoder"]}, images, keep=keep)
+    return decoder_states(kind, config, params["decoder"], masking.scatter_visible(
+        visible, keep, tokens), mask)
+  mask = masking.per_image(
+      lambda key: masking.block_masks(key, 1, vit.grid, feed["patch"], feed["ratio"]),
+      feed["seed"], index)
+  encoder = vit.clone(use_mask_token=True)
+  latent = encoder.apply({"params": {**params["encoder"], "mask_token": params["mask_token"]}},
+                         images, mask)
+  return decoder_states(kind, config, params["decoder"], latent)
+
+
+def forward_with_decoder(vit, kind: str, config: dict, params, images, index=None, feed=None):
   """(zs, attns, decoder_zs, decoder_attns) of the encoder `vit` and its decoder on `images`.
 
-  `params` is {"encoder": the ViT's params, "decoder": the decoder's}; see `decoder_states`.
+  The encoder's states are always those of the unmasked image (what every other analysis
+  reads). The decoder is fed as in pretraining when `feed` is given (`masked_decoder_states`,
+  needs each image's stream position `index`), else the unmasked image's encoding
+  (`decoder_states`). `params` is {"encoder": the ViT's params, "decoder": the decoder's, and,
+  for a masked SimMIM feed, "mask_token"}.
   """
   latent, state = vit.apply({"params": params["encoder"]}, images, mutable=["intermediates"])
   zs, attns = collect_states(state, vit.depth)
-  decoder_zs, decoder_attns = decoder_states(kind, config, params["decoder"], latent)
+  if feed is None:
+    decoder_zs, decoder_attns = decoder_states(kind, config, params["decoder"], latent)
+  else:
+    decoder_zs, decoder_attns = masked_decoder_states(vit, kind, config, params, images, index,
+                                                      feed)
   return zs, attns, decoder_zs, decoder_attns

@@ -17,26 +17,8 @@ import jax.numpy as jnp
 from clmim.data.augment import crop_flip_view
 from clmim.errors import ClmimError
 from clmim.models.heads import MaeDecoder, patchify
+from clmim.models.masking import random_keep, scatter_visible  # noqa: F401 (re-exported)
 from clmim.train.common import SingleEncoderObjective, build_encoder, normalise
-
-
-def random_keep(rng, batch: int, tokens: int, ratio: float):
-  """(keep [B, K] int32, mask [B, tokens] bool, True = masked) with K = int(tokens * (1 - ratio))
-  patches kept per image, chosen uniformly (MAE's `random_masking`: argsort of uniform noise)."""
-  num_keep = int(tokens * (1 - ratio))
-  order = jnp.argsort(jax.random.uniform(rng, (batch, tokens)), axis=1)
-  keep = order[:, :num_keep].astype(jnp.int32)
-  mask = jnp.ones((batch, tokens), bool).at[jnp.arange(batch)[:, None], keep].set(False)
-  return keep, mask
-
-
-def scatter_visible(latent, keep, tokens: int):
-  """[B, 1 + K, D] encoder output -> [B, 1 + tokens, D]: cls first, each visible token at its
-  grid position, zeros where a patch was masked."""
-  batch, _, width = latent.shape
-  grid = jnp.zeros((batch, tokens, width), latent.dtype)
-  grid = grid.at[jnp.arange(batch)[:, None], keep].set(latent[:, 1:])
-  return jnp.concatenate([latent[:, :1], grid], axis=1)
 
 
 def pixel_targets(images, patch_size: int, norm_pix: bool):

@@ -12,21 +12,8 @@ import jax.numpy as jnp
 from clmim.data.augment import crop_flip_view
 from clmim.errors import ClmimError
 from clmim.models.heads import PixelHead, patchify
+from clmim.models.masking import block_masks  # noqa: F401 (re-exported)
 from clmim.train.common import SingleEncoderObjective, build_encoder, normalise
-
-
-def block_masks(rng, batch: int, grid: int, mask_patch: int, ratio: float):
-  """Random masks [B, grid*grid] (True = masked) made of mask_patch x mask_patch token blocks.
-
-  Exactly ceil(ratio * blocks) blocks are masked per image, as in SimMIM's MaskGenerator.
-  """
-  blocks_per_side = grid // mask_patch
-  num_blocks = blocks_per_side ** 2
-  num_masked = int(-(-ratio * num_blocks // 1))
-  ranks = jnp.argsort(jnp.argsort(jax.random.uniform(rng, (batch, num_blocks)), axis=1), axis=1)
-  block_mask = (ranks < num_masked).reshape(batch, blocks_per_side, blocks_per_side)
-  token_mask = jnp.repeat(jnp.repeat(block_mask, mask_patch, axis=1), mask_patch, axis=2)
-  return token_mask.reshape(batch, grid * grid)
 
 
 def reconstruction_loss(encoder, head, encoder_params, head_params, images, rng, config):
