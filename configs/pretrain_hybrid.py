@@ -55,6 +55,8 @@ def get_config(arg: str = "demo"):
       analyses="probing,nmi,fourier",       # run over every λ's export and an untrained copy
       num_images=512,          # held-out procedural images per model
       num_train_images=4000,   # probes' training images
+      seeds=1,                 # training seeds per λ (config.seed, +1, ...); > 1: sweep.json
+                               #   and sweep.png report the mean and the spread over seeds
   )
   if arg == "vitb16":
     config.name = "hybrid_vitb16"

@@ -173,6 +173,8 @@ def sweep_block(path: str) -> str:
     if key not in sweep:
       continue
     cells = [f"{v:.{decimals}f}" for v in sweep[key]]
+    if key + "_spread" in sweep:  # several training seeds: mean ± standard deviation
+      cells = [f"{c} ± {s:.{decimals}f}" for c, s in zip(cells, sweep[key + "_spread"])]
     untrained = sweep.get(f"{key}_untrained")
     rows.append(f"| {label} | " + " | ".join(cells) + " | "
                 + ("—" if untrained is None else f"{untrained:.{decimals}f}") + " |")

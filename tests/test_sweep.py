@@ -122,3 +122,46 @@ def test_the_endpoints_are_mim_and_cl_so_the_findings_compare_them():
   assert (finding["cl"], finding["mim"]) == ("hybrid_lambda_1", "hybrid_lambda_0")
   assert finding["gap"] == pytest.approx(0.6)
   assert finding["verdict"] == "inconclusive"  # no intervals in this hand-made results dict
+
+
+def test_seeds_give_the_mean_each_seed_and_the_spread():
+  results = {"models": {
+      "a0": {"probe_shape_mean_tokens": [0.2, 0.6]}, "a1": {"probe_shape_mean_tokens": [0.3, 0.8]},
+      "b0": {"probe_shape_mean_tokens": [0.4, 0.5]}, "b1": {"probe_shape_mean_tokens": [0.4, 0.5]},
+      "u": {"probe_shape_mean_tokens": [0.25, 0.25]}}}
+  out = sweep.summarise(results, {0.0: ["a0", "a1"], 1.0: ["b0", "b1"]})
+  assert out["seeds"] == 2
+  assert out["probe_shape_mean_tokens"] == pytest.approx([0.7, 0.5])
+  assert out["probe_shape_mean_tokens_seeds"] == [[0.6, 0.8], [0.5, 0.5]]
+  assert out["probe_shape_mean_tokens_spread"] == pytest.approx([np.sqrt(0.02), 0.0])
+  assert out["probe_shape_mean_tokens_untrained"] == 0.25
+  # The figure's error bars are the spread over seeds, not the binomial error.
+  bars = sweep.figure(out).axes[0].containers[0]
+  lengths = [segment[1][1] - segment[0][1] for segment in bars.lines[2][0].get_segments()]
+  assert lengths == pytest.approx([2 * np.sqrt(0.02), 0.0])
+
+
+def test_each_seed_is_its_own_member_with_its_own_folder(tmp_path):
+  config = _config(**{"sweep.seeds": 3})
+  members = [sweep.member_config(config, 0.5, i) for i in range(3)]
+  assert [m.seed for m in members] == [config.seed, config.seed + 1, config.seed + 2]
+  assert [m.name for m in members] == [f"hybrid_lambda_0.5_seed{i}" for i in range(3)]
+  assert sweep.member_folder("w", 0.5, 2, 3) == os.path.join("w", "lambda_0.5", "seed_2")
+  assert sweep.member_folder("w", 0.5, 0, 1) == os.path.join("w", "lambda_0.5")
+  assert sweep.member_config(_config(), 0.5).name == "hybrid_lambda_0.5"  # one seed: as before
+  for bad in (0, -2):  # (the config's types refuse non-integers already)
+    with pytest.raises(ClmimError, match=r"config\.sweep\.seeds="):
+      main.run(_config(**{"sweep.seeds": bad}), str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_a_sweep_with_two_seeds_trains_and_reports_both(tmp_path):
+  summary = main.run(_config(**{"sweep.weights": (1.0,), "sweep.seeds": 2,
+                                "sweep.num_images": 16}), str(tmp_path))
+  assert summary["seeds"] == 2 and len(summary["nmi_seeds"][0]) == 2
+  assert summary["nmi_seeds"][0][0] != summary["nmi_seeds"][0][1]  # two trainings, two models
+  assert summary["nmi"][0] == pytest.approx(np.mean(summary["nmi_seeds"][0]))
+  for i in (0, 1):
+    manifest = json.loads((tmp_path / "lambda_1" / f"seed_{i}" / "export" /
+                           "manifest.json").read_text())
+    assert manifest["config"]["seed"] == i and manifest["name"] == f"hybrid_lambda_1_seed{i}"

@@ -11,6 +11,10 @@ analysis job's results.json, figures and report). workdir/sweep.json and sweep.p
 paper's Sec. 5 plots against λ: last-block shape and texture probes (mean patch token), NMI and
 high-frequency ΔlogA (means over the later half of the blocks). Everything a λ needs — its
 value, its workdir's config record, the analyses — is checked before the first one trains.
+With `config.sweep.seeds` = N > 1 every λ is trained N times (training seeds config.seed,
+config.seed + 1, ...; workdir/lambda_<λ>/seed_<i>/, models "hybrid_lambda_<λ>_seed<i>"):
+sweep.json then holds the mean over seeds per λ, each seed's value ("<key>_seeds") and their
+standard deviation ("<key>_spread"), which sweep.png draws as the error bars.
 The endpoints carry their families — λ = 0 (SimMIM alone) "mim", λ = 1 (MoCo v3 alone) "cl" —
 so the report's findings compare them (with intervals and verdicts, `clmim.jobs.verdicts`); the
 λ between are family "other".
@@ -56,15 +60,37 @@ def family(weight: float, default: str = "other") -> str:
   return {0.0: "mim", 1.0: "cl"}.get(float(weight), default)
 
 
-def member_config(config, weight: float):
-  """The pretraining config of one λ: the hybrid recipe with hybrid.weight = λ, its family
-  that of λ (`family`: the endpoints are MIM and CL, so the report compares them)."""
+def seeds(config) -> int:
+  """config.sweep.seeds: how many training seeds per λ (>= 1), or one error line."""
+  count = config.sweep.get("seeds", 1)
+  if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    raise ClmimError(f"config.sweep.seeds={count!r}: expected a whole number >= 1 (training "
+                     "seeds per λ).")
+  return count
+
+
+def member_name(weight: float, seed: int, count: int) -> str:
+  """The model name of λ = `weight`, training seed number `seed` of `count`."""
+  return f"hybrid_lambda_{weight:g}" + (f"_seed{seed}" if count > 1 else "")
+
+
+def member_folder(workdir: str, weight: float, seed: int, count: int) -> str:
+  """Where λ = `weight`, seed number `seed` of `count`, trains (one seed: lambda_<λ>/)."""
+  folder = os.path.join(workdir, f"lambda_{weight:g}")
+  return os.path.join(folder, f"seed_{seed}") if count > 1 else folder
+
+
+def member_config(config, weight: float, seed: int = 0):
+  """The pretraining config of one λ (and training seed number `seed`: config.seed + seed):
+  the hybrid recipe with hybrid.weight = λ, its family that of λ (`family`: the endpoints are
+  MIM and CL, so the report compares them)."""
   member = config.copy_and_resolve_references()
   member.unlock()
   member.mode = "pretrain"
-  member.name = f"hybrid_lambda_{weight:g}"
+  member.name = member_name(weight, seed, seeds(config))
   member.family = family(weight, config.family)
   member.hybrid.weight = weight
+  member.seed = config.seed + seed
   member.lock()
   return member
 
@@ -92,17 +118,29 @@ def _reduce(analysis: str, key: str, values, how: str) -> float:
 
 def summarise(results: dict, names: dict) -> dict:
   """{"weights": [...], key: [one number per λ], key + "_untrained": number} from the analysis
-  results; `names` maps each λ to its model's name there."""
+  results; `names` maps each λ to its model's name there, or to the names of its seeds: then
+  key is the mean over seeds, key + "_seeds" [λ][seed] each seed's value and, with two or more
+  seeds, key + "_spread" their standard deviation (ddof 1)."""
+  names = {w: [n] if isinstance(n, str) else list(n) for w, n in names.items()}
   out = {"weights": sorted(names)}
-  untrained = [n for n in results["models"] if n not in names.values()]
+  members = {n for group in names.values() for n in group}
+  untrained = [n for n in results["models"] if n not in members]
   details = [m["probing_details"] for m in results["models"].values() if "probing_details" in m]
   if details:  # the probes' test-set size: their binomial standard errors in the figure
     out["probe_evaluation_images"] = int(details[0]["targets"]["shape"]["evaluation_images"])
+  count = max(len(group) for group in names.values())
+  if count > 1:
+    out["seeds"] = count
   for analysis, key, _, how in SUMMARIES:
     per_model = {n: m[key] for n, m in results["models"].items() if key in m}
     if not per_model:
       continue
-    out[key] = [_reduce(analysis, key, per_model[names[w]], how) for w in out["weights"]]
+    values = [[_reduce(analysis, key, per_model[n], how) for n in names[w]]
+              for w in out["weights"]]
+    out[key] = [float(np.mean(v)) for v in values]
+    if count > 1:
+      out[key + "_seeds"] = values
+      out[key + "_spread"] = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in values]
     if untrained and untrained[0] in per_model:
       out[key + "_untrained"] = _reduce(analysis, key, per_model[untrained[0]], how)
   return out
@@ -115,13 +153,19 @@ def probe_standard_errors(accuracies, num_images: int) -> np.ndarray:
 
 
 def figure(summary: dict) -> Figure:
-  """One panel per summary against λ; the untrained copy as a dashed line; probe accuracies
-  with ±1 binomial standard error (differences inside the bars are noise of the test set)."""
+  """One panel per summary against λ; the untrained copy as a dashed line. Error bars: with
+  several seeds, ±1 standard deviation over them (each seed a small dot); with one, probe
+  accuracies get ±1 binomial standard error (differences inside the bars are noise of the test
+  set) and the other panels none."""
   keys = [(k, label) for _, k, label, _ in SUMMARIES if k in summary]
   fig = Figure(figsize=(3.6 * len(keys), 3.2), layout="constrained")
   for ax, (key, label) in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
     n = summary.get("probe_evaluation_images") if key.startswith("probe_") else None
     errors = probe_standard_errors(summary[key], n) if n else None
+    if key + "_spread" in summary:
+      errors = summary[key + "_spread"]
+      for weight, values in zip(summary["weights"], summary[key + "_seeds"]):
+        ax.plot([weight] * len(values), values, ".", color="tab:purple", alpha=0.4)
     ax.errorbar(summary["weights"], summary[key], yerr=errors, marker="o", capsize=3,
                 color="tab:purple")
     if key + "_untrained" in summary:
@@ -138,24 +182,26 @@ def run(config, workdir: str, invocation: dict | None = None) -> dict:
     raise ClmimError(f"config.mode='sweep' needs configs/pretrain_hybrid.py (its hybrid.weight is "
                      f"what is swept); this config's objective is {config.get('objective')!r}.")
   preflight.check_run(config, workdir, jax.device_count())  # each λ's folder: below
-  lambdas = weights(config)
+  lambdas, count = weights(config), seeds(config)
   preflight.check_int(config, "sweep.num_images", 1)
   preflight.check_int(config, "sweep.num_train_images", 1)
   analysis_setup(config.sweep.analyses, None)  # unknown analysis names fail here, not after training
-  members = {w: member_config(config, w) for w in lambdas}
-  folders = {w: os.path.join(workdir, f"lambda_{w:g}") for w in lambdas}
-  for w, member in members.items():  # every member checked before any trains
+  runs = [(w, i) for w in lambdas for i in range(count)]
+  members = {run: member_config(config, *run) for run in runs}
+  folders = {(w, i): member_folder(workdir, w, i, count) for w, i in runs}
+  for run, member in members.items():  # every member checked before any trains
     preflight.check_fields(member, "pretrain", jax.device_count())
-    preflight.check_resume(member, folders[w])
+    preflight.check_resume(member, folders[run])
     trainer.load_objective(member)  # its own field checks (λ, mask token, mask patch)
-  for w, member in members.items():
-    export = os.path.join(folders[w], "export")
-    done = preflight.checkpoint_steps(folders[w])
+  for run, member in members.items():
+    export = os.path.join(folders[run], "export")
+    done = preflight.checkpoint_steps(folders[run])
     if not (os.path.isdir(export) and done and max(done) >= member.total_steps):
-      trainer.train(member, folders[w], {**(invocation or {}), "workdir": folders[w]})
-  exports = [os.path.join(folders[w], "export") for w in lambdas]
+      trainer.train(member, folders[run], {**(invocation or {}), "workdir": folders[run]})
+  exports = [os.path.join(folders[run], "export") for run in runs]
   results = analyze.run(analysis_config(config, exports), os.path.join(workdir, "analysis"))
-  summary = summarise(results, {w: f"hybrid_lambda_{w:g}" for w in lambdas})
+  summary = summarise(results, {w: [member_name(w, i, count) for i in range(count)]
+                                for w in lambdas})
   summary["analysis"] = os.path.join(workdir, "analysis", "results.json")
   write_json_atomic(os.path.join(workdir, "sweep.json"), summary)
   save_figure_atomic(figure(summary), os.path.join(workdir, "sweep.png"))
