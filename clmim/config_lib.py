@@ -217,5 +217,6 @@ def analysis_base(arg: str, name: str, analyses: str,
     config.data.num_images = 64
     config.data.num_train_images = 256
     config.include_untrained = False
+    config.intervals.replicates = 200  # a quick look: percentiles of 200 draws, not 1000
   config.lock()
   return config

@@ -173,3 +173,18 @@ def test_a_run_without_intervals_or_copies_is_inconclusive_and_says_why():
   results = _results(values, copies=False)
   (finding,) = verdicts.findings(results, [MeanBrightness], _replicates(values, 0.05))
   assert finding["verdict"] == "inconclusive" and "no untrained copies" in finding["reason"]
+
+
+def test_each_replicate_matches_one_replicate_at_a_time_in_any_chunk():
+  rng = np.random.default_rng(3)
+  fold_sums = {"a": rng.normal(size=(8, 3, 2)), "b": {"c": rng.normal(size=(8,))}}
+  totals = {"a": None, "b": None, "count": 5.0}
+  counts = bootstrap.draws(8, 50, 1)
+  expected = [bootstrap.replicate_sums(fold_sums, totals, row) for row in counts]
+  for chunk in (1, 7, 1 << 24):
+    got = list(bootstrap.each_replicate(fold_sums, totals, counts, chunk_numbers=chunk))
+    assert len(got) == 50
+    for want, have in zip(expected, got):
+      assert have["count"] == 5.0
+      np.testing.assert_allclose(have["a"], want["a"], rtol=1e-12)
+      np.testing.assert_allclose(have["b"]["c"], want["b"]["c"], rtol=1e-12)

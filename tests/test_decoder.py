@@ -56,6 +56,16 @@ class MAE(tcp.TorchViT):
     return zs, dzs, dattns, self.decoder_pred(self.decoder_norm(x))
 
 
+class TorchSimMIM(torch.nn.Module):
+  """SimMIM's layout: a BEiT-style encoder with a mask token, a 1x1 conv + pixel shuffle head."""
+
+  def __init__(self):
+    super().__init__()
+    self.encoder = tcp.TorchViT(beit=True, mask_token=True)
+    self.decoder = torch.nn.Sequential(
+        torch.nn.Conv2d(tcp.WIDTH, tcp.PATCH ** 2 * 3, 1), torch.nn.PixelShuffle(tcp.PATCH))
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   folder = tmp_path_factory.mktemp("mae")
@@ -235,14 +245,7 @@ def test_decoder_option_errors(files):
 
 
 def test_simmim_decoder_is_its_pixel_head(tmp_path, images):
-  class SimMIM(torch.nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.encoder = tcp.TorchViT(beit=True, mask_token=True)
-      self.decoder = torch.nn.Sequential(
-          torch.nn.Conv2d(tcp.WIDTH, tcp.PATCH ** 2 * 3, 1), torch.nn.PixelShuffle(tcp.PATCH))
-
-  simmim = tcp._randomize(SimMIM(), 12)
+  simmim = tcp._randomize(TorchSimMIM(), 12)
   path = str(tmp_path / "simmim_pretrain__vit_base__img224__800ep.pth")
   torch.save({"model": simmim.state_dict()}, path)
   model = registry.resolve(f"simmim:{path}?decoder=1")
@@ -438,14 +441,7 @@ def test_masked_results_do_not_depend_on_batching_or_devices(model, images):
 
 
 def test_masked_simmim_feed_is_the_encoder_with_mask_tokens(tmp_path, images):
-  class SimMIM(torch.nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.encoder = tcp.TorchViT(beit=True, mask_token=True)
-      self.decoder = torch.nn.Sequential(
-          torch.nn.Conv2d(tcp.WIDTH, tcp.PATCH ** 2 * 3, 1), torch.nn.PixelShuffle(tcp.PATCH))
-
-  simmim = tcp._randomize(SimMIM(), 13)
+  simmim = tcp._randomize(TorchSimMIM(), 13)
   path = str(tmp_path / "simmim_pretrain__vit_base__img224__800ep.pth")
   torch.save({"model": simmim.state_dict()}, path)
   model = registry.resolve(f"simmim:{path}?decoder=1")

@@ -87,6 +87,25 @@ def replicate_sums(fold_sums: dict, totals: dict, counts) -> dict:
   return out
 
 
+def each_replicate(fold_sums: dict, totals: dict, draws, chunk_numbers: int = 1 << 24):
+  """Yields `replicate_sums(fold_sums, totals, counts)` for each row `counts` of `draws`, a
+  chunk of replicates at a time: one matrix product per leaf and chunk instead of one per leaf
+  and replicate (the chunk holds at most `chunk_numbers` float64 numbers per leaf set)."""
+  import jax
+  leaves, treedef = jax.tree.flatten(fold_sums)
+  leaves = [np.asarray(v, np.float64) for v in leaves]
+  per_replicate = max(1, sum(v[0].size for v in leaves))
+  chunk = max(1, chunk_numbers // per_replicate)
+  draws = np.asarray(draws, np.float64)
+  for start in range(0, len(draws), chunk):
+    block = draws[start:start + chunk]
+    summed = [np.tensordot(block, v, axes=1) for v in leaves]
+    for r in range(len(block)):
+      out = dict(totals)
+      out.update(jax.tree.unflatten(treedef, [s[r] for s in summed]))
+      yield out
+
+
 def percentile_interval(values, axis=0) -> tuple[np.ndarray, np.ndarray]:
   """(low, high) of the central COVERAGE share of `values` along `axis` (NaN ignored)."""
   tail = 100 * (1 - COVERAGE) / 2

@@ -304,8 +304,7 @@ class Analyzer:
       if a.NAME not in self.fold_sums:
         continue
       outputs = []
-      for counts in draws:
-        sums = bootstrap.replicate_sums(self.fold_sums[a.NAME], self.totals[a.NAME], counts)
+      for sums in bootstrap.each_replicate(self.fold_sums[a.NAME], self.totals[a.NAME], draws):
         try:
           outputs.append(a.finalize(sums, self.options[a.NAME]))
         except (ClmimError, ArithmeticError, ValueError):
