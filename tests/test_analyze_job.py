@@ -149,6 +149,7 @@ def test_unknown_analysis_is_refused_before_compute(checkpoint, tmp_path):
   assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.slow
 def test_cka_between_a_model_and_itself_is_its_own_cka(checkpoint, tmp_path):
   """Two specs of one checkpoint: the between-model matrix must equal the model's own CKA
   matrix (1 on the diagonal), the paired pass running through the same `cka` analysis."""

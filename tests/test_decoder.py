@@ -427,6 +427,7 @@ def test_masked_mae_feed_matches_torch_and_masks_three_quarters(files, model, im
     np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=2e-5)
 
 
+@pytest.mark.slow
 def test_masked_results_do_not_depend_on_batching_or_devices(model, images):
   forward, params = _masked_forward(model, ratio=0.75), _params(model)
   runs = []
@@ -469,6 +470,7 @@ def test_masked_simmim_feed_is_the_encoder_with_mask_tokens(tmp_path, images):
                              pixels, atol=1e-4 * np.abs(pixels).max())
 
 
+@pytest.mark.slow
 def test_masked_is_the_job_default_and_bad_feeds_are_refused(files, tmp_path):
   config = all_config.get_config("runlocal")
   config.models = f"{files[1]}?decoder=1&num_heads={tcp.HEADS}&name=mae"

@@ -93,6 +93,7 @@ def folders(tmp_path_factory):
   return root
 
 
+@pytest.mark.slow
 def test_image_folders_with_a_cue_conflict_set(folders, tmp_path):
   config = _config(source="image_folder", path=str(folders / "val"),
                    train_path=str(folders / "train"), cue_conflict_path=str(folders / "cue"),
@@ -150,6 +151,7 @@ def _png(value):
   return io.BytesIO(out.getvalue())
 
 
+@pytest.mark.slow
 def test_a_labelled_tfds_dataset_is_probed_and_too_few_training_images_are_refused(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
 

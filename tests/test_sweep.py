@@ -52,6 +52,16 @@ def test_sweep_trains_each_lambda_once_and_plots_the_metrics(tmp_path):
   again = main.run(_config(**{"sweep.num_images": 48}), str(tmp_path))
   assert (tmp_path / "lambda_0" / "metrics.jsonl").read_text() == records
   assert again["nmi"] == pytest.approx(summary["nmi"])
+  # Two seeds of λ = 1: seed 0 is the finished lambda_1/, seed 1 trains with the next seed.
+  records = (tmp_path / "lambda_1" / "metrics.jsonl").read_text()
+  seeds = main.run(_config(**{"sweep.num_images": 48, "sweep.weights": (1.0,),
+                              "sweep.seeds": 2}), str(tmp_path))
+  assert (tmp_path / "lambda_1" / "metrics.jsonl").read_text() == records
+  assert seeds["seeds"] == 2 and seeds["nmi_seeds"][0][0] == pytest.approx(summary["nmi"][1])
+  assert seeds["nmi_seeds"][0][1] != seeds["nmi_seeds"][0][0]  # another training, another model
+  assert seeds["nmi"][0] == pytest.approx(np.mean(seeds["nmi_seeds"][0]))
+  manifest = json.loads((tmp_path / "lambda_1_seed1" / "export" / "manifest.json").read_text())
+  assert manifest["config"]["seed"] == 1 and manifest["name"] == "hybrid_lambda_1_seed1"
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -145,23 +155,12 @@ def test_each_seed_is_its_own_member_with_its_own_folder(tmp_path):
   config = _config(**{"sweep.seeds": 3})
   members = [sweep.member_config(config, 0.5, i) for i in range(3)]
   assert [m.seed for m in members] == [config.seed, config.seed + 1, config.seed + 2]
-  assert [m.name for m in members] == [f"hybrid_lambda_0.5_seed{i}" for i in range(3)]
-  assert sweep.member_folder("w", 0.5, 2, 3) == os.path.join("w", "lambda_0.5", "seed_2")
-  assert sweep.member_folder("w", 0.5, 0, 1) == os.path.join("w", "lambda_0.5")
-  assert sweep.member_config(_config(), 0.5).name == "hybrid_lambda_0.5"  # one seed: as before
+  # Seed 0 is the one-seed sweep's member: raising config.sweep.seeds reuses a finished sweep.
+  assert [m.name for m in members] == ["hybrid_lambda_0.5", "hybrid_lambda_0.5_seed1",
+                                       "hybrid_lambda_0.5_seed2"]
+  assert sweep.member_folder("w", 0.5, 2) == os.path.join("w", "lambda_0.5_seed2")
+  assert sweep.member_folder("w", 0.5, 0) == os.path.join("w", "lambda_0.5")
   for bad in (0, -2):  # (the config's types refuse non-integers already)
     with pytest.raises(ClmimError, match=r"config\.sweep\.seeds="):
       main.run(_config(**{"sweep.seeds": bad}), str(tmp_path / "run"))
 
-
-@pytest.mark.slow
-def test_a_sweep_with_two_seeds_trains_and_reports_both(tmp_path):
-  summary = main.run(_config(**{"sweep.weights": (1.0,), "sweep.seeds": 2,
-                                "sweep.num_images": 16}), str(tmp_path))
-  assert summary["seeds"] == 2 and len(summary["nmi_seeds"][0]) == 2
-  assert summary["nmi_seeds"][0][0] != summary["nmi_seeds"][0][1]  # two trainings, two models
-  assert summary["nmi"][0] == pytest.approx(np.mean(summary["nmi_seeds"][0]))
-  for i in (0, 1):
-    manifest = json.loads((tmp_path / "lambda_1" / f"seed_{i}" / "export" /
-                           "manifest.json").read_text())
-    assert manifest["config"]["seed"] == i and manifest["name"] == f"hybrid_lambda_1_seed{i}"

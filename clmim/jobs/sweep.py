@@ -12,7 +12,9 @@ paper's Sec. 5 plots against λ: last-block shape and texture probes (mean patch
 high-frequency ΔlogA (means over the later half of the blocks). Everything a λ needs — its
 value, its workdir's config record, the analyses — is checked before the first one trains.
 With `config.sweep.seeds` = N > 1 every λ is trained N times (training seeds config.seed,
-config.seed + 1, ...; workdir/lambda_<λ>/seed_<i>/, models "hybrid_lambda_<λ>_seed<i>"):
+config.seed + 1, ...): seed 0 is the one-seed sweep's member (workdir/lambda_<λ>/, model
+"hybrid_lambda_<λ>", so raising N reuses a finished sweep), seed i > 0 trains in
+workdir/lambda_<λ>_seed<i>/ as model "hybrid_lambda_<λ>_seed<i>";
 sweep.json then holds the mean over seeds per λ, each seed's value ("<key>_seeds") and their
 standard deviation ("<key>_spread"), which sweep.png draws as the error bars.
 The endpoints carry their families — λ = 0 (SimMIM alone) "mim", λ = 1 (MoCo v3 alone) "cl" —
@@ -69,15 +71,14 @@ def seeds(config) -> int:
   return count
 
 
-def member_name(weight: float, seed: int, count: int) -> str:
-  """The model name of λ = `weight`, training seed number `seed` of `count`."""
-  return f"hybrid_lambda_{weight:g}" + (f"_seed{seed}" if count > 1 else "")
+def member_name(weight: float, seed: int) -> str:
+  """The model name of λ = `weight`, training seed number `seed` (0: the one-seed name)."""
+  return f"hybrid_lambda_{weight:g}" + (f"_seed{seed}" if seed else "")
 
 
-def member_folder(workdir: str, weight: float, seed: int, count: int) -> str:
-  """Where λ = `weight`, seed number `seed` of `count`, trains (one seed: lambda_<λ>/)."""
-  folder = os.path.join(workdir, f"lambda_{weight:g}")
-  return os.path.join(folder, f"seed_{seed}") if count > 1 else folder
+def member_folder(workdir: str, weight: float, seed: int) -> str:
+  """Where λ = `weight`, training seed number `seed`, trains (seed 0: lambda_<λ>/)."""
+  return os.path.join(workdir, f"lambda_{weight:g}" + (f"_seed{seed}" if seed else ""))
 
 
 def member_config(config, weight: float, seed: int = 0):
@@ -87,7 +88,7 @@ def member_config(config, weight: float, seed: int = 0):
   member = config.copy_and_resolve_references()
   member.unlock()
   member.mode = "pretrain"
-  member.name = member_name(weight, seed, seeds(config))
+  member.name = member_name(weight, seed)
   member.family = family(weight, config.family)
   member.hybrid.weight = weight
   member.seed = config.seed + seed
@@ -188,7 +189,7 @@ def run(config, workdir: str, invocation: dict | None = None) -> dict:
   analysis_setup(config.sweep.analyses, None)  # unknown analysis names fail here, not after training
   runs = [(w, i) for w in lambdas for i in range(count)]
   members = {run: member_config(config, *run) for run in runs}
-  folders = {(w, i): member_folder(workdir, w, i, count) for w, i in runs}
+  folders = {(w, i): member_folder(workdir, w, i) for w, i in runs}
   for run, member in members.items():  # every member checked before any trains
     preflight.check_fields(member, "pretrain", jax.device_count())
     preflight.check_resume(member, folders[run])
@@ -200,7 +201,7 @@ def run(config, workdir: str, invocation: dict | None = None) -> dict:
       trainer.train(member, folders[run], {**(invocation or {}), "workdir": folders[run]})
   exports = [os.path.join(folders[run], "export") for run in runs]
   results = analyze.run(analysis_config(config, exports), os.path.join(workdir, "analysis"))
-  summary = summarise(results, {w: [member_name(w, i, count) for i in range(count)]
+  summary = summarise(results, {w: [member_name(w, i) for i in range(count)]
                                 for w in lambdas})
   summary["analysis"] = os.path.join(workdir, "analysis", "results.json")
   write_json_atomic(os.path.join(workdir, "sweep.json"), summary)
