@@ -78,13 +78,7 @@ def draws(folds: int, replicates: int, seed: int) -> np.ndarray:
 def replicate_sums(fold_sums: dict, totals: dict, counts) -> dict:
   """One replicate's sums: the folded keys as sum_g counts[g] * fold_sums[key][g], every other
   key of `totals` unchanged."""
-  import jax
-  counts = np.asarray(counts, np.float64)
-  out = dict(totals)
-  for key, value in fold_sums.items():
-    out[key] = jax.tree.map(lambda v: np.tensordot(counts, np.asarray(v, np.float64), axes=1),
-                            value)
-  return out
+  return next(each_replicate(fold_sums, totals, [counts]))
 
 
 def each_replicate(fold_sums: dict, totals: dict, draws, chunk_numbers: int = 1 << 24):

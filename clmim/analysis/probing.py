@@ -80,28 +80,29 @@ def _series(values):
 
 
 _DIRECTION = {"shape": "higher", "texture": "lower", "label": "higher"}
-RESULTS = tuple(
-    core.Result(f"probe_{t}_{k}", f"{t} probe top-1 ({_KIND_LABEL[k]})", "[block]",
-                series=_series, reference=_chance(t), reference_label="chance",
-                cl_direction=_DIRECTION[t],
-                description=f"linear (ridge) probe of the {t} label on each block's "
-                            f"{_KIND_LABEL[k]}, top-1 on the evaluation images",
-                title=f"Linear probe of the {t} label ({_KIND_LABEL[k]})")
-    for t in TARGETS for k in KINDS) + tuple(
+def _top1_results(prefix: str, probe: str, what: str, tail: str, title: str) -> tuple:
+  """One top-1 Result per target and feature kind of a probe (`prefix`_<target>_<kind>)."""
+  return tuple(
+      core.Result(f"{prefix}_{t}_{k}", f"{t} {probe} top-1 ({_KIND_LABEL[k]})", "[block]",
+                  series=_series, reference=_chance(t), reference_label="chance",
+                  cl_direction=_DIRECTION[t],
+                  description=f"{what} of the {t} label on each block's {_KIND_LABEL[k]}, {tail}",
+                  title=f"{title} of the {t} label ({_KIND_LABEL[k]})")
+      for t in TARGETS for k in KINDS)
+
+
+RESULTS = _top1_results(
+    "probe", "probe", "linear (ridge) probe", "top-1 on the evaluation images", "Linear probe"
+) + tuple(
     core.Result(f"shape_bias_{k}", f"shape bias ({_KIND_LABEL[k]})", "[block]",
                 series=_series, reference=0.5, reference_label="no preference",
                 cl_direction="higher",
                 description=f"cue-conflict images: shape / (shape + texture) decisions of the "
                             f"deciding probe on each block's {_KIND_LABEL[k]}",
                 title=f"Shape bias per block ({_KIND_LABEL[k]})")
-    for k in KINDS) + tuple(
-    core.Result(f"knn_{t}_{k}", f"{t} k-NN top-1 ({_KIND_LABEL[k]})", "[block]",
-                series=_series, reference=_chance(t), reference_label="chance",
-                cl_direction=_DIRECTION[t],
-                description=f"weighted k-NN probe (DINO's: k=20, T=0.07 by default) of the {t} "
-                            f"label on each block's {_KIND_LABEL[k]}, top-1",
-                title=f"k-NN probe of the {t} label ({_KIND_LABEL[k]})")
-    for t in TARGETS for k in KINDS) + (
+    for k in KINDS) + _top1_results(
+    "knn", "k-NN", "weighted k-NN probe (DINO's: k=20, T=0.07 by default)", "top-1",
+    "k-NN probe") + (
     core.Result("probing_details", "probe details", "{...}", x=None, series=None,
                 description="classes, chance, chosen ridge, image counts of every probe"),)
 

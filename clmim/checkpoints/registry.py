@@ -175,8 +175,9 @@ def _from_official(name: str, family, path: str, options: dict, info=None) -> Mo
                "training_mask": dict(_OFFICIAL_MASKS[converted.family])}
     if vit.use_mask_token:
       decoder["mask_token"] = jnp.asarray(params["mask_token"])
-      # with_heads also keeps SimMIM's encoder mask token; the analyses never mask, so the
-      # encoder stays exactly what the spec without `decoder=1` gives.
+      # with_heads also keeps SimMIM's encoder mask token: it goes with the decoder (the
+      # decoder analysis' masked feed applies it), so the encoder stays exactly what the spec
+      # without `decoder=1` gives.
       vit = vit.clone(use_mask_token=False)
       params = {k: v for k, v in params.items() if k != "mask_token"}
       converted.info["architecture"].pop("use_mask_token", None)
