@@ -80,7 +80,8 @@ def block_params(take: Taker, prefix: str, f: dict, grid: int, source: str) -> d
     check_index(take, f"{prefix}attn.relative_position_index", grid, source)
   params = {"norm1": take.norm(f"{prefix}norm1", width), "attn": attn,
             "norm2": take.norm(f"{prefix}norm2", width),
-            "mlp": {"fc1": take.dense(f"{prefix}mlp.fc1", mlp_dim, width),
+            "mlp": {"fc1": take.dense(f"{prefix}mlp.fc1", mlp_dim * (
+                2 if f.get("mlp_activation") == "swiglu" else 1), width),
                     "fc2": take.dense(f"{prefix}mlp.fc2", width, mlp_dim)}}
   if f.get("layer_scale_init") is not None:
     params["gamma_1"] = take(f"{prefix}gamma_1", (width,))

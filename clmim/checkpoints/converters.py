@@ -199,10 +199,16 @@ def encoder_params(enc: dict, f: dict, source: str, mask_token=None) -> dict:
   grid = f["image_size"] // patch
   params = {"patch_embed": {
       "kernel": take("patch_embed.proj.weight", (width, 3, patch, patch)).transpose(2, 3, 1, 0),
-      "bias": take("patch_embed.proj.bias", (width,))},
-      "cls_token": take("cls_token", (1, 1, width))}
+      "bias": take("patch_embed.proj.bias", (width,))}}
+  has_cls = f.get("class_token", True)
+  if has_cls:
+    params["cls_token"] = take("cls_token", (1, 1, width))
+  if f.get("num_registers"):
+    params["reg_token"] = take("reg_token", (1, f["num_registers"], width))
+  if f.get("pre_norm"):
+    params["norm_pre"] = take.norm("norm_pre", width)
   if f["position_embedding"] != "none":
-    params["pos_embed"] = take("pos_embed", (1, grid * grid + 1, width))
+    params["pos_embed"] = take("pos_embed", (1, grid * grid + int(has_cls), width))
   if f["rel_pos_bias"] == "shared":
     rows = (2 * grid - 1) ** 2 + 3
     params["rel_pos_bias"] = {"table": take("rel_pos_bias.relative_position_bias_table",
@@ -210,7 +216,8 @@ def encoder_params(enc: dict, f: dict, source: str, mask_token=None) -> dict:
     check_index(take, "rel_pos_bias.relative_position_index", grid, source)
   for i in range(f["depth"]):
     params[f"block_{i}"] = block_params(take, f"blocks.{i}.", f, grid, source)
-  params["norm"] = take.norm("norm", width)
+  if f.get("final_norm", True):
+    params["norm"] = take.norm("norm", width)
   if mask_token is not None:
     params["mask_token"] = np.asarray(mask_token, np.float32).reshape(1, 1, width)
   take.check("the encoder")

@@ -8,6 +8,10 @@ A model spec is one of
 - a path to a clmim checkpoint directory (encoder.npz + manifest.json);
 - a path to an official checkpoint file (.pth, .pth.tar, .safetensors, .npz), optionally as
   `<family>:<path>` (family one of `families.NAMES`; otherwise detected from the layout);
+- `hf:<org>/<name>[@revision]`: a Hugging Face transformers checkpoint (DINOv2 with or without
+  registers, CLIP, SigLIP, MAE, I-JEPA, data2vec, BEiT, ViT: `hf_layout.MODEL_TYPES`),
+  downloaded into huggingface_hub's cache (`HF_HUB_OFFLINE=1` reads the cache only); a local
+  directory holding config.json + model.safetensors is read the same way;
 - `random:<variant>` (e.g. `random:B/16`): an untrained timm-style ViT of that size (offline);
 - `random:<spec>`: the architecture of any spec above, randomly initialised (the untrained
   baseline a trained model must differ from).
@@ -16,6 +20,8 @@ Options follow a `?`, joined by `&`:
   `variant=S/16` (checked against the file's shapes), `name=...`, `decoder=1` (also convert the
   pretraining decoder of an MAE _full/visualize or SimMIM file into `Model.decoder`; a file
   without one is an error);
+- `hf:` specs and transformers directories: `name`, `num_heads`, `image_size` (another
+  resolution: the position table is resampled as the family's transformers code does);
 - `random:<variant>`: any ViT field (`image_size=224`, `block_style=beit`,
   `position_embedding=sincos`, `num_heads=3`, ...) and `name`;
 - clmim checkpoint directories: `name` (the name shown in results and figures), `decoder=1`
@@ -35,7 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from clmim.checkpoints import converters, families, known, native
+from clmim.checkpoints import converters, families, hf_hub, hf_layout, known, native
 from clmim.errors import ClmimError
 from clmim.models import heads
 from clmim.models.vit import VARIANTS, VIT_FIELDS, ViT, build_vit, parse_variant
@@ -47,6 +53,7 @@ DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 DEFAULT_PREPROCESSING = {"mean": "imagenet", "std": "imagenet", "interpolation": "bicubic",
                          "crop_pct": 0.875}
 _FILE_OPTIONS = ("name", "num_heads", "variant", "decoder")
+_HF_OPTIONS = ("name", "num_heads", "image_size")
 
 
 @dataclasses.dataclass
@@ -192,6 +199,21 @@ def _from_official(name: str, family, path: str, options: dict, info=None) -> Mo
                decoder=decoder)
 
 
+def _from_transformers(spec: str, path: str, options: dict) -> Model:
+  """A transformers checkpoint directory (downloaded for `hf:` specs) as a Model."""
+  _check_options(spec, options, _HF_OPTIONS)
+  converted, record = hf_layout.convert_directory(path, options.get("image_size"),
+                                                  options.get("num_heads"))
+  info = converted.info
+  preprocessing = {"image_size": converted.vit.image_size, **info.pop("preprocessing")}
+  name = options.get("name") or (spec[len("hf:"):] if spec.startswith("hf:")
+                                 else os.path.basename(os.path.normpath(path)))
+  return Model(name=name, family=record.kind, vit=converted.vit,
+               params=jax.tree.map(jnp.asarray, converted.params), preprocessing=preprocessing,
+               source=parse_options(spec)[0] if spec.startswith("hf:") else path,
+               info={"method": record.method, **info})
+
+
 def _random_decoder(decoder, vit: ViT, seed: int):
   """An untrained decoder of the same kind and sizes (None stays None)."""
   if decoder is None:
@@ -314,6 +336,11 @@ def resolve(spec: str, seed: int = 0) -> Model:
     options = {"variant": entry.variant, **options}
     return _from_official(base_spec, entry.family, path, options,
                           {"url": entry.url, "sha256": known.cached_sha256(path)})
+  if base_spec.startswith("hf:"):
+    return _from_transformers(spec, hf_hub.download(base_spec), options)
+  if os.path.isdir(base_spec) and not os.path.exists(os.path.join(base_spec, native.MANIFEST)) \
+      and os.path.isfile(os.path.join(base_spec, hf_layout.CONFIG)):
+    return _from_transformers(spec, base_spec, options)
   official = _official_file(base_spec)
   if official:
     _check_options(spec, options, _FILE_OPTIONS)

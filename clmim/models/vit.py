@@ -6,7 +6,15 @@ Two block styles cover every official self-supervised checkpoint:
 - "beit": fused qkv weight with q and v biases but no k bias, layer scale, relative position
   bias (one table shared by all blocks, or one per block), no absolute position embedding
   (SimMIM, BEiT).
-Both use pre-norm blocks, exact erf GELU, LayerNorm eps 1e-6 and a cls token at index 0.
+Both use pre-norm blocks. By default: exact erf GELU, LayerNorm eps 1e-6, a cls token at index 0
+and no register tokens. Fields cover today's families too (DINOv2, CLIP, SigLIP, I-JEPA, data2vec,
+BEiT v2): `class_token=False` (average-pooled models), `num_registers` (register / storage tokens,
+inserted after the cls token once the position embedding is added), `norm_epsilon` (CLIP 1e-5,
+Hugging Face ViTs 1e-12), `pre_norm` (CLIP's `ln_pre` after the embedding), `mlp_activation`
+("gelu", "gelu_tanh" as SigLIP, "quick_gelu" as OpenAI CLIP, "swiglu" as DINOv2-g).
+
+Token layout: [cls] [registers] [patches] -- `num_prefix_tokens` = cls + registers tokens come
+first, the grid's N patch tokens last, row-major.
 
 Mixed precision (`dtype="bfloat16"`): parameters stay float32; matmuls, convolutions and the
 residual stream run in bfloat16; LayerNorm statistics and the softmax run in float32, and the
@@ -15,18 +23,20 @@ model computes, not what it is: manifests (`vit_fields`) do not record it.
 
 What is sown into the "intermediates" collection (read with `apply(..., mutable=["intermediates"])`
 and `collect_states`):
-- "embedding": the patch embedding + cls + position embedding, [B, N+1, D];
-- per block "block_{i}": "attn" post-softmax probabilities [B, heads, N+1, N+1],
-  "after_attention" and "after_mlp" residual states [B, N+1, D] (before the final norm).
+- "embedding": the patch embedding + cls + position embedding (+ registers, after `ln_pre`),
+  [B, T, D] with T = num_prefix_tokens + N;
+- per block "block_{i}": "attn" post-softmax probabilities [B, heads, T, T],
+  "after_attention" and "after_mlp" residual states [B, T, D] (before the final norm).
 jit prunes whatever a caller does not read, so sowing everything costs nothing.
 
 Parameter tree (stable names, mirrored by the checkpoint converters):
   patch_embed/{kernel [p,p,3,D], bias}   cls_token [1,1,D]   pos_embed [1,N+1,D] (timm only)
   mask_token [1,1,D] (when use_mask_token)   rel_pos_bias/table [R,heads] (shared RPB)
+  reg_token [1,R,D] (num_registers)   norm_pre/{scale,bias} (pre_norm)
   block_{i}/norm1/{scale,bias}  block_{i}/attn/qkv/{kernel [D,3D], bias (timm)}
   block_{i}/attn/{q_bias,v_bias} (beit)   block_{i}/attn/rel_pos_bias/table (per-block RPB)
   block_{i}/attn/proj/{kernel,bias}   block_{i}/gamma_1, gamma_2 (layer scale)
-  block_{i}/norm2   block_{i}/mlp/fc1, fc2   norm/{scale,bias}
+  block_{i}/norm2   block_{i}/mlp/fc1, fc2 (swiglu: fc1 [D, 2*mlp_dim], gate first)   norm
 """
 from __future__ import annotations
 
@@ -223,10 +233,22 @@ def exact_gelu(x):
   return x * 0.5 * (1 + jax.lax.erf(x * np.float32(0.7071067811865476)).astype(x.dtype))
 
 
+def quick_gelu(x):
+  """x · sigmoid(1.702 x): OpenAI CLIP's GELU approximation (its weights were trained with it)."""
+  return x * jax.nn.sigmoid(np.float32(1.702) * x)
+
+
+# mlp_activation -> the function between fc1 and fc2 ("swiglu" is handled by Mlp itself).
+ACTIVATIONS = {"gelu": exact_gelu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+               "quick_gelu": quick_gelu, "swiglu": None}
+
+
 class Mlp(nn.Module):
-  """fc1 -> exact erf GELU -> fc2."""
+  """fc1 -> activation -> fc2. With "swiglu", fc1 has 2 * mlp_dim outputs [gate | value] and the
+  hidden state is silu(gate) * value (DINOv2-g's SwiGLU feed-forward)."""
   mlp_dim: int
   dtype: str = "float32"
+  activation: str = "gelu"
 
   @nn.compact
   def __call__(self, x):
@@ -234,7 +256,11 @@ class Mlp(nn.Module):
         features, name=name, kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(1e-6), dtype=compute_dtype(self.dtype))
     rows = x.reshape(-1, x.shape[-1])  # 2-D, as in Attention: a faster gradient on XLA:CPU
-    hidden = exact_gelu(dense(self.mlp_dim, "fc1")(rows))
+    if self.activation == "swiglu":
+      gate, value = jnp.split(dense(2 * self.mlp_dim, "fc1")(rows), 2, axis=-1)
+      hidden = jax.nn.silu(gate) * value
+    else:
+      hidden = ACTIVATIONS[self.activation](dense(self.mlp_dim, "fc1")(rows))
     return dense(x.shape[-1], "fc2")(hidden).reshape(x.shape)
 
 
@@ -248,6 +274,8 @@ class Block(nn.Module):
   grid: int = 0
   drop_path: float = 0.0
   dtype: str = "float32"
+  norm_epsilon: float = 1e-6
+  mlp_activation: str = "gelu"
 
   def _branch(self, x, y, gamma_name, deterministic):
     if self.layer_scale_init is not None:
@@ -264,14 +292,15 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, shared_bias=None, deterministic=True, cls_only=False):
     """x [B, N, D] -> [B, N, D]; with cls_only, the cls token's output alone, [B, 1, D]."""
-    norm = lambda name: LayerNorm(epsilon=1e-6, name=name, dtype=compute_dtype(self.dtype))
+    norm = lambda name: LayerNorm(epsilon=self.norm_epsilon, name=name,
+                                  dtype=compute_dtype(self.dtype))
     attn = Attention(self.num_heads, self.block_style, self.per_block_rel_pos, self.grid,
                      self.dtype, name="attn")
     attended = attn(norm("norm1")(x), shared_bias, cls_only)
     x = self._branch(x[:, :1] if cls_only else x, attended, "gamma_1", deterministic)
     self.sow("intermediates", "after_attention", x)
-    x = self._branch(x, Mlp(self.mlp_dim, self.dtype, name="mlp")(norm("norm2")(x)), "gamma_2",
-                     deterministic)
+    mlp = Mlp(self.mlp_dim, self.dtype, self.mlp_activation, name="mlp")
+    x = self._branch(x, mlp(norm("norm2")(x)), "gamma_2", deterministic)
     self.sow("intermediates", "after_mlp", x)
     return x
 
@@ -289,6 +318,15 @@ class ViT(nn.Module):
     layer_scale_init: initial layer-scale value, or None for no layer scale.
     use_mask_token: adds `mask_token`, used where `mask` [B, N] is True (SimMIM, BEiT).
     drop_path: stochastic depth rate (linearly increasing over blocks), training only.
+    class_token: a learned cls token at index 0 (False: average-pooled models such as SigLIP,
+      I-JEPA, AIMv2; their position table then has N rows).
+    num_registers: register tokens (`reg_token` [1, R, D]) inserted after the cls token once
+      the position embedding is added (DINOv2 with registers); they carry no position.
+    norm_epsilon: every LayerNorm's epsilon (1e-6 timm/DINOv2, 1e-5 CLIP, 1e-12 HF ViT/BEiT).
+    pre_norm: a LayerNorm (`norm_pre`) after the embedding, before the blocks (CLIP's ln_pre).
+    mlp_activation: "gelu" (exact), "gelu_tanh", "quick_gelu" or "swiglu".
+    final_norm: a LayerNorm (`norm`) over the output tokens (False: a file that stores none,
+      e.g. a mean-pooling BEiT / data2vec encoder saved without its pooler).
     dtype: "float32" or "bfloat16" (mixed precision; see the module docstring). Not part of
       the architecture: `vit_fields` leaves it out.
   """
@@ -304,19 +342,41 @@ class ViT(nn.Module):
   layer_scale_init: Optional[float] = None
   use_mask_token: bool = False
   drop_path: float = 0.0
+  class_token: bool = True
+  num_registers: int = 0
+  norm_epsilon: float = 1e-6
+  pre_norm: bool = False
+  mlp_activation: str = "gelu"
+  final_norm: bool = True
   dtype: str = "float32"
 
   @property
   def grid(self) -> int:
     return self.image_size // self.patch_size
 
+  @property
+  def num_prefix_tokens(self) -> int:
+    """Tokens before the patch tokens: the cls token (if any) and the registers."""
+    return int(self.class_token) + self.num_registers
+
+  def check_fields(self) -> None:
+    """One ClmimError for a combination of fields the ViT cannot build."""
+    if self.mlp_activation not in ACTIVATIONS:
+      raise ClmimError(f"mlp_activation={self.mlp_activation!r}: expected one of "
+                       f"{sorted(ACTIVATIONS)}.")
+    if self.num_registers < 0:
+      raise ClmimError(f"num_registers={self.num_registers}: expected 0 or more.")
+    if self.rel_pos_bias != "none" and (not self.class_token or self.num_registers):
+      raise ClmimError("relative position tables are laid out for [cls] + patches: "
+                       "rel_pos_bias needs class_token=True and num_registers=0.")
+
   @nn.compact
   def __call__(self, images, mask=None, deterministic=True, keep=None, cls_only=False):
-    """Final-normed tokens [B, 1 + N, D] (cls first) of `images` [B, S, S, 3].
+    """Final-normed tokens [B, P + N, D] (P = num_prefix_tokens: cls, registers) of `images`.
 
     mask [B, N] (True = masked): those patches become the mask token (needs use_mask_token).
     keep [B, K] int: only these patch tokens (after position embedding, in this order) and cls
-    go through the blocks, as MAE's encoder does: out [B, 1 + K, D]. Needs rel_pos_bias "none"
+    go through the blocks, as MAE's encoder does: out [B, P + K, D]. Needs rel_pos_bias "none"
     (the bias tables are laid out for the full grid).
     cls_only: the final-normed cls token alone, [B, 1, D], the same values as out[:, :1]. The
     last block then computes the cls token's query, attention, projection and MLP only (its
@@ -326,6 +386,9 @@ class ViT(nn.Module):
     (MoCo v3's projector, a cls classifier); analyses read every token and leave it False.
     """
     batch = images.shape[0]
+    self.check_fields()
+    if cls_only and not self.class_token:
+      raise ClmimError("ViT(cls_only=True) needs a cls token (this model has class_token=False).")
     if images.shape[1] != self.image_size or images.shape[2] != self.image_size:
       raise ClmimError(f"ViT built for {self.image_size}px images got shape {images.shape}.")
     dtype = compute_dtype(self.dtype)
@@ -337,23 +400,34 @@ class ViT(nn.Module):
                               (1, 1, self.width))
       if mask is not None:
         x = jnp.where(mask[..., None], mask_token.astype(x.dtype), x)
-    cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, self.width))
-    x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], 1)
+    if self.class_token:
+      cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, self.width))
+      x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], 1)
     if self.position_embedding == "learned":
       x = x + self.param("pos_embed", nn.initializers.normal(0.02),
                          (1, x.shape[1], self.width)).astype(dtype)
     elif self.position_embedding == "sincos":
-      table = sincos_position_embedding(self.grid, self.width)
+      table = sincos_position_embedding(self.grid, self.width)[:, 1 - int(self.class_token):]
       x = x + self.param("pos_embed", lambda *_: jnp.asarray(table), table.shape).astype(dtype)
     elif self.position_embedding != "none":
       raise ClmimError(f"position_embedding must be 'learned', 'sincos' or 'none', "
                        f"got {self.position_embedding!r}.")
+    cls_tokens = int(self.class_token)
+    if self.num_registers:
+      registers = self.param("reg_token", nn.initializers.normal(1e-6),
+                             (1, self.num_registers, self.width)).astype(x.dtype)
+      x = jnp.concatenate([x[:, :cls_tokens],
+                           jnp.broadcast_to(registers, (batch,) + registers.shape[1:]),
+                           x[:, cls_tokens:]], axis=1)
+    if self.pre_norm:
+      x = LayerNorm(epsilon=self.norm_epsilon, name="norm_pre", dtype=dtype)(x)
+    prefix = self.num_prefix_tokens
     if keep is not None:
       if self.rel_pos_bias != "none":
         raise ClmimError(f"ViT(keep=...): visible-token-only encoding needs rel_pos_bias='none' "
                          f"(got {self.rel_pos_bias!r}: its tables are laid out for the full grid).")
-      visible = jnp.take_along_axis(x[:, 1:], keep[..., None].astype(jnp.int32), axis=1)
-      x = jnp.concatenate([x[:, :1], visible], axis=1)
+      visible = jnp.take_along_axis(x[:, prefix:], keep[..., None].astype(jnp.int32), axis=1)
+      x = jnp.concatenate([x[:, :prefix], visible], axis=1)
     self.sow("intermediates", "embedding", x)
 
     shared_bias = None
@@ -366,12 +440,14 @@ class ViT(nn.Module):
       rate = self.drop_path * i / max(self.depth - 1, 1)
       x = Block(self.num_heads, self.mlp_dim, self.block_style, self.layer_scale_init,
                 self.rel_pos_bias == "per_block", self.grid, rate, self.dtype,
-                name=f"block_{i}")(x, shared_bias, deterministic,
+                self.norm_epsilon, self.mlp_activation, name=f"block_{i}")(x, shared_bias, deterministic,
                                    cls_only and i == self.depth - 1)
     if cls_only:
       x = x[:, :1]  # (already so after the last block; a depth-0 ViT has none)
     # The final tokens in float32 whatever the compute dtype: heads and analyses read them.
-    return LayerNorm(epsilon=1e-6, name="norm", dtype=dtype)(x).astype(jnp.float32)
+    if self.final_norm:
+      x = LayerNorm(epsilon=self.norm_epsilon, name="norm", dtype=dtype)(x)
+    return x.astype(jnp.float32)
 
 
 VIT_FIELDS = tuple(k for k in ViT.__dataclass_fields__ if k not in ("parent", "name", "dtype"))
