@@ -59,14 +59,53 @@ _NOT_ANALYSES = {"core", "runner", "common", "plots", "linear_probe", "knn_probe
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenLayout:
+  """Where a model's tokens are: `prefix` tokens (the cls token if `has_cls`, then register
+  tokens) before the N = g*g patch tokens, row-major. The paper's models: prefix 1, has_cls.
+
+  Spatial analyses (distance, NMI, maps, Fourier, SVD, ...) read the patch tokens only, their
+  attention rows renormalised over the patch keys; cls-based ones read the cls token, which a
+  model without one does not have (they report nothing for it, see each analysis)."""
+  prefix: int = 1
+  has_cls: bool = True
+
+  @classmethod
+  def of(cls, vit) -> "TokenLayout":
+    """The layout of a `clmim.models.vit.ViT` (the paper's for objects without the fields)."""
+    return cls(int(getattr(vit, "num_prefix_tokens", 1)), bool(getattr(vit, "class_token", True)))
+
+  @property
+  def num_registers(self) -> int:
+    return self.prefix - int(self.has_cls)
+
+  def patches(self, z):
+    """The patch tokens of states [b, T, ...] -> [b, N, ...]."""
+    return z[:, self.prefix:]
+
+  def patch_attention(self, attn):
+    """Patch queries over patch keys of maps [b, heads, T, T] -> [b, heads, N, N]."""
+    return attn[:, :, self.prefix:, self.prefix:]
+
+  def num_patches(self, tokens: int) -> int:
+    return tokens - self.prefix
+
+  def cls(self, z):
+    """The cls token of states [b, T, D] -> [b, D]; a ClmimError for a model without one."""
+    if not self.has_cls:
+      raise ClmimError("this model has no cls token (class_token=False): its cls-based "
+                       "measures are not defined.")
+    return z[:, 0]
+
+
+@dataclasses.dataclass(frozen=True)
 class Batch:
   """One device's share of a step, as an analysis' `partial_sums` receives it.
 
   Attributes:
-    zs: 2*depth+1 residual states [b, N+1, D] (cls at index 0): the embedding output, then per
-      block the state after the attention branch and after the MLP branch (before the final
-      norm).
-    attns: depth post-softmax attention maps [b, heads, N+1, N+1].
+    zs: 2*depth+1 residual states [b, T, D] (T = layout.prefix + N; for the paper's models cls
+      at index 0, then the N patches): the embedding output, then per block the state after
+      the attention branch and after the MLP branch (before the final norm).
+    attns: depth post-softmax attention maps [b, heads, T, T].
     weights: [b] float32, 1 for real images, 0 for padding.
     index: [b] int32, each image's position in the stream (0 .. num_images - 1), -1 = padding.
     patch_size: the patch side in pixels (static).
@@ -81,6 +120,7 @@ class Batch:
     context: the pass's replicated pytree (e.g. a fitted probe), or {}.
     forward: `forward(images) -> (zs, attns, ...)` with this step's params, for analyses that
       run the model again on changed inputs (e.g. `robustness`).
+    layout: the model's `TokenLayout` (static): which tokens are cls, registers, patches.
   """
   zs: Sequence[Any]
   attns: Sequence[Any]
@@ -93,6 +133,7 @@ class Batch:
   labels: Any = None
   context: Any = None
   forward: Optional[Callable] = None
+  layout: TokenLayout = TokenLayout()
 
 
 def per_block_mean_over_heads(values) -> list:

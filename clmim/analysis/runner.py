@@ -177,7 +177,7 @@ class Analyzer:
   """Runs several analyses over a stream of image batches in one sharded pass per batch."""
 
   def __init__(self, forward_fn, analyses, patch_size, mesh=None, device_batch_size=8,
-               options=None, model=None, folds=0):
+               options=None, model=None, folds=0, layout=None):
     """Builds (but does not yet compile) the sharded step.
 
     Args:
@@ -198,6 +198,8 @@ class Analyzer:
       folds: G >= 2 to also keep every analysis' sums per fold of images (image i in fold
         i mod G; `clmim.analysis.bootstrap`), for bootstrap intervals; 0 = no folds. After a
         run, `fold_sums` and `totals` hold them (`unfolded` names the analyses left out, why).
+      layout: the states' `core.TokenLayout` (cls, registers, patches); default: that of
+        `model`'s ViT when given, else the paper's (cls at 0, then the patches).
 
     The step is compiled once per Analyzer (on the first `run`) and reused for every `run`,
     also with other params of the same structure: models of one architecture share it.
@@ -231,6 +233,10 @@ class Analyzer:
           except ClmimError as e:
             raise ClmimError(f"Analyzer: analysis {a.NAME!r}: {e}") from None
     self.patch_size = patch_size
+    if layout is None:
+      layout = core.TokenLayout.of(getattr(model, "vit", model)) if model is not None \
+          else core.TokenLayout()
+    self.layout = layout
     self.compilations = 0
     self.compile_seconds = 0.0  # wall time of the steps that traced and compiled
     self.mesh = make_mesh() if mesh is None else mesh
@@ -256,7 +262,7 @@ class Analyzer:
                          f"decoder_zs, decoder_attns); got {len(states)} values.")
       batch = core.Batch(states[0], states[1], weights, index, patch_size, *states[2:],
                          images=images, labels=labels, context=context,
-                         forward=lambda x: tuple(run(x)))
+                         forward=lambda x: tuple(run(x)), layout=layout)
       sums = {a.NAME: a.partial_sums(batch, self.options[a.NAME]) for a in self.analyses}
       if self.folds:
         sums[_FOLDS] = self._fold_sums(batch, sums)

@@ -137,16 +137,17 @@ class Session:
     if key not in self._analyzers:
       self._analyzers[key] = Analyzer(forward, self.modules, vit.patch_size,
                                       device_batch_size=self.device_batch, options=self.options,
-                                      folds=self.folds)
+                                      folds=self.folds, layout=core.TokenLayout.of(vit))
     return self._analyzers[key]
 
-  def extra_analyzer(self, key, forward, modules, patch_size, options, folds=0) -> Analyzer:
+  def extra_analyzer(self, key, forward, modules, patch_size, options, folds=0,
+                     layout=None) -> Analyzer:
     """An Analyzer for another pass over the same data (e.g. two models at once, see
     `between_models`), with this session's batching and counted in its compilations."""
     if key not in self._analyzers:
       self._analyzers[key] = Analyzer(forward, modules, patch_size,
                                       device_batch_size=self.device_batch, options=options,
-                                      folds=folds)
+                                      folds=folds, layout=layout)
     return self._analyzers[key]
 
   def stage_analyzer(self, model, stage) -> Analyzer:
@@ -154,7 +155,7 @@ class Session:
     key = ("stage", stage.key) + tuple(sorted(vit_fields(model.vit).items()))
     return self.extra_analyzer(key, functools.partial(forward_with_states, model.vit), [stage],
                                model.vit.patch_size, {stage.NAME: stage.OPTIONS},
-                               folds=self.folds)
+                               folds=self.folds, layout=core.TokenLayout.of(model.vit))
 
   def stream(self, analyzer: Analyzer, images, params, desc: str, quiet: bool = False,
              labels=None, context=None) -> dict:
