@@ -27,13 +27,17 @@ results.json:
                  "models": {name: {key: {"low": [...], "high": [...]}}}} (bootstrap, per curve),
    "findings": [one entry per result the paper compares CL and MIM on, with its verdict:
                 `clmim.jobs.verdicts`],
+   "placements": {"cl_reference", "mim_reference", "findings": {key: {"models": {name:
+                  {"value", "placement", "interval"}}}}} (`clmim.jobs.placements`; also written
+                  as placements.md when the run has more than the two references), or None,
    "num_images": N, "compilations": C, "compile_seconds": s (the per-model steps' compilation,
    including their first step), "config": {...},
    "run": {"command", "overrides", "workdir"}, "versions": {...},
    "figures": [exactly this run's figure files]}
 
 A workdir that already holds an analysis run is refused unless `config.overwrite` is True; then
-that run's results.json, summary.txt, report.md/html and the figures it lists are removed before
+that run's results.json, summary.txt, report.md/html, placements.md and the figures it lists are
+removed before
 the new ones are written, so the workdir never mixes two runs.
 """
 from __future__ import annotations
@@ -57,11 +61,12 @@ from clmim.checkpoints import registry
 from clmim.data.eval_data import EvalImages
 from clmim.data.labelled import ProbeData
 from clmim.errors import ClmimError
-from clmim.jobs import between_models, report, verdicts
+from clmim.jobs import between_models, placements, report, verdicts
 from clmim.models.heads import forward_with_decoder
 from clmim.models.vit import forward_with_states, vit_fields
 
-OUTPUTS = ("results.json", "summary.txt", "report.md", "report.html")  # besides the figures
+OUTPUTS = ("results.json", "summary.txt", "report.md", "report.html",
+           "placements.md")  # besides the figures
 
 
 def versions() -> dict:
@@ -231,6 +236,8 @@ class Session:
     info = {"family": model.family, "source": model.source, **model.info,
             "image_size": vit.image_size, "patch_size": vit.patch_size, "depth": vit.depth,
             "num_heads": vit.num_heads,
+            # Which tokens the analyses read: spatial ones the patches only (docs/definitions.md).
+            "token_layout": {"cls_token": vit.class_token, "registers": vit.num_registers},
             "uniform_attention_distance": attention_distance.uniform_attention_distance(
                 vit.grid, vit.patch_size),
             "preprocessing": model.preprocessing, "data": images.description,
@@ -447,6 +454,7 @@ def run(config, workdir: str, invocation: dict | None = None) -> dict:
   results["analyses"] = describe_analyses(modules, options)
   results["intervals"] = verdicts.interval_record(intervals, session)
   results["findings"] = verdicts.findings(results, modules, session.replicates)
+  results["placements"] = placements.placements(results, modules, session.replicates)
   results["num_images"] = min(r["num_images"] for r in results["models"].values())
   results["compilations"] = session.compilations
   results["compile_seconds"] = round(compile_seconds, 2)
@@ -473,6 +481,10 @@ def write_outputs(results: dict, modules, options, workdir: str, overwrite: bool
     text = report.summary(results, modules)
     write_atomic(os.path.join(workdir, "summary.txt"), lambda f: f.write(text.encode() + b"\n"))
     report.write(results, modules, workdir)
+    placed = results.get("placements")
+    if placed and len(results["models"]) > 2:  # more than the two references: a table
+      write_atomic(os.path.join(workdir, "placements.md"),
+                   lambda f: f.write(placements.markdown(placed).encode()))
     path = os.path.join(workdir, "results.json")
     write_json_atomic(path, results)  # last: a results.json means the run's outputs are whole
   print(text)
