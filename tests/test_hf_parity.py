@@ -7,8 +7,11 @@ clmim and compares every residual state and every attention map with transformer
 forward (`output_hidden_states`, `output_attentions`), at the native grid and at a resampled
 one. transformers is a test-only dependency.
 """
+import functools
 import json
 import os
+
+import jax
 
 import numpy as np
 import pytest
@@ -16,6 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from clmim.analysis import attention_distance, fourier, nmi, runner  # noqa: E402
 from clmim.checkpoints import hf_layout, registry  # noqa: E402
 from clmim.errors import ClmimError  # noqa: E402
 from clmim.models.vit import forward_with_states  # noqa: E402
@@ -129,3 +133,42 @@ def test_a_directory_without_safetensors_says_what_it_found(tmp_path):
   os.rename(os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin"))
   with pytest.raises(ClmimError, match=r"no model.safetensors.*pytorch_model.bin"):
     hf_layout.convert_directory(path)
+
+
+@pytest.mark.parametrize("kind", ["dinov2_registers", "clip", "siglip"])
+def test_spatial_analyses_equal_float64_from_the_reference_model(tmp_path, kind):
+  """Attention distance, NMI and Fourier of the converted model, streamed through clmim's
+  runner, equal a float64 computation from transformers' own attentions and hidden states
+  with the cls and register tokens dropped and each attention row renormalised over the patch
+  keys (docs/definitions.md, "Token layouts")."""
+  from test_metrics import _ref_distance, _ref_fourier, _ref_nmi_entropy
+  model = _build(kind)
+  converted, _ = hf_layout.convert_directory(_save(model, tmp_path, kind))
+  vit, prefix = converted.vit, converted.vit.num_prefix_tokens
+  images = np.random.default_rng(2).normal(size=(4, 28, 28, 3)).astype(np.float32)
+  hidden, attentions = _reference(model, kind, images)
+
+  def paper_layout(x, axes):  # a zero "cls" in front of the patches: the references drop it
+    x = np.take(x, np.arange(prefix, x.shape[axes[0]]), axis=axes[0])
+    for axis in axes:
+      pad = [(0, 0)] * x.ndim
+      pad[axis] = (1, 0)
+      x = np.pad(x, pad)
+    return x
+
+  attns64 = [paper_layout(np.take(a, np.arange(prefix, a.shape[-1]), axis=-1), (2, 3))
+             for a in attentions]
+  zs64 = [paper_layout(h, (1,)) for h in hidden]
+  forward = functools.partial(forward_with_states, vit)
+  analyzer = runner.Analyzer(forward, [attention_distance, nmi, fourier], vit.patch_size,
+                             mesh=runner.make_mesh(jax.devices()[:2]), device_batch_size=2,
+                             model=vit)
+  got = analyzer.run(converted.params, iter([images]), progress=False)
+  np.testing.assert_allclose(got["attention_distance"],
+                             [_ref_distance(a, vit.patch_size) for a in attns64], rtol=1e-5)
+  ref = [_ref_nmi_entropy(a) for a in attns64]
+  np.testing.assert_allclose(got["nmi"], [r[0] for r in ref], rtol=1e-5)
+  np.testing.assert_allclose(got["attention_entropy"], [r[1] for r in ref], rtol=1e-5)
+  # fourier's stages: the embedding, then each block's output = transformers' hidden states.
+  np.testing.assert_allclose(got["fourier"], [_ref_fourier(z) for z in zs64], rtol=1e-4,
+                             atol=1e-5)

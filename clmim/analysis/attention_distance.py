@@ -1,8 +1,11 @@
 """Mean attention distance in pixels, per layer and head (docs/definitions.md).
 
-For one image and head: drop the cls row and column, `A = attn[:, :, 1:, 1:] + 1e-32` with rows
-renormalised, `D[i, j] = patch_size * ||grid(i) - grid(j)||_2`, and the value is
-`mean_q sum_k A[q, k] D[q, k]`. Images are averaged; `finalize` reports [layers][heads].
+For one image and head: keep the patch queries and patch keys only (`batch.layout`: the cls
+and register rows and columns dropped; for the paper's models `attn[:, :, 1:, 1:]`),
+`A = that + 1e-32` with rows renormalised over the N patch keys,
+`D[i, j] = patch_size * ||grid(i) - grid(j)||_2`, and the value is `mean_q sum_k A[q, k] D[q, k]`.
+Images are averaged; `finalize` reports [layers][heads]. Defined on patches only, so it is the
+same on every token layout (with or without cls, with or without registers).
 
 The epsilon is folded in algebraically (`sum_k (a + e) D = sum_k a D + e sum_k D`) so no shifted
 copy of the [B, H, N, N] maps is built: one fused multiply-reduce and one row sum per layer.
@@ -52,21 +55,22 @@ RESULTS = (core.Result(
 def partial_sums(batch: core.Batch, options: dict):
   """Weighted sums over the batch of per-image attention distances.
 
-  Reads `batch.attns` ([B, heads, N+1, N+1] per block), `batch.weights` and `batch.patch_size`.
+  Reads `batch.attns` ([B, heads, T, T] per block, T = prefix + N), `batch.weights`,
+  `batch.patch_size` and `batch.layout`.
 
   Returns:
     {"distance_sum": [layers, heads], "count": []} (sums, not means).
   """
   del options
-  attns, weights, patch_size = batch.attns, batch.weights, batch.patch_size
-  n = attns[0].shape[-1] - 1
+  attns, weights, patch_size, layout = batch.attns, batch.weights, batch.patch_size, batch.layout
+  n = layout.num_patches(attns[0].shape[-1])
   g = grid_side(n, "attention maps")
   dist = jnp.asarray(grid_distances(g, patch_size))
   # Contribution of the epsilon to each row: numerator e*sum_k D[q, k], denominator e*N.
   eps_num = _EPS * dist.sum(-1)
   per_layer = []
   for attn in attns:
-    a = attn[:, :, 1:, 1:].astype(jnp.float32)
+    a = layout.patch_attention(attn).astype(jnp.float32)
     # Elementwise multiply-reduce rather than einsum: an einsum here becomes a batched matmul,
     # which GPUs run in reduced (TF32/bf16) precision by default.
     num = jnp.sum(a * dist, axis=-1) + eps_num

@@ -1,7 +1,10 @@
 """Attention maps of chosen query patches, as in the paper's attention figures; an analysis.
 
-`query_attention_map` follows docs/definitions.md: drop the cls row and column, renormalise the
-rows, take row y*g + x and reshape it to g x g. `plot_query_attention` draws, for a few images,
+`query_attention_map` follows docs/definitions.md: keep the patch queries over the patch keys
+(the cls and register rows and columns dropped, as the token layout says), renormalise the rows
+over the N patch keys, take row y*g + x and reshape it to g x g. Patch tokens only: the maps
+and `query_map_similarity` are the same on every token layout (with or without cls, with or
+without registers). `plot_query_attention` draws, for a few images,
 each model's map next to the image with the query patch marked at patch size: the mean over heads
 (default), one head (the official notebook shows head 0) or every head in its own column.
 
@@ -40,9 +43,10 @@ from clmim.atomic import save_figure_atomic
 from clmim.errors import ClmimError
 
 
-def query_attention_map(attn, x: int, y: int) -> np.ndarray:
-  """[B, heads, N+1, N+1] attention -> [B, heads, g, g] map of query patch (column x, row y)."""
-  attn = np.asarray(attn, np.float64)[:, :, 1:, 1:]
+def query_attention_map(attn, x: int, y: int, layout=core.TokenLayout()) -> np.ndarray:
+  """[B, heads, T, T] attention (tokens laid out as `layout` says; default: the paper's, cls then
+  the N patches) -> [B, heads, g, g] map of query patch (column x, row y)."""
+  attn = layout.patch_attention(np.asarray(attn, np.float64))
   grid = grid_side(attn.shape[-1], "attention maps")
   if not (0 <= x < grid and 0 <= y < grid):
     raise ClmimError(f"query patch ({x}, {y}) is outside the {grid}x{grid} grid.")
@@ -261,15 +265,19 @@ def query_similarity(rows):
 def partial_sums(batch: core.Batch, options: dict):
   """Per-device sums: the query similarity of every block over all images, and the chosen
   images' renormalised query rows of the chosen blocks, picked by stream position."""
-  attns, weights, index = batch.attns, batch.weights, batch.index
-  g = grid_side(attns[0].shape[-1] - 1, "attention_maps: attention maps")
+  attns, weights, index, layout = batch.attns, batch.weights, batch.index, batch.layout
+  g = grid_side(layout.num_patches(attns[0].shape[-1]), "attention_maps: attention maps")
   images, queries = _images(options), _queries(options, g)
   blocks = _blocks(options, len(attns))
   _heads(options, attns[0].shape[1])
-  rows_at = np.array([1 + y * g + x for x, y in queries])
-  rows = [attn[:, :, rows_at, 1:].astype(jnp.float32) for attn in attns]  # [B, H, Q, N]
+  # Query patch (x, y) is token prefix + y*g + x; its row over the patch keys only.
+  rows_at = np.array([layout.prefix + y * g + x for x, y in queries])
+  rows = [attn[:, :, rows_at, layout.prefix:].astype(jnp.float32)
+          for attn in attns]  # [B, H, Q, N]
+  # Cosines ignore each row's scale: the mass on cls and registers need not be renormalised away.
   sims = [weighted_sum(query_similarity(r), weights) for r in rows]
-  # Definition of the map: the cls column dropped, the row renormalised, no epsilon.
+  # Definition of the map: the cls and register columns dropped, the row renormalised, no
+  # epsilon.
   kept = jnp.stack([rows[b - 1] / jnp.sum(rows[b - 1], -1, keepdims=True) for b in blocks], 1)
   picked = [(index == c)[:, None, None, None, None] for c in images]
   # A where-sum, so the other images (and padding) add exact zeros, never NaN * 0.

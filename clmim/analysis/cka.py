@@ -2,7 +2,10 @@
 
 Definition (docs/analyses/cka.md, Kornblith et al. 2019): samples are images; a stage is the
 embedding output zs[0] or a block's output zs[2b] (depth + 1 stages); each stage gives two
-features per image: the mean of its patch tokens ("mean_tokens") and its cls token ("cls"). For
+features per image: the mean of its patch tokens ("mean_tokens"; register tokens are not patches
+and are left out, `Batch.layout`) and its cls token ("cls"). A model without a cls token has no
+"cls" feature: its cls results are None (a run that asks for the cls feature only is refused for
+it before any compute). For
 the n x D feature matrices X, Y of two stages, centred over the images (Xc, Yc):
 
   CKA(X, Y) = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)
@@ -28,8 +31,9 @@ Memory: P D^2 floats per feature kind; all stages: P = S(S+1)/2, for ViT-B (S = 
   mutual_knn_images: how many images (the first in stream order) the alignment compares (1000;
     0 = no mutual k-NN). Their features are gathered on the devices: images x stages x D floats.
 
-Results: "cka_mean_tokens", "cka_cls": [stage][stage] (None when not computed; NaN for a stage
-whose feature is constant over the images, e.g. the cls token at stage 0);
+Results: "cka_mean_tokens", "cka_cls": [stage][stage] (None when not computed, e.g. "cka_cls" of
+a model without a cls token; NaN for a stage whose feature is constant over the images, e.g. the
+cls token at stage 0);
 "cka_unbiased_mean_tokens", "cka_unbiased_cls": the same with the unbiased HSIC estimator
 (`unbiased_pair_cka`: from four more small sums per pair, ~0 for independent features where
 the plain estimator sits at ~D/n; needs >= 4 images); "cka_adjacent":
@@ -121,18 +125,29 @@ def mutual_knn_settings(options) -> tuple[int, int]:
   return int(k), int(images)
 
 
+def computed_kinds(options, layout=core.TokenLayout()) -> tuple:
+  """The feature kinds of option `features` that a model of token `layout` has (no "cls"
+  without a cls token)."""
+  return tuple(k for k in feature_kinds(options) if k != "cls" or layout.has_cls)
+
+
 def check(model, options) -> None:
-  """Rejects bad options before any compute."""
+  """Rejects bad options before any compute, and a cls-only run on a model without cls."""
   vit = getattr(model, "vit", model)  # the registry Model, or a bare ViT
   feature_kinds(options)
+  if not computed_kinds(options, core.TokenLayout.of(vit)):
+    raise ClmimError(f"config.analysis_options.cka.features={options['features']!r}: this model "
+                     "has no cls token (class_token=False), so there is nothing to compare; "
+                     "add 'mean_tokens'.")
   mutual_knn_settings(options)
   chosen_stages(options, vit.depth + 1)
 
 
-def stage_feature(z, kind):
-  """[b, N+1, D] state -> [b, D] float32: the mean of the patch tokens or the cls token."""
+def stage_feature(z, kind, layout=core.TokenLayout()):
+  """[b, T, D] state -> [b, D] float32: the mean of the patch tokens (registers left out) or the
+  cls token. `layout`: where the tokens are (default: the paper's, cls then the patches)."""
   z = z.astype(jnp.float32)
-  return jnp.mean(z[:, 1:, :], axis=1) if kind == "mean_tokens" else z[:, 0, :]
+  return jnp.mean(layout.patches(z), axis=1) if kind == "mean_tokens" else layout.cls(z)
 
 
 def stage_pairs(num_stages: int, stages, adjacent: bool) -> list:
@@ -156,17 +171,18 @@ def partial_sums(batch: core.Batch, options) -> dict:
 
   Returns:
     {"count": [], "sum_<kind>": [S, D] (all stages), "moment_<kind>": [P, D, D]} per chosen
-    kind, where moment[p] = Σ_images w x_i x_j^T for the p-th pair (i, j) of `stage_pairs`.
+    kind the model has (`computed_kinds`), where moment[p] = Σ_images w x_i x_j^T for the p-th
+    pair (i, j) of `stage_pairs`.
   """
   states = list(batch.zs[0::2])
-  kinds = feature_kinds(options)
+  kinds = computed_kinds(options, batch.layout)
   w = jnp.where(batch.weights > 0, batch.weights, 0).astype(jnp.float32)
   real = (w > 0)[None, :, None]
   out = {"count": jnp.sum(w)}
   for kind in kinds:
     rows, cols = np.asarray(_pairs_of(kind, kinds, len(states), options)).T
     # Padding may hold anything (even NaN): zero it, as weight 0 alone would give 0 * NaN.
-    f = jnp.where(real, jnp.stack([stage_feature(z, kind) for z in states]), 0)
+    f = jnp.where(real, jnp.stack([stage_feature(z, kind, batch.layout) for z in states]), 0)
     fw = f * w[None, :, None]
     out[f"sum_{kind}"] = jnp.sum(fw, axis=1)
     # HIGHEST: accelerators otherwise run float32 matmuls in reduced precision (TF32/bf16), and
@@ -250,11 +266,16 @@ def pair_cka(moments, sums, count, pairs) -> dict:
 
 
 def finalize(sums, options) -> dict:
-  """{"cka_mean_tokens": [S][S] | None, "cka_cls": [S][S] | None, "cka_adjacent": [block]}."""
+  """{"cka_mean_tokens": [S][S] | None, "cka_cls": [S][S] | None, "cka_adjacent": [block]}
+  (None: a kind not computed, e.g. "cls" of a model without a cls token)."""
   count = float(sums["count"])
   if count < 2:
     raise ClmimError(f"cka: needs at least 2 images (CKA centres over images); got {count:g}.")
-  kinds = feature_kinds(options)
+  # The kinds partial_sums computed: those asked for that the model has.
+  kinds = tuple(k for k in feature_kinds(options) if f"sum_{k}" in sums)
+  if not kinds:
+    raise ClmimError("cka: no feature was computed (a cls-only run on a model without a cls "
+                     "token).")
   num = np.asarray(sums[f"sum_{kinds[0]}"]).shape[0]
   stages = chosen_stages(options, num)
   out = {f"cka{u}_{k}": None for k in KINDS for u in ("", "_unbiased")}

@@ -20,8 +20,8 @@ def grid_side(num_patches: int, what: str) -> int:
   """g for g*g patch tokens, or a ClmimError naming `what` had a non-square count."""
   g = int(round(np.sqrt(num_patches)))
   if g * g != num_patches:
-    raise ClmimError(f"{what} have {num_patches} patch tokens (excluding cls); expected a square "
-                     "number g*g of patches.")
+    raise ClmimError(f"{what} have {num_patches} patch tokens (cls and register tokens "
+                     "excluded); expected a square number g*g of patches.")
   return g
 
 

@@ -36,7 +36,10 @@ Options:
 Models need a decoder: load with `?decoder=1` an export of clmim's own MAE, SimMIM or hybrid
 pretraining (`runs/<run>/export?decoder=1`: exports keep the decoder beside the encoder), or
 an official MAE _full/visualize or SimMIM checkpoint (`check` refuses any other model before
-compute).
+compute). Decoders are built for the paper's token layout only (cls at index 0, then the
+patches, no registers): the decoder's states always have that layout, and `check` refuses a
+model with a decoder whose encoder has registers or no cls token. As in `fourier` and `nmi`,
+only the patch tokens are read (attention rows renormalised over the patch keys).
 """
 import dataclasses
 
@@ -123,12 +126,20 @@ def feed(model, options: dict) -> dict | None:
 
 
 def check(model, options: dict) -> None:
-  """Refuses a model without a decoder, or a feed it cannot have, before any compute."""
+  """Refuses a model without a decoder, one whose encoder is not laid out as the paper's
+  (registers, or no cls token), or a feed it cannot have, before any compute."""
+  name = getattr(model, "name", "?")
   if getattr(model, "decoder", None) is None:
-    name = getattr(model, "name", "?")
     raise ClmimError(f"model {name!r} has no decoder: load an MAE / SimMIM export of clmim "
                      f"('runs/<run>/export?decoder=1') or an official MAE _full/visualize or "
                      f"SimMIM checkpoint with '?decoder=1'.")
+  layout = core.TokenLayout.of(model.vit)
+  if layout != core.TokenLayout():
+    raise ClmimError(f"model {name!r}: the decoder analysis needs the paper's token layout (a "
+                     f"cls token, no registers); its encoder has "
+                     f"{'a' if layout.has_cls else 'no'} cls token and {layout.num_registers} "
+                     f"register tokens, and pretraining decoders are only built for cls-first "
+                     f"models.")
   feed(model, options)
 
 
@@ -147,12 +158,15 @@ def partial_sums(batch: core.Batch, options: dict):
                      "'?decoder=1' (an MAE / SimMIM export of clmim, or an official MAE "
                      "_full/visualize or SimMIM checkpoint).")
   # fourier's own sums (its DC-relative accumulation included), so the definition is shared.
+  # The encoder's states are laid out as batch.layout says; the decoder's always as the paper's
+  # (cls, then the patches: decoders are only built for such encoders, see `check`).
+  paper = core.TokenLayout()
   sums = {"encoder_fourier": fourier.partial_sums(batch, {}),
           "decoder_fourier": fourier.partial_sums(
-              dataclasses.replace(batch, zs=tuple(batch.decoder_zs)), {}),
+              dataclasses.replace(batch, zs=tuple(batch.decoder_zs), layout=paper), {}),
           "count": image_count(batch.weights)}
   if batch.decoder_attns:
-    sums["nmi_sum"] = jnp.stack([weighted_sum(nmi.per_image(a)[0], batch.weights)
+    sums["nmi_sum"] = jnp.stack([weighted_sum(nmi.per_image(a, paper)[0], batch.weights)
                                  for a in batch.decoder_attns])
   return sums
 

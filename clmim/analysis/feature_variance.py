@@ -1,9 +1,10 @@
 """Spatial variance of the feature maps (the "How Do Vision Transformers Work?" companion plot).
 
 Definition (docs/analyses/feature_variance.md): for each residual state z in `zs` and each
-image, drop cls and take, per channel c, the variance over the N = g × g patch tokens,
+image, keep the N = g × g patch tokens (`batch.layout`: cls and register tokens dropped) and
+take, per channel c, their variance,
 `var_k z[k, c] = mean_k (z[k, c] − mean_k' z[k', c])²` (population variance, divisor N); average
-it over the channels, then over the images.
+it over the channels, then over the images. Patch tokens only: the same on every token layout.
 
 Options:
   normalize: False (default) reports that raw variance, as the companion paper plots it. True
@@ -59,9 +60,10 @@ def check(model, options: dict) -> None:
   _normalize(options)
 
 
-def spatial_variance(z, normalize: bool = False):
-  """[B, N+1, D] state -> [B]: channel mean of the variance over patch tokens (cls dropped)."""
-  p = z[:, 1:, :].astype(jnp.float32)
+def spatial_variance(z, normalize: bool = False, layout=core.TokenLayout()):
+  """[B, T, D] state -> [B]: channel mean of the variance over its patch tokens (the prefix
+  tokens of `layout` dropped; default: the paper's layout, cls then the patches)."""
+  p = layout.patches(z).astype(jnp.float32)
   # Two passes (mean, then squared deviations): E[z²] − E[z]² cancels badly when the mean is
   # large next to the spread, as in residual streams with big constant channels.
   mean = jnp.mean(p, axis=1, keepdims=True)
@@ -75,7 +77,8 @@ def spatial_variance(z, normalize: bool = False):
 def partial_sums(batch: core.Batch, options: dict) -> dict:
   """Per-device sums over images: {"variance_sum": [states], "count": []}."""
   normalize = _normalize(options)
-  sums = [weighted_sum(spatial_variance(z, normalize), batch.weights) for z in batch.zs]
+  sums = [weighted_sum(spatial_variance(z, normalize, batch.layout), batch.weights)
+          for z in batch.zs]
   return {"variance_sum": jnp.stack(sums), "count": image_count(batch.weights)}
 
 

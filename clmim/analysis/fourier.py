@@ -1,11 +1,12 @@
 """Fourier analysis of token maps: relative log amplitude ΔlogA along the diagonal frequencies.
 
-Definition (docs/definitions.md): for each residual state z in `zs`, drop cls and reshape
-the tokens to a g x g map per channel; F = log(|fft2(z)| + 1e-6) over the two spatial axes; shift
-frequency 0 to the centre (roll by c = g//2); average F over images and channels; read the
-diagonal from the centre to the end, F[c + k, c + k] for k = 0 .. g - 1 - c (the official
-notebooks' `diag()[int(g/2):]`: g/2 values for even g, g//2 + 1 for odd g); subtract its first
-(DC) value.
+Definition (docs/definitions.md): for each residual state z in `zs`, keep the N = g*g patch
+tokens (`batch.layout`: cls and register tokens dropped; patches only, so the result is the same
+on every token layout) and reshape them to a g x g map per channel; F = log(|fft2(z)| + 1e-6)
+over the two spatial axes; shift frequency 0 to the centre (roll by c = g//2); average F over
+images and channels; read the diagonal from the centre to the end, F[c + k, c + k] for
+k = 0 .. g - 1 - c (the official notebooks' `diag()[int(g/2):]`: g/2 values for even g, g//2 + 1
+for odd g); subtract its first (DC) value.
 
 Only the read-out frequencies (k, k) reach the result, so only they are computed: the 2-D DFT at
 (k, k) is the 1-D DFT of the tokens summed along their wrapped anti-diagonals (`log_amplitude`),
@@ -58,9 +59,10 @@ def _fold(g: int) -> np.ndarray:
   return (((x + y) % g)[:, None] == np.arange(g)[None, :]).astype(np.float32)
 
 
-def log_amplitude(z):
-  """Channel-averaged log(|fft2| + 1e-6) of one state [B, N+1, C] at the read-out frequencies
-  (k, k), k = 0 .. g - 1 - g//2 -> [B, K].
+def log_amplitude(z, layout=core.TokenLayout()):
+  """Channel-averaged log(|fft2| + 1e-6) of one state [B, T, C] (tokens laid out as `layout`
+  says; default: the paper's, cls then the N patches) at the read-out frequencies (k, k),
+  k = 0 .. g - 1 - g//2 -> [B, K].
 
   Only these K of the g x g frequencies reach the result. exp(-2 pi i k (x + y) / g) depends on
   (x + y) mod g alone, so the 2-D DFT at (k, k) is the 1-D DFT over r of the tokens folded onto
@@ -69,8 +71,8 @@ def log_amplitude(z):
   Same numbers as the 2-D FFT's entries there (a constant map still gives exact zeros).
   """
   b, t, c = z.shape
-  g = grid_side(t - 1, "fourier: states")
-  folded = jnp.einsum("bnc,nr->brc", z[:, 1:, :].astype(jnp.float32), jnp.asarray(_fold(g)),
+  g = grid_side(layout.num_patches(t), "fourier: states")
+  folded = jnp.einsum("bnc,nr->brc", layout.patches(z).astype(jnp.float32), jnp.asarray(_fold(g)),
                       precision=jax.lax.Precision.HIGHEST)
   spectrum = jnp.fft.rfft(folded, axis=1)[:, :len(diagonal_frequencies(g))]
   return jnp.mean(jnp.log(jnp.abs(spectrum) + _EPS), axis=-1)
@@ -80,7 +82,8 @@ def partial_sums(batch: core.Batch, options: dict):
   """Weighted sums over the batch of the channel-averaged log amplitude at the read-out
   frequencies of every state.
 
-  Reads `batch.zs` (2*depth+1 residual states [B, N+1, C], cls at index 0) and `batch.weights`.
+  Reads `batch.zs` (2*depth+1 residual states [B, T, C], tokens as `batch.layout` says) and
+  `batch.weights`.
 
   Returns:
     {"rel_log_amplitude_sum": [states, K], F(k, k) minus each image's own F(0, 0),
@@ -90,7 +93,7 @@ def partial_sums(batch: core.Batch, options: dict):
   zs, weights = batch.zs, batch.weights
   rel_sums, dc_sums = [], []
   for z in zs:
-    log_amp = log_amplitude(z)
+    log_amp = log_amplitude(z, batch.layout)
     dc = log_amp[:, 0]
     rel_sums.append(weighted_sum(log_amp - dc[:, None], weights))
     dc_sums.append(weighted_sum(dc, weights))

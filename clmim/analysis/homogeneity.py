@@ -1,7 +1,8 @@
 """Homogeneity of attention and representations: the collapse the paper attributes to CL.
 
-Definitions (docs/analyses/homogeneity.md), per block, image and head; `a = attn[:, :, 1:, 1:]`
-(cls row and column dropped), rows renormalised over the N patch keys as in attention_distance
+Definitions (docs/analyses/homogeneity.md), per block, image and head; `a` = the patch queries
+over the patch keys (`batch.layout`: cls and register rows and columns dropped; for the paper's
+models `attn[:, :, 1:, 1:]`), rows renormalised over the N patch keys as in attention_distance
 (a row with no patch mass at all counts as the uniform row), then unit-normalised: `u[h, q]`.
 
   head_similarity[block]        mean over head pairs h < h' and queries q of cos(u[h, q], u[h', q])
@@ -13,11 +14,14 @@ Definitions (docs/analyses/homogeneity.md), per block, image and head; `a = attn
                                 (the paper's "tokens of an image move together" for CL), beside
                                 query_similarity, which compares attention rows
 
-Each is averaged over images. A mean of pairwise cosines needs no pair tensor: for unit vectors
-u_1 .. u_n with mean ū and spread V = Σ_i |u_i − ū|², the mean over pairs i < j of u_i·u_j is
-`|ū|² − V / (n (n − 1))`. V is summed from the deviations themselves, so values near 1 (all
-vectors equal, V ≈ 0) keep full float32 precision instead of being a difference of two ~n² sums.
-One head (or one patch) has no pairs: that value is NaN.
+Each is averaged over images. All four read patch tokens only (there is no cls part): they are
+defined, and the same, on every token layout, with or without cls, with or without registers.
+
+A mean of pairwise cosines needs no pair tensor: for unit vectors u_1 .. u_n with mean ū and
+spread V = Σ_i |u_i − ū|², the mean over pairs i < j of u_i·u_j is `|ū|² − V / (n (n − 1))`.
+V is summed from the deviations themselves, so values near 1 (all vectors equal, V ≈ 0) keep
+full float32 precision instead of being a difference of two ~n² sums. One head (or one patch)
+has no pairs: that value is NaN.
 """
 import jax.numpy as jnp
 import numpy as np
@@ -63,13 +67,14 @@ RESULTS = (
 )
 
 
-def unit_rows(attn):
-  """[B, H, N+1, N+1] maps -> [B, H, N, N] patch rows, renormalised, then of unit L2 norm."""
-  n = attn.shape[-1] - 1
-  a = attn[:, :, 1:, 1:].astype(jnp.float32)
+def unit_rows(attn, layout=core.TokenLayout()):
+  """[B, H, T, T] maps (tokens laid out as `layout` says; default: the paper's, cls then the N
+  patches) -> [B, H, N, N] patch rows, renormalised, then of unit L2 norm."""
+  n = layout.num_patches(attn.shape[-1])
+  a = layout.patch_attention(attn).astype(jnp.float32)
   s = jnp.sum(a, axis=-1, keepdims=True)
   # Renormalising first keeps every row's largest entry >= 1/N, so the squared norm below cannot
-  # underflow even when nearly all of a row's mass sits on cls.
+  # underflow even when nearly all of a row's mass sits on cls or the registers.
   a = jnp.where(s > 0, a / jnp.where(s > 0, s, 1.0), 1.0 / n)
   return a / jnp.sqrt(jnp.sum(a * a, axis=-1, keepdims=True))
 
@@ -110,15 +115,17 @@ def partial_sums(batch: core.Batch, options: dict) -> dict:
   if len(batch.zs) != 2 * depth + 1:
     raise ClmimError(f"homogeneity: expected 2*depth+1 = {2 * depth + 1} states for {depth} "
                      f"attention maps, got {len(batch.zs)}.")
+  layout = batch.layout
   head, query, dep, tokens = [], [], [], []
   for i, attn in enumerate(batch.attns):
-    u = unit_rows(attn)  # [B, H, N, N]
+    u = unit_rows(attn, layout)  # [B, H, N, N]
     head.append(weighted_sum(jnp.mean(mean_pair_cosine(u, axis=1), axis=-1), batch.weights))
     query.append(weighted_sum(mean_pair_cosine(u, axis=2), batch.weights))
-    # Block i reads zs[2i] (its input) and writes zs[2i + 2] (its output); cls excluded.
-    cos = token_cosine(batch.zs[2 * i][:, 1:], batch.zs[2 * i + 2][:, 1:])
+    # Block i reads zs[2i] (its input) and writes zs[2i + 2] (its output); cls and registers
+    # excluded.
+    cos = token_cosine(layout.patches(batch.zs[2 * i]), layout.patches(batch.zs[2 * i + 2]))
     dep.append(weighted_sum(jnp.mean(cos, axis=-1), batch.weights))
-    out = batch.zs[2 * i + 2][:, 1:].astype(jnp.float32)
+    out = layout.patches(batch.zs[2 * i + 2]).astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(out * out, axis=-1, keepdims=True))
     unit = jnp.where(norm > 0, out / jnp.where(norm > 0, norm, 1.0), 0.0)
     tokens.append(weighted_sum(mean_pair_cosine(unit, axis=1), batch.weights))

@@ -4,7 +4,8 @@ The paper's authors describe two SVD views: of the tokens of an image (`svd`) an
 *images* — the covariance of the average-pooled image vectors over the data set. This module is
 the second (docs/analyses/image_spectrum.md). For stage s (the embedding output, then each
 block's output, pre-final-norm, as in `fourier`) and image i, v_i = mean of its patch tokens
-(cls dropped). Over the n images:
+(`batch.layout`: cls and register tokens dropped, so it is the same on every token layout).
+Over the n images:
 
   C = (1 / (n - 1)) * sum_i (v_i - m)(v_i - m)^T,  m = mean_i v_i   (the covariance, [D, D])
 
@@ -69,7 +70,8 @@ def partial_sums(batch: core.Batch, options: dict) -> dict:
   Returns {"sum": [S, D], "outer": [S, D, D], "count": []}.
   """
   _max_rank(options)
-  pooled = [z[:, 1:].astype(jnp.float32).mean(axis=1) for z in batch.zs[0::2]]  # [B, D] each
+  pooled = [batch.layout.patches(z).astype(jnp.float32).mean(axis=1)
+            for z in batch.zs[0::2]]  # [B, D] each
   w = jnp.where(batch.weights > 0, batch.weights, 0).astype(jnp.float32)
   return {"sum": jnp.stack([weighted_sum(v, batch.weights) for v in pooled]),
           "outer": jnp.stack([jnp.einsum("b,bd,be->de", w, v, v,

@@ -2,9 +2,10 @@
 probe of `clmim.analysis.probing` (which calls it; options `knn_*` there).
 
 Definition (docs/analyses/probing.md, "k-NN probe"):
-- Features: the ridge probe's (`probing.block_features`: each block's cls token and mean patch
-  token, normalised like a LayerNorm without affine parameters), then L2-normalised, so the
-  similarity of two images is the cosine of their (centred) features.
+- Features: the ridge probe's (`probing.layout_features`: each block's cls token and mean patch
+  token, registers left out, normalised like a LayerNorm without affine parameters; the mean
+  patch token only for a model without a cls token), then L2-normalised, so the similarity of
+  two images is the cosine of their (centred) features.
 - Memory: the first `knn_train_images` training images (all when 0), every one of them.
 - Vote: for an evaluation image, its k most similar memory images (k = `knn_k`, 20 in DINO) each
   vote for their class with weight exp(similarity / T) (T = `knn_temperature`, 0.07 in DINO);
@@ -65,11 +66,11 @@ def unit(x):
 
 
 def memory_stage(features_fn, count: int) -> core.Stage:
-  """The pass that gathers `features_fn(zs)` ([blocks, kinds, b, D]) of stream positions
-  0 .. count-1 (held fixed in the bootstrap)."""
+  """The pass that gathers `features_fn(zs, layout)` ([blocks, kinds, b, D]; `layout` the
+  batch's `core.TokenLayout`) of stream positions 0 .. count-1 (held fixed in the bootstrap)."""
   def partial_sums(batch, options):
     found, gathered = common.gather_first(batch.index, batch.weights, count,
-                                          unit(features_fn(batch.zs)))
+                                          unit(features_fn(batch.zs, batch.layout)))
     return {"found": found, "features": gathered}
 
   return core.Stage("knn_memory", ("knn_memory", count), partial_sums, BOOTSTRAP=False)
@@ -91,7 +92,7 @@ def eval_stage(features_fn, columns, k: int, temperature: float) -> core.Stage:
   columns = tuple(columns)
 
   def partial_sums(batch, options):
-    x = unit(features_fn(batch.zs))  # [L, K, b, D]
+    x = unit(features_fn(batch.zs, batch.layout))  # [L, K, b, D]
     memory = batch.context["features"]  # [L, K, M, D], unit rows (0 where not found)
     similarity = jnp.einsum("lkbd,lkmd->lkbm", x, memory, precision=jax.lax.Precision.HIGHEST)
     similarity = jnp.where(batch.context["found"][None, None, None, :] > 0, similarity,
@@ -111,7 +112,8 @@ def eval_stage(features_fn, columns, k: int, temperature: float) -> core.Stage:
 
 def measure(passes, data, options, features_fn) -> tuple[dict, dict]:
   """({target: [blocks, kinds] top-1}, details) of the k-NN probe on `data` (ProbeData), the
-  memory from its independent training set, evaluated on its evaluation images."""
+  memory from its independent training set, evaluated on its evaluation images.
+  `features_fn(zs, layout)` -> [blocks, kinds, b, D]."""
   k, temperature = int(options["knn_k"]), float(options["knn_temperature"])
   train = data.train()
   count = memory_size(options, len(train.labels.values))

@@ -1,12 +1,14 @@
 """Normalised mutual information between queries and keys, and attention entropy.
 
 Definitions (docs/definitions.md), per image and head, natural logs:
-  A = attn[:, :, 1:, 1:] + 1e-8, rows renormalised; p(q) = 1/N; p(k) = sum_q p(q) A[q, k];
+  A = patch queries over patch keys (`batch.layout`: cls and register rows and columns dropped;
+  attn[:, :, 1:, 1:] for the paper's models) + 1e-8, rows renormalised over the N patch keys;
+  p(q) = 1/N; p(k) = sum_q p(q) A[q, k];
   I = sum_q sum_k p(q) A[q, k] log(A[q, k] / p(k)); H(Q) = log N; H(K) = -sum_k p(k) log p(k);
   NMI = I / sqrt(H(Q) H(K)).
   Attention entropy (ours) = mean_q (-sum_k A[q, k] log A[q, k]) / log N  (1 = uniform rows).
 Both are averaged over images; `finalize` reports [layers][heads] for "nmi" and
-"attention_entropy".
+"attention_entropy". Defined on patches only: the same on every token layout.
 
 Computation: with the uniform query prior, I = H(K) - mean_q H(A[q, :]), so per-row sums and the
 key marginal p(k) are all that touch the [B, H, N, N] maps: two reads per layer (one row
@@ -43,24 +45,29 @@ _EPS = 1e-8
 
 
 
-def per_image(attn):
-  """Per-(image, head) NMI and normalised entropy of one layer's maps [B, H, N+1, N+1].
+def per_image(attn, layout=core.TokenLayout()):
+  """Per-(image, head) NMI and normalised entropy of one layer's maps [B, H, T, T], whose
+  tokens are laid out as `layout` says (default: the paper's, cls then the N patches).
 
   Returns:
     (nmi, entropy), each [B, H] float32.
   """
-  n = attn.shape[-1] - 1
+  n = layout.num_patches(attn.shape[-1])
   if n < 2:
     raise ClmimError(f"nmi: need at least 2 patch tokens, got {n}.")
   log_n = math.log(n)
-  a = attn[:, :, 1:, 1:].astype(jnp.float32)
+  p = layout.prefix
+  a = layout.patch_attention(attn).astype(jnp.float32)
   a_eps = a + _EPS  # fused into the reductions below, never materialised
   # Pass 1 (one fused row reduction): the row sums s and, in the same read, the row sums of
   # a' log(a' / s~) with a guess s~ of s known up front. Any s~ > 0 is exact, because
   # A log A = (a'/s) (log(a'/s~) + log(s~/s)); a guess close to s keeps every term small. Softmax
-  # rows sum to 1, so s~ = 1 - (attention to cls) is within rounding of s.
+  # rows sum to 1, so s~ = 1 - (attention to the prefix tokens: cls and registers) is within
+  # rounding of s; without prefix tokens the empty sum is 0 and s~ = 1. A one-token prefix sums
+  # one float32 exactly: the paper's models get the same s~ as 1 - attn[..., 0].
   s = a.sum(-1) + _EPS * n  # [B, H, N]
-  s_guess = jnp.maximum(1.0 - attn[:, :, 1:, 0].astype(jnp.float32), _EPS * n)
+  prefix_mass = attn[:, :, p:, :p].astype(jnp.float32).sum(-1)
+  s_guess = jnp.maximum(1.0 - prefix_mass, _EPS * n)
   log_ratio = jnp.log1p((s_guess - s) / s)  # log(s~ / s), accurate when small
   # Float32 sums of terms of size log N lose ~1e-7 * log N absolutely, so two forms are kept:
   # entropies (accurate near collapse) and KL(A_q || uniform) (accurate near uniform
@@ -86,7 +93,7 @@ def per_image(attn):
 def partial_sums(batch: core.Batch, options: dict):
   """Weighted sums over the batch of per-image NMI and attention entropy.
 
-  Reads `batch.attns` ([B, heads, N+1, N+1] per block) and `batch.weights`.
+  Reads `batch.attns` ([B, heads, T, T] per block), `batch.weights` and `batch.layout`.
 
   Returns:
     {"nmi_sum": [layers, heads], "entropy_sum": [layers, heads], "count": []}.
@@ -95,7 +102,7 @@ def partial_sums(batch: core.Batch, options: dict):
   attns, weights = batch.attns, batch.weights
   nmi_sums, ent_sums = [], []
   for attn in attns:
-    nmi, ent = per_image(attn)
+    nmi, ent = per_image(attn, batch.layout)
     nmi_sums.append(weighted_sum(nmi, weights))
     ent_sums.append(weighted_sum(ent, weights))
   count = image_count(weights)

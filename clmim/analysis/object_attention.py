@@ -3,15 +3,18 @@
 Definition (docs/analyses/object_attention.md): the procedural images know their object's mask.
 A patch token is an *object token* when the object covers at least `threshold` (default 0.5) of
 its patch's pixels. For a query q of block l, head h, the object share is the attention mass q
-gives the object tokens divided by the mass it gives all patch tokens (the cls key is left out):
+gives the object tokens divided by the mass it gives all patch tokens (the cls and register keys
+are left out, `Batch.layout`):
 
   share(q) = Σ_{k object} A[q, k] / Σ_{k patch} A[q, k]
 
 reported for the cls query ("object_attention_cls") and averaged over the patch queries
-("object_attention_patches"), each the mean over images. The reference is the object's share of
-the tokens (mean over images): attention spread uniformly over the image has exactly that share,
-attention spread over the object only has share 1. A model whose attention lands on the object
-is above the reference; one that attends to the background (e.g. the image border) is below it.
+("object_attention_patches"; register queries are not patches), each the mean over images. A
+model without a cls token has no cls query: its results hold "object_attention_patches" only.
+The reference is the object's share of the tokens (mean over images): attention spread uniformly
+over the image has exactly that share, attention spread over the object only has share 1. A
+model whose attention lands on the object is above the reference; one that attends to the
+background (e.g. the image border) is below it.
 
 Data: object masks come with the procedural data only (config.data.source "synthetic"); the
 pass streams config.data's images with each image's token mask as its label row.
@@ -19,7 +22,7 @@ pass streams config.data's images with each image's token mask as its label row.
 Options:
   threshold: 0.5: the share of a patch the object must cover for its token to count as object.
 
-Results: "object_attention_cls", "object_attention_patches": [block][head];
+Results: "object_attention_cls" (cls models only), "object_attention_patches": [block][head];
 "object_attention_details": {"object_token_share", "threshold", "images"}.
 """
 from __future__ import annotations
@@ -85,19 +88,25 @@ def token_masks(images, patch_size: int, threshold: float) -> np.ndarray:
 
 
 def attention_sums(batch, options=None) -> dict:
-  """Per device: Σ over images of the object share per block and head, for the cls query and
-  the mean over patch queries; Σ of the object token share; the image count."""
+  """Per device: Σ over images of the object share per block and head, for the cls query (not
+  for a model without one) and the mean over patch queries; Σ of the object token share; the
+  image count."""
+  layout = batch.layout
   mask = (batch.labels > 0).astype(jnp.float32)  # [b, N]
   valid = batch.weights * (batch.labels[:, 0] >= 0)
   cls, patches = [], []
   for attn in batch.attns:
-    keys = attn[..., 1:].astype(jnp.float32)  # [b, H, N+1, N]: patch keys only
+    keys = attn[..., layout.prefix:].astype(jnp.float32)  # [b, H, T, N]: patch keys only
     on_object = jnp.einsum("bhqk,bk->bhq", keys, mask)
-    share = on_object / jnp.maximum(keys.sum(-1), 1e-30)
-    cls.append(jnp.einsum("bh,b->h", share[:, :, 0], valid))
-    patches.append(jnp.einsum("bh,b->h", share[:, :, 1:].mean(-1), valid))
-  return {"cls": jnp.stack(cls), "patches": jnp.stack(patches),
-          "area": (mask.mean(-1) * valid).sum(), "count": valid.sum()}
+    share = on_object / jnp.maximum(keys.sum(-1), 1e-30)  # [b, H, T]: per query
+    if layout.has_cls:
+      cls.append(jnp.einsum("bh,b->h", share[:, :, 0], valid))
+    patches.append(jnp.einsum("bh,b->h", share[:, :, layout.prefix:].mean(-1), valid))
+  out = {"patches": jnp.stack(patches), "area": (mask.mean(-1) * valid).sum(),
+         "count": valid.sum()}
+  if cls:
+    out["cls"] = jnp.stack(cls)
+  return out
 
 
 STAGE = core.Stage(f"{NAME}_pass", ("object_attention",), attention_sums)
@@ -126,9 +135,11 @@ def measure(model, data, passes, options) -> dict:
   masks = passes.cache[key]
   sums = passes.run(STAGE, evaluation.images, masks, None, "object attention")
   count = max(float(sums["count"]), 1.0)
-  return {"num_images": int(round(float(sums["count"]))),
-          "object_attention_cls": (np.asarray(sums["cls"]) / count).tolist(),
-          "object_attention_patches": (np.asarray(sums["patches"]) / count).tolist(),
-          "object_attention_details": {"object_token_share": float(sums["area"]) / count,
-                                       "threshold": threshold,
-                                       "images": int(round(float(sums["count"])))}}
+  out = {"num_images": int(round(float(sums["count"]))),
+         "object_attention_patches": (np.asarray(sums["patches"]) / count).tolist(),
+         "object_attention_details": {"object_token_share": float(sums["area"]) / count,
+                                      "threshold": threshold,
+                                      "images": int(round(float(sums["count"])))}}
+  if "cls" in sums:  # absent for a model without a cls token (`attention_sums`)
+    out["object_attention_cls"] = (np.asarray(sums["cls"]) / count).tolist()
+  return out

@@ -3,8 +3,11 @@ images whether it decides by shape or by texture.
 
 Definition (docs/analyses/probing.md):
 - Features: for every block b = 1 .. depth, its output zs[2b] gives two features per image, the
-  cls token and the mean of the patch tokens, each normalised like a LayerNorm without affine
-  parameters (zero mean, unit variance over the D channels, eps 1e-6).
+  cls token and the mean of the patch tokens (register tokens left out, `Batch.layout`), each
+  normalised like a LayerNorm without affine parameters (zero mean, unit variance over the D
+  channels, eps 1e-6). A model without a cls token has the mean patch token only: its "cls"
+  results are left out (`probing_details["omitted_features"]` says why), and a run that asks for
+  the cls feature only is refused for it before any compute.
 - Probe: per block, feature and target, a linear classifier fitted by closed-form ridge
   regression on one-hot targets (`clmim.analysis.linear_probe`), from moments streamed over the
   training images on all devices: memory is depth x 2 x D² per set, whatever the number of
@@ -155,17 +158,36 @@ def normalised(v):
   return (v - mean) * jax.lax.rsqrt(var + 1e-6)
 
 
-def block_features(zs, kinds=KINDS, blocks=None):
-  """[blocks, kinds, b, D] float32: each block output's cls token / mean patch token,
-  normalised. `blocks` (1-based) defaults to every block."""
+def model_kinds(layout) -> tuple:
+  """The feature kinds a model of token `layout` has, in canonical order (no "cls" without a
+  cls token): the kinds axis of every probe pass of that model."""
+  return tuple(k for k in KINDS if k != "cls" or layout.has_cls)
+
+
+def _layout_of(model) -> core.TokenLayout:
+  """The token layout of a registry Model, a bare ViT, or None (the paper's)."""
+  return core.TokenLayout.of(getattr(model, "vit", model))
+
+
+def block_features(zs, kinds=KINDS, blocks=None, layout=core.TokenLayout()):
+  """[blocks, kinds, b, D] float32: each block output's cls token / mean patch token (registers
+  left out), normalised. `blocks` (1-based) defaults to every block; `layout`: where the tokens
+  are (default: the paper's, cls then the patches)."""
   depth = (len(zs) - 1) // 2
   blocks = range(1, depth + 1) if blocks is None else blocks
+  # Only the kinds asked for are read: `layout.cls` refuses a model without a cls token.
+  parts = {"cls": layout.cls,
+           "mean_tokens": lambda z: layout.patches(z).astype(jnp.float32).mean(1)}
   out = []
   for b in blocks:
     z = zs[2 * b]
-    parts = {"cls": z[:, 0], "mean_tokens": z[:, 1:].astype(jnp.float32).mean(1)}
-    out.append(jnp.stack([normalised(parts[k]) for k in kinds]))
+    out.append(jnp.stack([normalised(parts[k](z)) for k in kinds]))
   return jnp.stack(out)
+
+
+def layout_features(zs, layout):
+  """`block_features` of every kind a model of `layout` has (the probe passes' features)."""
+  return block_features(zs, model_kinds(layout), layout=layout)
 
 
 # ---------------------------------------------------------------- stage 1: training moments
@@ -173,7 +195,7 @@ def block_features(zs, kinds=KINDS, blocks=None):
 def _fit_sums(targets, batch, options):
   """Moments per partition (0 = fit, 1 = held out) of the features and one-hot targets.
   Labels: column 0 the partition, then one column per target."""
-  x = block_features(batch.zs)
+  x = layout_features(batch.zs, batch.layout)
   part = batch.labels[:, 0]
   out = {}
   for p in (0, 1):
@@ -210,7 +232,8 @@ def _moments(sums, p, name, l, k) -> lp.Moments:
 
 def fitted_probes(passes, data, pairing: str, targets, options) -> dict:
   """{target: {"weights" [L, K, D, C], "bias" [L, K, C], "ridge" [L][K], ...}} fitted on the
-  `pairing` training set; cached per model, so probing and robustness share one pass."""
+  `pairing` training set; cached per model, so probing and robustness share one pass. K indexes
+  the model's `model_kinds` (no cls for a model without a cls token)."""
   key = ("probes", pairing, tuple(targets), float(options["holdout_fraction"]),
          tuple(ridge_grid(options)))
   if key in passes.cache:
@@ -241,7 +264,7 @@ def fitted_probes(passes, data, pairing: str, targets, options) -> dict:
 def _eval_sums(pairs, batch, options):
   """Per (target, label column) pair: how often the target's probe predicts that column's
   class [L, K], and the images with a label in that column."""
-  x = block_features(batch.zs)
+  x = layout_features(batch.zs, batch.layout)
   predictions = {}
   out = {}
   for index, (target, column) in enumerate(pairs):
@@ -276,6 +299,9 @@ def _rates(sums, index):
 
 def check(model, options) -> None:
   check_options(options)
+  if not any(k in model_kinds(_layout_of(model)) for k in feature_kinds(options)):
+    raise ClmimError(f"config.analysis_options.{NAME}.features={options['features']!r}: this "
+                     "model has no cls token (class_token=False); add 'mean_tokens'.")
 
 
 def check_training_set(data, options, where=NAME) -> None:
@@ -304,9 +330,14 @@ def check_data(data, options) -> None:
 
 
 def measure(model, data, passes, options) -> dict:
-  """Fits the probes and measures top-1 (and shape bias); returns the applicable RESULTS keys."""
-  kinds = feature_kinds(options)
-  picked = [KINDS.index(k) for k in kinds]
+  """Fits the probes and measures top-1 (and shape bias); returns the applicable RESULTS keys
+  (no cls ones for a model without a cls token)."""
+  available = model_kinds(_layout_of(model))
+  kinds = tuple(k for k in feature_kinds(options) if k in available)
+  if not kinds:
+    raise ClmimError(f"{NAME}: the model has none of the features {options['features']!r} "
+                     "(no cls token).")
+  picked = [available.index(k) for k in kinds]  # positions on the probes' kinds axis
   probes = fitted_probes(passes, data, "independent", data.targets, options)
   evaluation = data.evaluation()
   columns = evaluation.labels.columns
@@ -315,6 +346,10 @@ def measure(model, data, passes, options) -> dict:
                     probe_context(probes, data.targets), "probe evaluation")
   out, details = {}, {"features": list(kinds), "evaluation_data": evaluation.description,
                       "targets": {}}
+  omitted = [k for k in feature_kinds(options) if k not in kinds]
+  if omitted:
+    details["omitted_features"] = {k: "the model has no cls token (class_token=False)"
+                                   for k in omitted}
   for index, target in enumerate(data.targets):
     top1, count = _rates(sums, index)
     for k, kind in zip(picked, kinds):
@@ -324,7 +359,7 @@ def measure(model, data, passes, options) -> dict:
     entry["ridge"] = [[row[k] for k in picked] for row in entry["ridge"]]
     details["targets"][target] = {**entry, "evaluation_images": count}
   if options["knn_k"]:
-    top1, details["knn"] = knn_probe.measure(passes, data, options, block_features)
+    top1, details["knn"] = knn_probe.measure(passes, data, options, layout_features)
     for target, values in top1.items():
       out.update({f"knn_{target}_{kind}": values[:, k].tolist() for k, kind in zip(picked, kinds)})
   conflict = data.cue_conflict() if options["cue_conflict"] else None

@@ -18,7 +18,8 @@ Options:
   target: "auto" (default: "shape" on the procedural data, "label" otherwise) or a target name
     ("shape", "texture", "label").
   block: the probed block, 1 .. depth, or -1 (default) for the last.
-  feature: "mean_tokens" (default) or "cls".
+  feature: "mean_tokens" (default: the mean of the patch tokens, register tokens left out) or
+    "cls" (refused before any compute for a model without a cls token).
   bands: band centres in units of π, each in (0, 1); default 0.1, 0.2, ..., 0.9.
   band_width: in units of π, default 0.1.
   band_rms: the band noise's root-mean-square in pixel units, default 0.1.
@@ -140,6 +141,9 @@ def check(model, options) -> None:
   if options["feature"] not in probing.KINDS:
     raise ClmimError(f"{_where('feature')}={options['feature']!r}: expected one of "
                      f"{', '.join(probing.KINDS)}.")
+  if options["feature"] not in probing.model_kinds(core.TokenLayout.of(model.vit)):
+    raise ClmimError(f"{_where('feature')}={options['feature']!r}: model {model.name!r} has no "
+                     "cls token (class_token=False); use 'mean_tokens'.")
   if not isinstance(options["seed"], int) or isinstance(options["seed"], bool):
     raise ClmimError(f"{_where('seed')}={options['seed']!r}: expected an integer.")
   probing.check_options(options, NAME)
@@ -159,10 +163,9 @@ def _noisy_sums(block, kind, seed, batch, options):
   w, b = context["weights"], context["bias"]
   y = batch.labels[:, 0]
   valid = batch.weights * (y >= 0)
-  k = probing.KINDS.index(kind)
 
   def hits(zs):
-    x = probing.block_features(zs, kinds=(probing.KINDS[k],), blocks=(block,))[0, 0]
+    x = probing.block_features(zs, kinds=(kind,), blocks=(block,), layout=batch.layout)[0, 0]
     scores = jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST) + b
     return ((jnp.argmax(scores, axis=-1) == y) * valid).sum()
 
@@ -188,7 +191,8 @@ def measure(model, data, passes, options) -> dict:
   target, block = _target(data, options), _block(model, options)
   kind = options["feature"]
   probes = probing.fitted_probes(passes, data, "independent", data.targets, options)[target]
-  k = probing.KINDS.index(kind)
+  # The probes' kinds axis holds the model's kinds only (no cls without a cls token).
+  k = probing.model_kinds(core.TokenLayout.of(model.vit)).index(kind)
   evaluation = data.evaluation()
   conditions = _conditions(model.vit.image_size, options)
   context = {"weights": probes["weights"][block - 1, k], "bias": probes["bias"][block - 1, k],

@@ -1,9 +1,10 @@
 """Attention rollout (Abnar & Zuidema 2020): where the cls token's information comes from.
 
-Definitions (docs/analyses/rollout.md), per image, on the full [N+1, N+1] maps (cls included):
+Definitions (docs/analyses/rollout.md), per image, on the full [T, T] maps (cls, register
+tokens and the N patches; T = N + 1 for the paper's models):
   Â_l = 0.5 · mean_heads(A_l) + 0.5 · I, rows renormalised;  R_0 = I;  R_l = Â_l R_{l−1}.
-  r_l = row 0 (cls) of R_l without its cls entry, renormalised over the N patches (a row with no
-  patch mass counts as uniform).
+  r_l = row 0 (cls) of R_l without its cls and register entries (`Batch.layout`), renormalised
+  over the N patches (a row with no patch mass counts as uniform).
   rollout_spread[block]  = p · Σ_k r_l[k] ‖pos_k − Σ_j r_l[j] pos_j‖   (pixels; pos in patches)
   rollout_entropy[block] = −Σ_k r_l[k] log r_l[k] / log N               (1 = uniform)
   rollout_map            = r_L as a g × g map for the images at the stream positions of the
@@ -11,6 +12,9 @@ Definitions (docs/analyses/rollout.md), per image, on the full [N+1, N+1] maps (
                            rollout_map_images lists the positions actually shown, and
                            rollout_map_pixels those images' normalised input pooled to at most
                            32 px a side (`plots.thumbnails`; [] without pixels).
+Registers take part in the products (information can flow through them, as through any
+token); only the final read-out drops them. A model without a cls token has no row to roll out:
+every result is None for it (no refusal, so runs that mix such models with others still run).
 Spread and entropy are averaged over images. They carry no CL/MIM direction: a uniform map (an
 untrained cls) is already near the largest spread, and a CL cls focused on the object is
 narrower than that (docs/analyses/rollout.md). rollout_map.png draws the inputs and every
@@ -113,7 +117,8 @@ def check(model, options: dict) -> None:
 
 
 def cls_rollout(attns):
-  """depth maps [B, H, N+1, N+1] -> [depth, B, N+1]: row 0 of R_l for l = 1 .. depth."""
+  """depth maps [B, H, T, T] -> [depth, B, T]: row 0 (the cls token's) of R_l for l = 1 ..
+  depth, every token included (registers too)."""
   t = attns[0].shape[-1]
   eye = jnp.eye(t, dtype=jnp.float32)
   hats = []
@@ -129,9 +134,10 @@ def cls_rollout(attns):
   return jnp.stack(rows)
 
 
-def patch_distribution(rows):
-  """[..., N+1] cls rows -> [..., N] over patches (cls dropped, renormalised; 0 mass -> uniform)."""
-  r = rows[..., 1:]
+def patch_distribution(rows, layout=core.TokenLayout()):
+  """[..., T] cls rows -> [..., N] over patches (cls and registers dropped, renormalised; 0 mass
+  -> uniform). `layout`: where the tokens are (default: the paper's, cls then the patches)."""
+  r = rows[..., layout.prefix:]
   s = jnp.sum(r, axis=-1, keepdims=True)
   return jnp.where(s > 0, r / jnp.where(s > 0, s, 1.0), 1.0 / r.shape[-1])
 
@@ -156,10 +162,12 @@ def partial_sums(batch: core.Batch, options: dict) -> dict:
 
   Returns:
     {"spread_sum": [blocks], "entropy_sum": [blocks], "map_sum": [chosen, g, g],
-     "map_count": [chosen], "count": []}.
+     "map_count": [chosen], "count": []}; only "count" for a model without a cls token.
   """
   chosen = positions(options)
-  r = patch_distribution(cls_rollout(batch.attns))  # [depth, B, N]
+  if not batch.layout.has_cls:  # no cls row to roll out: finalize reports None
+    return {"count": image_count(batch.weights)}
+  r = patch_distribution(cls_rollout(batch.attns), batch.layout)  # [depth, B, N]
   spread, entropy = spread_and_entropy(r, batch.patch_size)
   spread_sum = jnp.stack([weighted_sum(s, batch.weights) for s in spread])
   entropy_sum = jnp.stack([weighted_sum(e, batch.weights) for e in entropy])
@@ -180,10 +188,13 @@ def partial_sums(batch: core.Batch, options: dict) -> dict:
 
 
 def finalize(sums: dict, options: dict) -> dict:
-  """Means over images; the maps of the chosen positions that were in the stream."""
+  """Means over images; the maps of the chosen positions that were in the stream (every key
+  None for a model without a cls token)."""
   count = float(sums["count"])
   if count <= 0:
     raise ClmimError("rollout: no images were analysed (total weight is 0).")
+  if "spread_sum" not in sums:  # a model without a cls token (see partial_sums)
+    return {r.key: None for r in RESULTS}
   chosen = positions(options)
   map_sum = np.asarray(sums["map_sum"], np.float64)
   map_count = np.asarray(sums["map_count"], np.float64).reshape(-1)

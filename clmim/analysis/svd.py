@@ -1,7 +1,8 @@
 """SVD view of the patch tokens: how many directions they use, and how attention moves them.
 
 Definitions (docs/analyses/svd.md). Z is one image's patch-token matrix [N, D] of one state of
-`zs` (cls dropped), centred over its tokens by default (option `centre`), as the paper's
+`zs` (`batch.layout`: cls and register tokens dropped; patches only, so every value is the
+same on every token layout), centred over its tokens by default (option `centre`), as the paper's
 authors describe their SVD (of the tokens' covariance, whose eigenvalues are s^2 / N of the
 centred Z); `centre=False` keeps the mean token, which then shows as a large first singular
 value (a shift of the whole token cloud).
@@ -196,24 +197,25 @@ def _select(values, index, chosen):
 def partial_sums(batch: core.Batch, options: dict):
   """Per-device sums: spectra and effective ranks of every state, shift ratios of every block,
   and the chosen images' tokens before/after the chosen block's attention branch."""
-  zs, weights, index = batch.zs, batch.weights, batch.index
+  weights, index = batch.weights, batch.index
+  zs = [batch.layout.patches(z) for z in batch.zs]  # [B, N, D] each
   depth = (len(zs) - 1) // 2
   rank, images, block = _validate(options, depth)
   values, eranks, shifts = [], [], []
   for z in zs:
-    p, erank = spectrum(z[:, 1:], options["centre"], options["method"])
+    p, erank = spectrum(z, options["centre"], options["method"])
     values.append(weighted_sum(p[:, :rank], weights))
     eranks.append(weighted_sum(erank, weights))
   for b in range(depth):
-    before = zs[2 * b][:, 1:].astype(jnp.float32)
-    shifts.append(weighted_sum(shift_ratio(before, zs[2 * b + 1][:, 1:].astype(jnp.float32)),
+    before = zs[2 * b].astype(jnp.float32)
+    shifts.append(weighted_sum(shift_ratio(before, zs[2 * b + 1].astype(jnp.float32)),
                                weights))
   chosen = jnp.asarray(images, jnp.int32)
   return {
       "singular_values_sum": jnp.stack(values), "effective_rank_sum": jnp.stack(eranks),
       "shift_ratio_sum": jnp.stack(shifts), "count": image_count(weights),
-      "before": _select(zs[2 * block][:, 1:].astype(jnp.float32), index, images),
-      "after": _select(zs[2 * block + 1][:, 1:].astype(jnp.float32), index, images),
+      "before": _select(zs[2 * block].astype(jnp.float32), index, images),
+      "after": _select(zs[2 * block + 1].astype(jnp.float32), index, images),
       "found": jnp.sum((index[:, None] == chosen[None]).astype(jnp.float32), axis=0),
   }
 

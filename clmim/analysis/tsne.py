@@ -3,9 +3,10 @@
 Definition (docs/analyses/tsne.md): the chosen images are stream positions (option `images`: a
 tuple of positions, default 0 .. 17, or an int n = the first n; analyses never see labels, so
 the paper's "6 images from each of 3 classes" becomes "the first 18 images" unless chosen).
-Their patch tokens (cls removed; option `max_tokens_per_image` > 0 keeps that many, evenly
-spaced in row-major order) are gathered exactly once each, whatever the batching, by matching
-`Batch.index` against the chosen positions.
+Their patch tokens (cls and register tokens removed, `Batch.layout`; option
+`max_tokens_per_image` > 0 keeps that many, evenly spaced in row-major order) are gathered exactly
+once each, whatever the batching, by matching `Batch.index` against the chosen positions. Only
+patch tokens are read, so a model with registers or without a cls token is analysed the same way.
 
 Results:
   "tsne_knn_image_accuracy": [stage] leave-one-out k-NN accuracy (option `k`, default 5) of the
@@ -163,7 +164,9 @@ def partial_sums(batch: core.Batch, options) -> dict:
   """
   chosen = chosen_images(options)
   state = state_index(options, len(batch.zs))
-  keep = token_indices(batch.zs[0].shape[1] - 1, int(options["max_tokens_per_image"]))
+  layout = batch.layout
+  keep = token_indices(layout.num_patches(batch.zs[0].shape[1]),
+                       int(options["max_tokens_per_image"]))
   match = (batch.index[:, None] == chosen[None, :]) & (batch.weights[:, None] > 0)  # [b, C]
   found = jnp.any(match, axis=0)
   row = jnp.argmax(match, axis=0)  # the batch row of each chosen image (0 when absent)
@@ -171,7 +174,7 @@ def partial_sums(batch: core.Batch, options) -> dict:
   def gather(z):
     # A gather, not a one-hot matmul: the tokens come through bit-exact, and adding the other
     # devices' zeros leaves them so.
-    tokens = z[:, 1:, :][:, keep].astype(jnp.float32)[row]
+    tokens = layout.patches(z)[:, keep].astype(jnp.float32)[row]
     return jnp.where(found[:, None, None], tokens, 0)
 
   return {"found": found.astype(jnp.float32), "state_tokens": gather(batch.zs[state]),

@@ -8,6 +8,13 @@ position of `zs`, which is where the `cka` analysis reads stages — and streams
 `cka` analysis itself (same sums, same centring, same invariance). The cross block of the
 resulting [SA + SB] x [SA + SB] matrix is CKA(stage i of A, stage j of B).
 
+The two models may lay out their tokens differently (register tokens, no cls token), while one
+paired batch has one `TokenLayout`: each model's stage states are rewritten into the paper's
+layout first, [pooled, patches], where pooled is the model's cls token, or, for a model without
+one, the mean of its patch tokens (registers are dropped). So a pair's "cls" feature of a model
+without a cls token is its mean patch token (recorded per pair as "cls_feature"); the
+"mean_tokens" feature is every model's mean patch token, as in `cka`.
+
 Besides CKA, each pair gets the mutual k-NN alignment of every stage of A with every stage of B
 (cka options `mutual_knn_k`, `mutual_knn_images`): the first images' features are gathered in
 a second paired pass (`GatherStage`), and `mutual_knn` compares their neighbourhoods on the host.
@@ -30,11 +37,34 @@ from clmim.analysis import cka, common, core
 from clmim.models.vit import forward_with_states
 
 
+def paper_layout(z, layout: core.TokenLayout):
+  """States [b, T, D] of token `layout` -> [b, 1 + N, D] in the paper's layout: the cls token
+  (a model without one: the mean of its patch tokens, in float32) then the N patch tokens."""
+  if layout == core.TokenLayout():
+    return z  # already so: the paper's models pair exactly as before
+  patches = layout.patches(z)
+  if layout.has_cls:
+    pooled = layout.cls(z)
+  else:
+    patches = patches.astype(jnp.float32)  # the mean in float32, as cka's mean_tokens
+    pooled = jnp.mean(patches, axis=1)
+  return jnp.concatenate([pooled[:, None].astype(patches.dtype), patches], axis=1)
+
+
+def pooled_feature(vit) -> str:
+  """What a pair's "cls" feature is for the model of `vit` (see the module docstring)."""
+  return "cls token" if core.TokenLayout.of(vit).has_cls else "mean patch token (no cls token)"
+
+
 def _paired_forward(vit_a, vit_b):
+  layouts = (core.TokenLayout.of(vit_a), core.TokenLayout.of(vit_b))
+
   def forward(params, images):
-    stages = (forward_with_states(vit_a, params[0], images)[0][0::2]
-              + forward_with_states(vit_b, params[1], images)[0][0::2])
+    stages = [paper_layout(z, layout)
+              for vit, p, layout in zip((vit_a, vit_b), params, layouts)
+              for z in forward_with_states(vit, p, images)[0][0::2]]
     # Each stage at an even index (cka reads zs[0::2]); the odd slots repeat it and are unread.
+    # The paired batch has the default (paper) layout: the Analyzer is built without one.
     return [s for stage in stages for s in (stage, stage)][:-1], []
   return forward
 
@@ -47,7 +77,8 @@ def gather_stage(kinds, count: int) -> core.Stage:
   def partial_sums(batch, options):
     out = {}
     for kind in kinds:
-      f = jnp.stack([cka.stage_feature(z, kind) for z in batch.zs[0::2]])  # [S, b, D]
+      f = jnp.stack([cka.stage_feature(z, kind, batch.layout)
+                     for z in batch.zs[0::2]])  # [S, b, D]
       out["found"], out[kind] = common.gather_first(batch.index, batch.weights, count, f)
     return out
 
@@ -89,7 +120,7 @@ def _same_input(a, images_a, b, images_b) -> str:
 
 def cka_between_models(jobs, options: dict, session) -> dict:
   """{"A ~ B": {"stages": [SA, SB], "cka_<kind>": [SA][SB], "cka_unbiased_<kind>": [SA][SB],
-  ...} or {"skipped": why}} for every
+  "cls_feature": [what "cls" is for A, for B], ...} or {"skipped": why}} for every
   two trained models of `jobs` ([(Model, EvalImages)]), each pair streamed by the analysis job's
   `session` (its batching, max_batches and multi-process plan; counted in its compilations)."""
   trained = [(m, images) for m, images in jobs if m.family != "random"]
@@ -105,7 +136,8 @@ def cka_between_models(jobs, options: dict, session) -> dict:
                                       a.vit.patch_size, {"cka": pair_options})
     result = session.stream(analyzer, images_a, (a.params, b.params), name)
     split = a.vit.depth + 1
-    entry = {"stages": [split, b.vit.depth + 1], "num_images": result["num_images"]}
+    entry = {"stages": [split, b.vit.depth + 1], "num_images": result["num_images"],
+             "cls_feature": [pooled_feature(a.vit), pooled_feature(b.vit)]}
     for kind in cka.feature_kinds(pair_options):
       for estimator in ("", "_unbiased"):
         matrix = np.asarray(result[f"cka{estimator}_{kind}"], np.float64)

@@ -10,10 +10,12 @@ baseline. A new classifier head is trained with it on labelled images:
 - Mixup / CutMix over the global batch and label smoothing (clmim/data/mixup.py);
 - stochastic depth (config.model.drop_path, linear over blocks) in the encoder;
 - layer-wise lr decay: parameter group l of a depth-D encoder gets lr × decay^(D + 1 − l), with
-  l = 0 for the patch embedding, cls token and positions, l = i + 1 for block i, D for a shared
-  relative-position bias, D + 1 for the final norm and the head (BEiT's `layer_id` rule);
-- the head: the cls token ("cls") or the mean of the patch tokens followed by a LayerNorm
-  ("mean", MAE's global pool), then a linear layer initialised with std config.finetune.head_init_std.
+  l = 0 for the patch embedding, cls and register tokens and positions, l = i + 1 for block i, D
+  for a shared relative-position bias, D + 1 for the final norm and the head (BEiT's `layer_id`
+  rule; register tokens as DINOv2's lr decay places them);
+- the head: the cls token ("cls"; refused for an encoder without one) or the mean of the patch
+  tokens (register tokens left out) followed by a LayerNorm ("mean", MAE's global pool), then a
+  linear layer initialised with std config.finetune.head_init_std.
 - a validation pass every config.finetune.eval_every steps and at the end: top-1 and cross-
   entropy on the held-out images, in metrics.jsonl as eval_top1 / eval_loss.
 
@@ -40,7 +42,7 @@ from clmim.train.common import SingleEncoderObjective, build_encoder, normalise
 
 POOLS = ("mean", "cls")
 # Encoder parameters that sit before the first block (layer 0 of the lr decay).
-_EMBEDDING = ("patch_embed", "cls_token", "pos_embed", "mask_token")
+_EMBEDDING = ("patch_embed", "cls_token", "reg_token", "pos_embed", "mask_token")
 
 
 def layer_id(path: str, depth: int) -> int:
@@ -63,17 +65,20 @@ def layer_scale(path: str, depth: int, decay: float) -> float:
 
 
 class ClassifierHead(nn.Module):
-  """Pooling, an optional LayerNorm and a linear layer on the encoder's tokens [B, 1 + N, D]."""
+  """Pooling, an optional LayerNorm and a linear layer on the encoder's tokens [B, P + N, D]
+  (`prefix` = P: the cls token, if any, then the register tokens; the encoder's
+  num_prefix_tokens). "cls" pooling reads token 0 (the encoder must have a cls token)."""
   num_classes: int
   pool: str
   init_std: float
+  prefix: int = 1
 
   @nn.compact
   def __call__(self, tokens):
     if self.pool == "cls":
       features = tokens[:, 0]
-    else:
-      features = LayerNorm(epsilon=1e-6, name="fc_norm")(tokens[:, 1:].mean(axis=1))
+    else:  # the patch tokens only: registers are no part of the image's global pool
+      features = LayerNorm(epsilon=1e-6, name="fc_norm")(tokens[:, self.prefix:].mean(axis=1))
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.truncated_normal(
         self.init_std), name="linear")(features)
 
@@ -98,6 +103,14 @@ def check_fields(cfg, source: str) -> None:
     value = cfg[field]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
       raise ClmimError(f"config.finetune.{field}={value!r}: expected a number >= 0 (0 = off).")
+
+
+def check_pool(cfg, encoder, spec: str) -> None:
+  """pool="cls" needs an encoder with a cls token (an average-pooled one, e.g. SigLIP, has none)."""
+  if cfg.pool == "cls" and not encoder.class_token:
+    source = f"config.init_encoder={spec!r}" if spec else "config.model"
+    raise ClmimError(f"config.finetune.pool='cls': the encoder of {source} has no cls token "
+                     "(class_token=False); use pool='mean' (the mean of its patch tokens).")
 
 
 def check_preprocessing(data_cfg, model, spec: str) -> None:
@@ -128,13 +141,16 @@ class Objective(SingleEncoderObjective):
       self.pretrained = registry.resolve(spec)
       self.encoder = dataclasses.replace(self.pretrained.vit,
                                          drop_path=float(config.model.drop_path))
+      check_pool(cfg, self.encoder, spec)
       check_preprocessing(config.data, self.pretrained, spec)
     else:
       self.encoder = build_encoder(config)
+      check_pool(cfg, self.encoder, spec)
     # The batch key the trainer passes as "label": a synthetic factor or the class label.
     self.label_key = cfg.label
     self.num_classes = train_data.class_count(config.data, cfg.label)
-    self.head = ClassifierHead(self.num_classes, cfg.pool, cfg.head_init_std)
+    self.head = ClassifierHead(self.num_classes, cfg.pool, cfg.head_init_std,
+                               prefix=self.encoder.num_prefix_tokens)
 
   def init(self, rng, images):
     k_enc, k_head = jax.random.split(rng)
