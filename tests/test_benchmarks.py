@@ -63,6 +63,10 @@ def test_device_check_measures_both_dtypes_and_the_input_pipeline():
     if key == "rollout_map_pixels":  # the input images the rollout maps are drawn on: no metric
       assert value == 0, value
       continue
+    if key in ("high_norm_fraction", "attention_to_high_norm"):
+      # A small random ViT has no high-norm outlier tokens: both dtypes count none exactly.
+      assert value == 0 or 0 < value < 0.2, (key, value)
+      continue
     assert math.isfinite(value) and 0 < value < 0.2, (key, value)
   assert compared["worst"][1] == max(diffs.values())
 

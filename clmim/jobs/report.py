@@ -28,7 +28,7 @@ def curve_tables(results: dict, modules) -> list[tuple[str, list, list]]:
   tables = []
   for module in modules:
     for result in module.RESULTS:
-      names = [n for n, r in results["models"].items() if result.key in r]
+      names = [n for n, r in results["models"].items() if r.get(result.key) is not None]
       if result.series is None or not names:
         continue
       rows = [(n, results["model_info"][n]["family"],

@@ -77,7 +77,7 @@ def run(config, workdir: str) -> dict:
                              images, params=params, quiet=True)
     snapshots["steps"].append(int(step))
     for result in shown:
-      if result.key in out:
+      if out.get(result.key) is not None:
         snapshots[result.key].append([float(v) for v in result.series(out[result.key])])
     if jax.process_index() == 0:
       print(f"step {step}: " + ", ".join(

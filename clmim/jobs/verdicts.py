@@ -117,7 +117,7 @@ def findings(results: dict, modules, replicates: dict | None = None) -> list[dic
       if result.cl_direction is None or result.series is None:
         continue
       values = {n: later_half(result, r[result.key]) for n, r in models.items()
-                if result.key in r}
+                if r.get(result.key) is not None}
       if not values:
         continue
       rows = {n: later_half_rows(result, replicates[n][result.key])
