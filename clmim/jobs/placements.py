@@ -74,6 +74,11 @@ def _separated(span, spans):
   return True
 
 
+def _number(value: float) -> str:
+  """Two decimals, without a "-0.00" for a value that rounds to zero."""
+  return f"{round(value, 2) + 0.0:.2f}"
+
+
 def markdown(placed: dict) -> str:
   """The table: one row per model, one column per finding, "placement [interval]"."""
   keys = list(placed["findings"])
@@ -84,7 +89,8 @@ def markdown(placed: dict) -> str:
            f"each curve; 95 % bootstrap interval in brackets. Below 0 / above 1: beyond the "
            f"reference. — : the references do not differ there (see the reason).",
            "",
-           "| model | " + " | ".join(placed["findings"][k]["label"] for k in keys) + " |",
+           "| model | " + " | ".join(placed["findings"][k]["label"].replace("|", "\\|")
+                                     for k in keys) + " |",
            "|---|" + "---|" * len(keys)]
   names = list(dict.fromkeys(n for k in keys for n in placed["findings"][k]["models"]))
   for name in names:
@@ -95,8 +101,8 @@ def markdown(placed: dict) -> str:
         cells.append("—")
       else:
         interval = record["interval"]
-        cells.append(f"{record['placement']:.2f}" + (
-            f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""))
+        cells.append(_number(record["placement"]) + (
+            f" [{_number(interval[0])}, {_number(interval[1])}]" if interval else ""))
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   reasons = [f"- {placed['findings'][k]['label']}: {placed['findings'][k]['reason']}"
              for k in keys if "reason" in placed["findings"][k]]
