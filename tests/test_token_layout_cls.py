@@ -18,6 +18,7 @@ import pytest
 
 import analysis_testing
 
+from test_probing import _Data  # the same fake labelled data as the probing tests
 from clmim.analysis import cka, core, object_attention, probing, robustness, rollout, runner, tsne
 from clmim.data.eval_data import Labels
 from clmim.errors import ClmimError
@@ -244,24 +245,6 @@ class _Set:
 
   def column(self, name):
     return self.labels.values[:, 0]
-
-
-class _Data:
-  synthetic = False
-  targets = ("label",)
-  decision = ("independent", "label")
-
-  def __init__(self, train, evaluation):
-    self._train, self._evaluation = train, evaluation
-
-  def train(self, pairing="independent"):
-    return self._train
-
-  def evaluation(self, pairing="independent"):
-    return self._evaluation
-
-  def cue_conflict(self):
-    return None
 
 
 class _Passes:
