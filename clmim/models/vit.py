@@ -239,6 +239,8 @@ def quick_gelu(x):
 
 
 # mlp_activation -> the function between fc1 and fc2 ("swiglu" is handled by Mlp itself).
+# gelu_tanh is deliberate: SigLIP's weights were trained with the tanh approximation
+# (transformers' gelu_pytorch_tanh); the paper's models keep the exact erf GELU.
 ACTIVATIONS = {"gelu": exact_gelu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
                "quick_gelu": quick_gelu, "swiglu": None}
 
