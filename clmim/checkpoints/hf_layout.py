@@ -89,8 +89,8 @@ def is_directory(path: str) -> bool:
       os.path.isfile(os.path.join(path, f)) for f in (WEIGHTS, WEIGHTS_INDEX))
 
 
-def read_config(path: str) -> tuple[dict, HfType]:
-  """(the vision config, its record) from a directory's config.json; one error for an
+def read_config(path: str) -> tuple[dict, HfType, str]:
+  """(the vision config, its record, config.json's model_type) from a directory's config.json; one error for an
   unsupported model_type, naming it and listing the supported ones."""
   file = os.path.join(path, CONFIG)
   try:
@@ -105,7 +105,7 @@ def read_config(path: str) -> tuple[dict, HfType]:
   record = MODEL_TYPES[model_type]
   if record.tower:
     config = dict(config.get(record.tower) or {})
-  return {**record.defaults, **config}, record
+  return {**record.defaults, **config}, record, model_type
 
 
 def weight_files(path: str) -> list[str]:
@@ -123,9 +123,10 @@ def weight_files(path: str) -> list[str]:
                    f"checkpoints as safetensors only; found {found[:12]}.")
 
 
-def _fuse(tensors: dict, prefix: str, names: tuple, source: str) -> dict:
-  """q, k and v of one attention layer as timm's fused qkv (+ BEiT's q_bias / v_bias)."""
-  q, k, v = (f"{prefix}{n}" for n in names)
+def _fuse(tensors: dict, names: tuple, source: str) -> dict:
+  """q, k and v of one attention layer (their tensors popped from `tensors`) as timm's fused
+  qkv (+ BEiT's q_bias / v_bias)."""
+  q, k, v = names
   out = {"attn.qkv.weight": np.concatenate([tensors.pop(f"{n}.weight") for n in (q, k, v)])}
   biases = [f"{n}.bias" in tensors for n in (q, k, v)]
   if all(biases):
@@ -133,7 +134,7 @@ def _fuse(tensors: dict, prefix: str, names: tuple, source: str) -> dict:
   elif biases == [True, False, True]:  # BEiT / data2vec: the key has no bias
     out["attn.q_bias"], out["attn.v_bias"] = tensors.pop(f"{q}.bias"), tensors.pop(f"{v}.bias")
   else:
-    raise ClmimError(f"{source}: {prefix}: q/k/v biases {biases} are neither all present nor "
+    raise ClmimError(f"{source}: q/k/v biases {biases} are neither all present nor "
                      f"BEiT's (q and v only).")
   return out
 
@@ -203,7 +204,7 @@ def to_timm_names(tensors: dict, style: str, source: str) -> tuple[dict, dict]:
     qkv_names = ("attention.attention.query", "attention.attention.key",
                  "attention.attention.value") if style == "vit" else \
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-    out.update({f"blocks.{i}.{k}": v for k, v in _fuse(block, "", qkv_names,
+    out.update({f"blocks.{i}.{k}": v for k, v in _fuse(block, qkv_names,
                                                        f"{source}: layer {i}").items()})
     for key, value in block.items():
       new = next((key.replace(old, new, 1) for old, new in _BLOCK_RENAMES.items()
@@ -336,7 +337,7 @@ def _resample(enc: dict, fields: dict, origin: dict, image_size: int, antialias:
 def convert_directory(path: str, image_size: Optional[int] = None,
                       num_heads: Optional[int] = None):
   """A transformers checkpoint directory -> `converters.Converted` (encoder only)."""
-  config, record = read_config(path)
+  config, record, model_type = read_config(path)
   if num_heads:
     config["num_attention_heads"] = int(num_heads)
   tensors = {}
@@ -356,7 +357,7 @@ def convert_directory(path: str, image_size: Optional[int] = None,
   native.check_params(expected, params, path)
   pre, notes = preprocessing(path, vit.image_size)
   info = {"architecture": dict(fields), "architecture_from": origin, "dropped": dropped,
-          "checkpoint": {"layout": "transformers", "model_type": read_model_type(path)},
+          "checkpoint": {"layout": "transformers", "model_type": model_type},
           "preprocessing": pre, "num_params": int(sum(np.size(v)
                                                      for v in jax.tree.leaves(params)))}
   if notes:
@@ -364,8 +365,3 @@ def convert_directory(path: str, image_size: Optional[int] = None,
   return converters.Converted(family=record.method, vit=vit, params=params, heads={},
                               info=info), record
 
-
-def read_model_type(path: str) -> str:
-  """config.json's model_type (already validated by `read_config`)."""
-  with open(os.path.join(path, CONFIG)) as f:
-    return json.load(f)["model_type"]
