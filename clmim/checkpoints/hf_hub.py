@@ -1,10 +1,14 @@
-"""`hf:<repo-id>[@revision]` model specs: a transformers checkpoint from the Hugging Face Hub.
+"""`hf:<repo-id>[@revision]` and `timm:<name>[@revision]` model specs: checkpoints from the
+Hugging Face Hub, in transformers' layout or timm's (`timm:vit_base_patch16_224.mae` is the repo
+`timm/vit_base_patch16_224.mae`; `timm:<org>/<name>` any repo in timm's layout).
 
 The files a vision encoder needs (config.json, the safetensors weights -- one file or the shards
 of model.safetensors.index.json -- and preprocessor_config.json when the repo has one) are
 fetched with `huggingface_hub` into its own cache (HF_HOME / HF_HUB_CACHE), so a model already
 downloaded by transformers is not downloaded again, and `HF_HUB_OFFLINE=1` reads the cache
 only. No other file of the repo is fetched: a CLIP repo's tokenizer or a PyTorch .bin never is.
+config.json is read first, so an unsupported model_type or timm architecture fails before any
+weights are downloaded.
 """
 from __future__ import annotations
 
@@ -12,19 +16,34 @@ import json
 import os
 import re
 
-from clmim.checkpoints import hf_layout
+from clmim.checkpoints import hf_layout, timm_layout
 from clmim.errors import ClmimError
 
 _REPO = re.compile(r"[\w.-]+(/[\w.-]+)?")
+PREFIXES = ("hf:", "timm:")
 
 
 def parse(spec: str) -> tuple[str, str]:
-  """"hf:org/name@rev" -> ("org/name", "rev"); revision "main" when none is given."""
-  repo, _, revision = spec[len("hf:"):].partition("@")
+  """"hf:org/name@rev" -> ("org/name", "rev"); "timm:arch.tag" -> ("timm/arch.tag", "main")."""
+  prefix = next((p for p in PREFIXES if spec.startswith(p)), "hf:")
+  repo, _, revision = spec[len(prefix):].partition("@")
   if not _REPO.fullmatch(repo):
-    raise ClmimError(f"model spec {spec!r}: expected 'hf:<org>/<name>[@revision]', e.g. "
-                     f"'hf:facebook/dinov2-base'.")
+    example = ("'timm:<architecture>.<tag>', e.g. 'timm:vit_base_patch14_reg4_dinov2.lvd142m'"
+               if prefix == "timm:" else "'hf:<org>/<name>[@revision]', e.g. "
+               "'hf:facebook/dinov2-base'")
+    raise ClmimError(f"model spec {spec!r}: expected {example}.")
+  if prefix == "timm:" and "/" not in repo:
+    repo = f"timm/{repo}"
   return repo, revision or "main"
+
+
+def read_json(file: str):
+  """A JSON file's content; one error naming the file when it is not readable JSON."""
+  try:
+    with open(file) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ClmimError(f"{file}: not a readable JSON config ({e}).") from None
 
 
 def _hub():
@@ -72,9 +91,14 @@ def download(spec: str) -> str:
     except errors.RevisionNotFoundError:
       raise ClmimError(f"{spec}: the repo has no revision {revision!r}.") from None
 
-  directory = os.path.dirname(fetch(hf_layout.CONFIG))
-  hf_layout.read_config(directory)  # an unsupported model_type fails before the weights load
-  fetch(hf_layout.PREPROCESSOR, required=False)
+  config_file = fetch(hf_layout.CONFIG)
+  directory = os.path.dirname(config_file)
+  # An unsupported model_type / architecture fails here, before the weights download.
+  if timm_layout.is_timm_config(read_json(config_file)):
+    timm_layout.read_config(directory)
+  else:
+    hf_layout.read_config(directory)
+    fetch(hf_layout.PREPROCESSOR, required=False)
   if fetch(hf_layout.WEIGHTS, required=False) is None:
     index = fetch(hf_layout.WEIGHTS_INDEX, required=False)
     if index is None:

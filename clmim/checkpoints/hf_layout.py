@@ -101,7 +101,8 @@ def read_config(path: str) -> tuple[dict, HfType, str]:
   model_type = config.get("model_type") if isinstance(config, dict) else None
   if model_type not in MODEL_TYPES:
     raise ClmimError(f"{file}: model_type {model_type!r} is not a supported transformers "
-                     f"layout (supported: {', '.join(sorted(MODEL_TYPES))}).")
+                     f"layout (supported: {', '.join(sorted(MODEL_TYPES))}; a timm checkpoint's "
+                     f"config.json names its 'architecture' instead).")
   record = MODEL_TYPES[model_type]
   if record.tower:
     config = dict(config.get(record.tower) or {})
@@ -307,10 +308,10 @@ def preprocessing(path: str, image_size: int) -> tuple[dict, list]:
            "crop_pct": min(crop_pct, 1.0)}, notes)
 
 
-def _resample(enc: dict, fields: dict, origin: dict, image_size: int, antialias: bool,
-              source: str) -> None:
-  """Resamples the position table to `image_size` as transformers' interpolate_pos_encoding
-  does (bicubic, align_corners=False, antialiased or not as the family does), in place."""
+def resample_table(enc: dict, fields: dict, origin: dict, image_size: int, antialias: bool,
+                   source: str, who: str = "transformers") -> None:
+  """Resamples the position table to `image_size` as `who`'s loading code does (bicubic,
+  align_corners=False, antialiased or not as that code does), in place."""
   patch = fields["patch_size"]
   if image_size % patch:
     raise ClmimError(f"{source}: image_size {image_size} is not a multiple of the patch size "
@@ -328,10 +329,26 @@ def _resample(enc: dict, fields: dict, origin: dict, image_size: int, antialias:
     enc["pos_embed"] = np.concatenate([table[:cls], patches])[None].astype(np.float32)
     origin["image_size"] = (f"user (image_size={image_size}; position table resampled bicubic"
                             f"{', antialiased,' if antialias else ''} from "
-                            f"{fields['image_size']} px, as transformers does)")
+                            f"{fields['image_size']} px, as {who} does)")
   else:
     origin["image_size"] = f"user (image_size={image_size})"
   fields["image_size"] = image_size
+
+
+def build(enc: dict, fields: dict, source: str) -> tuple[ViT, dict]:
+  """(the ViT, its param tree) from timm-named encoder tensors and the inferred fields, every
+  tensor accounted for and every parameter's shape checked."""
+  vit = ViT(**fields)
+  vit.check_fields()
+  params = converters.encoder_params(enc, fields, source)
+  images = jax.ShapeDtypeStruct((1, vit.image_size, vit.image_size, 3), jnp.float32)
+  expected = jax.eval_shape(lambda x: vit.init(jax.random.PRNGKey(0), x), images)["params"]
+  native.check_params(expected, params, source)
+  return vit, params
+
+
+def num_params(params: dict) -> int:
+  return int(sum(np.size(v) for v in jax.tree.leaves(params)))
 
 
 def convert_directory(path: str, image_size: Optional[int] = None,
@@ -348,18 +365,12 @@ def convert_directory(path: str, image_size: Optional[int] = None,
   if num_heads:
     origin["num_heads"] = f"user (num_heads={num_heads})"
   if image_size:
-    _resample(enc, fields, origin, int(image_size), record.antialias, path)
-  vit = ViT(**fields)
-  vit.check_fields()
-  params = converters.encoder_params(enc, fields, path)
-  images = jax.ShapeDtypeStruct((1, vit.image_size, vit.image_size, 3), jnp.float32)
-  expected = jax.eval_shape(lambda x: vit.init(jax.random.PRNGKey(0), x), images)["params"]
-  native.check_params(expected, params, path)
+    resample_table(enc, fields, origin, int(image_size), record.antialias, path)
+  vit, params = build(enc, fields, path)
   pre, notes = preprocessing(path, vit.image_size)
   info = {"architecture": dict(fields), "architecture_from": origin, "dropped": dropped,
           "checkpoint": {"layout": "transformers", "model_type": model_type},
-          "preprocessing": pre, "num_params": int(sum(np.size(v)
-                                                     for v in jax.tree.leaves(params)))}
+          "preprocessing": pre, "num_params": num_params(params)}
   if notes:
     info["preprocessing_notes"] = notes
   return converters.Converted(family=record.method, vit=vit, params=params, heads={},

@@ -10,8 +10,12 @@ A model spec is one of
   `<family>:<path>` (family one of `families.NAMES`; otherwise detected from the layout);
 - `hf:<org>/<name>[@revision]`: a Hugging Face transformers checkpoint (DINOv2 with or without
   registers, CLIP, SigLIP, MAE, I-JEPA, data2vec, BEiT, ViT: `hf_layout.MODEL_TYPES`),
-  downloaded into huggingface_hub's cache (`HF_HUB_OFFLINE=1` reads the cache only); a local
-  directory holding config.json + model.safetensors is read the same way;
+  downloaded into huggingface_hub's cache (`HF_HUB_OFFLINE=1` reads the cache only);
+- `timm:<architecture>.<tag>` (the hub repo `timm/<architecture>.<tag>`, e.g.
+  `timm:vit_base_patch14_reg4_dinov2.lvd142m`) or `timm:<org>/<name>`: a checkpoint in timm's
+  hub layout (`timm_layout`), downloaded the same way;
+- a local directory holding config.json + model.safetensors in either layout (config.json's
+  `model_type` means transformers, its `architecture` timm);
 - `random:<variant>` (e.g. `random:B/16`): an untrained timm-style ViT of that size (offline);
 - `random:<spec>`: the architecture of any spec above, randomly initialised (the untrained
   baseline a trained model must differ from).
@@ -20,8 +24,9 @@ Options follow a `?`, joined by `&`:
   `variant=S/16` (checked against the file's shapes), `name=...`, `decoder=1` (also convert the
   pretraining decoder of an MAE _full/visualize or SimMIM file into `Model.decoder`; a file
   without one is an error);
-- `hf:` specs and transformers directories: `name`, `num_heads`, `image_size` (another
-  resolution: the position table is resampled as the family's transformers code does);
+- `hf:` / `timm:` specs and their directories: `name`, `num_heads`, `image_size` (another
+  resolution: the position table is resampled as the family's transformers code, or timm,
+  does);
 - `random:<variant>`: any ViT field (`image_size=224`, `block_style=beit`,
   `position_embedding=sincos`, `num_heads=3`, ...) and `name`;
 - clmim checkpoint directories: `name` (the name shown in results and figures), `decoder=1`
@@ -41,7 +46,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from clmim.checkpoints import converters, families, hf_hub, hf_layout, known, native
+from clmim.checkpoints import converters, families, hf_hub, hf_layout, known, native, \
+    timm_layout
 from clmim.errors import ClmimError
 from clmim.models import heads
 from clmim.models.vit import VARIANTS, VIT_FIELDS, ViT, build_vit, parse_variant
@@ -199,19 +205,26 @@ def _from_official(name: str, family, path: str, options: dict, info=None) -> Mo
                decoder=decoder)
 
 
-def _from_transformers(spec: str, path: str, options: dict) -> Model:
-  """A transformers checkpoint directory (downloaded for `hf:` specs) as a Model."""
+def _from_directory(spec: str, path: str, options: dict) -> Model:
+  """A transformers or timm checkpoint directory (downloaded for `hf:` / `timm:` specs) as a
+  Model; config.json says which layout (transformers' `model_type`, timm's `architecture`)."""
   _check_options(spec, options, _HF_OPTIONS)
-  converted, record = hf_layout.convert_directory(path, options.get("image_size"),
-                                                  options.get("num_heads"))
+  if timm_layout.is_timm_config(hf_hub.read_json(os.path.join(path, hf_layout.CONFIG))):
+    converted, (method, kind) = timm_layout.convert_directory(
+        path, options.get("image_size"), options.get("num_heads"))
+  else:
+    converted, record = hf_layout.convert_directory(path, options.get("image_size"),
+                                                    options.get("num_heads"))
+    method, kind = record.method, record.kind
   info = converted.info
   preprocessing = {"image_size": converted.vit.image_size, **info.pop("preprocessing")}
-  name = options.get("name") or (spec[len("hf:"):] if spec.startswith("hf:")
+  hub = spec.startswith(hf_hub.PREFIXES)
+  name = options.get("name") or (parse_options(spec)[0] if hub
                                  else os.path.basename(os.path.normpath(path)))
-  return Model(name=name, family=record.kind, vit=converted.vit,
+  return Model(name=name, family=kind, vit=converted.vit,
                params=jax.tree.map(jnp.asarray, converted.params), preprocessing=preprocessing,
-               source=parse_options(spec)[0] if spec.startswith("hf:") else path,
-               info={"method": record.method, **info})
+               source=parse_options(spec)[0] if hub else path,
+               info={"method": method, **info})
 
 
 def _random_decoder(decoder, vit: ViT, seed: int):
@@ -336,11 +349,11 @@ def resolve(spec: str, seed: int = 0) -> Model:
     options = {"variant": entry.variant, **options}
     return _from_official(base_spec, entry.family, path, options,
                           {"url": entry.url, "sha256": known.cached_sha256(path)})
-  if base_spec.startswith("hf:"):
-    return _from_transformers(spec, hf_hub.download(base_spec), options)
+  if base_spec.startswith(hf_hub.PREFIXES):
+    return _from_directory(spec, hf_hub.download(base_spec), options)
   if os.path.isdir(base_spec) and not os.path.exists(os.path.join(base_spec, native.MANIFEST)) \
       and os.path.isfile(os.path.join(base_spec, hf_layout.CONFIG)):
-    return _from_transformers(spec, base_spec, options)
+    return _from_directory(spec, base_spec, options)
   official = _official_file(base_spec)
   if official:
     _check_options(spec, options, _FILE_OPTIONS)
