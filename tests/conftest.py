@@ -45,6 +45,11 @@ main.enable_compilation_cache(SESSION_CACHE)
 
 import pytest  # noqa: E402
 
+from reference_timm import install_torchvision_import_fix  # noqa: E402
+
+# torchvision (test-only, for timm) imports only through this fix: see reference_timm.py.
+install_torchvision_import_fix()
+
 
 @pytest.fixture
 def no_compute(monkeypatch):

@@ -3,9 +3,9 @@
 timm imports torchvision, and the only torchvision wheels this project's package index offers are
 CUDA builds whose compiled operators cannot register against the CPU torch the tests pin (import
 fails in torchvision's fake-kernel registrations for nms / roi_align). timm's VisionTransformer
-never calls those operators, so `import_timm` imports torchvision's Python code with the
-fake-kernel registrations of its missing `torchvision::` operators skipped, and nothing else
-changed; the ViT forward the parity tests compare with is timm's own code.
+never calls those operators, so torchvision's Python code is imported with the fake-kernel
+registrations of its missing `torchvision::` operators skipped, and nothing else changed; the ViT
+forward the parity tests compare with is timm's own code.
 
 Run `python tests/reference_timm.py` to rewrite clmim/checkpoints/timm_architectures.json from the
 installed timm (the facts a timm hub checkpoint leaves out of its files: heads, LayerNorm epsilon,
@@ -19,24 +19,52 @@ TABLE = os.path.join(os.path.dirname(__file__), os.pardir, "clmim", "checkpoints
                      "timm_architectures.json")
 
 
+class _TorchvisionWithoutCompiledOps:
+  """A meta-path finder that imports torchvision with the fake-kernel registrations of its
+  missing compiled operators skipped (see the module docstring). Installed from conftest.py so
+  that every import of torchvision -- timm's, and transformers' own when it finds torchvision
+  installed -- goes through it; it costs nothing until torchvision is imported."""
+
+  def find_spec(self, name, path=None, target=None):
+    if name != "torchvision":
+      return None
+    import importlib.machinery
+    spec = importlib.machinery.PathFinder.find_spec(name, path)
+    if spec is None:
+      return None
+    exec_module = spec.loader.exec_module
+
+    def exec_without_compiled_ops(module):
+      import torch.library
+      register_fake = torch.library.register_fake
+
+      def skip_missing_vision_ops(op, *args, **kwargs):
+        if isinstance(op, str) and op.startswith("torchvision::"):
+          return lambda fn: fn
+        return register_fake(op, *args, **kwargs)
+
+      torch.library.register_fake = skip_missing_vision_ops
+      try:
+        exec_module(module)
+      finally:
+        torch.library.register_fake = register_fake
+
+    spec.loader.exec_module = exec_without_compiled_ops
+    return spec
+
+
+def install_torchvision_import_fix():
+  """Routes later imports of torchvision through `_TorchvisionWithoutCompiledOps` (idempotent)."""
+  if not any(isinstance(f, _TorchvisionWithoutCompiledOps) for f in sys.meta_path):
+    sys.meta_path.insert(0, _TorchvisionWithoutCompiledOps())
+
+
 def import_timm():
   """timm (and torch), or pytest's skip when either is not installed."""
   import pytest
+  install_torchvision_import_fix()
   torch = pytest.importorskip("torch")
-  import torch.library
-  if "torchvision" not in sys.modules:
-    register_fake = torch.library.register_fake
-
-    def skip_missing_vision_ops(name, *args, **kwargs):
-      if isinstance(name, str) and name.startswith("torchvision::"):
-        return lambda fn: fn
-      return register_fake(name, *args, **kwargs)
-
-    torch.library.register_fake = skip_missing_vision_ops
-    try:
-      pytest.importorskip("torchvision")
-    finally:
-      torch.library.register_fake = register_fake
+  pytest.importorskip("torchvision")
   return pytest.importorskip("timm"), torch
 
 

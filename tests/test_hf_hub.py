@@ -1,4 +1,5 @@
-"""`hf:` specs: the Hugging Face cache read offline, and the one-line errors (no network)."""
+"""`hf:` and `timm:` specs: the Hugging Face cache read offline, downloads from a local stand-in
+for the Hub (tests/fake_hub.py), and the one-line errors -- never the network."""
 import os
 import shutil
 
@@ -77,3 +78,89 @@ def test_malformed_specs(spec):
 def test_revision_is_parsed():
   assert hf_hub.parse("hf:facebook/dinov2-base@abc123") == ("facebook/dinov2-base", "abc123")
   assert hf_hub.parse("hf:facebook/dinov2-base") == ("facebook/dinov2-base", "main")
+
+
+# --- online: the same code against a local stand-in for the Hub (tests/fake_hub.py) ---------
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+  """Starts a FakeHub for {repo: directory of files} and points huggingface_hub at it."""
+  from fake_hub import FakeHub
+  servers = []
+
+  def serve(repos, gated=()):
+    contents = {repo: {name: open(os.path.join(folder, name), "rb").read()
+                       for name in os.listdir(folder)} for repo, folder in repos.items()}
+    server = FakeHub(contents, gated)
+    servers.append(server)
+    import huggingface_hub.constants as constants
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "downloaded"))
+    return server
+  yield serve
+  for server in servers:
+    server.close()
+
+
+def _fetched(server):
+  return sorted({path.rsplit("/", 1)[-1] for method, path in server.requests if method == "GET"
+                 and "/resolve/" in path})
+
+
+def test_a_repo_is_downloaded_once_with_only_the_files_clmim_reads(tmp_path, hub, offline):
+  _tiny_dinov2(tmp_path / "files")
+  (tmp_path / "files" / "pytorch_model.bin").write_bytes(b"never fetched")
+  (tmp_path / "files" / "tokenizer.json").write_text("{}")
+  server = hub({"facebook/dinov2-tiny-test": tmp_path / "files"})
+  model = registry.resolve("hf:facebook/dinov2-tiny-test")
+  assert model.vit.num_registers == 2
+  assert _fetched(server) == ["config.json", "model.safetensors"]
+  offline(tmp_path / "downloaded")  # the second time, from the cache alone
+  assert registry.resolve("hf:facebook/dinov2-tiny-test").vit.num_registers == 2
+
+
+def test_a_timm_spec_downloads_from_the_timm_org(tmp_path, hub):
+  from reference_timm import import_timm
+  timm, _ = import_timm()
+  model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, embed_dim=32,
+                            depth=1, num_heads=4, img_size=28, num_classes=0)
+  args = dict(embed_dim=32, depth=1, num_heads=4, img_size=28)
+  timm.models.save_for_hf(model, str(tmp_path / "timm"), model_args=args,
+                          safe_serialization=True)
+  server = hub({"timm/vit_small_patch14_reg4_dinov2.test": tmp_path / "timm"})
+  loaded = registry.resolve("timm:vit_small_patch14_reg4_dinov2.test")
+  assert loaded.name == "vit_small_patch14_reg4_dinov2.test"
+  assert loaded.source == "timm:vit_small_patch14_reg4_dinov2.test"
+  assert loaded.vit.num_registers == 4 and loaded.info["checkpoint"]["layout"] == "timm"
+  assert _fetched(server) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("hf:org/absent", "no such repo on the Hugging Face Hub"),
+    ("hf:org/gated", "the repo is gated: accept its licence"),
+    ("hf:org/model@v9", "the repo has no revision 'v9'"),
+    ("hf:org/model-bin-only", r"no safetensors weights .*it has \['config.json', "
+                              r"'pytorch_model.bin'\]"),
+    ("hf:org/unsupported", "model_type 'llama' is not a supported transformers layout"),
+])
+def test_online_errors_are_one_line_and_come_before_the_weights(tmp_path, hub, spec, message):
+  _tiny_dinov2(tmp_path / "files")
+  bin_only = tmp_path / "bin_only"
+  bin_only.mkdir()
+  shutil.copy(tmp_path / "files" / "config.json", bin_only / "config.json")
+  (bin_only / "pytorch_model.bin").write_bytes(b"x")
+  unsupported = tmp_path / "unsupported"
+  unsupported.mkdir()
+  (unsupported / "config.json").write_text('{"model_type": "llama"}')
+  shutil.copy(tmp_path / "files" / "model.safetensors", unsupported / "model.safetensors")
+  server = hub({"org/model": tmp_path / "files", "org/gated": tmp_path / "files",
+                "org/model-bin-only": bin_only, "org/unsupported": unsupported},
+               gated={"org/gated"})
+  with pytest.raises(ClmimError, match=message) as e:
+    registry.resolve(spec)
+  assert "\n" not in str(e.value)
+  assert "model.safetensors" not in _fetched(server)

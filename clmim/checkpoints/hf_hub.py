@@ -104,7 +104,8 @@ def download(spec: str) -> str:
     if index is None:
       if offline:
         raise not_cached(hf_layout.WEIGHTS)
-      files = sorted(hub.list_repo_files(repo, revision=revision))
+      # The endpoint read now, not at import: HF_ENDPOINT as huggingface_hub resolved it.
+      files = sorted(hub.HfApi(endpoint=constants.ENDPOINT).list_repo_files(repo, revision=revision))
       raise ClmimError(f"{spec}: the repo has no safetensors weights (clmim reads "
                        f"model.safetensors only); it has {files[:15]}.")
     with open(index) as f:

@@ -219,7 +219,7 @@ def _from_directory(spec: str, path: str, options: dict) -> Model:
   info = converted.info
   preprocessing = {"image_size": converted.vit.image_size, **info.pop("preprocessing")}
   hub = spec.startswith(hf_hub.PREFIXES)
-  name = options.get("name") or (parse_options(spec)[0] if hub
+  name = options.get("name") or (parse_options(spec)[0].split(":", 1)[1] if hub
                                  else os.path.basename(os.path.normpath(path)))
   return Model(name=name, family=kind, vit=converted.vit,
                params=jax.tree.map(jnp.asarray, converted.params), preprocessing=preprocessing,
