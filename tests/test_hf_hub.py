@@ -164,3 +164,28 @@ def test_online_errors_are_one_line_and_come_before_the_weights(tmp_path, hub, s
     registry.resolve(spec)
   assert "\n" not in str(e.value)
   assert "model.safetensors" not in _fetched(server)
+
+
+def test_a_known_short_name_downloads_its_spec(tmp_path, hub):
+  _tiny_dinov2(tmp_path / "files")
+  server = hub({"facebook/dinov2-with-registers-base": tmp_path / "files"})
+  model = registry.resolve("dinov2_reg_vitb14?image_size=42")
+  assert model.name == "dinov2_reg_vitb14" and model.vit.image_size == 42
+  assert model.source == "hf:facebook/dinov2-with-registers-base"
+  assert _fetched(server) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("name,why", [("dinov3_vitb16", "rotary position embeddings.*gated"),
+                                      ("aimv2_vitl14", "AIMv2 layout"),
+                                      ("eva02_vitb14_mim", "rotary position embeddings")])
+def test_known_models_clmim_cannot_load_say_why_before_any_download(tmp_path, hub, name, why):
+  server = hub({})
+  with pytest.raises(ClmimError, match=f"{name} .*params, licence .*{why}"):
+    registry.resolve(name)
+  assert server.requests == [] or all("/resolve/" not in p for _, p in server.requests)
+
+
+def test_the_readme_lists_the_known_hub_models():
+  from clmim.checkpoints import known_hub
+  readme = open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md")).read()
+  assert known_hub.table() in readme, "paste known_hub.table() into the README"

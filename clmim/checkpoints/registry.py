@@ -16,6 +16,9 @@ A model spec is one of
   hub layout (`timm_layout`), downloaded the same way;
 - a local directory holding config.json + model.safetensors in either layout (config.json's
   `model_type` means transformers, its `architecture` timm);
+- a short name of `known_hub.HUB_MODELS` (`dinov2_reg_vitb14`, `clip_vitb16`, `siglip_vitb16`,
+  ...): the `hf:` / `timm:` spec it stands for; models clmim cannot load yet (DINOv3, EVA-02,
+  AIMv2) are listed there too and refused in one line that says why;
 - `random:<variant>` (e.g. `random:B/16`): an untrained timm-style ViT of that size (offline);
 - `random:<spec>`: the architecture of any spec above, randomly initialised (the untrained
   baseline a trained model must differ from).
@@ -46,8 +49,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from clmim.checkpoints import converters, families, hf_hub, hf_layout, known, native, \
-    timm_layout
+from clmim.checkpoints import converters, families, hf_hub, hf_layout, known, known_hub, \
+    native, timm_layout
 from clmim.errors import ClmimError
 from clmim.models import heads
 from clmim.models.vit import VARIANTS, VIT_FIELDS, ViT, build_vit, parse_variant
@@ -286,7 +289,7 @@ def _locate(spec: str) -> str:
     return os.path.join(DEMO_DIR, spec)
   if os.path.sep in spec or os.path.exists(spec):
     return spec
-  names = known_names() + sorted(known.KNOWN)
+  names = known_names() + sorted(known.KNOWN) + sorted(known_hub.HUB_MODELS)
   raise ClmimError(f"Unknown model {spec!r}{did_you_mean(spec, names)}: not a known name "
                    f"({', '.join(names)}) nor an "
                    f"existing checkpoint path (a clmim checkpoint directory, or a .pth/.pth.tar/"
@@ -338,7 +341,8 @@ def resolve(spec: str, seed: int = 0) -> Model:
     if re.fullmatch(r"\w+/\d+", base_spec):
       return _random_variant(spec, base_spec, options, seed)
     if _VARIANT_GUESS.fullmatch(base_spec) and not (
-        base_spec in known_names() or base_spec in known.KNOWN or os.path.exists(base_spec)):
+        base_spec in known_names() or base_spec in known.KNOWN
+        or base_spec in known_hub.HUB_MODELS or os.path.exists(base_spec)):
       raise _variant_error(spec, base_spec)  # e.g. random:B16, meant as random:B/16
     return untrained_copy(resolve(inner, seed), seed)
   base_spec, options = parse_options(spec)
@@ -349,6 +353,9 @@ def resolve(spec: str, seed: int = 0) -> Model:
     options = {"variant": entry.variant, **options}
     return _from_official(base_spec, entry.family, path, options,
                           {"url": entry.url, "sha256": known.cached_sha256(path)})
+  if base_spec in known_hub.HUB_MODELS:  # a short name for an hf: / timm: spec
+    hub_spec = known_hub.spec_of(base_spec)
+    return _from_directory(hub_spec, hf_hub.download(hub_spec), {"name": base_spec, **options})
   if base_spec.startswith(hf_hub.PREFIXES):
     return _from_directory(spec, hf_hub.download(base_spec), options)
   if os.path.isdir(base_spec) and not os.path.exists(os.path.join(base_spec, native.MANIFEST)) \
