@@ -398,6 +398,18 @@ def test_beit_parity(tmp_path):
   _compare(beit, model.vit, model.params, _images(4))
 
 
+def test_beit_v2_drops_its_cls_pretraining_layers(tmp_path):
+  """BEiT v2's pretraining files add `cls_pt_layers` (the extra blocks of its patch-aggregation
+  objective) beside the BEiT encoder; they are not part of the analysed encoder."""
+  beit = _randomize(TorchViT(beit=True, mask_token=True), 7)
+  extra = {f"cls_pt_layers.0.{k}": torch.zeros(WIDTH) for k in ("norm1.weight", "norm1.bias")}
+  path = str(tmp_path / "beitv2_base_patch16_224_pt1k.pth")
+  torch.save({"model": {**beit.state_dict(), **extra}}, path)
+  model = registry.resolve(path)
+  assert model.info["dropped"] == {"mask_token": 1, "cls_pt_layers": 2}
+  _compare(beit, model.vit, model.params, _images(4))
+
+
 def test_wrong_family_variant_and_accounting_errors(tmp_path):
   beit = _randomize(TorchViT(beit=True), 7)
   path = str(tmp_path / "beit.pth")

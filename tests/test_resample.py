@@ -58,3 +58,20 @@ def test_rejects_bad_tables_and_targets():
     resample_grid(np.zeros((1, 16, 8), np.float32), 4)
   with pytest.raises(ClmimError, match="at least 1x1"):
     resample_grid(np.zeros((16, 8), np.float32), (0, 3))
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+@pytest.mark.parametrize("g,out", [(37, 16), (16, 37), (7, 10), (10, 7)])
+def test_offset_matches_torchs_scale_factor_call(g, out, antialias):
+  """The official DINOv2 call: scale_factor=(out + 0.1) / g instead of size=out."""
+  torch = pytest.importorskip("torch")
+  table = np.random.default_rng(g + out).standard_normal((g * g, 8))
+  x = torch.from_numpy(np.ascontiguousarray(table.T)).reshape(1, 8, g, g)
+  scale = (out + 0.1) / g
+  y = torch.nn.functional.interpolate(x, scale_factor=(scale, scale), mode="bicubic",
+                                      align_corners=False, antialias=antialias)
+  assert y.shape[-2:] == (out, out)
+  want = y[0].permute(1, 2, 0).reshape(out * out, 8).numpy()
+  got = resample_grid(table, out, antialias=antialias, offset=0.1)
+  assert np.abs(got - want).max() <= 1e-6
+  assert np.abs(got - resample_grid(table, out, antialias=antialias)).max() > 1e-3  # it matters

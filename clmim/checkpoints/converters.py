@@ -270,13 +270,15 @@ def convert(ckpt: Any, family: str, source: str = "checkpoint", variant: Optiona
   return Converted(family=family, vit=vit, params=params, heads=heads, info=info)
 
 
-def load(path: str, family: Optional[str] = None, **kwargs) -> Converted:
+def load(path: str, family: Optional[str] = None, ckpt: Any = None, **kwargs) -> Converted:
   """Reads a checkpoint file (.pth, .pth.tar, .safetensors, .npz) and converts it.
 
-  `family` is one of FAMILIES, or None to detect it from the layout. Other arguments as in
-  `convert` (variant, num_heads, with_heads, dino_part).
+  `family` is one of FAMILIES, or None to detect it from the layout; `ckpt` the file already
+  loaded (`torch_reader.load`), when the caller has it. Other arguments as in `convert`
+  (variant, num_heads, with_heads, dino_part).
   """
-  ckpt = torch_reader.load(path)
+  if ckpt is None:
+    ckpt = torch_reader.load(path)
   if family is None:
     family = detect_family(ckpt)
     if family is None:

@@ -127,9 +127,12 @@ FAMILIES = {f.name: f for f in (
         detect=lambda c: "encoder.blocks.0.attn.q_bias" in _keys(c, "model") | _keys(c)),
     Family(
         name="beit", kind="mim",
-        layout="{'model': {BEiT keys: blocks.*.attn.q_bias, rel_pos_bias.*, lm_head.*, ...}}",
+        layout="{'model': {BEiT keys: blocks.*.attn.q_bias, rel_pos_bias.*, lm_head.*, "
+               "cls_pt_layers.* (BEiT v2), ...}}",
         container="model", strip="",
-        rules=(("mask_token", "mask_token", False), ("lm_head.", "lm_head", False)),
+        # BEiT v2 adds cls_pt_layers: the extra blocks of its cls-token pretraining objective.
+        rules=(("mask_token", "mask_token", False), ("lm_head.", "lm_head", False),
+               ("cls_pt_layers.", "cls_pt_layers", False)),
         block_style="beit", position_embedding="learned", heads_by_width=dict(_TIMM_HEADS),
         preprocessing={"mean": "half", "std": "half", "crop_pct": 0.875,
                        "interpolation": "bicubic"},

@@ -309,9 +309,10 @@ def preprocessing(path: str, image_size: int) -> tuple[dict, list]:
 
 
 def resample_table(enc: dict, fields: dict, origin: dict, image_size: int, antialias: bool,
-                   source: str, who: str = "transformers") -> None:
+                   source: str, who: str = "transformers", offset: float = 0.0) -> None:
   """Resamples the position table to `image_size` as `who`'s loading code does (bicubic,
-  align_corners=False, antialiased or not as that code does), in place."""
+  align_corners=False, antialiased or not, by size or by a scale factor stretched by `offset`
+  as that code does: see resample.resample_grid), in place."""
   patch = fields["patch_size"]
   if image_size % patch:
     raise ClmimError(f"{source}: image_size {image_size} is not a multiple of the patch size "
@@ -325,10 +326,11 @@ def resample_table(enc: dict, fields: dict, origin: dict, image_size: int, antia
   if "pos_embed" in enc:
     table, cls = enc["pos_embed"][0], int(fields["class_token"])
     patches = resample.resample_grid(np.asarray(table[cls:], np.float32), image_size // patch,
-                                     antialias=antialias)
+                                     antialias=antialias, offset=offset)
     enc["pos_embed"] = np.concatenate([table[:cls], patches])[None].astype(np.float32)
     origin["image_size"] = (f"user (image_size={image_size}; position table resampled bicubic"
-                            f"{', antialiased,' if antialias else ''} from "
+                            f"{', antialiased,' if antialias else ''}"
+                            f"{f' with scale factor (g + {offset}) / g' if offset else ''} from "
                             f"{fields['image_size']} px, as {who} does)")
   else:
     origin["image_size"] = f"user (image_size={image_size})"

@@ -6,8 +6,10 @@ A model spec is one of
   (`moco_v3_vitb16`, `simmim_vitb16`, `mae_vitb16`, `dino_vitb16`, `beit_vitb16`, ...),
   downloaded to the cache on first use;
 - a path to a clmim checkpoint directory (encoder.npz + manifest.json);
-- a path to an official checkpoint file (.pth, .pth.tar, .safetensors, .npz), optionally as
-  `<family>:<path>` (family one of `families.NAMES`; otherwise detected from the layout);
+- a path to an official checkpoint file (.pth, .pth.tar, .pt, .safetensors, .npz), optionally
+  as `<family>:<path>` (family one of `families.NAMES` -- the paper's 2021-2022 families -- or
+  of `modern_files.NAMES`: dinov2, ijepa, ibot, clip (OpenAI TorchScript archives and
+  OpenAI / OpenCLIP state dicts), siglip (big_vision .npz); otherwise detected from the layout);
 - `hf:<org>/<name>[@revision]`: a Hugging Face transformers checkpoint (DINOv2 with or without
   registers, CLIP, SigLIP, MAE, I-JEPA, data2vec, BEiT, ViT: `hf_layout.MODEL_TYPES`),
   downloaded into huggingface_hub's cache (`HF_HUB_OFFLINE=1` reads the cache only);
@@ -27,6 +29,9 @@ Options follow a `?`, joined by `&`:
   `variant=S/16` (checked against the file's shapes), `name=...`, `decoder=1` (also convert the
   pretraining decoder of an MAE _full/visualize or SimMIM file into `Model.decoder`; a file
   without one is an error);
+- official files of `modern_files.NAMES`: `name`, `num_heads`, `image_size` (resampled as the
+  family's own code does), `mlp_activation` (a CLIP state dict: quick_gelu or gelu), `part`
+  (I-JEPA: target_encoder, the default, or encoder);
 - `hf:` / `timm:` specs and their directories: `name`, `num_heads`, `image_size` (another
   resolution: the position table is resampled as the family's transformers code, or timm,
   does);
@@ -50,7 +55,7 @@ import jax
 import jax.numpy as jnp
 
 from clmim.checkpoints import converters, families, hf_hub, hf_layout, known, known_hub, \
-    native, timm_layout
+    modern_files, native, timm_layout, torch_reader
 from clmim.errors import ClmimError
 from clmim.models import heads
 from clmim.models.vit import VARIANTS, VIT_FIELDS, ViT, build_vit, parse_variant
@@ -146,10 +151,11 @@ def _family_prefix(spec: str):
   if not match or os.path.exists(spec):
     return None
   family, path = match.groups()
-  if family not in families.FAMILIES:
+  if family not in families.FAMILIES and family not in modern_files.LAYOUTS:
+    names = families.NAMES + modern_files.NAMES
     raise ClmimError(f"model spec {spec!r}: unknown family {family!r}"
-                     f"{did_you_mean(family, families.NAMES)} (expected "
-                     f"{', '.join(families.NAMES)}, or 'random:' for an untrained copy).")
+                     f"{did_you_mean(family, names)} (expected "
+                     f"{', '.join(names)}, or 'random:' for an untrained copy).")
   return family, path
 
 
@@ -171,11 +177,31 @@ _OFFICIAL_MASKS = {"mae": {"ratio": 0.75, "patch_px": None},
                    "simmim": {"ratio": 0.6, "patch_px": 32}}
 
 
-def _from_official(name: str, family, path: str, options: dict, info=None) -> Model:
+def _from_modern(name: str, layout: str, path: str, ckpt, options: dict, spec: str) -> Model:
+  """An official file of today's models (`modern_files.LAYOUTS`) as a Model."""
+  _check_options(spec, options, modern_files.OPTIONS)
+  converted = modern_files.convert(ckpt, layout, path, options)
+  record = modern_files.LAYOUTS[layout]
+  info = converted.info
+  preprocessing = {"image_size": converted.vit.image_size, **info.pop("preprocessing")}
+  return Model(name=options.get("name") or name, family=record.kind, vit=converted.vit,
+               params=jax.tree.map(jnp.asarray, converted.params), preprocessing=preprocessing,
+               source=path, info={"method": record.method, **info})
+
+
+def _from_official(name: str, family, path: str, options: dict, info=None,
+                   spec: str = "") -> Model:
   if not os.path.exists(path):
     raise ClmimError(f"Checkpoint {path!r} does not exist.")
+  ckpt = None
+  if family is None or family in modern_files.LAYOUTS:
+    ckpt = torch_reader.load(path)
+    layout = family or modern_files.detect(ckpt)
+    if layout:
+      return _from_modern(name, layout, path, ckpt, options, spec or path)
+    _check_options(spec or path, options, _FILE_OPTIONS)
   want_decoder = bool(options.get("decoder"))
-  converted = converters.load(path, family, variant=options.get("variant"),
+  converted = converters.load(path, family, ckpt=ckpt, variant=options.get("variant"),
                               num_heads=options.get("num_heads"), with_heads=want_decoder)
   vit, params, decoder = converted.vit, converted.params, None
   if want_decoder:
@@ -363,9 +389,11 @@ def resolve(spec: str, seed: int = 0) -> Model:
     return _from_directory(spec, base_spec, options)
   official = _official_file(base_spec)
   if official:
-    _check_options(spec, options, _FILE_OPTIONS)
     family, path = official
-    return _from_official(os.path.basename(path), family, path, options)
+    if family not in modern_files.LAYOUTS:
+      _check_options(spec, options, _FILE_OPTIONS + (modern_files.OPTIONS if family is None
+                                                     else ()))
+    return _from_official(os.path.basename(path), family, path, options, spec=spec)
   _check_options(spec, options, ("name", "decoder"))
   path = _locate(base_spec)
   manifest, params = native.load(path)

@@ -37,11 +37,11 @@ def _cubic(x: np.ndarray, a: float) -> np.ndarray:
   return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
 
 
-def _weights(size_in: int, size_out: int, antialias: bool) -> np.ndarray:
+def _weights(size_in: int, size_out: int, antialias: bool, offset: float = 0.0) -> np.ndarray:
   """The [size_out, size_in] float64 weight matrix resampling one axis."""
   if size_in == size_out:
     return np.eye(size_in)  # both modes reduce to the identity (a cubic is 1 at 0, 0 at +-1, +-2)
-  scale = size_in / size_out
+  scale = size_in / (size_out + offset)
   w = np.zeros((size_out, size_in), np.float64)
   for i in range(size_out):
     if antialias:
@@ -64,13 +64,17 @@ def _weights(size_in: int, size_out: int, antialias: bool) -> np.ndarray:
 
 
 def resample_grid(table: np.ndarray, to_grid: "tuple[int, int] | int",
-                  antialias: bool = False) -> np.ndarray:
+                  antialias: bool = False, offset: float = 0.0) -> np.ndarray:
   """Resamples a [g*g, D] table of patch-token rows (row-major grid) to [h*w, D] float32.
 
   Matches `torch.nn.functional.interpolate(t, size=(h, w), mode="bicubic",
   align_corners=False, antialias=antialias)` on the table as [1, D, g, g]: antialias=False as
   Hugging Face transformers resamples ViT position embeddings, antialias=True as timm does.
-  `to_grid` is (h, w) or one int for a square grid. Prefix (cls / register) rows are not part of
+  `offset` > 0 reproduces a call with `scale_factor=((h + offset) / g, (w + offset) / g)` instead
+  of `size` (the output size is the same, the source coordinates are stretched by the offset):
+  the official DINOv2 code resamples this way, with offset 0.1, to avoid a floating-point
+  rounding of the output size. A grid that does not change is returned as it is (DINOv2 skips the
+  call then). `to_grid` is (h, w) or one int for a square grid. Prefix (cls / register) rows are not part of
   the grid: split them off first. Raises ClmimError when the rows do not form a square grid or a
   target side is < 1.
   """
@@ -87,5 +91,6 @@ def resample_grid(table: np.ndarray, to_grid: "tuple[int, int] | int",
   if h < 1 or w < 1:
     raise ClmimError(f"resample_grid: the target grid must be at least 1x1, got {h}x{w}")
   grid = table.astype(np.float64).reshape(g, g, dim)
-  out = np.einsum("ha,abd,wb->hwd", _weights(g, h, antialias), grid, _weights(g, w, antialias))
+  out = np.einsum("ha,abd,wb->hwd", _weights(g, h, antialias, offset), grid,
+                  _weights(g, w, antialias, offset))
   return out.reshape(h * w, dim).astype(np.float32)
