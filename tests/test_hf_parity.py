@@ -44,6 +44,9 @@ def _build(kind):
       "beit": lambda: t.BeitModel(t.BeitConfig(**SMALL, use_shared_relative_position_bias=True,
                                                use_absolute_position_embeddings=True)),
       "vit": lambda: t.ViTModel(t.ViTConfig(**SMALL), add_pooling_layer=True),
+      "dinov3": lambda: t.DINOv3ViTModel(t.DINOv3ViTConfig(**SMALL, num_register_tokens=2)),
+      "dinov3_gated": lambda: t.DINOv3ViTModel(t.DINOv3ViTConfig(
+          **SMALL, use_gated_mlp=True, hidden_act="silu", rope_theta=50.0)),
   }
   torch.manual_seed(0)
   model = cases[kind]().eval()
@@ -57,8 +60,8 @@ def _reference(model, kind, images):
   """transformers' hidden states and attentions (float64 numpy) of NHWC `images`."""
   pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
   kwargs = dict(output_hidden_states=True, output_attentions=True)
-  if kind != "dinov2_registers" and kind != "dinov2_swiglu":
-    kwargs["interpolate_pos_encoding"] = True
+  if kind not in ("dinov2_registers", "dinov2_swiglu", "dinov3", "dinov3_gated"):
+    kwargs["interpolate_pos_encoding"] = True  # (DINOv3's rotary positions need no resampling)
   if kind == "mae":  # keep every patch in order: noise that sorts to the identity
     grid = images.shape[1] // SMALL["patch_size"]
     kwargs["noise"] = torch.arange(grid * grid, dtype=torch.float32)[None].repeat(len(images), 1)
@@ -79,7 +82,7 @@ def _relative(a, b):
 
 
 CASES = ["dinov2_registers", "dinov2_swiglu", "clip", "siglip", "mae", "ijepa", "data2vec",
-         "beit", "vit"]
+         "beit", "vit", "dinov3", "dinov3_gated"]
 
 
 @pytest.mark.parametrize("kind", CASES)

@@ -41,8 +41,9 @@ class HfType:
   Attributes:
     method: the training method recorded in results ("dinov2", "clip", ...).
     kind: "cl", "mim" or "other" (how figures colour it; "other" for hybrids / supervised).
-    style: "vit" (embeddings.patch_embeddings.projection, encoder.layer.N.attention.attention.*)
-      or "clip" (embeddings.patch_embedding, encoder.layers.N.self_attn.*).
+    style: "vit" (embeddings.patch_embeddings.projection, encoder.layer.N.attention.attention.*),
+      "clip" (embeddings.patch_embedding, encoder.layers.N.self_attn.*) or "dinov3"
+      (embeddings.patch_embeddings, layer.N.attention.{q,k,v,o}_proj, rotary positions).
     defaults: the transformers config class defaults of the fields clmim reads.
     tower: the vision sub-config of a two-tower config ("vision_config"), else None.
     antialias: whether its position-table resampling antialiases (transformers' DINOv2 with
@@ -60,6 +61,8 @@ _VIT = {"num_attention_heads": 12, "layer_norm_eps": 1e-12, "hidden_act": "gelu"
 _DINOV2 = {"num_attention_heads": 12, "layer_norm_eps": 1e-6, "hidden_act": "gelu"}
 _CLIP = {"num_attention_heads": 12, "layer_norm_eps": 1e-5, "hidden_act": "quick_gelu"}
 _SIGLIP = {"num_attention_heads": 12, "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh"}
+_DINOV3 = {"num_attention_heads": 6, "layer_norm_eps": 1e-5, "hidden_act": "gelu",
+           "rope_theta": 100.0, "image_size": 224}
 
 MODEL_TYPES = {
     "dinov2": HfType("dinov2", "other", "vit", _DINOV2),
@@ -73,6 +76,7 @@ MODEL_TYPES = {
     "clip": HfType("clip", "cl", "clip", _CLIP, tower="vision_config"),
     "siglip_vision_model": HfType("siglip", "cl", "clip", _SIGLIP),
     "siglip": HfType("siglip", "cl", "clip", _SIGLIP, tower="vision_config"),
+    "dinov3_vit": HfType("dinov3", "other", "dinov3", _DINOV3),
 }
 
 # transformers' hidden_act -> clmim's mlp_activation.
@@ -80,7 +84,12 @@ _ACTIVATIONS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "g
                 "quick_gelu": "quick_gelu"}
 # Where the patch projection sits, per style: what fixes the encoder's key prefix.
 _ANCHORS = {"vit": "embeddings.patch_embeddings.projection.weight",
-            "clip": "embeddings.patch_embedding.weight"}
+            "clip": "embeddings.patch_embedding.weight",
+            "dinov3": "embeddings.patch_embeddings.weight"}
+_QKV = {"vit": ("attention.attention.query", "attention.attention.key",
+                "attention.attention.value"),
+        "clip": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "dinov3": ("attention.q_proj", "attention.k_proj", "attention.v_proj")}
 
 
 def is_directory(path: str) -> bool:
@@ -150,6 +159,7 @@ _BLOCK_RENAMES = {
     "mlp.fc2.": "mlp.fc2.", "mlp.weights_in.": "mlp.fc1.", "mlp.weights_out.": "mlp.fc2.",
     "layer_scale1.lambda1": "gamma_1", "layer_scale2.lambda1": "gamma_2",
     "lambda_1": "gamma_1", "lambda_2": "gamma_2",
+    "attention.o_proj.": "attn.proj.", "mlp.up_proj.": "mlp.fc1.", "mlp.down_proj.": "mlp.fc2.",
     "attention.attention.relative_position_bias.": "attn.",
 }
 _TOP_RENAMES = {
@@ -157,6 +167,8 @@ _TOP_RENAMES = {
     "embeddings.register_tokens": "reg_token",
     "embeddings.patch_embeddings.projection.": "patch_embed.proj.",
     "embeddings.patch_embedding.": "patch_embed.proj.",
+    "embeddings.patch_embeddings.": "patch_embed.proj.",  # DINOv3 (after the more specific)
+    "norm.": "norm.",
     "pre_layrnorm.": "norm_pre.", "post_layernorm.": "norm.", "layernorm.": "norm.",
     "pooler.layernorm.": "norm.",
     "encoder.relative_position_bias.": "rel_pos_bias.",
@@ -195,18 +207,20 @@ def to_timm_names(tensors: dict, style: str, source: str) -> tuple[dict, dict]:
     # OpenAI CLIP's patch projection has no bias: an explicit zero bias is the same function.
     width = rest["embeddings.patch_embedding.weight"].shape[0]
     out["patch_embed.proj.bias"] = np.zeros((width,), np.float32)
-  blocks = re.compile(r"encoder\.layers?\.(\d+)\.(.+)")
+  blocks = re.compile(r"(?:encoder\.)?layers?\.(\d+)\.(.+)")
   by_block: dict = {}
   for key in list(rest):
     match = blocks.fullmatch(key)
     if match:
       by_block.setdefault(int(match.group(1)), {})[match.group(2)] = rest.pop(key)
   for i, block in by_block.items():
-    qkv_names = ("attention.attention.query", "attention.attention.key",
-                 "attention.attention.value") if style == "vit" else \
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-    out.update({f"blocks.{i}.{k}": v for k, v in _fuse(block, qkv_names,
+    out.update({f"blocks.{i}.{k}": v for k, v in _fuse(block, _QKV[style],
                                                        f"{source}: layer {i}").items()})
+    if "mlp.gate_proj.weight" in block:  # DINOv3's gated MLP: gate first, as clmim's swiglu fc1
+      for part in ("weight", "bias"):
+        if f"mlp.gate_proj.{part}" in block:
+          out[f"blocks.{i}.mlp.fc1.{part}"] = np.concatenate(
+              [block.pop(f"mlp.gate_proj.{part}"), block.pop(f"mlp.up_proj.{part}")])
     for key, value in block.items():
       new = next((key.replace(old, new, 1) for old, new in _BLOCK_RENAMES.items()
                   if key.startswith(old)), None)
@@ -219,6 +233,8 @@ def to_timm_names(tensors: dict, style: str, source: str) -> tuple[dict, dict]:
     if new is None:
       raise ClmimError(f"{source}: the encoder has a tensor clmim cannot place: {key!r}.")
     out[new] = value
+  if "reg_token" in out and out["reg_token"].shape[1] == 0:
+    del out["reg_token"]  # DINOv3 saves an empty [1, 0, D] table when it has no registers
   return out, dropped
 
 
@@ -251,11 +267,17 @@ def architecture(enc: dict, config: dict, record: HfType, source: str) -> tuple[
       norm_epsilon=float(config["layer_norm_eps"]), pre_norm="norm_pre.weight" in enc,
       mlp_activation="swiglu" if swiglu else _ACTIVATIONS[act],
       position_embedding="learned" if "pos_embed" in enc else "none", rel_pos_bias="none",
-      final_norm="norm.weight" in enc)
+      final_norm="norm.weight" in enc,
+      rope_theta=float(config["rope_theta"]) if config.get("rope_theta") else None)
+  if swiglu and config.get("use_gated_mlp") and act != "silu":
+    raise ClmimError(f"{source}: a gated MLP with hidden_act {act!r}: clmim's gated MLP is "
+                     f"SwiGLU (silu).")
   origin = {k: "file (tensor shapes)" for k in fields}
   origin.update(num_heads="config.json (num_attention_heads)",
                 norm_epsilon="config.json (layer_norm_eps)",
                 mlp_activation="file (mlp shapes)" if swiglu else "config.json (hidden_act)")
+  if fields["rope_theta"]:
+    origin["rope_theta"] = "config.json (rope_theta)"
   if "pos_embed" in enc:
     tokens = enc["pos_embed"].shape[1] - int(fields["class_token"])
     grid = int(round(np.sqrt(tokens)))

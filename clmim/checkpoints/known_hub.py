@@ -1,6 +1,6 @@
 """Today's self-supervised ViTs by name: short names for `hf:` / `timm:` specs, with the facts a
 user needs before downloading (encoder size, licence, access) and, for models clmim's ViT cannot
-express yet, why -- so `dinov3_vitb16` is one clear line instead of a download and a refusal.
+express yet, why -- so `aimv2_vitl14` is one clear line instead of a download and a refusal.
 
 Sizes are the vision encoder's parameter counts as published (text towers, heads and decoders
 excluded). Licences are the upstream releases'; the model card on the Hub is authoritative.
@@ -33,8 +33,10 @@ class HubModel:
   unsupported: Optional[str] = None
 
 
-_ROPE = "rotary position embeddings, which clmim's ViT does not express yet"
+_ROPE = ("EVA-02's rotary position embeddings and sub-LayerNorm SwiGLU, which clmim's ViT does "
+         "not express yet (DINOv3's rotary embeddings it does)")
 _CC_BY_NC = "CC BY-NC 4.0"
+_DINOV3_GATE = "accept Meta's DINOv3 licence on the model's Hub page and log in"
 
 
 def _models(*entries) -> dict:
@@ -82,10 +84,15 @@ HUB_MODELS = _models(
              "DINO ViT-B/16 (transformers' conversion)"),
     HubModel("eva02_vitb14_mim", "timm:eva02_base_patch14_224.mim_in22k", "86M", "MIT",
              "EVA-02 ViT-B/14, masked image modelling on ImageNet-22k", unsupported=_ROPE),
+    HubModel("dinov3_vits16", "hf:facebook/dinov3-vits16-pretrain-lvd1689m", "21M",
+             "DINOv3 License", "DINOv3 ViT-S/16 (LVD-1689M), rotary positions, 4 registers",
+             gated=_DINOV3_GATE),
     HubModel("dinov3_vitb16", "hf:facebook/dinov3-vitb16-pretrain-lvd1689m", "86M",
-             "DINOv3 License", "DINOv3 ViT-B/16 (LVD-1689M)",
-             gated="accept Meta's DINOv3 licence on the model's Hub page and log in",
-             unsupported=_ROPE),
+             "DINOv3 License", "DINOv3 ViT-B/16 (LVD-1689M), rotary positions, 4 registers",
+             gated=_DINOV3_GATE),
+    HubModel("dinov3_vitl16", "hf:facebook/dinov3-vitl16-pretrain-lvd1689m", "300M",
+             "DINOv3 License", "DINOv3 ViT-L/16 (LVD-1689M), rotary positions, 4 registers",
+             gated=_DINOV3_GATE),
     HubModel("aimv2_vitl14", "hf:apple/aimv2-large-patch14-224", "300M", "Apple AMLR",
              "AIMv2 ViT-L/14 (autoregressive image + text pretraining)",
              unsupported="the AIMv2 layout (RMSNorm, SwiGLU, no cls token), which clmim does "

@@ -49,6 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from clmim.errors import ClmimError
+from clmim.models import rope
+from clmim.models.mlp import ACTIVATIONS, Mlp, exact_gelu, quick_gelu  # noqa: F401
 from clmim.models.layer_norm import LayerNorm
 
 # name -> (width, depth, mlp_dim, heads). "mu" is a tiny test/demo size.
@@ -167,8 +169,9 @@ class Attention(nn.Module):
   dtype: str = "float32"
 
   @nn.compact
-  def __call__(self, x, shared_bias=None, cls_only=False):
-    """Attention over x [B, N, D]; with cls_only, of the cls token's query alone: [B, 1, D]."""
+  def __call__(self, x, shared_bias=None, cls_only=False, rotation=None):
+    """Attention over x [B, N, D]; with cls_only, of the cls token's query alone: [B, 1, D].
+    rotation: (cos, sin, prefix) of a rotary position embedding of the patch tokens (rope.py)."""
     batch, tokens, width = x.shape
     head_dim = width // self.num_heads
     dtype = compute_dtype(self.dtype)
@@ -201,6 +204,11 @@ class Attention(nn.Module):
       (q,), (k, v) = project(x[:, 0], 0, width), project(rows, width, 3 * width)
     else:
       q, k, v = project(rows, 0, 3 * width)
+    if rotation is not None:
+      cos, sin, prefix = rotation
+      k = rope.rotate(k, cos, sin, prefix)
+      if not cls_only:  # (the cls query is a prefix token: never rotated)
+        q = rope.rotate(q, cos, sin, prefix)
     queries = q.shape[2]
     scale = head_dim ** -0.5
     if self.block_style == "timm":
@@ -221,49 +229,6 @@ class Attention(nn.Module):
     out = out.transpose(0, 2, 1, 3).reshape(batch * queries, width)
     proj = nn.Dense(width, name="proj", kernel_init=nn.initializers.xavier_uniform(), dtype=dtype)
     return proj(out).reshape(batch, queries, width)
-
-
-def exact_gelu(x):
-  """x · Φ(x) = x/2 · (1 + erf(x/√2)), PyTorch's form of the exact GELU.
-
-  `jax.nn.gelu(approximate=False)` computes the same function through erfc, whose float32
-  expansion branches between ranges; erf is one rational polynomial (on XLA:CPU, standalone:
-  27 -> 20 ms over ViT-B's MLP activations at batch 16). Both are within 1e-6 of a float64 GELU.
-  """
-  return x * 0.5 * (1 + jax.lax.erf(x * np.float32(0.7071067811865476)).astype(x.dtype))
-
-
-def quick_gelu(x):
-  """x · sigmoid(1.702 x): OpenAI CLIP's GELU approximation (its weights were trained with it)."""
-  return x * jax.nn.sigmoid(np.float32(1.702) * x)
-
-
-# mlp_activation -> the function between fc1 and fc2 ("swiglu" is handled by Mlp itself).
-# gelu_tanh is deliberate: SigLIP's weights were trained with the tanh approximation
-# (transformers' gelu_pytorch_tanh); the paper's models keep the exact erf GELU.
-ACTIVATIONS = {"gelu": exact_gelu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-               "quick_gelu": quick_gelu, "swiglu": None}
-
-
-class Mlp(nn.Module):
-  """fc1 -> activation -> fc2. With "swiglu", fc1 has 2 * mlp_dim outputs [gate | value] and the
-  hidden state is silu(gate) * value (DINOv2-g's SwiGLU feed-forward)."""
-  mlp_dim: int
-  dtype: str = "float32"
-  activation: str = "gelu"
-
-  @nn.compact
-  def __call__(self, x):
-    dense = lambda features, name: nn.Dense(
-        features, name=name, kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.normal(1e-6), dtype=compute_dtype(self.dtype))
-    rows = x.reshape(-1, x.shape[-1])  # 2-D, as in Attention: a faster gradient on XLA:CPU
-    if self.activation == "swiglu":
-      gate, value = jnp.split(dense(2 * self.mlp_dim, "fc1")(rows), 2, axis=-1)
-      hidden = jax.nn.silu(gate) * value
-    else:
-      hidden = ACTIVATIONS[self.activation](dense(self.mlp_dim, "fc1")(rows))
-    return dense(x.shape[-1], "fc2")(hidden).reshape(x.shape)
 
 
 class Block(nn.Module):
@@ -292,16 +257,16 @@ class Block(nn.Module):
     return x + y
 
   @nn.compact
-  def __call__(self, x, shared_bias=None, deterministic=True, cls_only=False):
+  def __call__(self, x, shared_bias=None, deterministic=True, cls_only=False, rotation=None):
     """x [B, N, D] -> [B, N, D]; with cls_only, the cls token's output alone, [B, 1, D]."""
     norm = lambda name: LayerNorm(epsilon=self.norm_epsilon, name=name,
                                   dtype=compute_dtype(self.dtype))
     attn = Attention(self.num_heads, self.block_style, self.per_block_rel_pos, self.grid,
                      self.dtype, name="attn")
-    attended = attn(norm("norm1")(x), shared_bias, cls_only)
+    attended = attn(norm("norm1")(x), shared_bias, cls_only, rotation)
     x = self._branch(x[:, :1] if cls_only else x, attended, "gamma_1", deterministic)
     self.sow("intermediates", "after_attention", x)
-    mlp = Mlp(self.mlp_dim, self.dtype, self.mlp_activation, name="mlp")
+    mlp = Mlp(self.mlp_dim, compute_dtype(self.dtype), self.mlp_activation, name="mlp")
     x = self._branch(x, mlp(norm("norm2")(x)), "gamma_2", deterministic)
     self.sow("intermediates", "after_mlp", x)
     return x
@@ -329,6 +294,8 @@ class ViT(nn.Module):
     mlp_activation: "gelu" (exact), "gelu_tanh", "quick_gelu" or "swiglu".
     final_norm: a LayerNorm (`norm`) over the output tokens (False: a file that stores none,
       e.g. a mean-pooling BEiT / data2vec encoder saved without its pooler).
+    rope_theta: the base of a 2-D rotary position embedding of the patch tokens' queries and
+      keys (DINOv3: 100; see rope.py), or None for none.
     dtype: "float32" or "bfloat16" (mixed precision; see the module docstring). Not part of
       the architecture: `vit_fields` leaves it out.
   """
@@ -350,6 +317,7 @@ class ViT(nn.Module):
   pre_norm: bool = False
   mlp_activation: str = "gelu"
   final_norm: bool = True
+  rope_theta: Optional[float] = None
   dtype: str = "float32"
 
   @property
@@ -371,6 +339,9 @@ class ViT(nn.Module):
     if self.rel_pos_bias != "none" and (not self.class_token or self.num_registers):
       raise ClmimError("relative position tables are laid out for [cls] + patches: "
                        "rel_pos_bias needs class_token=True and num_registers=0.")
+    if self.rope_theta is not None and (self.rope_theta <= 0 or (self.width // self.num_heads) % 4):
+      raise ClmimError(f"rope_theta={self.rope_theta} needs a positive base and a head dimension "
+                       f"divisible by 4 (got {self.width // self.num_heads}).")
 
   @nn.compact
   def __call__(self, images, mask=None, deterministic=True, keep=None, cls_only=False):
@@ -428,6 +399,9 @@ class ViT(nn.Module):
       if self.rel_pos_bias != "none":
         raise ClmimError(f"ViT(keep=...): visible-token-only encoding needs rel_pos_bias='none' "
                          f"(got {self.rel_pos_bias!r}: its tables are laid out for the full grid).")
+      if self.rope_theta is not None:
+        raise ClmimError("ViT(keep=...): visible-token-only encoding is not supported with "
+                         "rope_theta (the rotation is laid out for the full grid).")
       visible = jnp.take_along_axis(x[:, prefix:], keep[..., None].astype(jnp.int32), axis=1)
       x = jnp.concatenate([x[:, :prefix], visible], axis=1)
     self.sow("intermediates", "embedding", x)
@@ -438,12 +412,17 @@ class ViT(nn.Module):
     elif self.rel_pos_bias not in ("none", "per_block"):
       raise ClmimError(f"rel_pos_bias must be 'none', 'shared' or 'per_block', "
                        f"got {self.rel_pos_bias!r}.")
+    rotation = None
+    if self.rope_theta is not None:
+      cos, sin = rope.patch_rotation(self.grid, self.width // self.num_heads,
+                                     float(self.rope_theta))
+      rotation = (jnp.asarray(cos), jnp.asarray(sin), prefix)
     for i in range(self.depth):
       rate = self.drop_path * i / max(self.depth - 1, 1)
       x = Block(self.num_heads, self.mlp_dim, self.block_style, self.layer_scale_init,
                 self.rel_pos_bias == "per_block", self.grid, rate, self.dtype,
-                self.norm_epsilon, self.mlp_activation, name=f"block_{i}")(x, shared_bias, deterministic,
-                                   cls_only and i == self.depth - 1)
+                self.norm_epsilon, self.mlp_activation, name=f"block_{i}")(
+                    x, shared_bias, deterministic, cls_only and i == self.depth - 1, rotation)
     if cls_only:
       x = x[:, :1]  # (already so after the last block; a depth-0 ViT has none)
     # The final tokens in float32 whatever the compute dtype: heads and analyses read them.
