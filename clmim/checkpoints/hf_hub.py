@@ -37,15 +37,6 @@ def parse(spec: str) -> tuple[str, str]:
   return repo, revision or "main"
 
 
-def read_json(file: str):
-  """A JSON file's content; one error naming the file when it is not readable JSON."""
-  try:
-    with open(file) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise ClmimError(f"{file}: not a readable JSON config ({e}).") from None
-
-
 def _hub():
   try:
     import huggingface_hub  # a runtime dependency, imported only for hf: specs
@@ -94,7 +85,7 @@ def download(spec: str) -> str:
   config_file = fetch(hf_layout.CONFIG)
   directory = os.path.dirname(config_file)
   # An unsupported model_type / architecture fails here, before the weights download.
-  if timm_layout.is_timm_config(read_json(config_file)):
+  if timm_layout.is_timm_config(hf_layout.read_json(config_file)):
     timm_layout.read_config(directory)
   else:
     hf_layout.read_config(directory)

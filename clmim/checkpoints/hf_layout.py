@@ -98,15 +98,21 @@ def is_directory(path: str) -> bool:
       os.path.isfile(os.path.join(path, f)) for f in (WEIGHTS, WEIGHTS_INDEX))
 
 
-def read_config(path: str) -> tuple[dict, HfType, str]:
-  """(the vision config, its record, config.json's model_type) from a directory's config.json; one error for an
-  unsupported model_type, naming it and listing the supported ones."""
-  file = os.path.join(path, CONFIG)
+def read_json(file: str):
+  """A JSON file's content; one error naming the file when it is not readable JSON."""
   try:
     with open(file) as f:
-      config = json.load(f)
+      return json.load(f)
   except (OSError, ValueError) as e:
     raise ClmimError(f"{file}: not a readable JSON config ({e}).") from None
+
+
+def read_config(path: str) -> tuple[dict, HfType, str]:
+  """(the vision config, its record, config.json's model_type) from a directory's
+  config.json; one error for an unsupported model_type, naming it and listing the supported
+  ones."""
+  file = os.path.join(path, CONFIG)
+  config = read_json(file)
   model_type = config.get("model_type") if isinstance(config, dict) else None
   if model_type not in MODEL_TYPES:
     raise ClmimError(f"{file}: model_type {model_type!r} is not a supported transformers "

@@ -238,7 +238,7 @@ def _from_directory(spec: str, path: str, options: dict) -> Model:
   """A transformers or timm checkpoint directory (downloaded for `hf:` / `timm:` specs) as a
   Model; config.json says which layout (transformers' `model_type`, timm's `architecture`)."""
   _check_options(spec, options, _HF_OPTIONS)
-  if timm_layout.is_timm_config(hf_hub.read_json(os.path.join(path, hf_layout.CONFIG))):
+  if timm_layout.is_timm_config(hf_layout.read_json(os.path.join(path, hf_layout.CONFIG))):
     converted, (method, kind) = timm_layout.convert_directory(
         path, options.get("image_size"), options.get("num_heads"))
   else:

@@ -61,11 +61,7 @@ def read_config(path: str) -> tuple[dict, dict]:
   """(config.json, the architecture's table row with `model_args` applied); one error for an
   architecture clmim's ViT cannot express, naming it."""
   file = os.path.join(path, CONFIG)
-  try:
-    with open(file) as f:
-      config = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ClmimError(f"{file}: not a readable JSON config ({e}).") from None
+  config = hf_layout.read_json(file)
   if not is_timm_config(config):
     raise ClmimError(f"{file}: not a timm config (no 'architecture' key).")
   name = config["architecture"]

@@ -50,7 +50,7 @@ import numpy as np
 
 from clmim.errors import ClmimError
 from clmim.models import rope
-from clmim.models.mlp import ACTIVATIONS, Mlp, exact_gelu, quick_gelu  # noqa: F401
+from clmim.models.mlp import ACTIVATIONS, Mlp
 from clmim.models.layer_norm import LayerNorm
 
 # name -> (width, depth, mlp_dim, heads). "mu" is a tiny test/demo size.
