@@ -211,7 +211,7 @@ def _open_clip_states(visual, images):
           [a.double().numpy() for a in attentions])
 
 
-@pytest.mark.parametrize("quick_gelu", [True, False])
+@pytest.mark.parametrize("quick_gelu", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_clip_state_dict(tmp_path, quick_gelu):
   model = _open_clip(quick_gelu)
   path = str(tmp_path / "open_clip_pytorch_model.bin")

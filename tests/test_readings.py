@@ -187,3 +187,15 @@ def test_show_prints_each_reading_and_a_blank_line(capsys):
   out = capsys.readouterr().out
   assert out == readings.reading(results, "attention_distance") + "\n" + \
       readings.reading(results, "nmi") + "\n"
+
+
+def test_models_without_the_quantity_are_left_out_of_a_reading():
+  """attention_to_registers is None for a model without registers: no curve for it, and a run
+  where no model has one says so instead of failing."""
+  models = {"reg": ("cl", {"attention_to_registers": [[0.2, 0.4], [0.5, 0.5]]}, {}),
+            "plain": ("mim", {"attention_to_registers": None}, {})}
+  text = readings.reading(_results(models), "attention_to_registers")
+  assert "  reg [CL]: 0.300, 0.500" in text and "plain" not in text
+  none = {"plain": ("mim", {"attention_to_registers": None}, {})}
+  assert "no model of this run has it" in readings.reading(_results(none),
+                                                           "attention_to_registers")

@@ -159,7 +159,8 @@ def _title(result, results: dict) -> str:
 def curve(results: dict, key: str) -> list[str]:
   """The body lines of a depth curve's reading (no header): see the module docstring."""
   module, result = declaration(key)
-  models = [n for n, r in results["models"].items() if key in r]
+  # A model without the quantity (None: no registers, no cls token) has no curve to read.
+  models = [n for n, r in results["models"].items() if r.get(key) is not None]
   curves = {n: _series(result, results["models"][n][key]) for n in models}
   lines = [f"  {n} [{_family(results, n)}]: " + ", ".join(fmt(v) for v in c)
            + _extremes(result, c, results) for n, c in curves.items()]
@@ -310,6 +311,9 @@ def reading(results: dict, key: str) -> str:
   line; see the module docstring."""
   if not any(key in r for r in results["models"].values()):
     return f"[reading: {key}] not in this run's results (is its analysis in config.analyses?)\n"
+  if all(r.get(key) is None for r in results["models"].values()):
+    return (f"[reading: {key}] no model of this run has it (None for every model: e.g. "
+            f"attention on registers when no model has registers)\n")
   if key == "attention_maps":
     keys, lines = attention_maps(results)
     return f"[reading: {', '.join(keys)}] attention maps of query patches\n" + \
