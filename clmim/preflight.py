@@ -162,9 +162,10 @@ def check_fields(config, mode: str, devices: int) -> None:
       raise ClmimError(f"config.finetune.eval_every={config.finetune.eval_every}: expected a "
                        f"multiple of config.log_every={config.log_every} (validation results go "
                        f"into the log records), or 0 (only at the end).")
-    synthetic = config.data.get("source", "synthetic") == "synthetic"
-    check_int(config, "finetune.eval_images", 1 if synthetic else 0,
-              why="" if synthetic else "0 = the whole held-out set")
+    from clmim.data import sources  # the source says whether its sets are drawn (need a count)
+    drawn = sources.of(config.data).DRAWN
+    check_int(config, "finetune.eval_images", 1 if drawn else 0,
+              why="" if drawn else "0 = the whole held-out set")
   from clmim.data.train_data import check_source  # numpy only: cheap
   check_source(config.data, str(config.get("augment", {}).get("second_view", "")))
   from clmim.train.tensorboard import check_available

@@ -55,9 +55,15 @@ def test_token_masks_follow_the_object():
   data = ShapesTextures(32, "validation", 3)
 
   class Images:  # the parts of EvalImages that token_masks reads
-    dataset, image_shape, positions = data, (32, 32, 3), np.arange(3)
+    image_shape = (32, 32, 3)
 
-  masks = object_attention.token_masks(Images, 4, 0.5)
+    def __len__(self):
+      return 3
+
+    def object_mask(self, index):
+      return data.object_mask(index)
+
+  masks = object_attention.token_masks(Images(), 4, 0.5)
   for i in range(3):
     coverage = data.object_mask(i).reshape(8, 4, 8, 4).mean(axis=(1, 3)).reshape(-1)
     np.testing.assert_array_equal(masks[i], coverage >= 0.5)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from clmim import config_lib, main, preflight
-from clmim.data import train_data
+from clmim.data import synthetic, train_data
 from clmim.data.synthetic import ShapesTextures
 from clmim.errors import ClmimError
 from clmim.train import trainer
@@ -233,7 +233,7 @@ def test_ctrl_c_saves_the_step_and_the_resumed_run_ends_as_the_straight_one(
   one line; the same command resumes it, and it ends bit-identical to an uninterrupted run."""
   config = lambda: pretrain_simmim.get_config("runlocal")
   trainer.train(config(), str(tmp_path / "straight"))
-  stream = trainer.training_stream
+  stream = synthetic.training_stream
 
   def interrupted(dataset, batch_size, start_step, **kwargs):
     for step, batch in enumerate(stream(dataset, batch_size, start_step, **kwargs), start_step):
@@ -241,7 +241,7 @@ def test_ctrl_c_saves_the_step_and_the_resumed_run_ends_as_the_straight_one(
         os.kill(os.getpid(), signal.SIGINT)
       yield batch
 
-  monkeypatch.setattr(trainer, "training_stream", interrupted)
+  monkeypatch.setattr(synthetic, "training_stream", interrupted)
   handler = signal.getsignal(signal.SIGINT)
   workdir = str(tmp_path / "interrupted")
   with pytest.raises(ClmimError) as stopped:
@@ -253,7 +253,7 @@ def test_ctrl_c_saves_the_step_and_the_resumed_run_ends_as_the_straight_one(
   assert preflight.checkpoint_steps(workdir)[-1] == 3 and not os.path.exists(
       os.path.join(workdir, "export"))
   assert signal.getsignal(signal.SIGINT) == handler
-  monkeypatch.setattr(trainer, "training_stream", stream)
+  monkeypatch.setattr(synthetic, "training_stream", stream)
   trainer.train(config(), workdir)
   assert "Resumed from step 3" in capsys.readouterr().out
   straight = _final_state(str(tmp_path / "straight"), config())

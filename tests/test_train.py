@@ -11,6 +11,7 @@ import pytest
 
 from clmim import preflight
 from clmim.checkpoints import native, registry
+from clmim.data import synthetic
 from clmim.errors import ClmimError
 from clmim.jobs import snapshots
 from clmim.train import moco_v3, simmim, tensorboard, trainer
@@ -47,8 +48,8 @@ def test_momentum_schedule_endpoints():
 def test_runlocal_trains_resumes_and_exports(tmp_path, config_module, capsys, monkeypatch):
   config = config_module.get_config("runlocal")
   ramps = []
-  stream = trainer.training_stream
-  monkeypatch.setattr(trainer, "training_stream",
+  stream = synthetic.training_stream
+  monkeypatch.setattr(synthetic, "training_stream",
                       lambda *a, **k: ramps.append(k["ramp"]) or stream(*a, **k))
   if config.objective == "moco_v3":  # the pair path: view 1 rendered apart (restyled)
     config.augment.second_view = "restyle"
@@ -227,13 +228,13 @@ def test_a_diverged_run_stops_naming_the_first_bad_step_and_saves_nothing_after(
   (NaN images from step 4 on make the loss NaN: runlocal's own compiled step, from the
   session's compilation cache, diverges.)"""
   config = pretrain_simmim.get_config("runlocal")
-  stream = trainer.training_stream
+  stream = synthetic.training_stream
 
   def poisoned(dataset, batch_size, start_step, **kwargs):
     for step, batch in enumerate(stream(dataset, batch_size, start_step, **kwargs), start_step):
       yield {**batch, "image": np.full_like(batch["image"], np.nan)} if step >= 3 else batch
 
-  monkeypatch.setattr(trainer, "training_stream", poisoned)
+  monkeypatch.setattr(synthetic, "training_stream", poisoned)
   with pytest.raises(ClmimError, match=r"not finite at step 4;.*latest checkpoint: 3\)") as error:
     trainer.train(config, str(tmp_path))
   assert "\n" not in str(error.value)

@@ -16,8 +16,9 @@ over the image has exactly that share, attention spread over the object only has
 model whose attention lands on the object is above the reference; one that attends to the
 background (e.g. the image border) is below it.
 
-Data: object masks come with the procedural data only (config.data.source "synthetic"); the
-pass streams config.data's images with each image's token mask as its label row.
+Data: object masks come with the procedural data only (config.data.source "synthetic", the one
+source with OBJECT_MASKS); the pass streams config.data's images with each image's token mask
+as its label row.
 
 Options:
   threshold: 0.5: the share of a patch the object must cover for its token to count as object.
@@ -74,14 +75,13 @@ def _threshold(options) -> float:
 
 
 def token_masks(images, patch_size: int, threshold: float) -> np.ndarray:
-  """[n, N] int32: 1 for the object tokens of each image of `images` (an `EvalImages` of the
-  synthetic source), tokens in row-major order."""
-  dataset = images.dataset
+  """[n, N] int32: 1 for the object tokens of each image of `images` (an `EvalImages` of a
+  source with object masks), tokens in row-major order."""
   size = images.image_shape[0]
   grid = size // patch_size
   rows = []
-  for position in images.positions:
-    coverage = dataset.object_mask(int(position))[:grid * patch_size, :grid * patch_size]
+  for index in range(len(images)):
+    coverage = images.object_mask(index)[:grid * patch_size, :grid * patch_size]
     patches = coverage.reshape(grid, patch_size, grid, patch_size).mean(axis=(1, 3))
     rows.append((patches >= threshold - 1e-6).reshape(-1))
   return np.asarray(rows, np.int32)
@@ -119,9 +119,9 @@ def check(model, options) -> None:
 def check_data(data, options) -> None:
   """Object masks exist for the procedural data only."""
   _threshold(options)
-  if not data.synthetic:
+  if not data.source.OBJECT_MASKS:
     raise ClmimError(f"analysis {NAME!r} needs object masks, which only the procedural data "
-                     f"has (config.data.source='synthetic'); got {data.cfg.source!r}.")
+                     f"has (config.data.source='synthetic'); got {data.source.NAME!r}.")
   data.evaluation()
 
 

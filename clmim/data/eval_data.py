@@ -1,10 +1,9 @@
 """Evaluation image streams for the analyses, preprocessed the way each model expects.
 
-`config.data.source` selects the images: "synthetic" (procedural shapes x textures, held-out
-split, no download), "image_folder" (class sub-folders of PNG/JPEG files) or "tfds" (a
-TensorFlow Datasets split, e.g. imagenet2012 validation; see clmim/data/tfds_source.py).
-Preprocessing comes from the model (its manifest: image size, crop_pct, interpolation,
-mean/std) unless the config overrides it.
+`config.data.source` selects the images; each source is one module of `clmim/data/sources/`
+(the procedural shapes x textures, an image folder, a TFDS split), which opens them and names
+their labels. Preprocessing comes from the model (its manifest: image size, crop_pct,
+interpolation, mean/std) unless the config overrides it.
 
 An `EvalImages` is a fixed, ordered list of images (after per-class subsampling and the
 num_images cap). `load_batches(indices, ...)` reads any sub-list of it in parallel worker
@@ -12,19 +11,14 @@ threads, which is how each process of a multi-host run reads only its own shard.
 """
 from __future__ import annotations
 
-import dataclasses
-import os
-from typing import Dict, Iterator, Sequence, Tuple
+from typing import Iterator, Sequence, Tuple
 
 import numpy as np
 
-from clmim.data import loader
+from clmim.data import loader, sources
 from clmim.data import preprocess as pp
-from clmim.data.image_folder import ImageFolder
-from clmim.data.synthetic import ShapesTextures
+from clmim.data.sources.base import EvalRequest, Labels  # noqa: F401  (Labels: re-exported)
 from clmim.errors import ClmimError
-
-SOURCES = ("synthetic", "image_folder", "tfds")
 
 
 def _mean_std(preprocessing: dict, data_cfg):
@@ -48,27 +42,6 @@ def _subsampling(data_cfg) -> Tuple[int, float, str]:
   return 0, 0.0, ""
 
 
-@dataclasses.dataclass(frozen=True)
-class Labels:
-  """Class labels of a stream: `values` int64 [n, len(columns)], row i for image i;
-  `classes[column]` names that column's class ids."""
-  columns: Tuple[str, ...]
-  values: np.ndarray
-  classes: Dict[str, Tuple[str, ...]]
-
-
-def _texture_class(path: str, classes: Sequence[str], root: str) -> int:
-  """The texture class of a cue-conflict file `<shape><n>-<texture><m>.<ext>` (see `labels`)."""
-  stem = os.path.splitext(os.path.basename(path))[0]
-  name = stem.rsplit("-", 1)[-1].rstrip("0123456789") if "-" in stem else ""
-  if name not in classes:
-    raise ClmimError(f"cue-conflict image {path!r}: expected a name '<shape><n>-<texture><m>' "
-                     f"whose texture is one of the class folders of {root!r} "
-                     f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}); got "
-                     f"{name or stem!r}.")
-  return classes.index(name)
-
-
 class EvalImages:
   """A finite, ordered image source for one model.
 
@@ -76,6 +49,7 @@ class EvalImages:
     description: one line naming the data (source, split or folder, count, resolution).
     image_shape: [H, W, 3] of every preprocessed image.
     mean, std: the normalisation used (float32 [3]).
+    source: the module of its data source (`clmim.data.sources`).
   """
 
   def __init__(self, data_cfg, preprocessing: dict, *, source=None, split=None, num_images=None,
@@ -83,109 +57,57 @@ class EvalImages:
     """Opens the source and selects the images; every input problem raises a ClmimError.
 
     The keyword arguments override config.data for the probes' other image sets: `source`,
-    `split`
-    (synthetic/tfds), `num_images`, `path` (image_folder), `pairing` (synthetic train and
-    validation: "independent" or "aligned" shape and texture) and `cue_conflict` (an image
-    folder laid out as a cue-conflict set, see `labels`).
+    `split` (procedural / TFDS), `num_images`, `path` (image folder), `pairing` (procedural
+    train and validation: "independent" or "aligned" shape and texture) and `cue_conflict` (an
+    image folder laid out as a cue-conflict set, see sources/image_folder.py).
     """
-    source = data_cfg.source if source is None else source
-    split = data_cfg.split if split is None else split
-    self.source, self._cue_conflict = source, bool(cue_conflict)
-    if source not in SOURCES:
-      raise ClmimError(f"config.data.source={source!r}: expected one of {SOURCES}.")
+    self.source = sources.get(data_cfg.source if source is None else source)
+    self._cue_conflict = bool(cue_conflict)
     size = int(preprocessing.get("image_size", 224))
     self.image_shape = (size, size, 3)
     self.mean, self.std = _mean_std(preprocessing, data_cfg)
     self.num_workers = int(data_cfg.get("num_workers", 0) or 0) or loader.default_num_workers()
     limit = int(data_cfg.num_images if num_images is None else num_images) or None
-    self._stream = None
-    if source == "synthetic":
-      self.dataset = ShapesTextures(size, split, limit or 512, data_cfg.seed, pairing=pairing,
-                                    version=data_cfg.get("version", 1))
-      self._load = self._synthetic
-      positions = np.arange(len(self.dataset))
-      paired = f", {pairing} shape and texture" if pairing != "independent" else ""
-      version = "" if self.dataset.version == 1 else f", version {self.dataset.version}"
-      self.description = (f"synthetic shapes x textures{version}, split {split!r}{paired}, "
-                          f"seed {data_cfg.seed}, {len(self.dataset)} images, {size} px")
-    else:
-      transform = pp.EvalPreprocess(
+
+    def transform():
+      return pp.EvalPreprocess(
           size, crop_pct=float(data_cfg.crop_pct or preprocessing.get("crop_pct", 0.875)),
           interpolation=data_cfg.interpolation or preprocessing.get("interpolation", "bicubic"),
           mean=tuple(self.mean), std=tuple(self.std), where="config.data")
-      per_class, fraction, subsampled = _subsampling(data_cfg)
-      if source == "image_folder":
-        folder = data_cfg.path if path is None else path
-        if not folder:
-          raise ClmimError("config.data.path is empty: set it to an image folder "
-                           "(one sub-folder per class).")
-        self.dataset = ImageFolder(folder, transform,
-                                   max_images_per_class=per_class or None,
-                                   fraction_per_class=fraction or None,
-                                   num_workers=self.num_workers, check=False)
-        self._load = self.dataset.load
-        positions = np.arange(len(self.dataset))
-        what = f"image folder {folder}"
-      else:
-        from clmim.data.tfds_source import TfdsImages  # imports tensorflow_datasets
-        self.dataset = TfdsImages(data_cfg.get("tfds_name", ""), split, transform,
-                                  data_cfg.get("data_dir", "") or None)
-        positions = np.arange(len(self.dataset))
-        if per_class or fraction:
-          positions = loader.select_per_class(
-              self.dataset.labels(), per_class, fraction,
-              where=f"config.data (TFDS {self.dataset.name} split {split!r})")
-        if self.dataset.random_access:
-          self._load = self.dataset.load
-        else:
-          self._load, self._stream = self.dataset.decode_record, self.dataset.stream
-        what = (f"TFDS {self.dataset.name} split {split!r} ({self.dataset.route}, "
-                f"{self.dataset.data_dir})")
-      positions = positions[:limit]
-      if source == "image_folder":
-        # Every image this stream reads, and no other, has its header checked now: all the
-        # unreadable files are named before any model runs (once per process, however many
-        # models and probes open the folder).
-        self.dataset.check(positions)
-      self.description = (f"{what}{subsampled}, {len(positions)} images, {size} px "
-                          f"{transform.interpolation} resize to {transform.resize_to}")
-    self._positions = np.asarray(positions, np.int64)
+
+    request = EvalRequest(size=size, mean=self.mean, std=self.std,
+                          num_workers=self.num_workers,
+                          split=data_cfg.split if split is None else split, limit=limit,
+                          path=path, pairing=pairing, cue_conflict=self._cue_conflict,
+                          transform=transform, subsampling=lambda: _subsampling(data_cfg))
+    self._opened = self.source.open_evaluation(data_cfg, request)
+    self.description = self._opened.description
+    self._load, self._stream = self._opened.load, self._opened.stream
+    self._positions = np.asarray(self._opened.positions, np.int64)
 
   def labels(self) -> Labels:
-    """The class labels of every image, in stream order (no image is decoded).
+    """The class labels of every image, in stream order (no image is decoded); the columns
+    are the source's (sources/*.py `evaluation_labels`)."""
+    return self.source.evaluation_labels(self._opened, self._positions, self._cue_conflict)
 
-    Synthetic: columns ("shape", "texture"). Image folder: ("label",), its sub-folders; laid
-    out as a cue-conflict set (`cue_conflict=True`): ("shape", "texture"), the shape being the
-    sub-folder and the texture the class named after the last "-" of the file name, without its
-    digits (the 16-class style-transfer set's `airplane1-bicycle2.png`: shape airplane, texture
-    bicycle); both index the folder's classes. TFDS: ("label",), its ClassLabel feature.
-    """
-    if self.source == "synthetic":
-      values = [self.dataset.labels(int(p))[:2] for p in self._positions]
-      return Labels(("shape", "texture"), np.asarray(values, np.int64).reshape(-1, 2),
-                    {"shape": self.dataset.shapes, "texture": self.dataset.textures})
-    if self.source == "image_folder":
-      shape = np.asarray(self.dataset.labels, np.int64)[self._positions]
-      classes = tuple(self.dataset.classes)
-      if not self._cue_conflict:
-        return Labels(("label",), shape[:, None], {"label": classes})
-      files = [self.dataset.files[int(p)] for p in self._positions]
-      texture = np.asarray([_texture_class(f, classes, self.dataset.root) for f in files])
-      return Labels(("shape", "texture"), np.stack([shape, texture], axis=1),
-                    {"shape": classes, "texture": classes})
-    if self.dataset.label_key is None:
-      raise ClmimError(f"TFDS dataset {self.dataset.name!r} has no class label (ClassLabel "
-                       "feature): it cannot train or test a probe.")
-    values = np.asarray(self.dataset.labels(), np.int64)[self._positions]
-    return Labels(("label",), values[:, None], {"label": self.dataset.class_names()})
+  def object_mask(self, index: int) -> np.ndarray:
+    """float [H, W]: the object coverage of image `index` of the stream (sources with
+    OBJECT_MASKS only)."""
+    if not self.source.OBJECT_MASKS:
+      with_masks = [n for n, m in sources.SOURCES.items() if m.OBJECT_MASKS]
+      raise ClmimError(f"{self.description}: this source has no object masks (sources with "
+                       f"them: {', '.join(with_masks)}).")
+    return self.source.object_mask(self._opened, int(self._positions[index]))
+
+  @property
+  def dataset(self):
+    """The source's own object behind the stream (ShapesTextures, ImageFolder, TfdsImages)."""
+    return self._opened.dataset
 
   @property
   def positions(self) -> np.ndarray:
     """The dataset index of each image of the stream, in stream order."""
     return self._positions
-
-  def _synthetic(self, position: int) -> np.ndarray:
-    return (self.dataset[int(position)]["image"] - self.mean) / self.std
 
   def __len__(self) -> int:
     return len(self._positions)

@@ -24,7 +24,9 @@ from typing import Optional
 
 import numpy as np
 
+from clmim.data import sources
 from clmim.data.eval_data import EvalImages, Labels
+from clmim.data.sources import image_folder
 from clmim.errors import ClmimError
 
 
@@ -48,10 +50,10 @@ class ProbeData:
 
   def __init__(self, data_cfg, preprocessing: dict):
     self.cfg, self.preprocessing = data_cfg, preprocessing
-    self.synthetic = data_cfg.source == "synthetic"
-    self.targets = ("shape", "texture") if self.synthetic else ("label",)
+    self.source = sources.get(data_cfg.source)
+    self.targets = self.source.LABELS
     # (training pairing, target) of the probe that makes the cue-conflict decision.
-    self.decision = ("aligned", "shape") if self.synthetic else ("independent", "label")
+    self.decision = self.source.DECISION_PROBE
     self._opened = {}
 
   def _open(self, key, **overrides) -> LabelledImages:
@@ -63,41 +65,30 @@ class ProbeData:
 
   def train(self, pairing: str = "independent") -> LabelledImages:
     """The images the probes are fitted on."""
-    count = int(self.cfg.num_train_images)
-    if self.synthetic:
-      return self._open(("train", pairing), split=self.cfg.train_split, num_images=count,
-                        pairing=pairing)
-    if self.cfg.source == "image_folder":
-      if not self.cfg.train_path:
-        raise ClmimError("config.data.train_path is empty: a probe is fitted on labelled "
-                         "training images; set it to a folder with one sub-folder per class "
-                         "(the classes of config.data.path).")
-      opened = self._open(("train", pairing), path=self.cfg.train_path, num_images=count)
-    else:
-      opened = self._open(("train", pairing), split=self.cfg.train_split, num_images=count)
-    evaluation = self.evaluation()
-    if opened.labels.classes["label"] != evaluation.labels.classes["label"]:
-      raise ClmimError(f"the probes' training images ({opened.description}) and evaluation "
-                       f"images ({evaluation.description}) have different classes: expected "
-                       "the same class names in the same order.")
+    opened = self._open(("train", pairing), **self.source.probe_training(self.cfg, pairing))
+    if "label" in self.targets:  # class names from files: the two sets must agree
+      evaluation = self.evaluation()
+      if opened.labels.classes["label"] != evaluation.labels.classes["label"]:
+        raise ClmimError(f"the probes' training images ({opened.description}) and evaluation "
+                         f"images ({evaluation.description}) have different classes: expected "
+                         "the same class names in the same order.")
     return opened
 
   def evaluation(self, pairing: str = "independent") -> LabelledImages:
     """The images the probes are tested on (config.data's stream)."""
-    if self.synthetic:
-      return self._open(("evaluation", pairing), pairing=pairing)
-    return self._open(("evaluation", pairing))
+    return self._open(("evaluation", pairing), **self.source.probe_evaluation(pairing))
 
   def cue_conflict(self) -> Optional[LabelledImages]:
     """The cue-conflict images with columns ("shape", "texture") as class ids of the decision
     probe; None when the source has none (a folder or TFDS run without cue_conflict_path)."""
-    if self.synthetic:
-      return self._open(("cue_conflict",), split="cue_conflict")
+    own = self.source.cue_conflict(self.cfg)
+    if own is not None:  # the source draws its own (the procedural split "cue_conflict")
+      return self._open(("cue_conflict",), **own)
     if not self.cfg.cue_conflict_path:
       return None
     if ("cue_conflict",) in self._opened:
       return self._opened[("cue_conflict",)]
-    opened = self._open(("cue_conflict_raw",), source="image_folder",
+    opened = self._open(("cue_conflict_raw",), source=image_folder.NAME,
                         path=self.cfg.cue_conflict_path, num_images=0, cue_conflict=True)
     classes = self.train().labels.classes["label"]
     folder = opened.labels.classes["shape"]

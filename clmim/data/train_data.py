@@ -7,6 +7,7 @@ into the global batch with `jax.make_array_from_process_local_data`. A run resum
 (after a preemption, say) therefore reads exactly what the uninterrupted run read from step t
 on: the iterator's position is the step, which every checkpoint holds.
 
+Each source's part is its module in clmim/data/sources/ (`training_images`, `training_batches`):
 - "synthetic": the procedural shapes x textures split (clmim/data/synthetic.py), rendered
   ahead by `data.render_workers`; the only source with MoCo's redrawn second views.
 - "image_folder" (`data.path`, one sub-folder per class; labels unused) and "tfds"
@@ -23,10 +24,9 @@ from typing import Iterator
 
 import numpy as np
 
+from clmim.data import sources
+from clmim.data.sources import decoded
 from clmim.errors import ClmimError
-
-SOURCES = ("synthetic", "image_folder", "tfds")
-
 
 def local_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
   """[lo, hi): the rows of every global batch that process `process_index` loads."""
@@ -39,43 +39,18 @@ def local_rows(batch_size: int, process_index: int, process_count: int) -> tuple
 
 def check_source(data_cfg, second_view: str) -> None:
   """One error line for a training data config that cannot work (before anything runs)."""
-  source = data_cfg.get("source", "synthetic")
-  if source not in SOURCES:
-    raise ClmimError(f"config.data.source={source!r}: expected one of {SOURCES}.")
-  if source != "synthetic" and second_view:
-    raise ClmimError(f"config.augment.second_view={second_view!r} redraws procedural images; "
-                     f"with config.data.source={source!r} set it to '' (both views are then "
-                     "augmentations of the one image).")
-  if source == "image_folder" and not data_cfg.path:
-    raise ClmimError("config.data.source='image_folder' needs config.data.path: a folder with "
-                     "one sub-folder of images per class.")
-  if source == "tfds" and not data_cfg.tfds_name:
-    raise ClmimError("config.data.source='tfds' needs config.data.tfds_name, e.g. "
-                     "'imagenet2012'.")
+  sources.of(data_cfg).check_training(data_cfg, second_view)
 
 
 def open_images(data_cfg, path: str | None = None, split: str | None = None,
                 crop_pct: float = 1.0):
-  """The training images of an image_folder or tfds source (or, with `path` / `split`, another
-  folder / split of it): `len` and `load(i)` -> float32 [S, S, 3] in [0, 1] (shorter side to
-  S / crop_pct, then a centre crop) — the objectives
-  augment and then normalise with data.mean / data.std, as for procedural images. Opening lists
-  or indexes them (no decoding) and raises one ClmimError for a missing folder, an empty split,
-  a missing Pillow, ..."""
-  from clmim.data.preprocess import EvalPreprocess  # Pillow is imported on first use
-  preprocess = EvalPreprocess(data_cfg.image_size, crop_pct=crop_pct, mean=(0.0, 0.0, 0.0),
-                              std=(1.0, 1.0, 1.0), where="config.data")
-  if data_cfg.source == "image_folder":
-    from clmim.data.image_folder import ImageFolder
-    return ImageFolder(path or data_cfg.path, preprocess, num_workers=1)
-  from clmim.data.tfds_source import TfdsImages
-  split = split or data_cfg.tfds_split
-  images = TfdsImages(data_cfg.tfds_name, split, preprocess, data_dir=data_cfg.data_dir or None)
-  if not images.random_access:
-    raise ClmimError(f"TFDS {data_cfg.tfds_name} split {split!r} is stored as "
-                     "tfrecord, which can only be streamed in order; training needs random "
-                     "access: prepare it as array_record (tfds build --file_format=array_record).")
-  return images
+  """The training images of the configured source (or, with `path` / `split`, another folder /
+  split of it): `len` and `load(i)` -> float32 [S, S, 3] in [0, 1] (shorter side to
+  S / crop_pct, then a centre crop) for decoded sources, the procedural dataset otherwise.
+  Opening lists or indexes them (no decoding) and raises one ClmimError for a missing folder,
+  an empty split, a missing Pillow, ..."""
+  return sources.of(data_cfg).training_images(data_cfg, path=path, split=split,
+                                              crop_pct=crop_pct)
 
 
 def _grain():
@@ -114,55 +89,20 @@ def real_batches(images, batch_size: int, start_step: int, rows: tuple[int, int]
 
 
 def class_labels(images, where: str) -> np.ndarray:
-  """The class label of every image of an opened image_folder / tfds source, or one error
-  line when it has none (a TFDS split without a ClassLabel feature)."""
-  if hasattr(images, "label_key") and images.label_key is None:
-    raise ClmimError(f"{where}: TFDS {images.name} split {images.split!r} has no class label "
-                     "feature; fine-tuning needs labelled images (a split with a ClassLabel).")
-  return np.asarray(images.labels() if callable(images.labels) else images.labels, np.int64)
+  """The class label of every image of an opened image folder / TFDS split, or one error line
+  when it has none (a TFDS split without a ClassLabel feature)."""
+  return decoded.training_labels(images, where)
 
 
 def class_count(data_cfg, label: str) -> int:
-  """How many classes `label` has: the synthetic factor's, or the image folder's sub-folders /
+  """How many classes `label` has: the procedural factor's, or the image folder's sub-folders /
   the TFDS split's ClassLabel (opened, not decoded; no labels -> one error line)."""
-  from clmim.data import synthetic
-  if data_cfg.source == "synthetic":
-    return len(synthetic.SHAPES if label == "shape" else synthetic.TEXTURES)
-  if data_cfg.source == "image_folder":  # the sub-folders: no need to list every image
-    from clmim.data.image_folder import class_names
-    return len(class_names(data_cfg.path))
-  images = open_images(data_cfg)
-  class_labels(images, "config.data")
-  return len(images.class_names())
+  return sources.of(data_cfg).class_count(data_cfg, label)
 
 
 def held_out(data_cfg, finetune_cfg):
   """(load(indices) -> float32 [n, S, S, 3] in [0, 1], labels [N]) of fine-tuning's held-out
-  images: synthetic split "validation" (finetune.eval_images of them), an image folder
+  images: the procedural split "validation" (finetune.eval_images of them), an image folder
   (finetune.eval_path) or a TFDS split (finetune.eval_split), centre-cropped at
   finetune.eval_crop_pct; eval_images > 0 keeps the first that many."""
-  count = int(finetune_cfg.eval_images)
-  if data_cfg.source == "synthetic":
-    from clmim.data.synthetic import ShapesTextures
-    dataset = ShapesTextures(data_cfg.image_size, "validation", count, data_cfg.seed,
-                             version=data_cfg.version)
-    labels = np.asarray([dataset.labels(i)[0 if finetune_cfg.label == "shape" else 1]
-                         for i in range(len(dataset))], np.int64)
-    return (lambda indices: dataset.batch(indices)["image"]), labels
-  if data_cfg.source == "image_folder" and not finetune_cfg.eval_path:
-    raise ClmimError("config.finetune.eval_path is empty: with config.data.source="
-                     "'image_folder' name a folder of held-out images (the classes of "
-                     "config.data.path).")
-  images = open_images(data_cfg, path=finetune_cfg.eval_path, split=finetune_cfg.eval_split,
-                       crop_pct=finetune_cfg.eval_crop_pct)
-  labels = class_labels(images, "config.finetune")
-  if data_cfg.source == "image_folder":
-    from clmim.data.image_folder import class_names
-    trained = class_names(data_cfg.path)
-    if list(images.classes) != trained:
-      raise ClmimError(f"config.finetune.eval_path={finetune_cfg.eval_path!r} has classes "
-                       f"{list(images.classes)[:5]}...; expected those of config.data.path "
-                       f"({trained[:5]}...), in the same sorted order.")
-  if count:
-    labels = labels[:count]
-  return (lambda indices: np.stack([images.load(int(i)) for i in indices])), labels
+  return sources.of(data_cfg).held_out(data_cfg, finetune_cfg)

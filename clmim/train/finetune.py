@@ -87,7 +87,8 @@ def check_fields(cfg, source: str) -> None:
   """One line for a config.finetune field that cannot work."""
   if cfg.pool not in POOLS:
     raise ClmimError(f"config.finetune.pool={cfg.pool!r}: expected one of {POOLS}.")
-  labels = ("shape", "texture") if source == "synthetic" else ("label",)
+  from clmim.data import sources
+  labels = sources.get(source).LABELS
   if cfg.label not in labels:
     raise ClmimError(f"config.finetune.label={cfg.label!r}: with config.data.source="
                      f"{source!r} expected one of {labels}.")

@@ -24,8 +24,7 @@ from tqdm import tqdm
 
 from clmim import host_memory, preflight
 from clmim.atomic import write_json_atomic
-from clmim.data import train_data
-from clmim.data.synthetic import ShapesTextures, training_stream
+from clmim.data import sources, train_data
 from clmim.errors import ClmimError
 from clmim.checkpoints import native as export
 from clmim.models.vit import vit_fields
@@ -298,17 +297,14 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
   # --- Input pipeline: this process's rows of every step (clmim/data/train_data.py) --------
   data_cfg = config.data
   rows = train_data.local_rows(config.batch_size, jax.process_index(), jax.process_count())
-  if data_cfg.get("source", "synthetic") == "synthetic":
-    dataset = ShapesTextures(data_cfg.image_size, "train", data_cfg.num_train_images,
-                             data_cfg.seed, version=data_cfg.version)
-  else:  # opened (listed, indexed) now: a missing folder fails before anything compiles
-    dataset = train_data.open_images(data_cfg)
+  source = sources.of(data_cfg)
+  # Opened (listed, indexed) now: a missing folder fails before anything compiles.
+  dataset = source.training_images(data_cfg)
   writer = jax.process_index() == 0  # logs, the config record and the export: process 0 only
   # A supervised objective (fine-tuning) reads each batch's labels and is validated on held-out
   # images, opened here too: a missing or unlabelled set fails before anything is written.
   label_key = getattr(objective, "label_key", None)
-  labels = train_data.class_labels(dataset, "config.data") \
-      if label_key and not isinstance(dataset, ShapesTextures) else None
+  labels = source.training_labels(dataset, "config.data") if label_key else None
   evaluator = objective.evaluator(batch_sharding, replicated, rows) \
       if hasattr(objective, "evaluator") else None
   eval_every = int(config.finetune.eval_every) if evaluator is not None else 0
@@ -347,13 +343,7 @@ def train(config, workdir: str, invocation: dict | None = None) -> dict:
       f.writelines(json.dumps(r) + "\n" for r in kept)
   augment = config.get("augment", {})
   second_view = str(augment.get("second_view", ""))
-  if isinstance(dataset, ShapesTextures):
-    stream = training_stream(dataset, config.batch_size, start_step, second_view=second_view,
-                             workers=data_cfg.render_workers, rows=rows,
-                             ramp=tuple(augment.get("second_view_ramp", (0, 0))))
-  else:
-    stream = train_data.real_batches(dataset, config.batch_size, start_step, rows,
-                                     data_cfg.seed, data_cfg.read_threads, labels)
+  stream = source.training_batches(dataset, config, start_step, rows, labels)
   metrics, last_eval, started = {}, {}, time.time()
   # Wall time of earlier sessions of this run, so a resumed run reports its total cost.
   earlier_s = kept[-1].get("elapsed_s", 0.0) if kept else 0.0
