@@ -1,7 +1,6 @@
 """EvalPreprocess against a hand-written PIL pipeline (timm/torchvision eval semantics)."""
 import math
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -112,18 +111,3 @@ def test_bad_settings_raise_clmim_error_naming_the_field():
     pp.EvalPreprocess(16)(np.zeros((16, 16, 3)))
 
 
-def test_from_config():
-  cfg = ml_collections.ConfigDict(dict(image_size=24, crop_pct=0.9, interpolation="bicubic",
-                                       mean="half", std="half"))
-  p = pp.from_config(cfg)
-  assert (p.image_size, p.resize_to, p.interpolation) == (24, 26, "bicubic")
-  assert p.mean == pp.HALF and p.std == pp.HALF
-  cfg = ml_collections.ConfigDict(dict(image_size=24, crop_pct=0.875, interpolation="bilinear",
-                                       mean=(0.1, 0.2, 0.3), std="imagenet"))
-  p = pp.from_config(cfg)
-  assert p.mean == (0.1, 0.2, 0.3) and p.std == pp.IMAGENET_STD
-  cfg.interpolation = "lanczos"
-  with pytest.raises(ClmimError, match=r"config\.pp\.interpolation = 'lanczos'"):
-    pp.from_config(cfg, where="config.pp")
-  with pytest.raises(ClmimError, match="image_size"):
-    pp.from_config(ml_collections.ConfigDict(dict(crop_pct=0.9)))

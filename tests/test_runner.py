@@ -6,7 +6,7 @@ import pytest
 
 import analysis_testing
 
-from clmim.analysis import attention_distance, fourier, nmi, runner
+from clmim.analysis import attention_distance, core, fourier, nmi, runner
 from clmim.errors import ClmimError
 
 G, PATCH, DIM, HEADS, DEPTH, NUM_IMAGES = 4, 2, 8, 2, 2, 70
@@ -147,7 +147,7 @@ def test_errors(analyzer8, params, data):
 class _IndexProbe:
   """A minimal analysis module (the core protocol) that records which stream positions it saw
   and the first pixel of each: sums of one-hot rows, so each image must arrive exactly once."""
-  NAME, READS, OPTIONS, RESULTS = "index_probe", (), {"slots": NUM_IMAGES + 5}, ()
+  NAME, OPTIONS, RESULTS = "index_probe", {"slots": NUM_IMAGES + 5}, ()
 
   @staticmethod
   def partial_sums(batch, options):
@@ -236,3 +236,12 @@ def test_a_model_given_to_the_analyzer_is_checked_before_anything_compiles():
   assert analyzer.compilations == 0
   # Without a model the checks are the caller's, as before.
   runner.Analyzer(_toy_forward, [decoder], PATCH)
+
+
+def test_analyses_are_the_modules_that_declare_themselves():
+  """No list of helpers: a module of clmim/analysis/ is an analysis when its NAME is its file
+  name and it declares RESULTS."""
+  names = core.available()
+  assert {"nmi", "fourier", "token_norms", "probing"} <= set(names)
+  assert not {"core", "runner", "plots", "noise", "linear_probe", "bootstrap"} & set(names)
+  assert all(core.load(name).NAME == name for name in names)

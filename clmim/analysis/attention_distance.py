@@ -18,7 +18,6 @@ from clmim.analysis.common import grid_side, image_count, weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "attention_distance"
-READS = ("attn",)
 OPTIONS = {}
 
 _EPS = 1e-32

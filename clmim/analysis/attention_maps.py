@@ -159,7 +159,6 @@ def plot_query_attention(images, maps: dict, x: int, y: int, patch_size: int, pa
 # ---------------------------------------------------------------- the analysis module
 
 NAME = "attention_maps"
-READS = ("attn",)
 # The chosen images' maps are not resampled by the bootstrap (clmim.analysis.bootstrap).
 FIXED_SUMS = ("maps", "found", "pixels")
 OPTIONS = {"images": (0, 1, 2, 3), "queries": "centre_corner", "blocks": "last", "heads": 0}

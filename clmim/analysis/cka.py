@@ -49,7 +49,6 @@ from clmim.analysis import core, plots
 from clmim.errors import ClmimError
 
 NAME = "cka"
-READS = ("zs",)
 OPTIONS = {"features": "mean_tokens,cls", "stages": "all", "between_models": True,
            "mutual_knn_k": 10, "mutual_knn_images": 1000}
 KINDS = ("mean_tokens", "cls")

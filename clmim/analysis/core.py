@@ -4,7 +4,6 @@ Every analysis is one module `clmim/analysis/<name>.py` that says everything abo
 runner, the jobs, the summary, the figures and the report learn about it only through `load`:
 
   NAME = "<name>"              # the module's file name; what `config.analyses` lists
-  READS = ("attn", "zs")       # the states it reads (informational; jit prunes the rest)
   OPTIONS = {"key": default}   # its options (config.analysis_options.<name>.<key>), documented
                                #   in the module docstring; plain scalars, strings or tuples
   RESULTS = (Result(...), ...) # the keys it adds to results.json, with labels and layouts
@@ -53,9 +52,6 @@ import numpy as np
 
 from clmim.errors import ClmimError
 
-# Modules of clmim/analysis/ that are not analyses.
-_NOT_ANALYSES = {"core", "runner", "common", "plots", "linear_probe", "knn_probe", "noise",
-                 "bootstrap"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,10 +202,18 @@ def is_multi_pass(module) -> bool:
 
 
 def available() -> list[str]:
-  """Names of every analysis module in clmim/analysis/."""
+  """Names of every analysis module in clmim/analysis/: the modules that declare themselves
+  one (a NAME equal to the file's name, and RESULTS); helpers (runner, plots, probes, noise,
+  ...) declare neither."""
   import clmim.analysis as package
-  return sorted(m.name for m in pkgutil.iter_modules(package.__path__)
-                if m.name not in _NOT_ANALYSES and not m.name.startswith("_"))
+  names = []
+  for info in pkgutil.iter_modules(package.__path__):
+    if info.name.startswith("_"):
+      continue
+    module = importlib.import_module(f"clmim.analysis.{info.name}")
+    if getattr(module, "NAME", None) == info.name and hasattr(module, "RESULTS"):
+      names.append(info.name)
+  return sorted(names)
 
 
 def load(name: str):

@@ -51,7 +51,6 @@ from clmim.analysis.common import image_count, weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "decoder"
-READS = ("zs", "decoder_zs", "decoder_attns")
 OPTIONS = {"input": "masked", "mask_ratio": 0.0, "mask_patch": 0, "mask_seed": 0}
 INPUTS = ("masked", "unmasked")
 

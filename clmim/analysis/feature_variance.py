@@ -25,7 +25,6 @@ from clmim.analysis.common import image_count, weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "feature_variance"
-READS = ("zs",)
 OPTIONS = {"normalize": False}
 
 

@@ -30,7 +30,6 @@ from clmim.analysis.common import grid_side, image_count, weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "fourier"
-READS = ("zs",)
 OPTIONS = {}
 RESULTS = (
     core.Result(key="fourier", label="high-frequency ΔlogA", layout="[stage][frequency]",

@@ -31,7 +31,6 @@ from clmim.analysis.common import image_count, weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "homogeneity"
-READS = ("attn", "zs")
 OPTIONS = {}
 
 

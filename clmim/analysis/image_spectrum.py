@@ -31,7 +31,6 @@ from clmim.analysis.common import image_count, weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "image_spectrum"
-READS = ("zs",)
 OPTIONS = {"max_rank": 32}
 BOOTSTRAP = False
 

@@ -26,7 +26,6 @@ from clmim.analysis.common import image_count, weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "nmi"
-READS = ("attn",)
 OPTIONS = {}
 RESULTS = (
     core.Result(key="nmi", label="NMI", layout="[block][head]", reference=0.0,

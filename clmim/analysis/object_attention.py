@@ -35,7 +35,6 @@ from clmim.analysis import core
 from clmim.errors import ClmimError
 
 NAME = "object_attention"
-READS = ("attns",)
 OPTIONS = {"threshold": 0.5}
 
 

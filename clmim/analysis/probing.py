@@ -56,7 +56,6 @@ from clmim.analysis import linear_probe as lp
 from clmim.errors import ClmimError
 
 NAME = "probing"
-READS = ("zs",)
 OPTIONS = {"features": "cls,mean_tokens", "holdout_fraction": 0.1,
            "ridge_grid": lp.DEFAULT_RIDGE_GRID, "cue_conflict": True, **knn_probe.OPTIONS}
 KINDS = ("cls", "mean_tokens")

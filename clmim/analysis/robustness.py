@@ -46,7 +46,6 @@ from clmim.analysis import noise
 from clmim.errors import ClmimError
 
 NAME = "robustness"
-READS = ("zs",)
 OPTIONS = {"target": "auto", "block": -1, "feature": "mean_tokens",
            "bands": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), "band_width": 0.1,
            "band_rms": 0.1, "white_rms": (0.02, 0.05, 0.1, 0.2), "seed": 0,

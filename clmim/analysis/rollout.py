@@ -41,7 +41,6 @@ from clmim.analysis.common import grid_side, image_count, weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "rollout"
-READS = ("attn",)
 # The chosen images' maps are not resampled by the bootstrap (clmim.analysis.bootstrap).
 FIXED_SUMS = ("map_sum", "map_count", "pixel_sum")
 OPTIONS = {"images": (0, 1, 2, 3)}

@@ -39,7 +39,6 @@ from clmim.analysis.common import image_count, weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "svd"
-READS = ("zs",)
 # The chosen images' tokens are not resampled by the bootstrap (clmim.analysis.bootstrap).
 FIXED_SUMS = ("before", "after", "found")
 OPTIONS = {"max_rank": 32, "images": (0,), "block": "last", "centre": True, "method": "exact"}

@@ -30,7 +30,6 @@ from clmim.analysis.common import image_count, weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "token_norms"
-READS = ("zs", "attns")
 OPTIONS = {"ratio": 4.0}
 
 

@@ -33,7 +33,6 @@ from clmim.analysis import core, plots
 from clmim.errors import ClmimError
 
 NAME = "tsne"
-READS = ("zs",)
 # Its statistics are computed on a few chosen images, not averaged over the stream: no
 # bootstrap interval over images (clmim.analysis.bootstrap).
 BOOTSTRAP = False

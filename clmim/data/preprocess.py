@@ -187,23 +187,3 @@ class EvalPreprocess:
   def __repr__(self):
     return (f"EvalPreprocess(image_size={self.image_size}, resize_to={self.resize_to}, "
             f"interpolation={self.interpolation!r}, mean={self.mean}, std={self.std})")
-
-
-def from_config(cfg, where: str = "config") -> EvalPreprocess:
-  """Builds an `EvalPreprocess` from a ConfigDict (or dict).
-
-  Fields: image_size (required), crop_pct (default 0.875), interpolation ('bilinear' default),
-  mean/std ('imagenet' default, 'half', or three numbers), resize_shorter (optional, overrides
-  crop_pct). `where` is the config path used in error messages, e.g. "config.data.pp".
-  """
-  get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
-  if get("image_size", None) is None:
-    raise ClmimError(f"{where}.image_size is missing: expected a positive integer.")
-  return EvalPreprocess(
-      image_size=get("image_size"),
-      crop_pct=get("crop_pct", 0.875),
-      interpolation=get("interpolation", "bilinear"),
-      mean=get("mean", "imagenet"),
-      std=get("std", "imagenet"),
-      resize_shorter=get("resize_shorter", None),
-      where=where)

@@ -26,7 +26,7 @@ from clmim import host_memory, preflight
 from clmim.atomic import write_json_atomic
 from clmim.data import sources, train_data
 from clmim.errors import ClmimError
-from clmim.checkpoints import native as export
+from clmim.checkpoints import native as export  # clmim's own checkpoint format
 from clmim.models.vit import vit_fields
 from clmim.train import tensorboard
 
@@ -130,13 +130,13 @@ def initial_encoder(config, objective):
   spec = str(config.get("init_encoder", "") or "")
   if not spec:
     return None
-  from clmim.checkpoints import native, registry  # loads checkpoints: only when asked for
+  from clmim.checkpoints import registry  # loads checkpoints: only when asked for
   size = config.data.image_size
   expected = jax.eval_shape(
       lambda: objective.encoder.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))
   try:  # an objective that needed the checkpoint's architecture has resolved it already
     model = getattr(objective, "pretrained", None) or registry.resolve(spec)
-    native.check_params(expected["params"], model.params, spec)
+    export.check_params(expected["params"], model.params, spec)
   except ClmimError as e:
     raise ClmimError(f"config.init_encoder={spec!r} cannot start this config.model: {e}") from None
   return jax.tree.map(jnp.asarray, model.params)
