@@ -92,11 +92,6 @@ def initialize_distributed():
                      "CLMIM_NUM_PROCESSES and CLMIM_PROCESS_ID.") from e
 
 
-# The modes that run a training step thousands of times, and so choose the host allocator
-# (clmim/host_memory.py).
-TRAINING_MODES = ("pretrain", "finetune", "sweep")
-
-
 def default_workdir(config) -> str:
   name = config.get("name", "run")
   return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -110,28 +105,14 @@ def run(config, workdir: str, invocation: dict | None = None):
   `invocation` (command line, overrides, workdir) is recorded in what the run writes.
   """
   from clmim import preflight
+  from clmim.jobs import JOBS
   mode = preflight.check_mode(config)  # each job runs the rest of preflight.check_run first
-  if mode in TRAINING_MODES:
+  if JOBS[mode].training:
     from clmim import host_memory  # before JAX starts: see clmim/host_memory.py
     host_memory.keep_freed_memory()
   enable_compilation_cache(config.get("compilation_cache", ""))
   invocation = invocation or {"command": None, "overrides": [], "workdir": workdir}
-  if mode in ("pretrain", "finetune"):
-    from clmim.train import trainer
-    return trainer.train(config, workdir, invocation)
-  if mode == "export":
-    from clmim.train import trainer
-    out = trainer.export_checkpoint(config, workdir, invocation=invocation)
-    print(f"Exported the encoder of the latest checkpoint in {workdir} to {out}")
-    return out
-  if mode == "snapshots":
-    from clmim.jobs import snapshots
-    return snapshots.run(config, workdir)
-  if mode == "sweep":
-    from clmim.jobs import sweep
-    return sweep.run(config, workdir, invocation)
-  from clmim.jobs import analyze
-  return analyze.run(config, workdir, invocation)
+  return JOBS[mode].run(config, workdir, invocation)
 
 
 def enable_compilation_cache(folder: str) -> None:
@@ -246,7 +227,8 @@ def main(argv):
   if _PRINT_CONFIG.value:
     print(config_text(config), end="")
     return
-  if config.get("mode") in TRAINING_MODES:
+  from clmim.jobs import JOBS  # the table only: nothing heavy is imported
+  if config.get("mode") in JOBS and JOBS[config.get("mode")].training:
     from clmim import host_memory  # before anything is printed or started: it may restart us
     host_memory.run_with_tcmalloc()
   if not _VERBOSE.value:

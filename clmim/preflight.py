@@ -16,11 +16,12 @@ import re
 import sys
 import tempfile
 
+from clmim import jobs
 from clmim.errors import ClmimError
 
-ANALYSIS_MODES = ("analyze",)
-PRETRAINING_MODES = ("pretrain", "finetune", "export", "snapshots", "sweep")
-MODES = ANALYSIS_MODES + PRETRAINING_MODES
+ANALYSIS_MODES = jobs.modes("analysis")  # the modes and their kinds: clmim/jobs/__init__.py
+PRETRAINING_MODES = jobs.modes("pretraining")
+MODES = jobs.MODES
 CONFIG_RECORD = "config.json"  # a pretraining workdir's config, for resume checks
 # Sections and fields of a pretraining config that fix the model, the objective or the data:
 # resuming a workdir with other values would continue a different run (or fail inside orbax).
@@ -54,8 +55,9 @@ def check_mode(config) -> str:
   allowed = ANALYSIS_MODES if kind == "analysis" else PRETRAINING_MODES
   if mode not in MODES:
     raise ClmimError(f"config.mode={mode!r}: expected one of {', '.join(MODES)}.")
-  if kind == "pretraining" and mode in ("pretrain", "finetune", "sweep") and \
-      (mode == "finetune") != (config.get("objective") == "finetune"):
+  finetuning = jobs.JOBS[mode].finetuning
+  if kind == "pretraining" and finetuning is not None and \
+      finetuning != (config.get("objective") == "finetune"):
     raise ClmimError(f"config.mode={mode!r} with config.objective={config.get('objective')!r}: "
                      f"fine-tuning is mode 'finetune' with objective 'finetune' "
                      f"(configs/finetune.py), pretraining mode 'pretrain' with any other.")
@@ -285,7 +287,8 @@ def check_run_kind(mode: str, workdir: str) -> None:
   checkpoints, metrics.jsonl). Neither would overwrite the other's files, but a folder mixing
   two runs' outputs reads as one run. A workdir that already holds both (made before this
   check) is used as before, with a one-line warning."""
-  if mode not in ("analyze", "pretrain", "finetune") or not os.path.isdir(workdir):
+  writes = jobs.JOBS[mode].writes
+  if writes is None or not os.path.isdir(workdir):
     return
   analysis = os.path.isfile(os.path.join(workdir, ANALYSIS_RECORD))
   training = training_marks(workdir)
@@ -293,12 +296,12 @@ def check_run_kind(mode: str, workdir: str) -> None:
     _warn(f"--workdir {workdir} holds both an analysis run ({ANALYSIS_RECORD}) and a training "
           f"run ({', '.join(training)}); going on, but one --workdir per run keeps their "
           f"outputs apart.")
-  elif analysis and mode != "analyze":
+  elif analysis and writes == "training":
     raise ClmimError(f"--workdir {workdir} holds an analysis run ({ANALYSIS_RECORD}); a "
                      f"{'fine-tuning' if mode == 'finetune' else 'training'} run needs a "
                      f"folder of its own: choose a new --workdir, e.g. "
                      f"{os.path.join(workdir, mode)}.")
-  elif training and mode == "analyze":
+  elif training and writes == "analysis":
     raise ClmimError(f"--workdir {workdir} holds a training run ({', '.join(training)}); an "
                      f"analysis run needs a folder of its own: choose a new --workdir, e.g. "
                      f"{os.path.join(workdir, 'analysis')} (the run's encoder to analyse: "
@@ -316,16 +319,17 @@ def check_run(config, workdir: str, devices: int) -> str:
   """Everything `clmim.main` checks before a job starts; returns the mode."""
   mode = check_mode(config)
   check_fields(config, mode, devices)
-  check_workdir(workdir, must_exist=mode in ("export", "snapshots"))
+  job = jobs.JOBS[mode]
+  check_workdir(workdir, must_exist=job.reads_run)
   check_run_kind(mode, workdir)
   if mode in PRETRAINING_MODES and mode != "sweep":  # a sweep checks each λ's own folder
     check_resume(config, workdir)
-  if mode == "analyze" and os.path.exists(os.path.join(workdir, "results.json")) \
+  if job.writes == "analysis" and os.path.exists(os.path.join(workdir, "results.json")) \
       and not config.overwrite:
     raise ClmimError(f"--workdir {workdir} already holds an analysis run (results.json); "
                      f"choose a new --workdir, or add --config.overwrite=True to replace that "
                      f"run's outputs.")
-  if mode in ("export", "snapshots") and not checkpoint_steps(workdir):
+  if job.reads_run and not checkpoint_steps(workdir):
     raise ClmimError(f"--workdir {workdir}: no checkpoints in {workdir}/checkpoints to "
                      f"{'export' if mode == 'export' else 'analyse'} (train first with "
                      f"--config.mode=pretrain).")

@@ -49,7 +49,7 @@ def curves(modules) -> list:
   return [r for m in modules for r in m.RESULTS if r.series is not None]
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, invocation: dict | None = None) -> dict:
   """Analyses every kept checkpoint of `workdir`; returns the snapshots dict."""
   preflight.check_run(config, workdir, jax.device_count())
   steps = preflight.checkpoint_steps(workdir)  # looked up first: orbax would create the folder
