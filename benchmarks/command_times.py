@@ -7,7 +7,7 @@ own cache instead) and a temporary workdir. Measured per command: wall seconds, 
 resident memory of the process tree's largest process (`os.wait4`'s rusage), its exit status,
 and for the test tiers the summary line pytest printed.
 
-  python benchmarks/command_times.py [--runs nmi,all,paper] [--tests quick,full] [--warm]
+  python benchmarks/command_times.py [--runs nmi,analyze,paper] [--tests quick,full] [--warm]
 
 `--runs` names analysis configs (`configs/<name>.py`, or `<name>:<variant>`); `--tests` names tiers:
 `quick` is `python -m pytest -q -n 2 -m "not slow" tests`, `full` the README's (and CI's)
@@ -48,7 +48,7 @@ def timed(arguments, env):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--runs", default="nmi,all,paper",
+  parser.add_argument("--runs", default="nmi,analyze,paper",
                       help="analysis configs to run (configs/<name>.py[:variant]), comma-separated")
   parser.add_argument("--tests", default="",
                       help="test tiers to time: quick, full (comma-separated; default none)")

@@ -4,8 +4,8 @@ r"""clmim's command-line entry point.
 
 The config file's `get_config(arg)` returns a locked ConfigDict (`--config file.py:arg` picks a
 variant such as `runlocal`); `config.mode` selects what runs:
-  analyze    the analyses of an analysis config (configs/nmi.py, attention_distance.py,
-             fourier.py, all.py): results.json, figures and a summary in the workdir;
+  analyze    the analyses of an analysis config (configs/nmi.py, analyze.py:<analyses>,
+             paper.py, ...): results.json, figures and a summary in the workdir;
   pretrain   a pretraining config (configs/pretrain_*.py): trains, resuming from the workdir;
   finetune   configs/finetune.py: supervised fine-tuning of a pretrained encoder, resuming from
              the workdir, validated on held-out images;

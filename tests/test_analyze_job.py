@@ -11,7 +11,7 @@ from clmim.analysis import attention_distance, fourier, nmi
 from clmim.jobs import analyze, report, verdicts
 from clmim.errors import ClmimError
 from tiny_checkpoints import save_random_checkpoint
-from configs import all as all_config
+from configs import analyze as all_config
 from configs import pretrain_moco_v3, pretrain_simmim
 
 

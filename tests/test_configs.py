@@ -182,3 +182,16 @@ def test_vitb16_variants_are_the_official_recipes(name):
   importlib.import_module(f"clmim.train.{config.objective}").Objective(config)
   preflight.check_fields(config, "pretrain", 8)
   assert "Departures" in importlib.import_module(f"configs.{name}").__doc__
+
+
+def test_analyze_takes_its_analyses_and_variant_from_the_argument():
+  from configs import analyze
+  config = analyze.get_config("")
+  assert config.analyses == "attention_distance,nmi,fourier" and config.name == "analyze"
+  one = analyze.get_config("fourier:runlocal")
+  assert one.analyses == "fourier" and one.name == "fourier"
+  assert one.data.num_images == analyze.get_config("runlocal").data.num_images < \
+      config.data.num_images
+  assert analyze.get_config("runlocal:nmi,svd").analyses == "nmi,svd"
+  with pytest.raises(ValueError, match="two lists of analyses"):
+    analyze.get_config("nmi:svd")

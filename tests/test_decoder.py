@@ -19,7 +19,7 @@ from clmim.models import heads, masking
 from clmim.models.vit import vit_fields
 from clmim.train import trainer
 from clmim.train.common import build_encoder
-from configs import all as all_config
+from configs import analyze as all_config
 from configs import pretrain_mae, pretrain_simmim
 
 torch = pytest.importorskip("torch")

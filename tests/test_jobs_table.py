@@ -3,7 +3,7 @@ import pytest
 
 from clmim import jobs, main, preflight
 from clmim.errors import ClmimError
-from configs import all as all_config
+from configs import analyze as all_config
 
 CALLS = []
 

@@ -9,7 +9,7 @@ from clmim.errors import ClmimError
 from clmim.jobs import analyze
 from clmim.models.vit import build_vit
 from clmim.train import mae, trainer
-from configs import all as all_config
+from configs import analyze as all_config
 from configs import pretrain_mae
 
 

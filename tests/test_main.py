@@ -22,7 +22,7 @@ from clmim import main as clmim_main
 from config_fields import set_fields
 from refusals import refused
 from tiny_checkpoints import save_random_checkpoint
-from configs import attention_distance, nmi, pretrain_moco_v3, pretrain_simmim
+from configs import analyze, nmi, pretrain_moco_v3, pretrain_simmim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +49,7 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.slow
 def test_analysis_run_writes_results_figures_and_summary(checkpoints, tmp_path):
   workdir = tmp_path / "out"
-  result = _cli("--config", "configs/all.py:runlocal", f"--config.models={','.join(checkpoints)}",
+  result = _cli("--config", "configs/analyze.py:runlocal", f"--config.models={','.join(checkpoints)}",
                 "--config.include_untrained=True", "--config.batch_size=16",
                 f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
@@ -91,7 +91,7 @@ def _manifest_name(path) -> str:
 def results_run_recorded(workdir):
   """results.json records the real command line, its overrides and the workdir."""
   run = json.load(open(workdir / "results.json"))["run"]
-  return (run["command"].startswith("python -m clmim.main --config configs/all.py:runlocal")
+  return (run["command"].startswith("python -m clmim.main --config configs/analyze.py:runlocal")
           and "--config.batch_size=16" in run["overrides"] and run["workdir"] == str(workdir))
 
 
@@ -264,7 +264,7 @@ def test_image_folder_runs(checkpoints, tmp_path):
       pixels = np.random.default_rng(i).integers(0, 255, (60, 45, 3), dtype=np.uint8)
       Image.fromarray(pixels).save(folder / f"{i}.jpg")
   workdir = tmp_path / "out"
-  config = set_fields(attention_distance.get_config("runlocal"), {
+  config = set_fields(analyze.get_config("attention_distance:runlocal"), {
       "models": checkpoints[1], "data.source": "image_folder",
       "data.path": str(tmp_path / "data"), "data.num_images": 0, "progress": False})
   clmim_main.run(config, str(workdir))

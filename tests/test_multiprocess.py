@@ -23,7 +23,7 @@ from clmim.data.eval_data import EvalImages
 from clmim.models.vit import build_vit, forward_with_states
 from config_fields import set_fields
 from tiny_checkpoints import save_random_checkpoint
-from configs import all as all_config
+from configs import analyze as all_config
 from configs import pretrain_moco_v3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,7 +144,7 @@ def test_two_processes_match_one(checkpoint, folder, tmp_path):
   config = _config(checkpoint, folder)
   want = analyze.run(config, str(tmp_path / "one"))  # this process: 8 devices
   outputs = _two_processes(lambda pid: [
-      "--config", "configs/all.py:runlocal", f"--config.models={checkpoint}",
+      "--config", "configs/analyze.py:runlocal", f"--config.models={checkpoint}",
       "--config.batch_size=16", "--config.progress=False", "--config.data.source=image_folder",
       f"--config.data.path={folder}", "--config.data.num_images=0",
       f"--workdir={tmp_path / f'process_{pid}'}"])

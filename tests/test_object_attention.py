@@ -8,7 +8,7 @@ from clmim.analysis import core, object_attention
 from clmim.data.synthetic import ShapesTextures
 from clmim.errors import ClmimError
 from clmim.jobs import analyze
-from configs import all as all_config
+from configs import analyze as all_config
 
 
 def _sums(attns, masks, weights=None):

@@ -218,7 +218,7 @@ def test_command_line_prints_one_line_and_exits_1():
   """The format every refusal above has on the command line: `clmim.main` prints the ClmimError
   that `run` raises as one line, exit status 1, no traceback (one command shows it; each more
   would cost ~2 s of imports to show the same lines of clmim/main.py again)."""
-  result = _cli("--config", "configs/all.py:runlocal", "--workdir", "/proc/clmim-x")
+  result = _cli("--config", "configs/analyze.py:runlocal", "--workdir", "/proc/clmim-x")
   assert result.returncode == 1
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(

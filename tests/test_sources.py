@@ -11,7 +11,7 @@ from clmim.data import sources
 from clmim.errors import ClmimError
 from clmim.jobs import analyze
 from clmim.train import trainer
-from configs import all as all_config
+from configs import analyze as all_config
 from configs import pretrain_simmim
 
 

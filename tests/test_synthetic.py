@@ -228,7 +228,7 @@ def test_bad_arguments(kwargs, match):
 
 def test_analysis_data_follows_the_version_field():
   from clmim.data.eval_data import EvalImages
-  from configs import all as all_config
+  from configs import analyze as all_config
   data_cfg = all_config.get_config("runlocal").data
   data_cfg.version = 2
   images = EvalImages(data_cfg, {"image_size": 32}, num_images=3)

@@ -17,7 +17,7 @@ from clmim.data.preprocess import EvalPreprocess  # noqa: E402
 from clmim.data.tfds_source import TfdsImages  # noqa: E402
 from clmim.errors import ClmimError  # noqa: E402
 from tiny_checkpoints import save_random_checkpoint
-from configs import all as all_config  # noqa: E402
+from configs import analyze as all_config  # noqa: E402
 from configs import pretrain_simmim  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
