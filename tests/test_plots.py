@@ -111,7 +111,7 @@ def test_bad_results_raise_clmim_error(tmp_path):
   with pytest.raises(ClmimError, match="nmi"):
     plots.curve_figure({"models": {}}, nmi.RESULTS[0])
   with pytest.raises(ClmimError, match=r"\['m'\]\['fourier'\]"):
-    plots.fourier_figure({"models": {"m": {"fourier": [[1.0, 2.0], [3.0]]}}})
+    fourier.figures({"models": {"m": {"fourier": [[1.0, 2.0], [3.0]]}}}, {})
   assert os.listdir(tmp_path) == []
 
 

@@ -292,7 +292,7 @@ def finalize(sums, options) -> dict:
   return out
 
 
-def _models_with(results, key):
+def models_with(results, key):
   return [n for n, v in (results.get("models") or {}).items()
           if isinstance(v, dict) and v.get(key) is not None and len(v[key]) > 0]
 
@@ -300,9 +300,9 @@ def _models_with(results, key):
 def figures(results, options) -> dict:
   """cka.png: one heatmap per model and feature kind (the shared depth-curve figure draws
   cka_adjacent.png)."""
-  kinds = [k for k in KINDS if _models_with(results, f"cka_{k}")]
+  kinds = [k for k in KINDS if models_with(results, f"cka_{k}")]
   names = [n for n in (results.get("models") or {}) if any(
-      n in _models_with(results, f"cka_{k}") for k in kinds)]
+      n in models_with(results, f"cka_{k}") for k in kinds)]
   if not names:
     return {}
   styles = plots.model_styles(results, names)

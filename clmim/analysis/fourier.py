@@ -21,6 +21,8 @@ checkerboard puts all its energy -- wraps to index 0 after the roll, so it is no
 reported curve. Odd grids have no Nyquist bin; there the last value, k = g//2, is the highest
 diagonal frequency the grid has.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,6 +117,49 @@ def finalize(total_sums, options):
 def figures(results: dict, options: dict) -> dict:
   """The paper's two panels: ΔlogA at the highest frequency vs depth, and the last stage's
   full curve over frequency (every model side by side)."""
-  from clmim.analysis import plots  # matplotlib only when figures are drawn
   del options
-  return {"fourier.png": plots.fourier_figure(results)}
+  return {"fourier.png": _figure(results)}
+
+
+def _figure(results: dict):
+  """Two panels: ΔlogA at the highest frequency vs depth 0..L, and the last stage's full curve.
+
+  `results["models"][name]["fourier"]` holds one row per stage (embedding output, then each
+  block's output) of ΔlogA along the half-diagonal of the centred spectrum, DC first. Entry k
+  sits at normalised frequency 2πk/g for a g x g token grid (g from model_info; odd grids end
+  just below π).
+  """
+  from matplotlib.figure import Figure  # matplotlib only when figures are drawn
+  from matplotlib.ticker import MaxNLocator
+
+  from clmim.analysis import plots
+  names = plots.models_with(results, "fourier")
+  if not names:
+    raise ClmimError("results has no model with values for 'fourier': nothing to plot.")
+  styles = plots.model_styles(results, names)
+  fig = Figure(figsize=(10.4, 3.8))
+  ax_depth, ax_freq = fig.subplots(1, 2)
+  for name in names:
+    rows, style = plots.stage_rows(results, name), styles[name]
+    kw = dict(color=style["color"], linestyle=style["linestyle"], label=style["label"])
+    ax_depth.plot(np.arange(rows.shape[0]), rows[:, -1], marker="o", markersize=3.5,
+                  linewidth=1.8, **kw)
+    band = plots.interval_band(results, name, "fourier", rows.shape[0])
+    if band is not None:
+      ax_depth.fill_between(np.arange(rows.shape[0]), *band, color=style["color"], alpha=0.18,
+                            linewidth=0)
+    # Entry k is the spatial frequency 2πk/g of the g x g token grid (π = Nyquist); g from the
+    # model's record, else the even grid that gives this many entries.
+    info = results.get("model_info", {}).get(name, {})
+    grid = (info.get("image_size", 0) // info.get("patch_size", 1)) or 2 * rows.shape[1]
+    freqs = 2 * math.pi * np.arange(rows.shape[1]) / grid
+    ax_freq.plot(freqs, rows[-1], linewidth=1.8, **kw)
+  ax_depth.xaxis.set_major_locator(MaxNLocator(integer=True))
+  plots.finish_axes(ax_depth, "Depth", "ΔLog amplitude (highest frequency)",
+               "High-frequency amplitude vs depth", legend=False)
+  ax_freq.set_xlim(0, math.pi)
+  ax_freq.set_xticks([0, math.pi / 2, math.pi], ["0", "π/2", "π"])
+  plots.finish_axes(ax_freq, "Frequency", "ΔLog amplitude", "Last stage: ΔLog amplitude")
+  fig.tight_layout()
+  return fig
+

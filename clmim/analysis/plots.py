@@ -15,7 +15,6 @@ value drawn, with a colourbar that names the quantity and marks uniform attentio
 a near-uniform map looks flat beside a focused one; the input images come from results.json as
 pooled thumbnails of the model's normalised input (`thumbnails`, `display_images`).
 """
-import math
 import os
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -72,7 +71,7 @@ def model_styles(results: dict, names: Sequence[str]) -> Dict[str, dict]:
   return styles
 
 
-def _models_with(results: dict, key: str) -> List[str]:
+def models_with(results: dict, key: str) -> List[str]:
   """Names of the models whose entry has non-empty values under `key`, in results order."""
   models = results.get("models", {}) or {}
   return [n for n, v in models.items() if isinstance(v, dict) and v.get(key) is not None
@@ -89,7 +88,7 @@ def _per_layer(results: dict, name: str, key: str) -> List[np.ndarray]:
                      f"numbers or lists of per-head numbers ({e}).") from e
 
 
-def _stage_rows(results: dict, name: str) -> np.ndarray:
+def stage_rows(results: dict, name: str) -> np.ndarray:
   """ΔlogA of one model as an array [stages, frequencies]."""
   try:
     rows = np.asarray(results["models"][name]["fourier"], np.float64)
@@ -160,7 +159,7 @@ def curve_figure(results: dict, result) -> Figure:
   the run has one, the reference (if any) dotted."""
   from clmim.analysis import core
   key = result.key
-  names = _models_with(results, key)
+  names = models_with(results, key)
   if not names:
     raise ClmimError(f"results has no model with values for {key!r}: nothing to plot.")
   styles = model_styles(results, names)
@@ -204,45 +203,6 @@ def curve_figure(results: dict, result) -> Figure:
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   finish_axes(ax, "Depth" + (" (0 = embedding)" if result.x == "stage" else ""), result.label,
                result.title or result.label)
-  return fig
-
-
-def fourier_figure(results: dict) -> Figure:
-  """Two panels: ΔlogA at the highest frequency vs depth 0..L, and the last stage's full curve.
-
-  `results["models"][name]["fourier"]` holds one row per stage (embedding output, then each
-  block's output) of ΔlogA along the half-diagonal of the centred spectrum, DC first. Entry k
-  sits at normalised frequency 2πk/g for a g x g token grid (g from model_info; odd grids end
-  just below π).
-  """
-  names = _models_with(results, "fourier")
-  if not names:
-    raise ClmimError("results has no model with values for 'fourier': nothing to plot.")
-  styles = model_styles(results, names)
-  fig = Figure(figsize=(10.4, 3.8))
-  ax_depth, ax_freq = fig.subplots(1, 2)
-  for name in names:
-    rows, style = _stage_rows(results, name), styles[name]
-    kw = dict(color=style["color"], linestyle=style["linestyle"], label=style["label"])
-    ax_depth.plot(np.arange(rows.shape[0]), rows[:, -1], marker="o", markersize=3.5,
-                  linewidth=1.8, **kw)
-    band = interval_band(results, name, "fourier", rows.shape[0])
-    if band is not None:
-      ax_depth.fill_between(np.arange(rows.shape[0]), *band, color=style["color"], alpha=0.18,
-                            linewidth=0)
-    # Entry k is the spatial frequency 2πk/g of the g x g token grid (π = Nyquist); g from the
-    # model's record, else the even grid that gives this many entries.
-    info = results.get("model_info", {}).get(name, {})
-    grid = (info.get("image_size", 0) // info.get("patch_size", 1)) or 2 * rows.shape[1]
-    freqs = 2 * math.pi * np.arange(rows.shape[1]) / grid
-    ax_freq.plot(freqs, rows[-1], linewidth=1.8, **kw)
-  ax_depth.xaxis.set_major_locator(MaxNLocator(integer=True))
-  finish_axes(ax_depth, "Depth", "ΔLog amplitude (highest frequency)",
-               "High-frequency amplitude vs depth", legend=False)
-  ax_freq.set_xlim(0, math.pi)
-  ax_freq.set_xticks([0, math.pi / 2, math.pi], ["0", "π/2", "π"])
-  finish_axes(ax_freq, "Frequency", "ΔLog amplitude", "Last stage: ΔLog amplitude")
-  fig.tight_layout()
   return fig
 
 
@@ -345,7 +305,7 @@ def analysis_figures(results: dict, module, options: dict) -> Dict[str, Figure]:
   series over blocks or stages and values in `results` ("<key>.png"), plus the module's own
   `figures`, which replace a curve figure of the same name (e.g. fourier.png's two panels)."""
   out = {f"{r.key}.png": curve_figure(results, r) for r in module.RESULTS
-         if r.series is not None and r.x in ("block", "stage") and _models_with(results, r.key)}
+         if r.series is not None and r.x in ("block", "stage") and models_with(results, r.key)}
   if hasattr(module, "figures"):
     out.update(module.figures(results, options))
   return out

@@ -68,7 +68,7 @@ def _as_curve(values):
   return np.asarray(values, np.float64).tolist()
 
 
-def _models_with(results, key):
+def models_with(results, key):
   return [n for n, v in (results.get("models") or {}).items()
           if isinstance(v, dict) and v.get(key) is not None and len(v[key]) > 0]
 
@@ -257,7 +257,7 @@ def figures(results, options) -> dict:
   that says which colour is which image (its stream position); the shared depth-curve figure
   draws tsne_knn_image_accuracy.png."""
   del options
-  names = _models_with(results, "tsne_embedding")
+  names = models_with(results, "tsne_embedding")
   if not names:
     return {}
   styles = plots.model_styles(results, names)
