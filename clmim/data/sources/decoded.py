@@ -64,3 +64,14 @@ def texture_class(path: str, classes: Sequence[str], root: str) -> int:
 def describe(what: str, subsampled: str, positions, request, transform) -> str:
   return (f"{what}{subsampled}, {len(positions)} images, {request.size} px "
           f"{transform.interpolation} resize to {transform.resize_to}")
+
+
+def probe_evaluation(pairing: str) -> dict:
+  """The probes are tested on config.data's own stream (no pairing: the labels are files')."""
+  del pairing
+  return {}
+
+
+def cue_conflict(data_cfg):
+  """None: the cue-conflict images are a folder of their own (data.cue_conflict_path)."""
+  del data_cfg

@@ -97,11 +97,5 @@ def probe_training(data_cfg, pairing: str) -> dict:
   return {"split": data_cfg.train_split, "num_images": int(data_cfg.num_train_images)}
 
 
-def probe_evaluation(pairing: str) -> dict:
-  del pairing
-  return {}
-
-
-def cue_conflict(data_cfg):
-  """None: the cue-conflict images are a folder of their own (data.cue_conflict_path)."""
-  del data_cfg
+probe_evaluation = decoded.probe_evaluation
+cue_conflict = decoded.cue_conflict
