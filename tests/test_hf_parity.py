@@ -86,7 +86,8 @@ CASES = ["dinov2_registers", "dinov2_swiglu", "clip", "siglip", "mae", "ijepa", 
 
 
 @pytest.mark.parametrize("kind", CASES)
-@pytest.mark.parametrize("image_size", [28, 42])
+# The resampled grid in the full tier: the quick tier keeps the native one of every case.
+@pytest.mark.parametrize("image_size", [28, pytest.param(42, marks=pytest.mark.slow)])
 def test_every_state_and_attention_matches_transformers(tmp_path, kind, image_size):
   model = _build(kind)
   path = _save(model, tmp_path, kind)

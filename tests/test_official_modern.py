@@ -89,9 +89,10 @@ def _dinov2_official(model, chunks=0):
   return out
 
 
-@pytest.mark.parametrize("arch,chunks", [("vit_small_patch14_reg4_dinov2", 0),
-                                         ("vit_small_patch14_dinov2", 1),
-                                         ("vit_giant_patch14_dinov2", 0)])
+@pytest.mark.parametrize("arch,chunks", [
+    ("vit_small_patch14_reg4_dinov2", 0),
+    pytest.param("vit_small_patch14_dinov2", 1, marks=pytest.mark.slow),
+    pytest.param("vit_giant_patch14_dinov2", 0, marks=pytest.mark.slow)])
 def test_dinov2_official_file(tmp_path, arch, chunks):
   model = _timm(arch)
   official = _dinov2_official(model, chunks)
@@ -131,7 +132,8 @@ def test_dinov2_resamples_as_its_own_code(tmp_path, arch):
 
 # --- iBOT and I-JEPA ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("container", ["state_dict", "teacher"])
+@pytest.mark.parametrize("container", ["state_dict",
+                                       pytest.param("teacher", marks=pytest.mark.slow)])
 def test_ibot_official_file(tmp_path, container):
   model = _timm("vit_small_patch16_224")
   sd = model.state_dict()
@@ -284,7 +286,7 @@ def _siglip_npz(tmp_path, scanned):
   return model, path
 
 
-@pytest.mark.parametrize("scanned", [False, True])
+@pytest.mark.parametrize("scanned", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_siglip_big_vision_npz(tmp_path, scanned):
   model, path = _siglip_npz(tmp_path, scanned)
   loaded = registry.resolve(path)

@@ -49,6 +49,7 @@ def test_logits_depend_only_on_the_displacement():
   assert np.ptp([v[0] for v in by_shift.values()]) > 0.1  # and the displacement does matter
 
 
+@pytest.mark.slow
 def test_a_rope_vit_runs_at_any_resolution_and_checks_its_fields():
   vit = ViT(width=32, depth=1, num_heads=4, mlp_dim=64, patch_size=7, image_size=28,
             position_embedding="none", num_registers=2, rope_theta=100.0)

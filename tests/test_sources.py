@@ -47,6 +47,7 @@ def test_an_unknown_source_is_one_line_with_a_suggestion():
     sources.get("image_foldr")
 
 
+@pytest.mark.slow
 def test_an_analysis_and_probes_read_a_registered_source(tmp_path, npy):
   config = all_config.get_config("runlocal")
   config.analyses = "attention_distance,probing"
@@ -62,6 +63,7 @@ def test_an_analysis_and_probes_read_a_registered_source(tmp_path, npy):
   assert "probe_label_cls" in values  # the source's label column
 
 
+@pytest.mark.slow
 def test_a_pretraining_run_reads_a_registered_source(tmp_path, npy):
   config = pretrain_simmim.get_config("runlocal")
   config.data.source = "npy"
