@@ -244,7 +244,7 @@ def to_timm_names(tensors: dict, style: str, source: str) -> tuple[dict, dict]:
   return out, dropped
 
 
-def architecture(enc: dict, config: dict, record: HfType, source: str) -> tuple[dict, dict]:
+def architecture(enc: dict, config: dict, source: str) -> tuple[dict, dict]:
   """(ViT fields, where each came from) from timm-named tensors and the vision config."""
   def need(key):
     if key not in enc:
@@ -391,7 +391,7 @@ def convert_directory(path: str, image_size: Optional[int] = None,
   for file in weight_files(path):
     tensors.update(torch_reader.load_safetensors(file))
   enc, dropped = to_timm_names(tensors, record.style, path)
-  fields, origin = architecture(enc, config, record, path)
+  fields, origin = architecture(enc, config, path)
   if num_heads:
     origin["num_heads"] = f"user (num_heads={num_heads})"
   if image_size:

@@ -36,8 +36,8 @@ class FileLayout:
     norm_epsilon, activation: the LayerNorm epsilon and MLP activation of its code (activation
       None: the encoder function decides, from the file or the options).
     preprocessing: its authors' eval preprocessing.
-    antialias, offset: how its code resamples the position table (see resample.resample_grid);
-      a callable of the encoder tensors where it depends on the model.
+    resampling: encoder tensors -> (antialias, offset): how its code resamples the position
+      table (see resample.resample_grid; DINOv2's depends on whether it has registers).
   """
   name: str
   method: str
@@ -173,15 +173,22 @@ def _ijepa_encoder(ckpt, source, options):
 
 # --- OpenAI CLIP / OpenCLIP ----------------------------------------------------------------
 
+def _state(obj):
+  """The attribute dict a pickled TorchScript module placeholder holds, or None."""
+  if not isinstance(obj, torch_reader.Placeholder):
+    return None
+  state = obj.__dict__.get("state")
+  if isinstance(state, tuple) and state and isinstance(state[0], dict):
+    state = state[0]  # (dict state, slot state)
+  return state if isinstance(state, dict) else None
+
+
 def flatten_module(obj, prefix: str = "") -> dict:
   """{dotted attribute path: tensor} of a TorchScript module tree as torch_reader reads it
   (placeholders whose pickled state holds the submodules, parameters and buffers)."""
   out = {}
-  state = getattr(obj, "__dict__", {}).get("state") if isinstance(
-      obj, torch_reader.Placeholder) else None
-  if isinstance(state, tuple) and state and isinstance(state[0], dict):
-    state = state[0]
-  if isinstance(state, dict):
+  state = _state(obj)
+  if state is not None:
     for key, value in state.items():
       if isinstance(value, np.ndarray):
         out[prefix + str(key)] = value
@@ -199,9 +206,16 @@ def _clip_state_dict(ckpt):
   return flatten_module(ckpt) if _is_torchscript(ckpt) else ckpt
 
 
+def _attribute(module, name: str):
+  """A submodule / tensor of a TorchScript module as torch_reader reads it (or None)."""
+  state = _state(module)
+  return None if state is None else state.get(name)
+
+
 def _is_clip(ckpt) -> bool:
-  sd = _clip_state_dict(ckpt) if (isinstance(ckpt, dict) or _is_torchscript(ckpt)) else {}
-  keys = set(map(str, sd))
+  if _is_torchscript(ckpt):  # the tree is only walked when it is converted
+    return isinstance(_attribute(_attribute(ckpt, "visual"), "conv1"), torch_reader.Placeholder)
+  keys = set(map(str, ckpt)) if isinstance(ckpt, dict) else set()
   return "visual.conv1.weight" in keys or "conv1.weight" in keys and "class_embedding" in keys
 
 
@@ -384,7 +398,7 @@ def convert(ckpt, name: str, source: str, options: dict) -> converters.Converted
   fields, origin = hf_layout.architecture(
       enc, {"num_attention_heads": int(heads), "layer_norm_eps": layout.norm_epsilon,
             "hidden_act": {"gelu_tanh": "gelu_pytorch_tanh"}.get(activation, activation)},
-      None, source)
+      source)
   origin.update(
       num_heads=(f"user (num_heads={options['num_heads']})" if options.get("num_heads")
                  else "file (attention kernels)" if name == "siglip"

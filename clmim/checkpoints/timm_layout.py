@@ -168,7 +168,7 @@ def convert_directory(path: str, image_size: Optional[int] = None,
       enc, {"num_attention_heads": heads, "layer_norm_eps": row["norm_epsilon"],
             "hidden_act": {"gelu_tanh": "gelu_pytorch_tanh"}.get(row["mlp_activation"],
                                                                  row["mlp_activation"])},
-      None, path)
+      path)
   if fields["mlp_activation"] == "swiglu" and row["mlp_activation"] != "swiglu":
     raise ClmimError(f"{path}: the MLP shapes are SwiGLU's, but {name} uses "
                      f"{row['mlp_activation']}.")
@@ -186,5 +186,6 @@ def convert_directory(path: str, image_size: Optional[int] = None,
           "num_params": hf_layout.num_params(params)}
   if notes:
     info["preprocessing_notes"] = notes
-  return converters.Converted(family=_method(name, tag)[0], vit=vit, params=params, heads={},
-                              info=info), _method(name, tag)
+  method = _method(name, tag)
+  return converters.Converted(family=method[0], vit=vit, params=params, heads={},
+                              info=info), method
