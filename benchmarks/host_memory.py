@@ -44,11 +44,11 @@ def measure(calls):
   host_memory.keep_freed_memory()
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from clmim.train import trainer  # pylint: disable=import-outside-toplevel
+  from clmim.train import objectives, trainer  # pylint: disable=import-outside-toplevel
   from configs import pretrain_moco_v3  # pylint: disable=import-outside-toplevel
 
   config = pretrain_moco_v3.get_config("demo_stage1")
-  objective = trainer.load_objective(config)
+  objective = objectives.load(config)
   images = jax.random.uniform(jax.random.PRNGKey(0), (64, 32, 32, 3))
   encoder = objective.encoder
   params = encoder.init(jax.random.PRNGKey(1), images)

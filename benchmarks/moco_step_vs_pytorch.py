@@ -53,7 +53,7 @@ from torch import nn  # noqa: E402
 
 from clmim import host_memory  # noqa: E402
 from clmim.data.synthetic import ShapesTextures  # noqa: E402
-from clmim.train import moco_v3, trainer  # noqa: E402
+from clmim.train import moco_v3, objectives, trainer  # noqa: E402
 from configs import pretrain_moco_v3  # noqa: E402
 from torch_reference import (  # noqa: E402
     TorchViT, load_average, load_clmim_params, paired_speedup, run_record,
@@ -326,7 +326,7 @@ def main(argv=None):
   config.batch_size = args.batch
   if args.depth:
     config.model.depth = args.depth
-  objective = trainer.load_objective(config)
+  objective = objectives.load(config)
   train_state, tx, schedule = trainer.initial_state(config, objective)
   images = ShapesTextures(config.data.image_size, "train", args.batch, 0,
                           version=config.data.version).batch(range(args.batch))["image"]
@@ -359,7 +359,7 @@ def main(argv=None):
 
   clmim_runs = {"clmim": clmim_steps("clmim", objective)}
   if args.all_tokens:  # clmim with every token through the last block, as the official code
-    all_tokens = trainer.load_objective(config)
+    all_tokens = objectives.load(config)
     all_tokens.online = all_tokens.online.clone(cls_only=False)
     clmim_runs["clmim_all_tokens"] = clmim_steps("clmim_all_tokens", all_tokens)
 

@@ -82,6 +82,7 @@ def run_job(args) -> dict:
   """Measurement 1: the probing job on both demo models."""
   from clmim.analysis import linear_probe
   from clmim.checkpoints import registry
+  from clmim.analysis import session as analysis_session
   from clmim.jobs import analyze
   from configs import probing as probing_config
 
@@ -99,7 +100,7 @@ def run_job(args) -> dict:
 
   # Every pass of the job goes through Session.stream: record its images and seconds.
   passes = []
-  stream = analyze.Session.stream
+  stream = analysis_session.Session.stream
 
   def timed_stream(self, analyzer, images, *a, **k):
     started, compiled = time.perf_counter(), analyzer.compile_seconds
@@ -122,14 +123,14 @@ def run_job(args) -> dict:
       solve["calls"] += 1
       solve["seconds"] += time.perf_counter() - started
 
-  analyze.Session.stream, linear_probe.select = timed_stream, timed_select
+  analysis_session.Session.stream, linear_probe.select = timed_stream, timed_select
   rss_before = _peak_mb()
   started = time.perf_counter()
   try:
     with contextlib.redirect_stdout(sys.stderr):  # the job's tables; stdout is the JSON only
       results = analyze.run(config, workdir)
   finally:
-    analyze.Session.stream, linear_probe.select = stream, select
+    analysis_session.Session.stream, linear_probe.select = stream, select
   seconds = time.perf_counter() - started
   peak = _peak_mb()
 

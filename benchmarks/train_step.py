@@ -37,6 +37,7 @@ import jax  # noqa: E402
 
 from clmim import host_memory  # noqa: E402
 from clmim.train import trainer  # noqa: E402
+from clmim.jobs import pretrain
 
 host_memory.keep_freed_memory()  # as training runs do (clmim/main.py), before JAX starts
 
@@ -87,7 +88,7 @@ def measure(objective: str, args) -> dict:
   started = time.perf_counter()
   with tempfile.TemporaryDirectory(prefix=f"clmim-bench-{objective}-") as workdir:
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON alone
-      final = trainer.train(config, workdir)
+      final = pretrain.run(config, workdir)
     records = trainer.read_metrics(workdir)
   rate = steady_rate(records, args.warmup)
   model = config.model.variant + "".join(

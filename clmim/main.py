@@ -20,7 +20,7 @@ clmim/config_lib.py. `--print_config` prints the resolved config and exits.
 Every user error (a bad file, field, name, workdir) is checked before any compute and printed as
 one line "clmim: error: ..." with exit status 1. Ctrl-C prints one line "clmim: interrupted
 (Ctrl-C); ..." saying what the run left in its workdir, with exit status 130 (an analysis leaves
-no partial outputs; training saves a checkpoint first, see clmim/train/trainer.py).
+no partial outputs; training saves a checkpoint first, see clmim/jobs/pretrain.py).
 """
 from __future__ import annotations
 
@@ -318,7 +318,7 @@ def _interrupt_again(unraisable):
 def cli():
   """`python -m clmim.main`: `main` under absl, with a Ctrl-C reported in one line (what the run
   left behind, `interrupted_line`) and exit status 130 (128 + SIGINT), not a traceback.
-  Training saves a checkpoint on Ctrl-C and stops with its own line (clmim.train.trainer)."""
+  Training saves a checkpoint on Ctrl-C and stops with its own line (clmim.jobs.pretrain)."""
   try:
     app.run(main, flags_parser=parse_flags)
   except KeyboardInterrupt:

@@ -10,9 +10,9 @@ creates a file or a folder: a refused run leaves the disk as it was.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
-import re
 import sys
 import tempfile
 
@@ -22,21 +22,24 @@ from clmim.errors import ClmimError
 ANALYSIS_MODES = jobs.modes("analysis")  # the modes and their kinds: clmim/jobs/__init__.py
 PRETRAINING_MODES = jobs.modes("pretraining")
 MODES = jobs.MODES
-CONFIG_RECORD = "config.json"  # a pretraining workdir's config, for resume checks
-# Sections and fields of a pretraining config that fix the model, the objective or the data:
-# resuming a workdir with other values would continue a different run (or fail inside orbax).
-IDENTITY_FIELDS = ("objective", "seed", "init_encoder", "batch_size", "model", "data", "moco",
-                   "simmim", "mae", "hybrid", "augment", "finetune")
-# Fields inside those sections that say how a run is carried out, not what it computes: a run
-# may be resumed (exported, snapshotted) with other values.
-HOW_NOT_WHAT = ("data.render_workers", "data.read_threads", "finetune.eval_every",
-                "finetune.eval_images", "finetune.eval_split", "finetune.eval_path",
-                "finetune.eval_crop_pct")
-# Fields added after runs were recorded without them, with the value that reproduces what those
-# runs did: a record that lacks one is compared as if it held this value.
-ADDED_LATER = {"data.version": 1, "augment.second_view_ramp": [0, 0], "init_encoder": "",
-               "data.source": "synthetic", "data.path": "", "data.tfds_name": "",
-               "data.tfds_split": "train", "data.data_dir": "", "data.read_threads": 8}
+CONFIG_RECORD = "config.json"  # a training workdir's config, for resume checks
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumeFields:
+  """What a saved run must share with a config to be resumed (exported, snapshotted); the
+  components declare it (for pretraining configs: `clmim.jobs.pretrain.resume_fields`).
+
+  Attributes:
+    sections: top-level fields and sections that fix what the run computes, in report order.
+    how_not_what: dotted fields inside them that say how a run is carried out, not what it
+      computes: a run may be resumed with other values.
+    added_later: {dotted field: value} of fields added after runs were recorded without them: a
+      record that lacks one is compared as if it held this value.
+  """
+  sections: tuple
+  how_not_what: tuple = ()
+  added_later: dict = dataclasses.field(default_factory=dict)
 
 
 def config_kind(config) -> str:
@@ -55,12 +58,6 @@ def check_mode(config) -> str:
   allowed = ANALYSIS_MODES if kind == "analysis" else PRETRAINING_MODES
   if mode not in MODES:
     raise ClmimError(f"config.mode={mode!r}: expected one of {', '.join(MODES)}.")
-  finetuning = jobs.JOBS[mode].finetuning
-  if kind == "pretraining" and finetuning is not None and \
-      finetuning != (config.get("objective") == "finetune"):
-    raise ClmimError(f"config.mode={mode!r} with config.objective={config.get('objective')!r}: "
-                     f"fine-tuning is mode 'finetune' with objective 'finetune' "
-                     f"(configs/finetune.py), pretraining mode 'pretrain' with any other.")
   if mode not in allowed:
     other = "configs/pretrain_*.py" if kind == "analysis" else "configs/nmi.py, all.py, ..."
     article = "an" if kind == "analysis" else "a"
@@ -102,104 +99,10 @@ def check_workdir(workdir: str, must_exist: bool = False) -> None:
                      f"{e.strerror or e}.") from None
 
 
-def check_int(config, field: str, minimum: int, multiple_of: int = 1, why: str = "") -> int:
-  """config.<field> (dotted) as an int >= minimum and a multiple of `multiple_of`."""
-  value = config
-  for part in field.split("."):
-    value = value[part]
-  if isinstance(value, bool) or not isinstance(value, int):
-    raise ClmimError(f"config.{field}={value!r}: expected an integer.")
-  if value < minimum:
-    raise ClmimError(f"config.{field}={value}: expected an integer >= {minimum}"
-                     f"{' (' + why + ')' if why else ''}.")
-  if multiple_of > 1 and value % multiple_of:
-    raise ClmimError(f"config.{field}={value}: expected a multiple of the {multiple_of} devices "
-                     f"(each device gets the same share), e.g. {_multiples(value, multiple_of)}.")
-  return value
-
-
-def _multiples(value: int, of: int) -> str:
-  below = max(of, value // of * of)
-  return f"{below} or {below + of}" if below != value else str(value)
-
-
-def check_synthetic_version(config) -> None:
-  """config.data.version must name a published version of the procedural generator."""
-  from clmim.data.synthetic import VERSIONS  # numpy only: cheap
-  version = config.data.get("version", 1)
-  if isinstance(version, bool) or version not in VERSIONS:
-    raise ClmimError(f"config.data.version={version!r}: expected one of {tuple(VERSIONS)} ("
-                     f"{'; '.join(f'{k}: {v}' for k, v in VERSIONS.items())}).")
-
-
 def check_fields(config, mode: str, devices: int) -> None:
-  """Numeric fields every run of this kind needs, before anything is loaded."""
-  check_synthetic_version(config)
-  if config_kind(config) == "analysis":
-    check_int(config, "batch_size", 1, devices)
-    from clmim.models.vit import DTYPES  # the model module is needed for any analysis anyway
-    if config.get("dtype", "float32") not in DTYPES:
-      raise ClmimError(f"config.dtype={config.dtype!r}: expected one of {DTYPES}.")
-    check_int(config, "data.num_images", 0, why="0 = all images")
-    check_int(config, "data.max_batches", 0, why="0 = no cap")
-    check_int(config, "data.max_images_per_class", 0, why="0 = all")
-    check_int(config, "data.num_workers", 0, why="0 = one per CPU core, at most 8")
-    check_int(config, "data.num_train_images", 0, why="0 = the whole training split")
-    if not 0.0 <= float(config.data.fraction_per_class) <= 1.0:
-      raise ClmimError(f"config.data.fraction_per_class={config.data.fraction_per_class}: "
-                       f"expected a fraction in [0, 1] (0 = all).")
-    return
-  check_int(config, "batch_size", 1, devices)
-  for field in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints",
-                "snapshot_images", "data.image_size", "data.num_train_images",
-                "data.render_workers", "data.read_threads"):
-    check_int(config, field, 1)
-  check_int(config, "warmup_steps", 0)
-  path_pattern(config, "no_weight_decay")
-  path_pattern(config, "freeze")
-  check_second_view(config)
-  if "finetune" in config:
-    check_int(config, "finetune.eval_every", 0, why="0 = only at the end")
-    if config.finetune.eval_every % config.log_every:
-      raise ClmimError(f"config.finetune.eval_every={config.finetune.eval_every}: expected a "
-                       f"multiple of config.log_every={config.log_every} (validation results go "
-                       f"into the log records), or 0 (only at the end).")
-    from clmim.data import sources  # the source says whether its sets are drawn (need a count)
-    drawn = sources.of(config.data).DRAWN
-    check_int(config, "finetune.eval_images", 1 if drawn else 0,
-              why="" if drawn else "0 = the whole held-out set")
-  from clmim.data.train_data import check_source  # numpy only: cheap
-  check_source(config.data, str(config.get("augment", {}).get("second_view", "")))
-  from clmim.train.tensorboard import check_available
-  check_available(config)
-
-
-def path_pattern(config, field: str):
-  """config.<field> compiled as a regular expression over parameter paths ("" = None), or one
-  error line naming the field."""
-  text = str(config.get(field, "") or "")
-  if not text:
-    return None
-  try:
-    return re.compile(text)
-  except re.error as e:
-    raise ClmimError(f"config.{field}={text!r} is not a regular expression ({e}).") from None
-
-
-def check_second_view(config) -> None:
-  """config.augment.second_view (MoCo) must name a second view the procedural data can render."""
-  from clmim.data.synthetic import parse_second_view  # numpy only: cheap
-  if "augment" not in config or "second_view" not in config.augment:
-    return
-  try:
-    parse_second_view(str(config.augment.second_view))
-  except ClmimError as e:
-    raise ClmimError(f"config.augment.{e}") from None
-  ramp = config.augment.get("second_view_ramp", (0, 0))
-  if (not isinstance(ramp, (tuple, list)) or len(ramp) != 2
-      or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ramp)):
-    raise ClmimError(f"config.augment.second_view_ramp={ramp!r}: expected (start, end), two "
-                     f"steps >= 0 ((0, 0) = the second view for every pair from step 0).")
+  """Every field the jobs of this kind of config read, before anything is loaded: the kind's
+  check in the jobs table (`jobs.KINDS`), which asks the config's components."""
+  jobs.KINDS[config_kind(config)].check(config, mode, devices)
 
 
 def saved_config(workdir: str):
@@ -223,11 +126,11 @@ def _flatten(tree, prefix=""):
   return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-  """'field: saved -> current' for every identity field (see IDENTITY_FIELDS) that differs,
-  in the order of IDENTITY_FIELDS; a section only one config has is one entry."""
+def config_differences(saved: dict, current: dict, fields: ResumeFields) -> list[str]:
+  """'field: saved -> current' for every field of `fields.sections` that differs, in their
+  order, less `fields.how_not_what`; a section only one config has is one entry."""
   saved = copy.deepcopy(saved)
-  for field, value in ADDED_LATER.items():  # a record older than the field: its old behaviour
+  for field, value in fields.added_later.items():  # a record older than the field
     *sections, name = field.split(".")
     holder = saved
     for section in sections:
@@ -235,13 +138,13 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     if isinstance(holder, dict):
       holder.setdefault(name, value)
   differences = []
-  for key in IDENTITY_FIELDS:
+  for key in fields.sections:
     before, after = saved.get(key), current.get(key)
     if isinstance(before, dict) and isinstance(after, dict):
       flat_before, flat_after = _flatten(before, f"{key}."), _flatten(after, f"{key}.")
       differences += [f"{k}: {flat_before.get(k)!r} -> {flat_after.get(k)!r}"
                       for k in sorted(set(flat_before) | set(flat_after))
-                      if flat_before.get(k) != flat_after.get(k) and k not in HOW_NOT_WHAT]
+                      if flat_before.get(k) != flat_after.get(k) and k not in fields.how_not_what]
     elif _flatten(before) != _flatten(after):
       shown = lambda v: "(a section)" if isinstance(v, dict) else repr(v)
       differences.append(f"{key}: {shown(before)} -> {shown(after)}")
@@ -253,7 +156,8 @@ def check_resume(config, workdir: str) -> None:
   saved = saved_config(workdir)
   if saved is None:
     return
-  differences = config_differences(saved, config.to_dict())
+  fields = jobs.KINDS[config_kind(config)].resume_fields(config)
+  differences = config_differences(saved, config.to_dict(), fields)
   if differences:
     shown = "; ".join(differences[:6]) + ("; ..." if len(differences) > 6 else "")
     raise ClmimError(f"--workdir {workdir} holds a run with a different config ({shown}); "

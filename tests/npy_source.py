@@ -19,6 +19,9 @@ OBJECT_MASKS = False
 SECOND_VIEWS = False
 DRAWN = False
 DECISION_PROBE = ("independent", "label")
+HOW_NOT_WHAT = ()  # no fields that leave a resumed training run's images unchanged
+ADDED_LATER = {}   # no fields added after runs were recorded
+check = decoded.check  # data.path is checked when the folder is opened
 
 
 class Arrays:

@@ -17,7 +17,7 @@ from clmim.errors import ClmimError
 from clmim.jobs import analyze, report
 from clmim.models import heads, masking
 from clmim.models.vit import vit_fields
-from clmim.train import trainer
+from clmim.train import objectives, trainer
 from clmim.train.common import build_encoder
 from configs import analyze as all_config
 from configs import pretrain_mae, pretrain_simmim
@@ -300,7 +300,7 @@ def _export(module, path, seed=0):
   as the trainer writes it (trained exports: test_mae.py, test_train.py); returns (objective,
   params). The params are drawn in numpy at the objective's shapes: nothing compiles."""
   config = module.get_config("runlocal")
-  objective = trainer.load_objective(config)
+  objective = objectives.load(config)
   shapes = jax.eval_shape(objective.init, jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)))[0]
   rng = np.random.default_rng(seed)
   params = jax.tree.map(lambda x: rng.normal(0, 0.1, x.shape).astype(np.float32), shapes)

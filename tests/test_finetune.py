@@ -12,7 +12,8 @@ import pytest
 from clmim import main, preflight
 from clmim.data import mixup, train_data
 from clmim.errors import ClmimError
-from clmim.train import finetune, trainer
+from clmim.train import finetune, objectives, trainer
+from clmim.jobs import pretrain
 from config_fields import set_fields
 from configs import finetune as finetune_config
 
@@ -68,7 +69,7 @@ def test_layer_decay_scales_known_values():
 @pytest.mark.slow
 def test_the_optimizer_scales_each_layers_update():
   config = _config(**{"weight_decay": 0.0, "finetune.layer_decay": 0.5, "warmup_steps": 0})
-  objective = trainer.load_objective(config)
+  objective = objectives.load(config)
   state, tx, _ = trainer.initial_state(config, objective)
   params = state["params"]
   # finetune.head_init_std: MAE's tiny initial head (truncated normal, std 2e-5).
@@ -126,7 +127,7 @@ def test_held_out_accuracy_does_not_depend_on_batch_padding():
   results = []
   for batch_size in (8, 24):  # 20 images: 3 batches with 4 padded rows, or 1 with 4
     config = _config(**{"batch_size": batch_size, "finetune.eval_images": 20})
-    objective = trainer.load_objective(config)
+    objective = objectives.load(config)
     state, _, _ = trainer.initial_state(config, objective)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -148,7 +149,7 @@ def test_held_out_accuracy_does_not_depend_on_batch_padding():
 def test_a_cls_head_gives_the_logits_of_the_full_forwards_cls_token():
   """pool="cls" runs the encoder's last block for the cls token alone (ViT cls_only): the same
   logits as the head on the full forward's tokens, from fewer FLOPs."""
-  objective = trainer.load_objective(_config(**{"finetune.pool": "cls"}))
+  objective = objectives.load(_config(**{"finetune.pool": "cls"}))
   images = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
   params, _ = jax.jit(objective.init)(jax.random.PRNGKey(0), images)
   full = lambda p, x: objective.head.apply(
@@ -170,7 +171,7 @@ def test_fine_tuning_the_shipped_moco_model_learns_the_shapes_fast(tmp_path, cap
   fields = {"total_steps": 30, "warmup_steps": 5, "log_every": 10, "checkpoint_every": 30,
             "batch_size": 16, "finetune.eval_every": 30, "finetune.eval_images": 200,
             "tensorboard": False, "init_encoder": "moco_v3_demo"}
-  pretrained = trainer.train(_config(**fields), str(tmp_path / "moco"))
+  pretrained = pretrain.run(_config(**fields), str(tmp_path / "moco"))
   assert pretrained["eval_top1"] >= 0.55, pretrained
   # The run's last line: the held-out top-1 and loss it ended with, and where the export went.
   last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -199,13 +200,13 @@ def test_fine_tuning_the_shipped_moco_model_learns_the_shapes_fast(tmp_path, cap
 ])
 def test_bad_objective_fields_are_one_line(fields, message):
   with pytest.raises(ClmimError, match=message):
-    trainer.load_objective(_config(**fields))
+    objectives.load(_config(**fields))
 
 
 @pytest.mark.parametrize("fields, message", [
     ({"finetune.eval_every": 3}, "a multiple of config.log_every=2"),
     ({"finetune.eval_images": 0}, "config.finetune.eval_images=0"),
-    ({"mode": "pretrain"}, "fine-tuning is mode 'finetune'"),
+    ({"mode": "pretrain"}, "that objective is trained by mode"),
 ])
 def test_bad_run_fields_are_one_line(fields, message, tmp_path):
   with pytest.raises(ClmimError, match=message):
@@ -217,7 +218,7 @@ def test_a_pretraining_config_cannot_run_as_finetune(tmp_path):
   config = pretrain_simmim.get_config("runlocal")
   config.unlock()
   config.mode = "finetune"
-  with pytest.raises(ClmimError, match="fine-tuning is mode 'finetune'"):
+  with pytest.raises(ClmimError, match="that objective is trained by mode"):
     main.run(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
 
@@ -248,7 +249,7 @@ def test_a_tfds_split_without_labels_is_one_line_before_training(tmp_path):
   config = _config(**{"data.source": "tfds", "data.tfds_name": "clmim_unlabelled",
                       "data.data_dir": str(data_dir), "finetune.label": "label"})
   with pytest.raises(ClmimError, match="has no class label feature; fine-tuning needs"):
-    trainer.train(config, str(tmp_path / "run"))
+    pretrain.run(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
 

@@ -7,6 +7,7 @@ import pytest
 from clmim.checkpoints import registry
 from clmim.errors import ClmimError
 from clmim.train import hybrid, trainer
+from clmim.jobs import pretrain
 from configs import pretrain_hybrid
 
 
@@ -73,7 +74,7 @@ def test_needs_the_mask_token():
 @pytest.mark.slow
 def test_runlocal_logs_both_losses_and_exports(tmp_path):
   config = pretrain_hybrid.get_config("runlocal")
-  metrics = trainer.train(config, str(tmp_path))
+  metrics = pretrain.run(config, str(tmp_path))
   assert np.isfinite(metrics["loss"])
   records = trainer.read_metrics(str(tmp_path))
   assert [r["step"] for r in records] == [2, 4, 6]

@@ -9,6 +9,7 @@ from clmim.errors import ClmimError
 from clmim.jobs import analyze
 from clmim.models.vit import build_vit
 from clmim.train import mae, trainer
+from clmim.jobs import pretrain
 from configs import analyze as all_config
 from configs import pretrain_mae
 
@@ -82,7 +83,7 @@ def test_bad_fields_are_named(field, value, message):
 @pytest.mark.slow
 def test_runlocal_trains_and_exports(tmp_path):  # resuming: the trainer's own tests
   config = pretrain_mae.get_config("runlocal")
-  metrics = trainer.train(config, str(tmp_path))
+  metrics = pretrain.run(config, str(tmp_path))
   assert np.isfinite(metrics["loss"]) and metrics["mask_ratio"] == pytest.approx(0.75)
   records = trainer.read_metrics(str(tmp_path))
   assert [r["step"] for r in records] == [2, 4, 6]

@@ -213,10 +213,10 @@ def _flat(tree, width):
 @pytest.mark.slow
 def test_one_training_step_on_one_device_matches_eight():
   from clmim.data.synthetic import ShapesTextures
-  from clmim.train import trainer
+  from clmim.train import objectives, trainer
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   config = _moco_runlocal()
-  objective = trainer.load_objective(config)
+  objective = objectives.load(config)
   state, _, _ = trainer.initial_state(config, objective)
   images = ShapesTextures(32, "train", 16, 0, version=3).batch(range(16))["image"]
   step = jax.value_and_grad(objective.loss, has_aux=True)
@@ -260,8 +260,8 @@ def _relative_differences(got, want, width):
 
 
 def _trained_params(config, workdir):
-  from clmim.train import trainer
-  objective = trainer.load_objective(config)
+  from clmim.train import objectives, trainer
+  objective = objectives.load(config)
   template, _, _ = trainer.initial_state(config, objective)
   manager = trainer.checkpoint_manager(workdir, config.keep_checkpoints)
   return jax.device_get(trainer.restore(manager, config.total_steps, template, workdir))["params"]
@@ -269,7 +269,7 @@ def _trained_params(config, workdir):
 
 @pytest.mark.slow
 def test_two_processes_train_what_one_does(tmp_path):
-  from clmim.train import trainer
+  from clmim.train import objectives, trainer
   config = _moco_runlocal()
   # Processes 0 and 1 of a 2 x 4-device job share one workdir, as on a cluster's filesystem;
   # beside them, the same job in one process on 4 devices.

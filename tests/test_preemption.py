@@ -16,7 +16,8 @@ from clmim import config_lib, main, preflight
 from clmim.data import synthetic, train_data
 from clmim.data.synthetic import ShapesTextures
 from clmim.errors import ClmimError
-from clmim.train import trainer
+from clmim.train import objectives, trainer
+from clmim.jobs import pretrain
 from config_fields import set_fields
 from configs import pretrain_hybrid, pretrain_simmim
 
@@ -54,7 +55,7 @@ def _flags(folder, cache):  # the same fields on the command line
 
 
 def _final_state(workdir, config):
-  objective = trainer.load_objective(config)
+  objective = objectives.load(config)
   template, _, _ = trainer.initial_state(config, objective)
   manager = trainer.checkpoint_manager(workdir, config.keep_checkpoints)
   return jax.device_get(trainer.restore(manager, TOTAL, template, workdir))
@@ -77,7 +78,7 @@ def test_killed_and_resumed_run_is_bit_identical(folder, tmp_path, ctrl_c_handle
   cache = config_lib.COMPILATION_CACHE
   main.enable_compilation_cache(cache)  # again: an earlier test may have pointed JAX elsewhere
   config = _config(folder, cache)
-  trainer.train(config, str(tmp_path / "straight"))
+  pretrain.run(config, str(tmp_path / "straight"))
   assert not (tmp_path / "straight" / "tensorboard").exists()  # config.tensorboard=False
 
   # SIGTERM once the first checkpoint exists: the run saves the step it is at and stops.
@@ -87,7 +88,7 @@ def test_killed_and_resumed_run_is_bit_identical(folder, tmp_path, ctrl_c_handle
   handler = signal.getsignal(signal.SIGTERM)
   notice.start()
   with pytest.raises(ClmimError, match=r"Stopped by SIGTERM after step (\d+)") as stopped:
-    trainer.train(_config(folder, cache), interrupted)
+    pretrain.run(_config(folder, cache), interrupted)
   notice.join()
   stopped_at = int(stopped.value.args[0].split("after step ")[1].split(":")[0])
   assert max(preflight.checkpoint_steps(interrupted)) == stopped_at < TOTAL
@@ -109,7 +110,7 @@ def test_killed_and_resumed_run_is_bit_identical(folder, tmp_path, ctrl_c_handle
   assert process.returncode == -signal.SIGKILL, errors.decode()[-2000:]
   assert stopped_at < killed_after < TOTAL
 
-  trainer.train(_config(folder, cache), interrupted)
+  pretrain.run(_config(folder, cache), interrupted)
   straight = _final_state(str(tmp_path / "straight"), config)
   resumed = _final_state(interrupted, config)
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(straight)[0],
@@ -146,7 +147,7 @@ def test_bad_training_data_is_one_line(folder, tmp_path, fields, message):
 def test_a_missing_folder_fails_before_training(tmp_path):
   config = _config(str(tmp_path / "nowhere"), "")
   with pytest.raises(ClmimError, match="does not exist"):
-    trainer.train(config, str(tmp_path / "run"))
+    pretrain.run(config, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -174,7 +175,7 @@ def _signal_soon(signum):
 
 def test_ctrl_c_asks_to_stop_and_a_second_ctrl_c_stops_at_once(ctrl_c_handled):
   before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-  notice = trainer.PreemptionNotice()
+  notice = pretrain.PreemptionNotice()
   try:
     _signal_soon(signal.SIGINT)  # no KeyboardInterrupt: the loop saves first
     assert notice.requested and notice.signal_name == "SIGINT"
@@ -186,7 +187,7 @@ def test_ctrl_c_asks_to_stop_and_a_second_ctrl_c_stops_at_once(ctrl_c_handled):
   # A process that ignores SIGINT (a job started with '&') keeps ignoring it.
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   try:
-    notice = trainer.PreemptionNotice()
+    notice = pretrain.PreemptionNotice()
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     _signal_soon(signal.SIGTERM)
     assert notice.signal_name == "SIGTERM"
@@ -232,7 +233,7 @@ def test_ctrl_c_saves_the_step_and_the_resumed_run_ends_as_the_straight_one(
   """Ctrl-C while step 3 runs (sent as its batch is read): the run saves step 3 and stops with
   one line; the same command resumes it, and it ends bit-identical to an uninterrupted run."""
   config = lambda: pretrain_simmim.get_config("runlocal")
-  trainer.train(config(), str(tmp_path / "straight"))
+  pretrain.run(config(), str(tmp_path / "straight"))
   stream = synthetic.training_stream
 
   def interrupted(dataset, batch_size, start_step, **kwargs):
@@ -245,7 +246,7 @@ def test_ctrl_c_saves_the_step_and_the_resumed_run_ends_as_the_straight_one(
   handler = signal.getsignal(signal.SIGINT)
   workdir = str(tmp_path / "interrupted")
   with pytest.raises(ClmimError) as stopped:
-    trainer.train(config(), workdir)
+    pretrain.run(config(), workdir)
   assert str(stopped.value) == (f"Stopped by SIGINT after step 3: checkpoint saved in "
                                 f"{workdir}/checkpoints; run the same command again to resume.")
   assert stopped.value.exit_status == 130  # clmim.main exits with it, as for any Ctrl-C
@@ -254,7 +255,7 @@ def test_ctrl_c_saves_the_step_and_the_resumed_run_ends_as_the_straight_one(
       os.path.join(workdir, "export"))
   assert signal.getsignal(signal.SIGINT) == handler
   monkeypatch.setattr(synthetic, "training_stream", stream)
-  trainer.train(config(), workdir)
+  pretrain.run(config(), workdir)
   assert "Resumed from step 3" in capsys.readouterr().out
   straight = _final_state(str(tmp_path / "straight"), config())
   resumed = _final_state(workdir, config())

@@ -59,7 +59,7 @@ class _Data:
 
 
 class _Passes:
-  """`clmim.jobs.analyze.Passes` on arrays, with a chosen device count and batch."""
+  """`clmim.analysis.session.Passes` on arrays, with a chosen device count and batch."""
 
   def __init__(self, devices=8, device_batch_size=4, batch_size=13):
     self.cache, self.devices, self.dbs, self.batch = {}, devices, device_batch_size, batch_size

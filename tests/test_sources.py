@@ -9,8 +9,7 @@ import pytest
 import npy_source
 from clmim.data import sources
 from clmim.errors import ClmimError
-from clmim.jobs import analyze
-from clmim.train import trainer
+from clmim.jobs import analyze, pretrain
 from configs import analyze as all_config
 from configs import pretrain_simmim
 
@@ -68,6 +67,6 @@ def test_a_pretraining_run_reads_a_registered_source(tmp_path, npy):
   config = pretrain_simmim.get_config("runlocal")
   config.data.source = "npy"
   config.data.path = _arrays(tmp_path / "arrays", config.data.image_size, per_class=4)
-  trainer.train(config, str(tmp_path / "run"))
+  pretrain.run(config, str(tmp_path / "run"))
   with open(tmp_path / "run" / "metrics.jsonl") as f:
     assert len([json.loads(line) for line in f]) > 0

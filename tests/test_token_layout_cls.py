@@ -248,7 +248,7 @@ class _Set:
 
 
 class _Passes:
-  """`clmim.jobs.analyze.Passes` on arrays for a model of token `layout`."""
+  """`clmim.analysis.session.Passes` on arrays for a model of token `layout`."""
 
   def __init__(self, forward, layout):
     self.cache, self.forward, self.layout = {}, forward, layout
@@ -453,14 +453,14 @@ def _finetune_config(**fields):
 
 
 def test_finetune_refuses_cls_pooling_without_cls_and_mean_pools_patches_only():
-  from clmim.train import finetune, trainer
+  from clmim.train import finetune, objectives
   with pytest.raises(ClmimError, match=r"config.finetune.pool='cls': the encoder of "
                                        r"config.model has no cls token"):
-    trainer.load_objective(_finetune_config(**{"finetune.pool": "cls",
+    objectives.load(_finetune_config(**{"finetune.pool": "cls",
                                                "model.class_token": False}))
-  objective = trainer.load_objective(_finetune_config(**{"model.num_registers": 2}))
+  objective = objectives.load(_finetune_config(**{"model.num_registers": 2}))
   assert objective.head.pool == "mean" and objective.head.prefix == 3
-  assert trainer.load_objective(_finetune_config(**{"model.class_token": False})).head.prefix == 0
+  assert objectives.load(_finetune_config(**{"model.class_token": False})).head.prefix == 0
   # Mean pooling over [cls, 2 registers, patches] is that over [cls, patches]: no registers.
   tokens = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 16))
   head = finetune.ClassifierHead(3, "mean", 0.5, prefix=3)

@@ -13,8 +13,9 @@ from clmim import preflight
 from clmim.checkpoints import native, registry
 from clmim.data import synthetic
 from clmim.errors import ClmimError
-from clmim.jobs import snapshots
-from clmim.train import moco_v3, simmim, tensorboard, trainer
+from clmim.jobs import export as export_job
+from clmim.jobs import pretrain, snapshots
+from clmim.train import moco_v3, objectives, simmim, tensorboard, trainer
 from configs import pretrain_moco_v3, pretrain_simmim
 
 
@@ -55,7 +56,7 @@ def test_runlocal_trains_resumes_and_exports(tmp_path, config_module, capsys, mo
     config.augment.second_view = "restyle"
     config.augment.second_view_ramp = (2, 4)
     config.data.version = 2
-  metrics = trainer.train(config, str(tmp_path))
+  metrics = pretrain.run(config, str(tmp_path))
   # The last line: steps, time, final loss and the export, under the runlocal's own name.
   out = capsys.readouterr().out.strip().splitlines()[-1]
   assert out.startswith(f"Finished 6 steps of {config.objective} pretraining in ")
@@ -73,7 +74,7 @@ def test_runlocal_trains_resumes_and_exports(tmp_path, config_module, capsys, mo
   assert model.family == config.family and model.vit.depth == 2
   # Moving the frozen patch embedding would defeat MoCo v3's trick; it must stay at its init.
   if config.objective == "moco_v3":
-    init, _, _ = trainer.initial_state(config, trainer.load_objective(config))
+    init, _, _ = trainer.initial_state(config, objectives.load(config))
     np.testing.assert_array_equal(model.params["patch_embed"]["kernel"],
                                   init["params"]["online"]["encoder"]["patch_embed"]["kernel"])
   else:
@@ -89,7 +90,7 @@ def test_runlocal_trains_resumes_and_exports(tmp_path, config_module, capsys, mo
   # Resume: two more steps continue from the last checkpoint instead of starting over.
   config.unlock()
   config.total_steps = 8
-  trainer.train(config, str(tmp_path))
+  pretrain.run(config, str(tmp_path))
   assert "Resumed from step 6" in capsys.readouterr().out
   assert [r["step"] for r in trainer.read_metrics(str(tmp_path))][-1] == 8
   assert tensorboard.read_scalars(str(tmp_path))["loss"][-1][0] == 8  # a second event file
@@ -97,7 +98,7 @@ def test_runlocal_trains_resumes_and_exports(tmp_path, config_module, capsys, mo
   from clmim import host_memory
   trained = json.loads((tmp_path / "export" / "manifest.json").read_text())
   assert trained["host_memory"] == host_memory.status() and trained["training_time_s"] > 0
-  out = trainer.export_checkpoint(config, str(tmp_path))
+  out = export_job.export_checkpoint(config, str(tmp_path))
   assert registry.resolve(out).info["steps"] == 8
   if config.objective == "simmim":  # an export of a checkpoint keeps the decoder too
     assert registry.resolve(f"{out}?decoder=1").decoder["kind"] == "simmim"
@@ -118,9 +119,9 @@ def test_tensorboard_without_tensorboardx_is_one_line(monkeypatch):
 
 def test_unknown_objective_is_a_clear_error():
   config = pretrain_simmim.get_config("runlocal")
-  config.objective = "byol"
-  with pytest.raises(ClmimError, match="clmim/train/byol.py"):
-    trainer.load_objective(config)
+  config.objective = "simmin"
+  with pytest.raises(ClmimError, match="config.objective='simmin' .did you mean 'simmim'"):
+    objectives.load(config)
 
 
 @pytest.mark.slow
@@ -129,11 +130,11 @@ def test_init_encoder_starts_a_fresh_run_from_an_export(tmp_path):
   # them run runlocal's one step program, from the session's compilation cache).
   first = pretrain_simmim.get_config("runlocal")
   first.log_every = 1
-  trainer.train(first, str(tmp_path / "first"))
+  pretrain.run(first, str(tmp_path / "first"))
   exported = registry.resolve(str(tmp_path / "first" / "export"))
   config = pretrain_simmim.get_config("runlocal")
   config.init_encoder = str(tmp_path / "first" / "export")
-  objective = trainer.load_objective(config)
+  objective = objectives.load(config)
   encoder = trainer.initial_encoder(config, objective)
   kernel = lambda tree: np.asarray(tree["block_1"]["mlp"]["fc1"]["kernel"])
   np.testing.assert_array_equal(kernel(encoder), kernel(exported.params))
@@ -141,7 +142,7 @@ def test_init_encoder_starts_a_fresh_run_from_an_export(tmp_path):
   # run's. (The first step's loss is computed on the initial weights, with the same images and
   # masks in both runs; "first" is such a new run.)
   config.log_every = 1
-  trainer.train(config, str(tmp_path / "again"))
+  pretrain.run(config, str(tmp_path / "again"))
   first_loss = lambda run: trainer.read_metrics(str(tmp_path / run))[0]
   assert first_loss("again")["step"] == first_loss("first")["step"] == 1
   assert first_loss("again")["loss"] < first_loss("first")["loss"]
@@ -150,13 +151,13 @@ def test_init_encoder_starts_a_fresh_run_from_an_export(tmp_path):
   deeper.model.depth = 3
   deeper.init_encoder = str(tmp_path / "first" / "export")
   with pytest.raises(ClmimError, match=r"config.init_encoder=.*block_2"):
-    trainer.train(deeper, str(tmp_path / "deeper"))
+    pretrain.run(deeper, str(tmp_path / "deeper"))
   assert not (tmp_path / "deeper" / "checkpoints").exists()
 
 
 def test_moco_with_encoder_sets_the_online_and_the_momentum_encoder():
   config = pretrain_moco_v3.get_config("runlocal")
-  objective = trainer.load_objective(config)
+  objective = objectives.load(config)
   state, _, _ = trainer.initial_state(config, objective)
   other = jax.tree.map(lambda x: x + 1.0, state["params"]["online"]["encoder"])
   params, extra = objective.with_encoder(state["params"], state["state"], other)
@@ -174,7 +175,7 @@ _OLD_NO_DECAY = ("bias", "scale", "cls_token", "mask_token", "pos_embed", "table
 def test_weight_decay_and_freezing_follow_the_path_patterns(name):
   import importlib
   config = importlib.import_module(f"configs.{name}").get_config("runlocal")
-  objective = trainer.load_objective(config)
+  objective = objectives.load(config)
   # Jitted, as trainer.initial_state does (op by op, the initialisers and the optimizer's
   # update cost seconds of per-op compilation); the same init program, so the session's
   # compilation cache serves it.
@@ -236,9 +237,9 @@ def test_a_diverged_run_stops_naming_the_first_bad_step_and_saves_nothing_after(
 
   monkeypatch.setattr(synthetic, "training_stream", poisoned)
   with pytest.raises(ClmimError, match=r"not finite at step 4;.*latest checkpoint: 3\)") as error:
-    trainer.train(config, str(tmp_path))
+    pretrain.run(config, str(tmp_path))
   assert "\n" not in str(error.value)
-  assert trainer.preflight.checkpoint_steps(str(tmp_path)) == [3]
+  assert preflight.checkpoint_steps(str(tmp_path)) == [3]
   assert not (tmp_path / "export").exists()
   assert [r["step"] for r in trainer.read_metrics(str(tmp_path))] == [2]
 
@@ -268,13 +269,13 @@ def test_an_export_of_other_weights_never_takes_a_shipped_name(tmp_path):
 def test_the_final_line_says_steps_time_loss_held_out_accuracy_and_the_export():
   records = [{"step": 250, "loss": 1.2, "elapsed_s": 80.0, "eval_top1": 0.6, "eval_loss": 1.0},
              {"step": 300, "loss": 1.0345, "elapsed_s": 95.04}]
-  assert trainer.summary_line(records, "finetune", "runs/ft/export", "finetune_demo", 200) == (
+  assert pretrain.summary_line(records, "finetune", "runs/ft/export", "finetune_demo", 200) == (
       "Finished 300 steps of fine-tuning in 95.0 s, final loss 1.0345, held-out top-1 0.600 "
       "(loss 1.0000, 200 images, at step 250). Exported encoder 'finetune_demo' to "
       "runs/ft/export")
   records[-1].update(eval_top1=0.71, eval_loss=0.8123)  # validated at the last step
   assert "held-out top-1 0.710 (loss 0.8123, 200 images)." in \
-      trainer.summary_line(records, "finetune", "out", "x", 200)
-  assert trainer.summary_line(records[:1], "mae", "runs/mae/export", "mae_demo_runlocal") == (
+      pretrain.summary_line(records, "finetune", "out", "x", 200)
+  assert pretrain.summary_line(records[:1], "mae", "runs/mae/export", "mae_demo_runlocal") == (
       "Finished 250 steps of mae pretraining in 80.0 s, final loss 1.2000, held-out top-1 "
       "0.600 (loss 1.0000). Exported encoder 'mae_demo_runlocal' to runs/mae/export")

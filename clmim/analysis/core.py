@@ -39,6 +39,12 @@ then evaluated) declare, instead of `partial_sums` and `finalize`:
 Per-image selections ("these images", "this query") use `Batch.index`, the image's position in
 the stream: a sum over the batch of `(index == chosen) * value` is that image's value, exactly
 once, whatever the batching and device count.
+
+Running analyses: `clmim.analysis.runner.Analyzer` streams batches through one compiled step
+(a model's forward and every analysis' partial_sums) and finalizes; `clmim.analysis.session.
+Session` holds one Analyzer per architecture for the models of a run, runs the multi-pass
+analyses' `measure` with a `Passes` (and replays them per bootstrap replicate). The jobs
+(`clmim.jobs`) build models and images and hand them to a Session.
 """
 from __future__ import annotations
 

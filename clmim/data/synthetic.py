@@ -473,7 +473,7 @@ def training_stream(dataset: ShapesTextures, batch_size: int, start_step: int = 
 
 def _ignore_ctrl_c():
   """A render process ignores Ctrl-C, which a terminal sends to the whole process group: the
-  trainer decides (it saves a checkpoint and stops, clmim/train/trainer.py), and a worker
+  trainer decides (it saves a checkpoint and stops, clmim/jobs/pretrain.py), and a worker
   killed by it would break the pool under the step being saved."""
   signal.signal(signal.SIGINT, signal.SIG_IGN)
 

@@ -31,8 +31,9 @@ class Job:
     training: whether it runs training steps (the host allocator of clmim/host_memory.py).
     description: one line for --help and errors.
     reads_run: it reads the checkpoints of a training run in its workdir (which must exist).
-    finetuning: True / False: it needs config.objective to be / not to be "finetune" (fine-
-      tuning and pretraining share the trainer); None: either.
+    objective_mode: the MODE the config's objective must declare (`clmim.train.objectives`):
+      fine-tuning and pretraining share the trainer, but each objective is trained by one of
+      them; None: any objective.
   """
   mode: str
   kind: str
@@ -41,27 +42,61 @@ class Job:
   training: bool
   description: str
   reads_run: bool = False
-  finetuning: Optional[bool] = None
+  objective_mode: Optional[str] = None
 
   def run(self, config, workdir: str, invocation: Optional[dict] = None):
-    module, function = self.target.split(":")
-    return getattr(importlib.import_module(module), function)(config, workdir, invocation)
+    return _function(self.target)(config, workdir, invocation)
+
+
+def _function(target: str):
+  module, function = target.split(":")
+  return getattr(importlib.import_module(module), function)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigKind:
+  """One kind of config (what `clmim.preflight.config_kind` tells apart).
+
+  Attributes:
+    name: "analysis" or "pretraining".
+    check_target: "module:function" of check(config, mode, devices): one error for any field
+      the kind's jobs read, before anything is loaded (it asks the config's components).
+    resume_target: "module:function" of resume_fields(config) -> preflight.ResumeFields, for
+      kinds whose workdirs are resumed; None otherwise.
+  """
+  name: str
+  check_target: str
+  resume_target: Optional[str] = None
+
+  def check(self, config, mode: str, devices: int) -> None:
+    _function(self.check_target)(config, mode, devices)
+
+  def resume_fields(self, config):
+    return _function(self.resume_target)(config)
+
+
+KINDS = {kind.name: kind for kind in (
+    ConfigKind("analysis", "clmim.jobs.analyze:check_config"),
+    ConfigKind("pretraining", "clmim.jobs.pretrain:check_config",
+               "clmim.jobs.pretrain:resume_fields"),
+)}
 
 
 JOBS = {job.mode: job for job in (
     Job("analyze", "analysis", "clmim.jobs.analyze:run", "analysis", False,
         "the analyses of an analysis config over every model"),
-    Job("pretrain", "pretraining", "clmim.train.trainer:train", "training", True,
-        "trains a pretraining config, resuming from the workdir", finetuning=False),
-    Job("finetune", "pretraining", "clmim.train.trainer:train", "training", True,
-        "supervised fine-tuning of a pretrained encoder (configs/finetune.py)", finetuning=True),
+    Job("pretrain", "pretraining", "clmim.jobs.pretrain:run", "training", True,
+        "trains a pretraining config, resuming from the workdir", objective_mode="pretrain"),
+    Job("finetune", "pretraining", "clmim.jobs.pretrain:run", "training", True,
+        "supervised fine-tuning of a pretrained encoder (configs/finetune.py)",
+        objective_mode="finetune"),
     Job("export", "pretraining", "clmim.jobs.export:run", None, False,
         "the encoder of a training run's latest checkpoint as a clmim checkpoint",
         reads_run=True),
     Job("snapshots", "pretraining", "clmim.jobs.snapshots:run", None, False,
         "the analyses over every kept checkpoint of a training run", reads_run=True),
     Job("sweep", "pretraining", "clmim.jobs.sweep:run", None, True,
-        "one hybrid model per λ, then the analyses over all of them", finetuning=False),
+        "one hybrid model per λ, then the analyses over all of them", objective_mode="pretrain"),
 )}
 MODES = tuple(JOBS)
 

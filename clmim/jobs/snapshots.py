@@ -29,9 +29,10 @@ from clmim.atomic import save_figure_atomic, write_json_atomic
 from clmim.checkpoints.registry import Model
 from clmim.data.eval_data import EvalImages
 from clmim.errors import ClmimError
-from clmim.jobs.analyze import Session, analysis_setup
+from clmim.analysis.session import Session
+from clmim.jobs.analyze import analysis_setup
 from clmim.models.vit import vit_fields
-from clmim.train import trainer
+from clmim.train import objectives, trainer
 
 
 def held_out_images(config) -> EvalImages:
@@ -61,7 +62,7 @@ def run(config, workdir: str, invocation: dict | None = None) -> dict:
     raise ClmimError(f"config.snapshot_analyses: {several[0]!r} fits probes on labelled images "
                      f"in several passes, which snapshots do not run; analyse exported "
                      f"checkpoints with --config.mode=analyze (configs/probing.py) instead.")
-  objective = trainer.load_objective(config)
+  objective = objectives.load(config)
   manager = trainer.checkpoint_manager(workdir, config.keep_checkpoints)
   template, _, _ = trainer.initial_state(config, objective)
   images = held_out_images(config)

@@ -33,9 +33,10 @@ from clmim import config_lib, preflight
 from clmim.atomic import save_figure_atomic, write_json_atomic
 from clmim.errors import ClmimError
 from clmim.analysis import core, plots
-from clmim.jobs import analyze, report
+from clmim.config_checks import check_int
+from clmim.jobs import analyze, pretrain, report
 from clmim.jobs.analyze import analysis_setup
-from clmim.train import trainer
+from clmim.train import objectives
 
 # (analysis, results key, label, "last" block or the report's "later" half): sweep.json's numbers.
 SUMMARIES = (
@@ -184,8 +185,8 @@ def run(config, workdir: str, invocation: dict | None = None) -> dict:
                      f"what is swept); this config's objective is {config.get('objective')!r}.")
   preflight.check_run(config, workdir, jax.device_count())  # each λ's folder: below
   lambdas, count = weights(config), seeds(config)
-  preflight.check_int(config, "sweep.num_images", 1)
-  preflight.check_int(config, "sweep.num_train_images", 1)
+  check_int(config, "sweep.num_images", 1)
+  check_int(config, "sweep.num_train_images", 1)
   analysis_setup(config.sweep.analyses, None)  # unknown analysis names fail here, not after training
   runs = [(w, i) for w in lambdas for i in range(count)]
   members = {run: member_config(config, *run) for run in runs}
@@ -193,12 +194,12 @@ def run(config, workdir: str, invocation: dict | None = None) -> dict:
   for run, member in members.items():  # every member checked before any trains
     preflight.check_fields(member, "pretrain", jax.device_count())
     preflight.check_resume(member, folders[run])
-    trainer.load_objective(member)  # its own field checks (λ, mask token, mask patch)
+    objectives.load(member)  # its own field checks (λ, mask token, mask patch)
   for run, member in members.items():
     export = os.path.join(folders[run], "export")
     done = preflight.checkpoint_steps(folders[run])
     if not (os.path.isdir(export) and done and max(done) >= member.total_steps):
-      trainer.train(member, folders[run], {**(invocation or {}), "workdir": folders[run]})
+      pretrain.run(member, folders[run], {**(invocation or {}), "workdir": folders[run]})
   exports = [os.path.join(folders[run], "export") for run in runs]
   results = analyze.run(analysis_config(config, exports), os.path.join(workdir, "analysis"))
   summary = summarise(results, {w: [member_name(w, i) for i in range(count)]

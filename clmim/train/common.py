@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from clmim.data.preprocess import resolve_stats
 from clmim.errors import ClmimError
 from clmim.models.vit import build_vit
+from clmim.train import objectives
 
 
 def build_encoder(config):
@@ -40,7 +41,7 @@ def normalise(images, data_cfg):
   return (images - jnp.asarray(mean)) / jnp.asarray(std)
 
 
-class SingleEncoderObjective:
+class SingleEncoderObjective(objectives.Objective):
   """What an objective whose params are {"encoder", its heads} and that keeps no extra state
   shares (SimMIM, MAE, fine-tuning): only a sin-cos position table frozen, no state update, the
   encoder under "encoder", no pretraining decoder to export unless the objective says so."""
@@ -49,18 +50,9 @@ class SingleEncoderObjective:
     """A fixed sin-cos position table stays fixed (stored as a param, like the official files)."""
     return path == "encoder/pos_embed" and self.encoder.position_embedding == "sincos"
 
-  def after_update(self, params, state, step):
-    return state
-
   def encoder_params(self, params, state):
     return params["encoder"]
 
   def with_encoder(self, params, state, encoder):
     """(params, state) with `encoder` as the encoder (config.init_encoder); heads stay new."""
     return {**params, "encoder": encoder}, state
-
-  def pretraining_decoder(self, params):
-    """The decoder an export keeps beside the encoder, {"kind", "params", "config"}
-    (`clmim.models.heads.decoder_module`), or None: none that maps tokens to pixels."""
-    del params
-    return None

@@ -36,6 +36,7 @@ from clmim.checkpoints import registry
 from clmim.data import mixup, train_data
 from clmim.data.preprocess import resolve_stats
 from clmim.data.augment import crop_flip_view
+from clmim.config_checks import check_int
 from clmim.errors import ClmimError
 from clmim.models.layer_norm import LayerNorm
 from clmim.train.common import SingleEncoderObjective, build_encoder, normalise
@@ -131,12 +132,31 @@ def check_preprocessing(data_cfg, model, spec: str) -> None:
 class Objective(SingleEncoderObjective):
   """Fine-tuning; see the module docstring. `config.finetune` holds the objective's fields."""
 
+  SECTIONS = ("finetune",)
+  # Validation settings: how a run is watched, not what it trains.
+  HOW_NOT_WHAT = ("finetune.eval_every", "finetune.eval_images", "finetune.eval_split",
+                  "finetune.eval_path", "finetune.eval_crop_pct")
+  LAYERWISE_LR = True
+  MODE = "finetune"
+
+  @classmethod
+  def check_config(cls, config) -> None:
+    """config.finetune's fields (see check_fields) and its validation schedule and size."""
+    check_fields(config.finetune, config.data.get("source", "synthetic"))
+    from clmim.data import sources  # the source says whether its sets are drawn (need a count)
+    check_int(config, "finetune.eval_every", 0, why="0 = only at the end")
+    if config.finetune.eval_every % config.log_every:
+      raise ClmimError(f"config.finetune.eval_every={config.finetune.eval_every}: expected a "
+                       f"multiple of config.log_every={config.log_every} (validation results go "
+                       f"into the log records), or 0 (only at the end).")
+    drawn = sources.of(config.data).DRAWN
+    check_int(config, "finetune.eval_images", 1 if drawn else 0,
+              why="" if drawn else "0 = the whole held-out set")
+
   def __init__(self, config):
-    self.config = config
+    super().__init__(config)
     cfg = config.finetune
-    source = config.data.get("source", "synthetic")
-    check_fields(cfg, source)
-    self.pretrained = None  # the resolved config.init_encoder (the trainer's starting weights)
+    self.check_config(config)
     spec = str(config.get("init_encoder", "") or "")
     if spec:
       self.pretrained = registry.resolve(spec)

@@ -18,19 +18,22 @@ import jax.numpy as jnp
 
 from clmim.errors import ClmimError
 from clmim.models.heads import PixelHead
-from clmim.train import moco_v3, simmim
+from clmim.train import moco_v3, objectives, simmim
 
 
-class Objective:
+class Objective(objectives.Objective):
   """The hybrid; see the module docstring. Fields: config.hybrid.weight (λ), config.moco,
   config.simmim, config.augment (the MoCo views)."""
+
+  SECTIONS = ("moco", "simmim", "hybrid")
 
   def __init__(self, config):
     weight = config.hybrid.weight
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
       raise ClmimError(f"config.hybrid.weight={weight!r}: expected λ in [0, 1] (0 = SimMIM "
                        f"alone, 1 = MoCo v3 alone).")
-    self.config, self.weight = config, float(weight)
+    super().__init__(config)
+    self.weight = float(weight)
     self.moco = moco_v3.Objective(config)
     self.encoder = self.moco.encoder
     if not self.encoder.use_mask_token:

@@ -42,8 +42,10 @@ def masked_mse(prediction, target, mask):
 class Objective(SingleEncoderObjective):
   """MAE; see the module docstring. `config.mae` holds the objective's fields."""
 
+  SECTIONS = ("mae",)
+
   def __init__(self, config):
-    self.config = config
+    super().__init__(config)
     self.encoder = build_encoder(config)
     cfg = config.mae
     if self.encoder.rel_pos_bias != "none":

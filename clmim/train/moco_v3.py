@@ -14,6 +14,7 @@ import optax
 from clmim.data.augment import contrastive_view
 from clmim.models.heads import BatchNormMLP
 from clmim.models.vit import ViT
+from clmim.train import objectives
 from clmim.train.common import build_encoder, normalise
 
 
@@ -51,11 +52,13 @@ def momentum_at(step, total_steps, base):
   return 1.0 - (1.0 - base) * (jnp.cos(jnp.pi * progress) + 1.0) / 2.0
 
 
-class Objective:
+class Objective(objectives.Objective):
   """MoCo v3; see the module docstring. `config.moco` holds the objective's fields."""
 
+  SECTIONS = ("moco",)
+
   def __init__(self, config):
-    self.config = config
+    super().__init__(config)
     cfg = config.moco
     self.encoder = build_encoder(config)
     self.online = EncoderWithProjector(self.encoder, cfg.hidden_dim, cfg.out_dim)

@@ -46,8 +46,10 @@ def check_mask_patch(encoder, mask_patch: int) -> None:
 class Objective(SingleEncoderObjective):
   """SimMIM; see the module docstring. `config.simmim` holds the objective's fields."""
 
+  SECTIONS = ("simmim",)
+
   def __init__(self, config):
-    self.config = config
+    super().__init__(config)
     self.encoder = build_encoder(config)
     check_mask_patch(self.encoder, config.simmim.mask_patch)
     self.head = PixelHead(self.encoder.patch_size)

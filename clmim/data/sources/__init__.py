@@ -9,6 +9,11 @@ lives in that source's module; the rest of clmim asks the module, never compares
   SECOND_VIEWS       whether it can redraw an image as a second view (augment.second_view)
   DRAWN              whether its images are drawn on demand (a set of it needs a count)
   DECISION_PROBE     (pairing, target) of the probe that decides the cue-conflict images
+  HOW_NOT_WHAT       data fields that say how images are read, not which (a training run
+                     resumes with other values)
+  ADDED_LATER        {field: value} for data fields newer than some recorded runs: the value
+                     that reproduces what those runs read
+  check(data_cfg)                            one error for a data config of any kind
   check_training(data_cfg, second_view)      one error for a training config that cannot work
   open_evaluation(data_cfg, request)         -> Opened: the images of one evaluation stream
   evaluation_labels(opened, positions, cue_conflict) -> eval_data.Labels
@@ -41,6 +46,17 @@ def get(name: str, where: str = "config.data.source"):
     raise ClmimError(f"{where}={name!r}{did_you_mean(str(name), NAMES)}: expected one of "
                      f"{', '.join(NAMES)}.")
   return SOURCES[name]
+
+
+def how_not_what() -> tuple:
+  """Every source's HOW_NOT_WHAT fields (a saved run may have used any source)."""
+  return tuple(sorted({field for module in SOURCES.values() for field in module.HOW_NOT_WHAT}))
+
+
+def added_later() -> dict:
+  """Every source's ADDED_LATER defaults."""
+  return {field: value for module in SOURCES.values() for field, value in
+          module.ADDED_LATER.items()}
 
 
 def of(data_cfg):

@@ -10,6 +10,18 @@ import numpy as np
 from clmim.errors import ClmimError
 
 
+# Resuming a training run: the grain decoding threads do not change what is read (records made
+# before the field existed used 8).
+HOW_NOT_WHAT = ("data.read_threads",)
+ADDED_LATER = {"data.read_threads": 8}
+
+
+def check(data_cfg) -> None:
+  """Nothing beyond check_training: a decoded source's fields are checked where they are read
+  (the folder or split is opened before any compute)."""
+  del data_cfg
+
+
 def check_second_view(name: str, second_view: str) -> None:
   if second_view:
     raise ClmimError(f"config.augment.second_view={second_view!r} redraws procedural images; "

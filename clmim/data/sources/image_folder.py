@@ -20,6 +20,9 @@ OBJECT_MASKS = False
 DRAWN = False
 SECOND_VIEWS = False
 DECISION_PROBE = ("independent", "label")
+HOW_NOT_WHAT = decoded.HOW_NOT_WHAT
+ADDED_LATER = {**decoded.ADDED_LATER, "data.path": ""}
+check = decoded.check
 
 
 def check_training(data_cfg, second_view: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from clmim.data.sources.base import EvalRequest, Labels, Opened
+from clmim.errors import ClmimError
 
 NAME = "synthetic"
 LABELS = ("shape", "texture")
@@ -17,6 +18,19 @@ OBJECT_MASKS = True
 # Drawn on demand (no fixed size): every set of it needs an image count.
 DRAWN = True
 SECOND_VIEWS = True
+# Resuming a training run: data.render_workers says how images are rendered, not which; records
+# made before data.version existed were rendered by version 1.
+HOW_NOT_WHAT = ("data.render_workers",)
+ADDED_LATER = {"data.version": 1}
+
+
+def check(data_cfg) -> None:
+  """data.version must name a published version of the generator (clmim/data/synthetic.py)."""
+  from clmim.data.synthetic import VERSIONS
+  version = data_cfg.get("version", 1)
+  if isinstance(version, bool) or version not in VERSIONS:
+    raise ClmimError(f"config.data.version={version!r}: expected one of {tuple(VERSIONS)} ("
+                     f"{'; '.join(f'{k}: {v}' for k, v in VERSIONS.items())}).")
 
 
 def check_training(data_cfg, second_view: str) -> None:
