@@ -18,10 +18,8 @@ import tempfile
 
 from clmim import jobs
 from clmim.errors import ClmimError
+from clmim.suggestions import did_you_mean
 
-ANALYSIS_MODES = jobs.modes("analysis")  # the modes and their kinds: clmim/jobs/__init__.py
-PRETRAINING_MODES = jobs.modes("pretraining")
-MODES = jobs.MODES
 CONFIG_RECORD = "config.json"  # a training workdir's config, for resume checks
 
 
@@ -43,7 +41,7 @@ class ResumeFields:
 
 
 def config_kind(config) -> str:
-  """"analysis" (configs/nmi.py, all.py, ...) or "pretraining" (configs/pretrain_*.py)."""
+  """"analysis" or "pretraining" (the kinds of `jobs.KINDS`), told by the config's fields."""
   if "analyses" in config:
     return "analysis"
   if "objective" in config:
@@ -55,15 +53,15 @@ def config_kind(config) -> str:
 def check_mode(config) -> str:
   """The config's mode, checked against its kind; returns the mode."""
   mode, kind = config.get("mode"), config_kind(config)
-  allowed = ANALYSIS_MODES if kind == "analysis" else PRETRAINING_MODES
-  if mode not in MODES:
-    raise ClmimError(f"config.mode={mode!r}: expected one of {', '.join(MODES)}.")
-  if mode not in allowed:
-    other = "configs/pretrain_*.py" if kind == "analysis" else "configs/nmi.py, all.py, ..."
+  if mode not in jobs.JOBS:  # the modes and their kinds: clmim/jobs/__init__.py
+    raise ClmimError(f"config.mode={mode!r}{did_you_mean(str(mode), jobs.JOBS)}: expected one "
+                     f"of {', '.join(jobs.JOBS)}.")
+  needed = jobs.JOBS[mode].kind
+  if needed != kind:
     article = "an" if kind == "analysis" else "a"
     raise ClmimError(f"config.mode={mode!r} does not apply to {article} {kind} config (its "
-                     f"modes: "
-                     f"{', '.join(allowed)}); mode {mode!r} needs a config like {other}.")
+                     f"modes: {', '.join(jobs.modes(kind))}); mode {mode!r} needs a config "
+                     f"like {jobs.KINDS[needed].examples}.")
   return mode
 
 
@@ -202,9 +200,8 @@ def check_run_kind(mode: str, workdir: str) -> None:
           f"outputs apart.")
   elif analysis and writes == "training":
     raise ClmimError(f"--workdir {workdir} holds an analysis run ({ANALYSIS_RECORD}); a "
-                     f"{'fine-tuning' if mode == 'finetune' else 'training'} run needs a "
-                     f"folder of its own: choose a new --workdir, e.g. "
-                     f"{os.path.join(workdir, mode)}.")
+                     f"training run (mode {mode!r}) needs a folder of its own: choose a new "
+                     f"--workdir, e.g. {os.path.join(workdir, mode)}.")
   elif training and writes == "analysis":
     raise ClmimError(f"--workdir {workdir} holds a training run ({', '.join(training)}); an "
                      f"analysis run needs a folder of its own: choose a new --workdir, e.g. "
@@ -226,7 +223,7 @@ def check_run(config, workdir: str, devices: int) -> str:
   job = jobs.JOBS[mode]
   check_workdir(workdir, must_exist=job.reads_run)
   check_run_kind(mode, workdir)
-  if mode in PRETRAINING_MODES and mode != "sweep":  # a sweep checks each λ's own folder
+  if job.writes == "training" or job.reads_run:  # (a sweep checks each λ's own folder)
     check_resume(config, workdir)
   if job.writes == "analysis" and os.path.exists(os.path.join(workdir, "results.json")) \
       and not config.overwrite:
@@ -235,6 +232,6 @@ def check_run(config, workdir: str, devices: int) -> str:
                      f"run's outputs.")
   if job.reads_run and not checkpoint_steps(workdir):
     raise ClmimError(f"--workdir {workdir}: no checkpoints in {workdir}/checkpoints to "
-                     f"{'export' if mode == 'export' else 'analyse'} (train first with "
-                     f"--config.mode=pretrain).")
+                     f"read (mode {mode!r}: {jobs.JOBS[mode].description}; train first "
+                     f"with --config.mode=pretrain).")
   return mode

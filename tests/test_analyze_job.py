@@ -184,7 +184,7 @@ def test_cka_between_models_pairs_only_trained_models_seeing_the_same_input(chec
                                                                             tmp_path):
   from clmim.checkpoints import registry
   from clmim.data.eval_data import EvalImages
-  from clmim.jobs import between_models
+  from clmim.analysis import between_models
   config = all_config.get_config("runlocal")
   config.analyses = "cka"
   config.models = f"{checkpoint},random:mu/4?depth=2&image_size=16&name=small"  # depth 2: quick

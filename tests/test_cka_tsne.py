@@ -134,7 +134,7 @@ def test_unbiased_cka_of_independent_features_is_near_zero_where_the_biased_one_
 def test_mutual_knn_known_answers():
   """Rotated and scaled features keep every neighbourhood (1); independent ones share about
   k/(n-1) by chance; bad options are one error naming both fields."""
-  from clmim.jobs.between_models import mutual_knn
+  from clmim.analysis.between_models import mutual_knn
   rng = np.random.default_rng(0)
   a = rng.normal(size=(300, 16))
   q, _ = np.linalg.qr(rng.normal(size=(16, 16)))

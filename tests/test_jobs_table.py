@@ -1,7 +1,7 @@
 """`clmim.main` runs whatever `clmim.jobs.JOBS` names: a new mode is one module and one row."""
 import pytest
 
-from clmim import jobs, main, preflight
+from clmim import jobs, main
 from clmim.errors import ClmimError
 from configs import analyze as all_config
 
@@ -18,18 +18,21 @@ def test_every_row_points_at_a_run_function():
   for job in jobs.JOBS.values():
     module, function = job.target.split(":")
     assert callable(getattr(importlib.import_module(module), function)), job.mode
-  assert preflight.MODES == tuple(jobs.JOBS)
+  for kind in jobs.KINDS.values():  # every kind of config has its check, and a resumed one
+    for target in filter(None, (kind.check_target, kind.resume_target)):  # its resume rule
+      module, function = target.split(":")
+      assert callable(getattr(importlib.import_module(module), function)), target
+  assert {job.kind for job in jobs.JOBS.values()} == set(jobs.KINDS)
 
 
 def test_a_registered_job_runs_through_main(tmp_path, monkeypatch):
   monkeypatch.setitem(jobs.JOBS, "count", jobs.Job(
       "count", "analysis", f"{__name__}:run", None, False, "a test job"))
-  monkeypatch.setattr(preflight, "MODES", tuple(jobs.JOBS))
-  monkeypatch.setattr(preflight, "ANALYSIS_MODES", jobs.modes("analysis"))
   config = all_config.get_config("runlocal")
   config.mode = "count"
   assert main.run(config, str(tmp_path)) == "done"
   assert CALLS[-1] == ("count", str(tmp_path), str(tmp_path))
   config.mode = "counts"
-  with pytest.raises(ClmimError, match="config.mode='counts': expected one of analyze"):
+  with pytest.raises(ClmimError, match="config.mode='counts' .did you mean 'count'.*: "
+                     "expected one of analyze"):
     main.run(config, str(tmp_path))

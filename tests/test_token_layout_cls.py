@@ -374,7 +374,7 @@ def test_robustness_on_every_layout_and_cls_refused_without_it():
 # ---------------------------------------------------------------------- between models
 
 def test_between_models_pairs_a_model_without_cls_with_a_cls_model():
-  from clmim.jobs import between_models
+  from clmim.analysis import between_models
   from clmim.models.vit import build_vit
   small = dict(image_size=8, depth=1, width=32, num_heads=2, mlp_dim=64)
   vit_a = build_vit("mu/4", class_token=False, num_registers=2, **small)

@@ -23,8 +23,9 @@ Memory: P D^2 floats per feature kind; all stages: P = S(S+1)/2, for ViT-B (S = 
     b = block b's output); the matrices then cover the chosen stages only (P = their pairs plus
     the at most 2S - 1 pairs of the adjacent curve).
   between_models: True (default): the analysis job also computes CKA between the stages of every
-    two trained models of the run on the same images (clmim/jobs/between_models.py;
-    results.json "cka_between_models", figure cka_between_models.png).
+    two trained models of the run on the same images (`between_models` below, computed by
+    clmim/analysis/between_models.py; results.json "cka_between_models", figure
+    cka_between_models.png).
   mutual_knn_k: k of the mutual k-NN alignment between models (10; Huh et al. 2024): for each
     of the first `mutual_knn_images` images, the share of its k nearest images (cosine) in
     model A's stage that are also among its k nearest in model B's stage, averaged.
@@ -330,3 +331,19 @@ def figures(results, options) -> dict:
   if image is not None:
     fig.colorbar(image, ax=axes, shrink=0.8, label="linear CKA")
   return {"cka.png": fig}
+
+
+def between_models(runs, options: dict, session):
+  """The between-models hook (core.py): CKA and mutual k-NN between the stages of every two
+  trained models of `runs` ([(model, images)]), streamed by the run's `session`; None when the
+  between_models option is off."""
+  if not options.get("between_models"):
+    return None
+  from clmim.analysis import between_models as pairs  # it streams through this module
+  return pairs.cka_between_models(runs, options, session)
+
+
+def between_models_figure(value) -> Figure | None:
+  """One heatmap per computed pair of `between_models`' value (None: no pair computed)."""
+  from clmim.analysis import between_models as pairs
+  return pairs.figure(value or {})

@@ -19,6 +19,13 @@ runner, the jobs, the summary, the figures and the report learn about it only th
   def check(model, options: dict) -> None
       raises ClmimError before any compute when a model cannot be analysed (e.g. no decoder);
       `model` is the registry's `Model` (its `vit`, `decoder`, `name`, ...)
+  def between_models(runs, options: dict, session) -> dict | None
+      what the analysis measures between the models of a run, after each was analysed alone
+      (cka: CKA between the layers of every two trained models); `runs` = [(model, images)],
+      `session` the run's `clmim.analysis.session.Session` (its batching and compiled steps).
+      Recorded in results.json as "<NAME>_between_models"; None: nothing to record
+  def between_models_figure(value) -> Figure | None
+      the figure of that value, saved as <NAME>_between_models.png
   BOOTSTRAP = False            # no bootstrap interval (its statistic is not a mean over the
                                #   images, e.g. t-SNE of a few chosen images); default True
   FIXED_SUMS = ("maps",)       # sums over chosen images, the same in every bootstrap replicate
@@ -166,6 +173,10 @@ class Result:
     reference_label: the legend entry of the reference line (e.g. "uniform attention").
     columns: for a curve that is not over depth (x names another axis, e.g. "band"), a callable
       (results) -> the label of each position (the summary's column heads), or None.
+    summary: how one number summarises the curve when models are compared along a sweep
+      (`clmim.jobs.sweep`, sweep.json): "last" (its last position) or "later" (the mean over
+      the later half of the curve, as the report reads it); None: not summarised.
+    summary_label: that number's title (default: the label).
   """
   key: str
   label: str
@@ -178,6 +189,8 @@ class Result:
   title: str = ""
   reference_label: str = ""
   columns: Optional[Callable] = None
+  summary: Optional[str] = None
+  summary_label: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +218,11 @@ class Stage:
 def is_multi_pass(module) -> bool:
   """True for an analysis that runs its own passes (`measure`) instead of one stream."""
   return hasattr(module, "measure")
+
+
+def between_models_key(module) -> str:
+  """The results.json key of `module`'s between-models value (see the module docstring)."""
+  return f"{module.NAME}_between_models"
 
 
 def available() -> list[str]:

@@ -36,7 +36,8 @@ OPTIONS = {}
 RESULTS = (
     core.Result(key="fourier", label="high-frequency ΔlogA", layout="[stage][frequency]",
                 x="stage", series=lambda values: [row[-1] for row in values],
-                cl_direction="lower",
+                cl_direction="lower", summary="later",
+                summary_label="high-frequency ΔlogA, later blocks",
                 description="log amplitude of the highest spatial frequency of the token maps, "
                             "relative to frequency 0 (higher = more high-frequency content)"),
     core.Result(key="fourier_all_states", label="ΔlogA (every state)",

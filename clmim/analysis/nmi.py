@@ -31,6 +31,7 @@ RESULTS = (
     core.Result(key="nmi", label="NMI", layout="[block][head]", reference=0.0,
                 reference_label="query-independent attention", cl_direction="lower",
                 title="Normalised mutual information (query, key)",
+                summary="later", summary_label="NMI, later blocks",
                 description="normalised mutual information between query and key (0 = every "
                             "query attends alike)"),
     core.Result(key="attention_entropy", label="attention entropy / log N",

@@ -240,14 +240,14 @@ def _input_stats(results: dict, name: str):
   """(mean, std) the analysis normalised model `name`'s input with, or None when unknown: the
   run's config.data.mean/std, else the model's own preprocessing (as the evaluation data
   resolves them)."""
-  from clmim.data import preprocess
+  from clmim.models.input_stats import resolve_stats
   info = (results.get("model_info") or {}).get(name)
   if not isinstance(info, dict):
     return None
   data = ((results.get("config") or {}).get("data") or {})
   own = info.get("preprocessing") or {}
   try:
-    return tuple(np.asarray(preprocess.resolve_stats(
+    return tuple(np.asarray(resolve_stats(
         data.get(field) or own.get(field, "imagenet"), field, "config.data"), np.float64)
                  for field in ("mean", "std"))
   except ClmimError:

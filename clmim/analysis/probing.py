@@ -82,12 +82,19 @@ def _series(values):
 
 
 _DIRECTION = {"shape": "higher", "texture": "lower", "label": "higher"}
+# What a sweep over models (the hybrid's λ, Sec. 5) reads of the linear probes: the last block's
+# shape and texture top-1 on the mean patch token.
+_SWEEP_SUMMARIES = {("probe", "shape", "mean_tokens"), ("probe", "texture", "mean_tokens")}
+
+
 def _top1_results(prefix: str, probe: str, what: str, tail: str, title: str) -> tuple:
   """One top-1 Result per target and feature kind of a probe (`prefix`_<target>_<kind>)."""
   return tuple(
       core.Result(f"{prefix}_{t}_{k}", f"{t} {probe} top-1 ({_KIND_LABEL[k]})", "[block]",
                   series=_series, reference=_chance(t), reference_label="chance",
                   cl_direction=_DIRECTION[t],
+                  summary="last" if (prefix, t, k) in _SWEEP_SUMMARIES else None,
+                  summary_label=f"{t} {probe}, last block",
                   description=f"{what} of the {t} label on each block's {_KIND_LABEL[k]}, {tail}",
                   title=f"{title} of the {t} label ({_KIND_LABEL[k]})")
       for t in TARGETS for k in KINDS)

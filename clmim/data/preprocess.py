@@ -18,27 +18,24 @@ imported on first use through `pil_image`, which says how to install it when it 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import numpy as np
 
 from clmim.errors import ClmimError
+# The normalisation statistics live with the models (clmim/models/input_stats.py), which the
+# analyses may read; they are used here under their usual names.
+from clmim.models.input_stats import (  # noqa: F401
+    HALF, IMAGENET_MEAN, IMAGENET_STD, Stats, resolve_stats)
 
 if TYPE_CHECKING:  # annotations only: importing this module must not need Pillow
   from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-HALF = (0.5, 0.5, 0.5)
-
-_NAMED_STATS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": (HALF, HALF)}
 # Names of PIL's `Image.Resampling` members, looked up when an image is resized (not at import,
 # so that validating a config does not need Pillow).
 _INTERPOLATIONS = {"bilinear": "BILINEAR", "bicubic": "BICUBIC"}
 # The pip requirement named when Pillow is missing (the pin of requirements.txt).
 PILLOW_REQUIREMENT = "pillow==13.0.0"
-
-Stats = Union[str, Sequence[float]]
 
 
 def pil_image(needed_for: str):
@@ -91,24 +88,6 @@ def rgb_convertible(mode: str) -> bool:
     except (ValueError, OSError, KeyError):  # e.g. "conversion from La to L not supported"
       _CONVERTIBLE[mode] = False
   return _CONVERTIBLE[mode]
-
-
-def resolve_stats(value: Stats, field: str, where: str) -> Tuple[float, float, float]:
-  """Resolves a mean/std given by name ('imagenet', 'half') or as three numbers."""
-  if isinstance(value, str):
-    key = value.lower()
-    if key not in _NAMED_STATS:
-      raise ClmimError(
-          f"{where}.{field} = {value!r}: expected 'imagenet', 'half' or three numbers.")
-    return _NAMED_STATS[key][0 if field == "mean" else 1]
-  try:
-    out = tuple(float(v) for v in value)
-  except (TypeError, ValueError):
-    out = ()
-  if len(out) != 3 or (field == "std" and any(v <= 0 for v in out)):
-    what = "three positive numbers" if field == "std" else "three numbers"
-    raise ClmimError(f"{where}.{field} = {value!r}: expected 'imagenet', 'half' or {what}.")
-  return out
 
 
 class EvalPreprocess:

@@ -59,12 +59,14 @@ class ConfigKind:
 
   Attributes:
     name: "analysis" or "pretraining".
+    examples: the config files of this kind, for errors.
     check_target: "module:function" of check(config, mode, devices): one error for any field
       the kind's jobs read, before anything is loaded (it asks the config's components).
     resume_target: "module:function" of resume_fields(config) -> preflight.ResumeFields, for
       kinds whose workdirs are resumed; None otherwise.
   """
   name: str
+  examples: str
   check_target: str
   resume_target: Optional[str] = None
 
@@ -76,8 +78,9 @@ class ConfigKind:
 
 
 KINDS = {kind.name: kind for kind in (
-    ConfigKind("analysis", "clmim.jobs.analyze:check_config"),
-    ConfigKind("pretraining", "clmim.jobs.pretrain:check_config",
+    ConfigKind("analysis", "configs/analyze.py or nmi.py", "clmim.jobs.analyze:check_config"),
+    ConfigKind("pretraining", "configs/pretrain_*.py or finetune.py",
+               "clmim.jobs.pretrain:check_config",
                "clmim.jobs.pretrain:resume_fields"),
 )}
 

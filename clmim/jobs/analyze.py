@@ -21,8 +21,8 @@ results.json:
                          untrained copies: "architecture_of" and, when one copy stands for
                          several models' architecture, "shared_by": [their names]}},
    "analyses": {name: {"options": {...}, "results": {key: {"label", "layout", "x", ...}}}},
-   "cka_between_models": {"A ~ B": {"cka_mean_tokens": [stage of A][stage of B], ...}} (when
-     cka runs with its between_models option and the run has two trained models),
+   "<analysis>_between_models": what an analysis measures between the models (core.py), e.g.
+     "cka_between_models": {"A ~ B": {"cka_mean_tokens": [stage of A][stage of B], ...}},
    "intervals": {"folds", "replicates", "seed", "coverage", "not_resampled": {analysis: why},
                  "models": {name: {key: {"low": [...], "high": [...]}}}} (bootstrap, per curve),
    "findings": [one entry per result the paper compares CL and MIM on, with its verdict:
@@ -58,7 +58,7 @@ from clmim.checkpoints import registry
 from clmim.data.eval_data import EvalImages
 from clmim.data.labelled import ProbeData
 from clmim.errors import ClmimError
-from clmim.jobs import between_models, placements, report, verdicts
+from clmim.jobs import placements, report, verdicts
 from clmim.config_checks import check_int
 from clmim.data import sources
 from clmim.models.vit import DTYPES, vit_fields
@@ -267,9 +267,11 @@ def run(config, workdir: str, invocation: dict | None = None) -> dict:
     results["models"][model.name], results["model_info"][model.name] = \
         session.analyze(model, images, probe_data=probe_data.get(model.name))
   compile_seconds = session.compile_seconds  # the per-model steps only
-  if options.get("cka", {}).get("between_models"):
-    results["cka_between_models"] = between_models.cka_between_models(jobs, options["cka"],
-                                                                      session)
+  for module in modules:  # what an analysis measures between the models (core.py)
+    if hasattr(module, "between_models"):
+      value = module.between_models(jobs, options[module.NAME], session)
+      if value is not None:
+        results[core.between_models_key(module)] = value
   results["analyses"] = describe_analyses(modules, options)
   results["intervals"] = verdicts.interval_record(intervals, session)
   results["findings"] = verdicts.findings(results, modules, session.replicates)
@@ -293,9 +295,11 @@ def write_outputs(results: dict, modules, options, workdir: str, overwrite: bool
     print(f"Replaced the earlier run's outputs in {workdir} ({len(removed)} files).")
   with removed_unless_complete(workdir):  # an error or a Ctrl-C here leaves no half run
     paths = plots.write_figures(results, modules, options, workdir)
-    pairs_figure = between_models.figure(results.get("cka_between_models") or {})
-    if pairs_figure is not None:
-      paths.append(plots.save(pairs_figure, os.path.join(workdir, "cka_between_models.png")))
+    for module in modules:
+      key = core.between_models_key(module)
+      figure = module.between_models_figure(results[key]) if key in results else None
+      if figure is not None:
+        paths.append(plots.save(figure, os.path.join(workdir, f"{key}.png")))
     results["figures"] = [os.path.basename(p) for p in paths]
     text = report.summary(results, modules)
     write_atomic(os.path.join(workdir, "summary.txt"), lambda f: f.write(text.encode() + b"\n"))

@@ -8,8 +8,9 @@ export/; a finished one is not trained again), then runs `config.sweep.analyses`
 and an untrained copy of the architecture, on `config.sweep.num_images` held-out procedural
 images (probes: `config.sweep.num_train_images` training images), in workdir/analysis/ (the
 analysis job's results.json, figures and report). workdir/sweep.json and sweep.png hold what the
-paper's Sec. 5 plots against λ: last-block shape and texture probes (mean patch token), NMI and
-high-frequency ΔlogA (means over the later half of the blocks). Everything a λ needs — its
+paper's Sec. 5 plots against λ, the results its analyses mark with a `summary`: last-block shape
+and texture probes (mean patch token), NMI and high-frequency ΔlogA (means over the later half
+of the blocks). Everything a λ needs — its
 value, its workdir's config record, the analyses — is checked before the first one trains.
 With `config.sweep.seeds` = N > 1 every λ is trained N times (training seeds config.seed,
 config.seed + 1, ...): seed 0 is the one-seed sweep's member (workdir/lambda_<λ>/, model
@@ -37,15 +38,6 @@ from clmim.config_checks import check_int
 from clmim.jobs import analyze, pretrain, report
 from clmim.jobs.analyze import analysis_setup
 from clmim.train import objectives
-
-# (analysis, results key, label, "last" block or the report's "later" half): sweep.json's numbers.
-SUMMARIES = (
-    ("probing", "probe_shape_mean_tokens", "shape probe, last block", "last"),
-    ("probing", "probe_texture_mean_tokens", "texture probe, last block", "last"),
-    ("nmi", "nmi", "NMI, later blocks", "later"),
-    ("fourier", "fourier", "high-frequency ΔlogA, later blocks", "later"),
-)
-
 
 def weights(config) -> list[float]:
   """config.sweep.weights as floats, each in [0, 1] and distinct, or one error line."""
@@ -111,10 +103,16 @@ def analysis_config(config, exports: list[str]):
   return analysis
 
 
-def _reduce(analysis: str, key: str, values, how: str) -> float:
-  if how == "last":
+def summarised(analyses=None) -> list:
+  """The Results sweep.json holds per λ: those the analyses (a list of names; default: every
+  analysis) mark with a `summary` (`clmim.analysis.core.Result`), in the analyses' order."""
+  modules = core.load_all(list(analyses) if analyses is not None else core.available())
+  return [result for module in modules for result in module.RESULTS if result.summary]
+
+
+def _reduce(result, values) -> float:
+  if result.summary == "last":
     return float(np.asarray(values, np.float64)[-1])
-  result = next(r for r in core.load(analysis).RESULTS if r.key == key)
   return report.later_half(result, values)  # the report's own reading of a depth curve
 
 
@@ -133,18 +131,18 @@ def summarise(results: dict, names: dict) -> dict:
   count = max(len(group) for group in names.values())
   if count > 1:
     out["seeds"] = count
-  for analysis, key, _, how in SUMMARIES:
+  for result in summarised(results.get("analyses")):
+    key = result.key
     per_model = {n: m[key] for n, m in results["models"].items() if key in m}
     if not per_model:
       continue
-    values = [[_reduce(analysis, key, per_model[n], how) for n in names[w]]
-              for w in out["weights"]]
+    values = [[_reduce(result, per_model[n]) for n in names[w]] for w in out["weights"]]
     out[key] = [float(np.mean(v)) for v in values]
     if count > 1:
       out[key + "_seeds"] = values
       out[key + "_spread"] = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in values]
     if untrained and untrained[0] in per_model:
-      out[key + "_untrained"] = _reduce(analysis, key, per_model[untrained[0]], how)
+      out[key + "_untrained"] = _reduce(result, per_model[untrained[0]])
   return out
 
 
@@ -159,7 +157,8 @@ def figure(summary: dict) -> Figure:
   several seeds, ±1 standard deviation over them (each seed a small dot); with one, probe
   accuracies get ±1 binomial standard error (differences inside the bars are noise of the test
   set) and the other panels none."""
-  keys = [(k, label) for _, k, label, _ in SUMMARIES if k in summary]
+  labels = {r.key: r.summary_label or r.label for r in summarised()}
+  keys = [(k, labels[k]) for k in summary if k in labels]  # summarise's order
   fig = Figure(figsize=(3.6 * len(keys), 3.2), layout="constrained")
   for ax, (key, label) in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
     n = summary.get("probe_evaluation_images") if key.startswith("probe_") else None

@@ -21,7 +21,8 @@ a second paired pass (`GatherStage`), and `mutual_knn` compares their neighbourh
 
 A pair is skipped, with the reason recorded, when its models do not see the same input (other
 preprocessing or resolution) or have different widths (their features would not stack).
-Enabled by `config.analysis_options.cka.between_models` when `cka` runs.
+The `cka` analysis runs it (its `between_models` hook, core.py) when its option
+`between_models` is on.
 Memory: the `cka` analysis' statement with S = SA + SB stages.
 """
 from __future__ import annotations
