@@ -86,7 +86,7 @@ def main():
       config.models, config.analyses, config.dtype = args.models, args.analyses, dtype
       config.include_untrained, config.progress = args.untrained, False
       config.data.num_images, config.batch_size = args.images, args.batch
-      config.data.num_train_images = args.probe_images
+      config.probe_data.num_images = args.probe_images
     started = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # the job's tables; stdout is the JSON only
       results[dtype] = analyze.run(config, os.path.join(workdir, dtype))

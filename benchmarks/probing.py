@@ -90,7 +90,7 @@ def run_job(args) -> dict:
   config.models = "moco_v3_demo,simmim_demo"
   config.include_untrained = False
   config.analyses = "probing"
-  config.data.num_train_images = args.train_images
+  config.probe_data.num_images = args.train_images
   config.data.num_images = args.eval_images
   config.analysis_options.probing.cue_conflict = args.cue_conflict
   config.batch_size = args.batch

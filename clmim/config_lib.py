@@ -177,11 +177,26 @@ def analysis_base(arg: str, name: str, analyses: str,
       replicates=1000,              # bootstrap replicates (>= 20)
       seed=0,                       # seed of the fold draws (the same draws for every model)
   ))
-  config.data = ml_collections.ConfigDict(dict(
+  config.data = evaluation_data(num_images=num_images)
+  config.probe_data = probe_data()
+  if arg == "runlocal":
+    config.data.num_images = 64
+    config.probe_data.num_images = 256
+    config.include_untrained = False
+    config.intervals.replicates = 200  # a quick look: percentiles of 200 draws, not 1000
+  config.lock()
+  return config
+
+
+def evaluation_data(**fields) -> ml_collections.ConfigDict:
+  """The `config.data` section of an analysis run: the images every model is analysed on.
+  Every analysis config, the snapshots and the sweep build it here; `fields` replace defaults
+  (an unknown one is an error)."""
+  data = ml_collections.ConfigDict(dict(
       source="synthetic",           # "synthetic" (no download), "image_folder" or "tfds"
       split="validation",           # synthetic: validation (held out), train, cue_conflict;
                                     #   tfds: any TFDS split, e.g. "validation", "train[:10%]"
-      num_images=num_images,        # images per model, the first ones in dataset order after
+      num_images=512,               # images per model, the first ones in dataset order after
                                     #   per-class subsampling (0 = all of them)
       max_batches=0,                # cap: at most this many steps of batch_size images per
                                     #   model and pass (probes: per image set; 0 = no cap)
@@ -204,19 +219,40 @@ def analysis_base(arg: str, name: str, analyses: str,
                                     #   then centre crop; 0 = the model's own (0.875 if unknown)
       interpolation="",             # "bilinear" / "bicubic"; "" = the model's own
       mean="", std="",              # "imagenet", "half" or 3 numbers; "" = the model's own
-      # The probes' other image sets (read by the probing and robustness analyses only):
-      train_split="train",          # synthetic/tfds: the split the probes are fitted on
-      train_path="",                # image_folder: folder of labelled training images (one
-                                    #   sub-folder per class, the classes of config.data.path)
-      num_train_images=4000,        # probe training images, the first in dataset order after
-                                    #   per-class subsampling (0 = all of them)
-      cue_conflict_path="",         # image_folder/tfds: a cue-conflict folder (docs/analyses/probing.md
-                                    #   "Cue-conflict images"); synthetic uses its own split
   ))
-  if arg == "runlocal":
-    config.data.num_images = 64
-    config.data.num_train_images = 256
-    config.include_untrained = False
-    config.intervals.replicates = 200  # a quick look: percentiles of 200 draws, not 1000
-  config.lock()
-  return config
+  return _checked_update(data, fields, "evaluation_data")
+
+
+def probe_data(**fields) -> ml_collections.ConfigDict:
+  """The `config.probe_data` section: the probes' other image sets (read by the probing and
+  robustness analyses only; the evaluation images are config.data's stream)."""
+  data = ml_collections.ConfigDict(dict(
+      split="train",                # synthetic/tfds: the split the probes are fitted on
+      path="",                      # image_folder: folder of labelled training images (one
+                                    #   sub-folder per class, the classes of config.data.path)
+      num_images=4000,              # probe training images, the first in dataset order after
+                                    #   config.data's per-class subsampling (0 = all of them)
+      cue_conflict_path="",         # image_folder/tfds: a cue-conflict folder (docs/analyses/
+                                    #   probing.md "Cue-conflict images"); synthetic uses its
+                                    #   own split
+  ))
+  return _checked_update(data, fields, "probe_data")
+
+
+def held_out_data(training_config, num_images: int, **fields) -> ml_collections.ConfigDict:
+  """The evaluation data of a pretraining run's models: held-out images of its procedural
+  generator (split "validation": never trained on), with the run's data seed, generator
+  version and normalisation. The snapshots and the sweep analyse on it."""
+  data = training_config.data
+  return evaluation_data(source="synthetic", split="validation", num_images=num_images,
+                         seed=data.seed, version=data.get("version", 1), mean=data.mean,
+                         std=data.std, **fields)
+
+
+def _checked_update(section, fields: dict, builder: str) -> ml_collections.ConfigDict:
+  unknown = sorted(set(fields) - set(section.keys()))
+  if unknown:
+    raise ValueError(f"{builder}: unknown field {unknown[0]!r}; expected some of "
+                     f"{', '.join(section.keys())}.")
+  section.update(fields)
+  return section

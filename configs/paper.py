@@ -15,9 +15,9 @@ comparison on ImageNet" explains the data fields):
   python -m clmim.main --config configs/paper.py --config.models=moco_v3_vitb16,simmim_vitb16 \
       --config.data.source=image_folder --config.data.path=/data/imagenet/val \
       --config.data.max_images_per_class=12 --config.data.num_images=0 --config.batch_size=16 \
-      --config.data.train_path=/data/imagenet/train --config.data.num_train_images=20000
+      --config.probe_data.path=/data/imagenet/train --config.probe_data.num_images=20000
 
-(the probes of `probing` and `robustness` are fitted on data.train_path: labelled training
+(the probes of `probing` and `robustness` are fitted on probe_data.path: labelled training
 images with the classes of data.path; docs/analyses/probing.md).
 
 Variants (after ':'): demo (default), runlocal (64 images, no untrained copies). Every field

@@ -15,11 +15,11 @@ and tested on the validation folder; docs/analyses/probing.md, "Memory and time"
 
   python -m clmim.main --config configs/probing.py --config.models=moco_v3_vitb16,simmim_vitb16 \
       --config.data.source=image_folder --config.data.path=/data/imagenet/val \
-      --config.data.train_path=/data/imagenet/train --config.data.num_train_images=0 \
+      --config.probe_data.path=/data/imagenet/train --config.probe_data.num_images=0 \
       --config.data.max_images_per_class=0 --config.data.num_images=0 --config.batch_size=64
 
 With a cue-conflict folder (the 16-class style-transfer set; its classes must be class folders
-of the training images): add --config.data.cue_conflict_path=/data/cue-conflict.
+of the training images): add --config.probe_data.cue_conflict_path=/data/cue-conflict.
 
 Variants (after ':'): demo (default), runlocal (256 training and 64 test images, no untrained
 copies). Every field is documented in clmim/config_lib.py (analysis_base) and the README.

@@ -15,8 +15,8 @@ On ImageNet (the probe is fitted on a labelled training folder):
   python -m clmim.main --config configs/robustness.py \
       --config.models=moco_v3_vitb16,simmim_vitb16 \
       --config.data.source=image_folder --config.data.path=/data/imagenet/val \
-      --config.data.train_path=/data/imagenet/train --config.data.max_images_per_class=0 \
-      --config.data.num_train_images=0 --config.data.num_images=10000 --config.batch_size=64
+      --config.probe_data.path=/data/imagenet/train --config.data.max_images_per_class=0 \
+      --config.probe_data.num_images=0 --config.data.num_images=10000 --config.batch_size=64
 
 Options (config.analysis_options.robustness.*): target, block, feature, bands, band_width,
 band_rms, white_rms, seed. Variants (after ':'): demo (default), runlocal (256 training and 64

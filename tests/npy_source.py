@@ -93,10 +93,9 @@ def held_out(data_cfg, finetune_cfg):
                                  finetune_cfg)
 
 
-def probe_training(data_cfg, pairing: str) -> dict:
+def probe_training(data_cfg, probe_cfg, pairing: str) -> dict:
   del pairing
-  return {"path": data_cfg.train_path or data_cfg.path,
-          "num_images": int(data_cfg.num_train_images)}
+  return {"path": probe_cfg.path or data_cfg.path, "num_images": int(probe_cfg.num_images)}
 
 
 def probe_evaluation(pairing: str) -> dict:

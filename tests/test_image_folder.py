@@ -299,8 +299,8 @@ def test_probe_training_folder_is_checked_before_compute(tmp_path, no_compute):
   from clmim.jobs import analyze
   _two_classes(tmp_path / "val")
   _two_classes(tmp_path / "train", broken=["b/bad.jpg"])
-  config = _analysis_config("probing", path=str(tmp_path / "val"),
-                            train_path=str(tmp_path / "train"), num_train_images=0)
+  config = _analysis_config("probing", path=str(tmp_path / "val"))
+  config.probe_data.path, config.probe_data.num_images = str(tmp_path / "train"), 0
   config.analyses = "probing"
   with pytest.raises(ClmimError, match=r"probing.*Image folder .*train'.*'b/bad.jpg'"):
     analyze.run(config, str(tmp_path / "out"))

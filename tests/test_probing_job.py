@@ -17,15 +17,19 @@ from configs import robustness as robustness_config
 TINY = "random:mu/4?depth=2&image_size=16"
 
 
-def _config(module=probing_config, **data):
+def _config(module=probing_config, probe=None, **data):
+  """The runlocal config on a tiny model; `data` sets config.data fields, `probe`
+  config.probe_data fields."""
   config = module.get_config("runlocal")
   config.models = TINY
   config.progress = False
   config.analyses = "probing,robustness"
-  config.data.num_train_images = 96
+  config.probe_data.num_images = 96
   config.data.num_images = 40
   for key, value in data.items():
     setattr(config.data, key, value)
+  for key, value in (probe or {}).items():
+    setattr(config.probe_data, key, value)
   # 16 px images: frequency bins are 0.125π apart, too coarse for the default 0.1π bands.
   config.analysis_options.robustness.bands = (0.25, 0.75)
   config.analysis_options.robustness.band_width = 0.5
@@ -95,9 +99,9 @@ def folders(tmp_path_factory):
 
 @pytest.mark.slow
 def test_image_folders_with_a_cue_conflict_set(folders, tmp_path):
-  config = _config(source="image_folder", path=str(folders / "val"),
-                   train_path=str(folders / "train"), cue_conflict_path=str(folders / "cue"),
-                   num_train_images=0, num_images=0)
+  config = _config(source="image_folder", path=str(folders / "val"), num_images=0,
+                   probe=dict(path=str(folders / "train"), num_images=0,
+                              cue_conflict_path=str(folders / "cue")))
   config.analyses = "probing"
   results = analyze.run(config, str(tmp_path))
   values = next(iter(results["models"].values()))
@@ -114,7 +118,7 @@ def test_image_folders_with_a_cue_conflict_set(folders, tmp_path):
 
 def test_probing_without_a_training_folder_is_refused(folders, tmp_path, no_compute):
   config = _config(source="image_folder", path=str(folders / "val"), num_images=0)
-  with pytest.raises(ClmimError, match="config.data.train_path is empty"):
+  with pytest.raises(ClmimError, match="config.probe_data.path is empty"):
     analyze.run(config, str(tmp_path))
   assert not os.listdir(tmp_path)
 
@@ -122,8 +126,8 @@ def test_probing_without_a_training_folder_is_refused(folders, tmp_path, no_comp
 def test_a_cue_conflict_file_without_a_texture_class_is_refused(folders, tmp_path, no_compute):
   bad = tmp_path / "cue"
   _save(bad / "disk" / "disk1.png", np.zeros((8, 8, 3)))
-  config = _config(source="image_folder", path=str(folders / "val"),
-                   train_path=str(folders / "train"), cue_conflict_path=str(bad), num_images=0)
+  config = _config(source="image_folder", path=str(folders / "val"), num_images=0,
+                   probe=dict(path=str(folders / "train"), cue_conflict_path=str(bad)))
   with pytest.raises(ClmimError, match="disk1.png.*'<shape><n>-<texture><m>'"):
     analyze.run(config, str(tmp_path / "out"))
 
@@ -173,14 +177,14 @@ def test_a_labelled_tfds_dataset_is_probed_and_too_few_training_images_are_refus
 
   ClmimGreys(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
   config = _config(source="tfds", tfds_name="clmim_greys", data_dir=str(tmp_path / "tfds"),
-                   num_images=0, num_train_images=0)
+                   num_images=0, probe=dict(num_images=0))
   config.analyses = "probing"
   values = next(iter(analyze.run(config, str(tmp_path / "out"))["models"].values()))
   details = values["probing_details"]["targets"]["label"]
   assert details["classes"] == ["dark", "middle", "light"] and details["train_images"] == 30
   assert values["probe_label_mean_tokens"][-1] == 1.0  # three grey levels: trivially separable
   assert values["knn_label_mean_tokens"][-1] == 1.0
-  config.data.num_train_images = 1  # one image: held out to choose the ridge, none to fit
+  config.probe_data.num_images = 1  # one image: held out to choose the ridge, none to fit
   with pytest.raises(ClmimError, match="leave 0 to fit"):
     analyze.run(config, str(tmp_path / "again"))
 
@@ -217,8 +221,9 @@ def test_a_dataset_without_labels_is_refused(tmp_path, no_compute):
 def test_data_fields_and_options_reach_the_probes(tmp_path):
   from clmim.analysis import probing, robustness
   from clmim.data.labelled import ProbeData
-  config = _config(train_split="cue_conflict", num_train_images=10)
-  data = ProbeData(config.data, {"image_size": 16, "mean": "half", "std": "half"})
+  config = _config(probe=dict(split="cue_conflict", num_images=10))
+  data = ProbeData(config.data, config.probe_data,
+                   {"image_size": 16, "mean": "half", "std": "half"})
   assert "split 'cue_conflict'" in data.train().description and len(data.train().images) == 10
   assert probing.feature_kinds({"features": "mean_tokens"}) == ("mean_tokens",)
   with pytest.raises(ClmimError, match="features"):

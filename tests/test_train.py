@@ -279,3 +279,13 @@ def test_the_final_line_says_steps_time_loss_held_out_accuracy_and_the_export():
   assert pretrain.summary_line(records[:1], "mae", "runs/mae/export", "mae_demo_runlocal") == (
       "Finished 250 steps of mae pretraining in 80.0 s, final loss 1.2000, held-out top-1 "
       "0.600 (loss 1.0000). Exported encoder 'mae_demo_runlocal' to runs/mae/export")
+
+
+def test_snapshots_read_the_runs_own_held_out_generator():
+  # The held-out images come from the generator the run trained on (its data.version and seed),
+  # built by the one evaluation-data builder (config_lib.held_out_data).
+  config = pretrain_simmim.get_config("runlocal")
+  config.data.version, config.data.seed = 2, 5
+  images = snapshots.held_out_images(config)
+  assert (images.dataset.version, images.dataset.split) == (2, "validation")
+  assert "seed 5" in images.description and len(images) == config.snapshot_images

@@ -56,7 +56,7 @@ def check_training_set(train_images: int, options, where: str) -> None:
   if k and memory_size(options, train_images) <= k:
     raise ClmimError(f"config.analysis_options.{where}.knn_k={k}: the k-NN memory holds "
                      f"{memory_size(options, train_images)} training image(s) (config.data."
-                     "num_train_images, knn_train_images); it needs more than k.")
+                     "probe_data.num_images, knn_train_images); it needs more than k.")
 
 
 def unit(x):

@@ -22,8 +22,8 @@ Definition (docs/analyses/probing.md):
   (`clmim.data.labelled`: on the procedural data the probe fitted on the "aligned" training set,
   where class k is shape k with texture k).
 
-Data (`clmim.data.labelled`): the probes are fitted on config.data.train_split (synthetic, tfds)
-or config.data.train_path (image_folder), config.data.num_train_images of them, and tested on
+Data (`clmim.data.labelled`): the probes are fitted on config.probe_data.split (synthetic, tfds)
+or config.probe_data.path (image_folder), config.probe_data.num_images of them, and tested on
 config.data's own images. Targets: "shape" and "texture" on the procedural data, "label"
 otherwise.
 
@@ -33,7 +33,7 @@ Options:
   ridge_grid: the relative ridge values α to choose from; one value: no choice (then
     holdout_fraction may be 0).
   cue_conflict: True: also measure the shape bias (synthetic data, or a folder in
-    config.data.cue_conflict_path).
+    config.probe_data.cue_conflict_path).
   knn_k: 20: the weighted k-NN probe's k (`clmim.analysis.knn_probe`, DINO's evaluation);
     0: no k-NN probe.
   knn_temperature: 0.07: its vote temperature T (weights exp(cosine / T)).
@@ -319,7 +319,7 @@ def check_training_set(data, options, where=NAME) -> None:
     raise ClmimError(f"config.data: {count} probe training image(s) leave {count - held} to fit "
                      f"and {held} to choose the ridge (config.analysis_options.{where}."
                      f"holdout_fraction={options['holdout_fraction']}); use more training images "
-                     "(config.data.num_train_images) or a single ridge_grid value.")
+                     "(config.probe_data.num_images) or a single ridge_grid value.")
   if "knn_k" in options:
     knn_probe.check_training_set(count, options, where)
 

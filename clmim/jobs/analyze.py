@@ -80,7 +80,7 @@ def check_config(config, mode: str, devices: int) -> None:
   check_int(config, "data.max_batches", 0, why="0 = no cap")
   check_int(config, "data.max_images_per_class", 0, why="0 = all")
   check_int(config, "data.num_workers", 0, why="0 = one per CPU core, at most 8")
-  check_int(config, "data.num_train_images", 0, why="0 = the whole training split")
+  check_int(config, "probe_data.num_images", 0, why="0 = the whole training split")
   if not 0.0 <= float(config.data.fraction_per_class) <= 1.0:
     raise ClmimError(f"config.data.fraction_per_class={config.data.fraction_per_class}: "
                      f"expected a fraction in [0, 1] (0 = all).")
@@ -205,7 +205,7 @@ def check_unique_names(models) -> None:
     seen[model.name] = spec
 
 
-def check_models(modules, options, jobs, data_cfg=None) -> dict:
+def check_models(modules, options, jobs, data_cfg=None, probe_cfg=None) -> dict:
   """Each analysis' own `check` on every model (e.g. a decoder it needs), and the multi-pass
   analyses' `check_data` (which opens their image sets), before any compute. Returns
   {model name: ProbeData} (empty when no multi-pass analysis runs)."""
@@ -217,7 +217,7 @@ def check_models(modules, options, jobs, data_cfg=None) -> dict:
           module.check(model, options[module.NAME])
         if core.is_multi_pass(module):
           if model.name not in probe_data:
-            probe_data[model.name] = ProbeData(data_cfg, model.preprocessing)
+            probe_data[model.name] = ProbeData(data_cfg, probe_cfg, model.preprocessing)
           module.check_data(probe_data[model.name], options[module.NAME])
       except ClmimError as e:
         raise ClmimError(f"analysis {module.NAME!r} on model {model.name!r}: {e}") from None
@@ -257,7 +257,7 @@ def run(config, workdir: str, invocation: dict | None = None) -> dict:
   preflight.check_run(config, workdir, jax.device_count())
   modules, options = analysis_setup(config.analyses, config.get("analysis_options"))
   jobs = resolve_models(config)
-  probe_data = check_models(modules, options, jobs, config.data)
+  probe_data = check_models(modules, options, jobs, config.data, config.probe_data)
 
   intervals = interval_settings(config)
   session = Session(modules, options, config.batch_size, config.progress,

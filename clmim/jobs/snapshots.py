@@ -18,12 +18,11 @@ import dataclasses
 import os
 
 import jax
-import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from clmim import preflight
+from clmim import config_lib, preflight
 from clmim.analysis import core
 from clmim.atomic import save_figure_atomic, write_json_atomic
 from clmim.checkpoints.registry import Model
@@ -36,13 +35,10 @@ from clmim.train import objectives, trainer
 
 
 def held_out_images(config) -> EvalImages:
-  """The held-out procedural split a pretraining run never saw, normalised like its inputs."""
-  data = ml_collections.ConfigDict(dict(
-      source="synthetic", split="validation", num_images=config.snapshot_images,
-      seed=config.data.seed, num_workers=0, mean=config.data.mean, std=config.data.std,
-      crop_pct=0.0, interpolation="", max_images_per_class=0, fraction_per_class=0.0,
-      path="", tfds_name="", data_dir="", max_batches=0))
-  return EvalImages(data, {"image_size": config.data.image_size})
+  """config.snapshot_images held-out images of the run's procedural generator (the split it
+  never saw, its data seed and generator version), normalised like its inputs."""
+  return EvalImages(config_lib.held_out_data(config, config.snapshot_images),
+                    {"image_size": config.data.image_size})
 
 
 def curves(modules) -> list:

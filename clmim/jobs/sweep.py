@@ -91,12 +91,11 @@ def member_config(config, weight: float, seed: int = 0):
 
 def analysis_config(config, exports: list[str]):
   """The analysis run over the exports (and an untrained copy of their architecture)."""
-  analysis = config_lib.analysis_base("demo", name="sweep", analyses=config.sweep.analyses,
-                                      num_images=config.sweep.num_images)
+  analysis = config_lib.analysis_base("demo", name="sweep", analyses=config.sweep.analyses)
   analysis.models = ",".join(exports + [f"random:{exports[0]}"])
   analysis.include_untrained = False
-  analysis.data.version = config.data.version
-  analysis.data.num_train_images = config.sweep.num_train_images
+  analysis.data = config_lib.held_out_data(config, config.sweep.num_images)
+  analysis.probe_data.num_images = config.sweep.num_train_images
   analysis.progress = False
   analysis.overwrite = True
   analysis.compilation_cache = config.compilation_cache

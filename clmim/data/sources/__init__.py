@@ -23,7 +23,8 @@ lives in that source's module; the rest of clmim asks the module, never compares
   training_batches(images, config, start_step, rows, labels)  the endless batch stream
   class_count(data_cfg, label)               classes of a label column
   held_out(data_cfg, finetune_cfg)           fine-tuning's validation images and labels
-  probe_training(data_cfg, pairing)          overrides opening the probes' training images
+  probe_training(data_cfg, probe_cfg, pairing)  overrides opening the probes' training images
+                                             (probe_cfg: config.probe_data)
   probe_evaluation(pairing)                  overrides opening the probes' evaluation images
   cue_conflict(data_cfg)                     overrides opening its cue-conflict images, or None
   object_mask(opened, position)              float [H, W] object coverage (OBJECT_MASKS only)

@@ -85,5 +85,5 @@ def probe_evaluation(pairing: str) -> dict:
 
 
 def cue_conflict(data_cfg):
-  """None: the cue-conflict images are a folder of their own (data.cue_conflict_path)."""
+  """None: the cue-conflict images are a folder of their own (probe_data.cue_conflict_path)."""
   del data_cfg

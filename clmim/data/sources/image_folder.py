@@ -1,7 +1,7 @@
 """An image folder ("image_folder"): one sub-folder of PNG / JPEG files per class.
 
-Evaluation reads `data.path`, the probes train on `data.train_path` and the cue-conflict decision
-reads `data.cue_conflict_path` (a folder laid out as the 16-class style-transfer set: the shape
+Evaluation reads `data.path`, the probes train on `probe_data.path` and the cue-conflict decision
+reads `probe_data.cue_conflict_path` (a folder laid out as the 16-class style-transfer set: the shape
 is the sub-folder, the texture the class named at the end of the file name). Labels are the
 sub-folders, sorted. Training reads `data.path` through grain; fine-tuning validates on
 `finetune.eval_path` (the same classes).
@@ -103,13 +103,13 @@ def held_out(data_cfg, finetune_cfg):
   return decoded.held_out_loader(images, labels, finetune_cfg)
 
 
-def probe_training(data_cfg, pairing: str) -> dict:
-  del pairing
-  if not data_cfg.train_path:
-    raise ClmimError("config.data.train_path is empty: a probe is fitted on labelled "
+def probe_training(data_cfg, probe_cfg, pairing: str) -> dict:
+  del data_cfg, pairing
+  if not probe_cfg.path:
+    raise ClmimError("config.probe_data.path is empty: a probe is fitted on labelled "
                      "training images; set it to a folder with one sub-folder per class "
                      "(the classes of config.data.path).")
-  return {"path": data_cfg.train_path, "num_images": int(data_cfg.num_train_images)}
+  return {"path": probe_cfg.path, "num_images": int(probe_cfg.num_images)}
 
 
 probe_evaluation = decoded.probe_evaluation

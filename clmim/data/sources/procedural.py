@@ -105,16 +105,16 @@ def held_out(data_cfg, finetune_cfg):
   return (lambda indices: dataset.batch(indices)["image"]), labels
 
 
-# The probes: fitted on split data.train_split (shape and texture drawn independently, or
+# The probes: fitted on split probe_data.split (shape and texture drawn independently, or
 # "aligned": texture = the shape's), tested on data.split, cue conflicts from split
 # "cue_conflict". The decision probe is the aligned set's shape probe (class k = shape k with
 # texture k), so it names a shape or a texture.
 DECISION_PROBE = ("aligned", "shape")
 
 
-def probe_training(data_cfg, pairing: str) -> dict:
-  return {"split": data_cfg.train_split, "num_images": int(data_cfg.num_train_images),
-          "pairing": pairing}
+def probe_training(data_cfg, probe_cfg, pairing: str) -> dict:
+  del data_cfg
+  return {"split": probe_cfg.split, "num_images": int(probe_cfg.num_images), "pairing": pairing}
 
 
 def probe_evaluation(pairing: str) -> dict:

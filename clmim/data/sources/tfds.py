@@ -1,8 +1,8 @@
 """A TensorFlow Datasets split ("tfds"): `data.tfds_name`, read through `tfds.data_source`.
 
 Evaluation reads split `data.split` (array_record with random access, or tfrecord streamed in
-order; see clmim/data/tfds_source.py), the probes train on `data.train_split`, and cue conflicts
-come from a folder (`data.cue_conflict_path`) as for image folders. Labels are the split's
+order; see clmim/data/tfds_source.py), the probes train on `probe_data.split`, and cue
+conflicts come from a folder (`probe_data.cue_conflict_path`) as for image folders. Labels are the split's
 ClassLabel feature. Training reads `data.tfds_split`, which needs random access.
 """
 from __future__ import annotations
@@ -96,9 +96,9 @@ def held_out(data_cfg, finetune_cfg):
   return decoded.held_out_loader(images, labels, finetune_cfg)
 
 
-def probe_training(data_cfg, pairing: str) -> dict:
-  del pairing
-  return {"split": data_cfg.train_split, "num_images": int(data_cfg.num_train_images)}
+def probe_training(data_cfg, probe_cfg, pairing: str) -> dict:
+  del data_cfg, pairing
+  return {"split": probe_cfg.split, "num_images": int(probe_cfg.num_images)}
 
 
 probe_evaluation = decoded.probe_evaluation
