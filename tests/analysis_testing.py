@@ -7,14 +7,15 @@ from clmim.analysis import core
 
 def partial_sums(module, zs, attns, weights, patch_size=4, index=None, options=None,
                  layout=core.TokenLayout()):
-  """`module.partial_sums` on one batch: zs/attns may be None (an analysis that does not read
+  """`module.partial_sums` on one batch, with the image count the runner adds
+  (`core.sums_of`): zs/attns may be None (an analysis that does not read
   them); index defaults to 0..b-1 for real images and -1 for weight-0 ones; options default to
   the module's OPTIONS; `layout` is the states' token layout (default: cls, then patches)."""
   weights = jnp.asarray(weights, jnp.float32)  # may be a tracer (called under jit)
   if index is None:
     index = jnp.where(weights > 0, jnp.arange(weights.shape[0]), -1).astype(jnp.int32)
   batch = core.Batch(zs or [], attns or [], weights, index, patch_size, layout=layout)
-  return module.partial_sums(batch, core.resolve_options(module, options))
+  return core.sums_of(module, batch, core.resolve_options(module, options))
 
 
 def finalize(module, sums, options=None):

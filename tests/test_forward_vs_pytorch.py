@@ -127,7 +127,7 @@ def test_official_reimplementations_match_clmim_on_the_same_maps(one_torch_threa
     weights = jnp.ones((images.shape[0],), jnp.float32)
     index = jnp.arange(images.shape[0], dtype=jnp.int32)
     batch = core.Batch(zs, attns, weights, index, model.patch_size)
-    return [analysis.partial_sums(batch, {}) for analysis in analyses]
+    return [core.sums_of(analysis, batch, {}) for analysis in analyses]
 
   sums = partial_sums(zs, attns)
   ours = {}

@@ -22,8 +22,8 @@ def _finalize(module, zs, attns, patch_size=4, options=None, splits=None):
   options = core.resolve_options(module, options)
   b = (attns or zs)[0].shape[0]
   bounds = [0] + list(splits or []) + [b]
-  step = jax.jit(lambda z, a, w, i: module.partial_sums(core.Batch(z, a, w, i, patch_size),
-                                                        options))
+  step = jax.jit(lambda z, a, w, i: core.sums_of(module, core.Batch(z, a, w, i, patch_size),
+                                                 options))
   total = None
   for lo, hi in zip(bounds[:-1], bounds[1:]):
     piece = lambda xs: [jnp.asarray(x[lo:hi]) for x in xs]

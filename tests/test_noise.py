@@ -255,7 +255,7 @@ def test_measure_returns_the_clean_top1(monkeypatch):
       images=types.SimpleNamespace(std=(0.5, 0.5, 0.5)), description="validation",
       labels=types.SimpleNamespace(columns=["shape"], values=np.zeros((40, 1), np.int32)))
   data = types.SimpleNamespace(targets=("shape",), evaluation=lambda: evaluation)
-  passes = types.SimpleNamespace(run=lambda *args: {"clean": 30.0, "count": 40.0,
+  passes = types.SimpleNamespace(run=lambda *args: {"clean": 30.0, "labelled_count": 40.0,
                                                    "noisy": np.array([20.0, 10.0, 25.0])})
   model = types.SimpleNamespace(name="m", vit=types.SimpleNamespace(depth=depth, image_size=32))
   options = {**robustness.OPTIONS, "bands": (0.25, 0.75), "band_width": 0.5,

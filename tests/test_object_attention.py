@@ -32,7 +32,7 @@ def test_attention_on_the_object_only_has_share_one_and_uniform_has_the_area_sha
   object_only = _rows(np.concatenate([np.zeros((2, 1)), masks], axis=1), 9)
   uniform = _rows(np.ones((2, 10)), 9)  # the cls key too: it is left out of the share
   sums = _sums([object_only, uniform], masks)
-  assert sums["count"] == 2
+  assert sums["masked_count"] == 2
   np.testing.assert_allclose(sums["cls"][0], [2.0, 2.0], rtol=1e-6)  # share 1 for both images
   np.testing.assert_allclose(sums["patches"][0], [2.0, 2.0], rtol=1e-6)
   area = 2 / 9 + 4 / 9
@@ -48,7 +48,7 @@ def test_background_attention_is_below_the_reference_and_padding_does_not_count(
   assert np.all(sums["cls"] == 0) and np.all(sums["patches"] == 0)
   padded = np.concatenate([background, background[:1]])
   with_pad = _sums([padded], np.concatenate([masks, -np.ones((1, 4), int)]), [1, 1, 0])
-  assert with_pad["count"] == 2 and with_pad["area"] == pytest.approx(0.75)
+  assert with_pad["masked_count"] == 2 and with_pad["area"] == pytest.approx(0.75)
 
 
 def test_token_masks_follow_the_object():

@@ -180,7 +180,7 @@ def test_robustness_counts_do_not_depend_on_batching_or_devices():
     out = analyzer.run(PARAMS, (images[i:i + batch] for i in range(0, 29, batch)),
                        progress=False, labels=labels, context=context)
     results.append((float(out["clean"]), np.asarray(out["noisy"]).tolist(),
-                    float(out["count"])))
+                    float(out["labelled_count"])))
   assert results[0] == results[1] == results[2]
   assert results[0][2] == 29 and len(results[0][1]) == 3
 

@@ -245,3 +245,16 @@ def test_analyses_are_the_modules_that_declare_themselves():
   assert {"nmi", "fourier", "token_norms", "probing"} <= set(names)
   assert not {"core", "runner", "plots", "noise", "linear_probe", "bootstrap"} & set(names)
   assert all(core.load(name).NAME == name for name in names)
+
+
+def test_the_runner_counts_the_images_an_analysis_never_does():
+  # The image count every finalize divides by is added by the runner (core.sums_of); an
+  # analysis that returns the key itself is refused, naming it.
+  import types
+  batch = core.Batch([], [], jnp.asarray([1.0, 0.0, 2.0]), jnp.asarray([0, -1, 1]), 4)
+  own = types.SimpleNamespace(NAME="own", partial_sums=lambda b, o: {"x": b.weights.sum()})
+  assert float(core.sums_of(own, batch, {})["count"]) == 3.0  # weights of the real images
+  counting = types.SimpleNamespace(NAME="counting",
+                                   partial_sums=lambda b, o: {"count": b.weights.sum()})
+  with pytest.raises(ClmimError, match="'counting': partial_sums returns 'count'"):
+    core.sums_of(counting, batch, {})

@@ -21,7 +21,7 @@ def _analyse(module, zs=(), attns=(), index=None, **options):
   index = np.arange(b, dtype=np.int32) if index is None else np.asarray(index, np.int32)
   options = core.resolve_options(module, options)
   weights = (index >= 0).astype(np.float32)
-  sums = jax.jit(lambda z, a, w, i: module.partial_sums(core.Batch(z, a, w, i, 4), options))(
+  sums = jax.jit(lambda z, a, w, i: core.sums_of(module, core.Batch(z, a, w, i, 4), options))(
       list(zs), list(attns), weights, index)
   return module.finalize(jax.tree.map(lambda x: np.asarray(x, np.float64), sums), options)
 
@@ -345,7 +345,8 @@ def test_image_spectrum_is_the_covariance_of_the_pooled_vectors():
   zs = [_with_cls(tokens, rng)] * 3
   out = image_spectrum.finalize(
       {k: np.asarray(v, np.float64) for k, v in jax.jit(
-          lambda z, w, i: image_spectrum.partial_sums(core.Batch(z, [], w, i, 4), {"max_rank": 4}))(
+          lambda z, w, i: core.sums_of(image_spectrum, core.Batch(z, [], w, i, 4),
+                                       {"max_rank": 4}))(
           zs, np.ones(12, np.float32), np.arange(12, dtype=np.int32)).items()}, {"max_rank": 4})
   expected = np.sort(np.linalg.eigvalsh(np.cov(pooled.T)))[::-1]
   got = np.exp(np.asarray(out["image_singular_values"])[0])

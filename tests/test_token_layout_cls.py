@@ -192,7 +192,7 @@ def test_object_attention_on_every_layout_and_no_cls_query_without_cls():
   paper = _object_sums(attns, masks, PAPER)
   for layout in OTHER_LAYOUTS:
     got = _object_sums([_relayout_attention(a, layout, rng) for a in attns], masks, layout)
-    for key in ("patches", "area", "count") + (("cls",) if layout.has_cls else ()):
+    for key in ("patches", "area", "masked_count") + (("cls",) if layout.has_cls else ()):
       np.testing.assert_allclose(got[key], paper[key], rtol=1e-5, err_msg=f"{layout} {key}")
     assert ("cls" in got) == layout.has_cls
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clmim.analysis import core
-from clmim.analysis.common import grid_side, image_count, weighted_sum
+from clmim.analysis.common import grid_side, weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "attention_distance"
@@ -58,7 +58,7 @@ def partial_sums(batch: core.Batch, options: dict):
   `batch.patch_size` and `batch.layout`.
 
   Returns:
-    {"distance_sum": [layers, heads], "count": []} (sums, not means).
+    {"distance_sum": [layers, heads]} (sums, not means; the runner adds the image count).
   """
   del options
   attns, weights, patch_size, layout = batch.attns, batch.weights, batch.patch_size, batch.layout
@@ -76,8 +76,7 @@ def partial_sums(batch: core.Batch, options: dict):
     den = a.sum(-1) + _EPS * n
     per_image = jnp.mean(num / den, axis=-1)  # [B, H]
     per_layer.append(weighted_sum(per_image, weights))
-  count = image_count(weights)
-  return {"distance_sum": jnp.stack(per_layer), "count": count}
+  return {"distance_sum": jnp.stack(per_layer)}
 
 
 def finalize(total_sums, options):

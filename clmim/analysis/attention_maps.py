@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from clmim.analysis import core, plots
-from clmim.analysis.common import grid_side, image_count, weighted_sum
+from clmim.analysis.common import grid_side, weighted_sum
 from clmim.atomic import save_figure_atomic
 from clmim.errors import ClmimError
 
@@ -282,8 +282,7 @@ def partial_sums(batch: core.Batch, options: dict):
   # A where-sum, so the other images (and padding) add exact zeros, never NaN * 0.
   maps = jnp.stack([jnp.sum(jnp.where(p, kept, 0), axis=0) for p in picked])
   found = jnp.stack([jnp.sum(p[:, 0, 0, 0, 0].astype(jnp.float32)) for p in picked])
-  out = {"similarity_sum": jnp.stack(sims), "maps": maps, "found": found,
-         "count": image_count(weights)}
+  out = {"similarity_sum": jnp.stack(sims), "maps": maps, "found": found}
   if batch.images is not None:  # the chosen inputs, pooled, for the figures' image column
     small = plots.thumbnails(batch.images.astype(jnp.float32), batch.patch_size)
     out["pixels"] = jnp.stack([jnp.sum(jnp.where(p[:, :, :, :, 0], small, 0), axis=0)

@@ -170,7 +170,7 @@ def partial_sums(batch: core.Batch, options) -> dict:
   """Per-device sums: feature sums, stage-pair cross moments and the image count.
 
   Returns:
-    {"count": [], "sum_<kind>": [S, D] (all stages), "moment_<kind>": [P, D, D]} per chosen
+    {"sum_<kind>": [S, D] (all stages), "moment_<kind>": [P, D, D]} per chosen
     kind the model has (`computed_kinds`), where moment[p] = Σ_images w x_i x_j^T for the p-th
     pair (i, j) of `stage_pairs`.
   """
@@ -178,7 +178,7 @@ def partial_sums(batch: core.Batch, options) -> dict:
   kinds = computed_kinds(options, batch.layout)
   w = jnp.where(batch.weights > 0, batch.weights, 0).astype(jnp.float32)
   real = (w > 0)[None, :, None]
-  out = {"count": jnp.sum(w)}
+  out = {}
   for kind in kinds:
     rows, cols = np.asarray(_pairs_of(kind, kinds, len(states), options)).T
     # Padding may hold anything (even NaN): zero it, as weight 0 alone would give 0 * NaN.

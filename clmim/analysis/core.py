@@ -9,9 +9,11 @@ runner, the jobs, the summary, the figures and the report learn about it only th
   RESULTS = (Result(...), ...) # the keys it adds to results.json, with labels and layouts
   def partial_sums(batch: Batch, options: dict) -> dict[str, jnp.ndarray]
       pure jnp, per device: SUMS over the device's images (padding has weight 0), never means;
-      the runner psums every entry over devices and adds batches on the host in float64
+      the runner psums every entry over devices and adds batches on the host in float64. The
+      images' total weight is not the analysis' to count: the runner adds it as sums["count"]
+      (`sums_of`), so a partial_sums never returns the key "count"
   def finalize(sums: dict[str, np.ndarray], options: dict) -> dict[str, nested lists]
-      divides once; returns exactly the keys of RESULTS
+      divides once (by sums["count"], or counts of its own); returns exactly the keys of RESULTS
   optional:
   def figures(results: dict, options: dict) -> dict[str, Figure]
       file name -> figure, from the run's results.json dict (all models side by side); without
@@ -63,6 +65,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from clmim.analysis.common import image_count
 from clmim.errors import ClmimError
 
 
@@ -218,6 +221,21 @@ class Stage:
 def is_multi_pass(module) -> bool:
   """True for an analysis that runs its own passes (`measure`) instead of one stream."""
   return hasattr(module, "measure")
+
+
+COUNT = "count"  # the images' total weight in every analysis' (and stage's) sums
+
+
+def sums_of(module, batch: "Batch", options: dict) -> dict:
+  """`module.partial_sums` of `batch` with the images' total weight under COUNT: what the
+  runner adds up over devices and batches (and folds) and hands to `finalize`."""
+  sums = dict(module.partial_sums(batch, options))
+  if COUNT in sums:
+    raise ClmimError(f"analysis {module.NAME!r}: partial_sums returns {COUNT!r}, the key the "
+                     f"runner adds (the images' total weight); name a count of its own "
+                     f"otherwise.")
+  sums[COUNT] = image_count(batch.weights)
+  return sums
 
 
 def between_models_key(module) -> str:

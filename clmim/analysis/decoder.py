@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clmim.analysis import core, fourier, nmi
-from clmim.analysis.common import image_count, weighted_sum
+from clmim.analysis.common import weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "decoder"
@@ -149,7 +149,7 @@ def partial_sums(batch: core.Batch, options: dict):
   Returns:
     {"encoder_fourier": fourier's sums of batch.zs, "decoder_fourier": fourier's sums of
      batch.decoder_zs, "nmi_sum": [decoder blocks, heads] (absent without decoder attention),
-     "count": []}.
+     }.
   """
   del options
   if not batch.decoder_zs:
@@ -160,10 +160,9 @@ def partial_sums(batch: core.Batch, options: dict):
   # The encoder's states are laid out as batch.layout says; the decoder's always as the paper's
   # (cls, then the patches: decoders are only built for such encoders, see `check`).
   paper = core.TokenLayout()
-  sums = {"encoder_fourier": fourier.partial_sums(batch, {}),
-          "decoder_fourier": fourier.partial_sums(
-              dataclasses.replace(batch, zs=tuple(batch.decoder_zs), layout=paper), {}),
-          "count": image_count(batch.weights)}
+  sums = {"encoder_fourier": core.sums_of(fourier, batch, {}),
+          "decoder_fourier": core.sums_of(
+              fourier, dataclasses.replace(batch, zs=tuple(batch.decoder_zs), layout=paper), {})}
   if batch.decoder_attns:
     sums["nmi_sum"] = jnp.stack([weighted_sum(nmi.per_image(a, paper)[0], batch.weights)
                                  for a in batch.decoder_attns])

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clmim.analysis import core
-from clmim.analysis.common import image_count, weighted_sum
+from clmim.analysis.common import weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "feature_variance"
@@ -74,11 +74,11 @@ def spatial_variance(z, normalize: bool = False, layout=core.TokenLayout()):
 
 
 def partial_sums(batch: core.Batch, options: dict) -> dict:
-  """Per-device sums over images: {"variance_sum": [states], "count": []}."""
+  """Per-device sums over images: {"variance_sum": [states]}."""
   normalize = _normalize(options)
   sums = [weighted_sum(spatial_variance(z, normalize, batch.layout), batch.weights)
           for z in batch.zs]
-  return {"variance_sum": jnp.stack(sums), "count": image_count(batch.weights)}
+  return {"variance_sum": jnp.stack(sums)}
 
 
 def finalize(sums: dict, options: dict) -> dict:

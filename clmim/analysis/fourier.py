@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clmim.analysis import core
-from clmim.analysis.common import grid_side, image_count, weighted_sum
+from clmim.analysis.common import grid_side, weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "fourier"
@@ -89,7 +89,7 @@ def partial_sums(batch: core.Batch, options: dict):
 
   Returns:
     {"rel_log_amplitude_sum": [states, K], F(k, k) minus each image's own F(0, 0),
-     "dc_log_amplitude_sum": [states], F(0, 0), "count": []}. The absolute F sum is rel + dc.
+     "dc_log_amplitude_sum": [states], F(0, 0)}. The absolute F sum is rel + dc.
   """
   del options
   zs, weights = batch.zs, batch.weights
@@ -99,9 +99,7 @@ def partial_sums(batch: core.Batch, options: dict):
     dc = log_amp[:, 0]
     rel_sums.append(weighted_sum(log_amp - dc[:, None], weights))
     dc_sums.append(weighted_sum(dc, weights))
-  count = image_count(weights)
-  return {"rel_log_amplitude_sum": jnp.stack(rel_sums), "dc_log_amplitude_sum": jnp.stack(dc_sums),
-          "count": count}
+  return {"rel_log_amplitude_sum": jnp.stack(rel_sums), "dc_log_amplitude_sum": jnp.stack(dc_sums)}
 
 
 def finalize(total_sums, options):

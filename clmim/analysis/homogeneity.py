@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clmim.analysis import core
-from clmim.analysis.common import image_count, weighted_sum
+from clmim.analysis.common import weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "homogeneity"
@@ -107,7 +107,7 @@ def partial_sums(batch: core.Batch, options: dict) -> dict:
 
   Returns:
     {"head_sum": [blocks], "query_sum": [blocks, heads], "depth_sum": [blocks],
-     "token_sum": [blocks], "count": []}.
+     "token_sum": [blocks]}.
   """
   del options
   depth = len(batch.attns)
@@ -129,8 +129,7 @@ def partial_sums(batch: core.Batch, options: dict) -> dict:
     unit = jnp.where(norm > 0, out / jnp.where(norm > 0, norm, 1.0), 0.0)
     tokens.append(weighted_sum(mean_pair_cosine(unit, axis=1), batch.weights))
   return {"head_sum": jnp.stack(head), "query_sum": jnp.stack(query),
-          "depth_sum": jnp.stack(dep), "token_sum": jnp.stack(tokens),
-          "count": image_count(batch.weights)}
+          "depth_sum": jnp.stack(dep), "token_sum": jnp.stack(tokens)}
 
 
 def finalize(sums: dict, options: dict) -> dict:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clmim.analysis import core
-from clmim.analysis.common import image_count, weighted_sum
+from clmim.analysis.common import weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "image_spectrum"
@@ -66,7 +66,7 @@ def check(model, options: dict) -> None:
 def partial_sums(batch: core.Batch, options: dict) -> dict:
   """Per-device sums of the pooled vectors and of their outer products, per stage.
 
-  Returns {"sum": [S, D], "outer": [S, D, D], "count": []}.
+  Returns {"sum": [S, D], "outer": [S, D, D]}.
   """
   _max_rank(options)
   pooled = [batch.layout.patches(z).astype(jnp.float32).mean(axis=1)
@@ -74,8 +74,7 @@ def partial_sums(batch: core.Batch, options: dict) -> dict:
   w = jnp.where(batch.weights > 0, batch.weights, 0).astype(jnp.float32)
   return {"sum": jnp.stack([weighted_sum(v, batch.weights) for v in pooled]),
           "outer": jnp.stack([jnp.einsum("b,bd,be->de", w, v, v,
-                                         precision="highest") for v in pooled]),
-          "count": image_count(batch.weights)}
+                                         precision="highest") for v in pooled])}
 
 
 def covariance_eigenvalues(total, outer, count) -> np.ndarray:

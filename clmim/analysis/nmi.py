@@ -22,7 +22,7 @@ from jax.scipy.special import xlogy
 import numpy as np
 
 from clmim.analysis import core
-from clmim.analysis.common import image_count, weighted_sum
+from clmim.analysis.common import weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "nmi"
@@ -96,7 +96,7 @@ def partial_sums(batch: core.Batch, options: dict):
   Reads `batch.attns` ([B, heads, T, T] per block), `batch.weights` and `batch.layout`.
 
   Returns:
-    {"nmi_sum": [layers, heads], "entropy_sum": [layers, heads], "count": []}.
+    {"nmi_sum": [layers, heads], "entropy_sum": [layers, heads]}.
   """
   del options
   attns, weights = batch.attns, batch.weights
@@ -105,8 +105,7 @@ def partial_sums(batch: core.Batch, options: dict):
     nmi, ent = per_image(attn, batch.layout)
     nmi_sums.append(weighted_sum(nmi, weights))
     ent_sums.append(weighted_sum(ent, weights))
-  count = image_count(weights)
-  return {"nmi_sum": jnp.stack(nmi_sums), "entropy_sum": jnp.stack(ent_sums), "count": count}
+  return {"nmi_sum": jnp.stack(nmi_sums), "entropy_sum": jnp.stack(ent_sums)}
 
 
 def finalize(total_sums, options):

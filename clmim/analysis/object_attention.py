@@ -89,7 +89,7 @@ def token_masks(images, patch_size: int, threshold: float) -> np.ndarray:
 def attention_sums(batch, options=None) -> dict:
   """Per device: Σ over images of the object share per block and head, for the cls query (not
   for a model without one) and the mean over patch queries; Σ of the object token share; the
-  image count."""
+  count of the images with a mask ("masked_count")."""
   layout = batch.layout
   mask = (batch.labels > 0).astype(jnp.float32)  # [b, N]
   valid = batch.weights * (batch.labels[:, 0] >= 0)
@@ -102,7 +102,7 @@ def attention_sums(batch, options=None) -> dict:
       cls.append(jnp.einsum("bh,b->h", share[:, :, 0], valid))
     patches.append(jnp.einsum("bh,b->h", share[:, :, layout.prefix:].mean(-1), valid))
   out = {"patches": jnp.stack(patches), "area": (mask.mean(-1) * valid).sum(),
-         "count": valid.sum()}
+         "masked_count": valid.sum()}
   if cls:
     out["cls"] = jnp.stack(cls)
   return out
@@ -133,12 +133,12 @@ def measure(model, data, passes, options) -> dict:
     passes.cache[key] = token_masks(evaluation.images, model.vit.patch_size, threshold)
   masks = passes.cache[key]
   sums = passes.run(STAGE, evaluation.images, masks, None, "object attention")
-  count = max(float(sums["count"]), 1.0)
-  out = {"num_images": int(round(float(sums["count"]))),
+  count = max(float(sums["masked_count"]), 1.0)
+  out = {"num_images": int(round(float(sums["masked_count"]))),
          "object_attention_patches": (np.asarray(sums["patches"]) / count).tolist(),
          "object_attention_details": {"object_token_share": float(sums["area"]) / count,
                                       "threshold": threshold,
-                                      "images": int(round(float(sums["count"])))}}
+                                      "images": int(round(float(sums["masked_count"])))}}
   if "cls" in sums:  # absent for a model without a cls token (`attention_sums`)
     out["object_attention_cls"] = (np.asarray(sums["cls"]) / count).tolist()
   return out

@@ -178,7 +178,7 @@ def _noisy_sums(block, kind, seed, batch, options):
     return hits(batch.forward(batch.images + extra)[0])
 
   noisy = jax.lax.map(one, {key: context[key] for key in ("kind", "low", "high", "rms", "id")})
-  return {"clean": hits(batch.zs), "noisy": noisy, "count": valid.sum()}
+  return {"clean": hits(batch.zs), "noisy": noisy, "labelled_count": valid.sum()}
 
 
 def noisy_stage(block: int, kind: str, seed: int) -> core.Stage:
@@ -199,12 +199,12 @@ def measure(model, data, passes, options) -> dict:
   column = evaluation.labels.columns.index(target)
   sums = passes.run(noisy_stage(block, kind, int(options["seed"])), evaluation.images,
                     evaluation.labels.values[:, column], context, "noise robustness")
-  count = max(float(sums["count"]), 1.0)
+  count = max(float(sums["labelled_count"]), 1.0)
   clean = float(sums["clean"]) / count
   noisy = np.asarray(sums["noisy"], np.float64) / count
   bands = len(options["bands"])
   return {
-      "num_images": int(round(float(sums["count"]))),
+      "num_images": int(round(float(sums["labelled_count"]))),
       "robustness_clean_top1": clean,
       "band_noise_drop": (clean - noisy[:bands]).tolist(),
       "white_noise_drop": (clean - noisy[bands:]).tolist(),
@@ -215,7 +215,7 @@ def measure(model, data, passes, options) -> dict:
           "band_width": float(options["band_width"]), "band_rms": float(options["band_rms"]),
           "white_rms": [float(s) for s in options["white_rms"]],
           "ridge": probes["ridge"][block - 1][k], "chance": probes["chance"],
-          "evaluation_images": int(round(float(sums["count"]))),
+          "evaluation_images": int(round(float(sums["labelled_count"]))),
           "train_data": probes["train_data"], "evaluation_data": evaluation.description}}
 
 

@@ -37,7 +37,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from clmim.analysis import core, plots
-from clmim.analysis.common import grid_side, image_count, weighted_sum
+from clmim.analysis.common import grid_side, weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "rollout"
@@ -161,11 +161,11 @@ def partial_sums(batch: core.Batch, options: dict) -> dict:
 
   Returns:
     {"spread_sum": [blocks], "entropy_sum": [blocks], "map_sum": [chosen, g, g],
-     "map_count": [chosen], "count": []}; only "count" for a model without a cls token.
+     "map_count": [chosen]}; nothing for a model without a cls token.
   """
   chosen = positions(options)
   if not batch.layout.has_cls:  # no cls row to roll out: finalize reports None
-    return {"count": image_count(batch.weights)}
+    return {}
   r = patch_distribution(cls_rollout(batch.attns), batch.layout)  # [depth, B, N]
   spread, entropy = spread_and_entropy(r, batch.patch_size)
   spread_sum = jnp.stack([weighted_sum(s, batch.weights) for s in spread])
@@ -179,7 +179,7 @@ def partial_sums(batch: core.Batch, options: dict) -> dict:
   map_sum = jnp.sum(jnp.where(match[:, :, None, None], last, 0.0), axis=0)
   map_count = jnp.sum(match.astype(jnp.float32), axis=0)
   out = {"spread_sum": spread_sum, "entropy_sum": entropy_sum, "map_sum": map_sum,
-         "map_count": map_count, "count": image_count(batch.weights)}
+         "map_count": map_count}
   if batch.images is not None:  # the chosen inputs, pooled, for the figure's input column
     small = plots.thumbnails(batch.images.astype(jnp.float32), batch.patch_size)[:, None]
     out["pixel_sum"] = jnp.sum(jnp.where(match[:, :, None, None, None], small, 0.0), axis=0)

@@ -263,7 +263,7 @@ class Analyzer:
       batch = core.Batch(states[0], states[1], weights, index, patch_size, *states[2:],
                          images=images, labels=labels, context=context,
                          forward=lambda x: tuple(run(x)), layout=layout)
-      sums = {a.NAME: a.partial_sums(batch, self.options[a.NAME]) for a in self.analyses}
+      sums = {a.NAME: core.sums_of(a, batch, self.options[a.NAME]) for a in self.analyses}
       if self.folds:
         sums[_FOLDS] = self._fold_sums(batch, sums)
       sums[_COUNT] = (weights > 0).sum().astype(np.float32)
@@ -296,7 +296,7 @@ class Analyzer:
 
       def per_fold(w, a=a, fixed=fixed):
         folded = dataclasses.replace(batch, weights=w)
-        return {k: v for k, v in a.partial_sums(folded, self.options[a.NAME]).items()
+        return {k: v for k, v in core.sums_of(a, folded, self.options[a.NAME]).items()
                 if k not in fixed}
       out[a.NAME] = jax.vmap(per_fold)(weights)
     return out

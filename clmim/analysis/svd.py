@@ -35,7 +35,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from clmim.analysis import core, plots
-from clmim.analysis.common import image_count, weighted_sum
+from clmim.analysis.common import weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "svd"
@@ -212,7 +212,7 @@ def partial_sums(batch: core.Batch, options: dict):
   chosen = jnp.asarray(images, jnp.int32)
   return {
       "singular_values_sum": jnp.stack(values), "effective_rank_sum": jnp.stack(eranks),
-      "shift_ratio_sum": jnp.stack(shifts), "count": image_count(weights),
+      "shift_ratio_sum": jnp.stack(shifts),
       "before": _select(zs[2 * block].astype(jnp.float32), index, images),
       "after": _select(zs[2 * block + 1].astype(jnp.float32), index, images),
       "found": jnp.sum((index[:, None] == chosen[None]).astype(jnp.float32), axis=0),

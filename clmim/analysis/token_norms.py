@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clmim.analysis import core
-from clmim.analysis.common import image_count, weighted_sum
+from clmim.analysis.common import weighted_sum
 from clmim.errors import ClmimError
 
 NAME = "token_norms"
@@ -86,7 +86,7 @@ def partial_sums(batch: core.Batch, options: dict) -> dict:
   """Per-stage norm sums and per-block attention-mass sums over the batch's images."""
   layout, weights, ratio = batch.layout, batch.weights, _ratio(options)
   stages = list(batch.zs[0::2])
-  out = {"count": image_count(weights)}
+  out = {}
   rows = {"patches": [], "fraction": [], "peak": [], "cls": [], "registers": []}
   for z in stages:
     norms, median, high = _high_norm(z, layout, ratio)
