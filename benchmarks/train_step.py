@@ -1,6 +1,6 @@
 r"""Training speed of every objective on the one trainer: steps/s and images/s after warm-up.
 
-For each objective of --objectives it runs the real trainer (`clmim.train.trainer.train`, the
+For each objective of --objectives it runs the real trainer (`clmim.jobs.pretrain.run`, the
 procedural data rendered by --render_workers, the jitted update, metrics every step, one
 checkpoint at the end) for --steps steps in a temporary workdir, and reads the rate between the
 metrics record of step --warmup and the last one (`elapsed_s`), so the compilation of the first
