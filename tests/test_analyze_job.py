@@ -180,6 +180,7 @@ def test_cka_between_a_model_and_itself_is_its_own_cka(checkpoint, tmp_path):
   assert "mutual_knn_mean_tokens" not in pair and "cka_mean_tokens" in pair
 
 
+@pytest.mark.slow
 def test_cka_between_models_pairs_only_trained_models_seeing_the_same_input(checkpoint,
                                                                             tmp_path):
   from clmim.checkpoints import registry

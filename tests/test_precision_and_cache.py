@@ -66,6 +66,7 @@ def test_bfloat16_runs_every_matmul_in_bfloat16_and_hands_analyses_float32(extra
     build_vit("mu/4", image_size=32, dtype="float16")
 
 
+@pytest.mark.slow
 def test_config_dtype_runs_the_analyses_in_bfloat16_close_to_float32(tmp_path):
   results = {}
   for dtype in ("float32", "bfloat16"):

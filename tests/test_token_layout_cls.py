@@ -373,6 +373,7 @@ def test_robustness_on_every_layout_and_cls_refused_without_it():
 
 # ---------------------------------------------------------------------- between models
 
+@pytest.mark.slow
 def test_between_models_pairs_a_model_without_cls_with_a_cls_model():
   from clmim.analysis import between_models
   from clmim.models.vit import build_vit

@@ -222,6 +222,7 @@ def test_bad_path_patterns_are_one_line():
     preflight.check_fields(config, "pretrain", 1)
 
 
+@pytest.mark.slow
 def test_a_diverged_run_stops_naming_the_first_bad_step_and_saves_nothing_after(tmp_path,
                                                                                monkeypatch):
   """The loss turns NaN from step 4 on (1-based); log every 2, checkpoint every 3: the run stops

@@ -257,9 +257,9 @@ def run(config, workdir: str, invocation: dict | None = None) -> dict:
   resuming = bool(preflight.checkpoint_steps(workdir))
   encoder = None if resuming else trainer.initial_encoder(config, objective)  # checked now
 
-  # One data axis over every device; the batch is split across it.
+  # One data axis over every device; the batch (a multiple of the device count: check_run)
+  # is split across it.
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  check_int(config, "batch_size", 1, mesh.size)
   batch_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
   inputs = _Inputs(config, objective, batch_sharding)
   # Validation images (fine-tuning) are opened here too: a missing or unlabelled set fails

@@ -64,13 +64,6 @@ def patchify(images, patch_size: int):
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, g_h * g_w, -1)
 
 
-def unpatchify(patches, patch_size: int, grid: int):
-  """Inverse of `patchify` for a square grid."""
-  batch = patches.shape[0]
-  x = patches.reshape(batch, grid, grid, patch_size, patch_size, 3)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, grid * patch_size, grid * patch_size, 3)
-
-
 class MaeDecoder(nn.Module):
   """MAE's decoder (models_mae.py `forward_decoder`): embed -> (+ mask tokens) -> + pos_embed ->
   timm-style blocks -> norm -> pred, on the encoder's final-normed tokens [B, N+1, D_enc].
