@@ -269,6 +269,15 @@ def test_moco_v3_parity_and_heads(tmp_path):
     np.testing.assert_allclose(np.asarray(got), ref.numpy(), atol=1e-4, rtol=1e-4)
 
 
+def unpatchify(patches, patch_size: int, grid: int):
+  """The pixels of SimMIM / MAE patch predictions, [B, N, p*p*3] -> [B, S, S, 3]: the inverse
+  of `clmim.models.heads.patchify` for a square grid (test_decoder uses it too)."""
+  batch = patches.shape[0]
+  x = np.asarray(patches).reshape(batch, grid, grid, patch_size, patch_size, 3)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, grid * patch_size, grid * patch_size, 3)
+
+
+
 def test_simmim_parity_decoder_and_config(tmp_path, yacs):
   class SimMIM(nn.Module):
     def __init__(self):
@@ -297,7 +306,7 @@ def test_simmim_parity_decoder_and_config(tmp_path, yacs):
     pixels = simmim.decoder(grid_tokens).numpy().transpose(0, 2, 3, 1)
   head = converted.heads["decoder"]
   patches = heads_lib.PixelHead(PATCH).apply({"params": head["params"]}, tokens[:, 1:].numpy())
-  np.testing.assert_allclose(np.asarray(heads_lib.unpatchify(patches, PATCH, GRID)), pixels,
+  np.testing.assert_allclose(np.asarray(unpatchify(patches, PATCH, GRID)), pixels,
                              atol=1e-4, rtol=1e-4)
 
 

@@ -66,13 +66,6 @@ class TorchSimMIM(torch.nn.Module):
         torch.nn.Conv2d(tcp.WIDTH, tcp.PATCH ** 2 * 3, 1), torch.nn.PixelShuffle(tcp.PATCH))
 
 
-def _unpatchify(patches, patch_size: int, grid: int):
-  """Inverse of `clmim.models.heads.patchify` for a square grid: [B, N, p*p*3] -> images."""
-  batch = patches.shape[0]
-  x = np.asarray(patches).reshape(batch, grid, grid, patch_size, patch_size, 3)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, grid * patch_size, grid * patch_size, 3)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   folder = tmp_path_factory.mktemp("mae")
@@ -268,7 +261,7 @@ def test_simmim_decoder_is_its_pixel_head(tmp_path, images):
     grid = tokens[:, 1:].transpose(1, 2).reshape(len(few), tcp.WIDTH, tcp.GRID, tcp.GRID)
     pixels = simmim.decoder(grid).numpy().transpose(0, 2, 3, 1)
   np.testing.assert_allclose(
-      np.asarray(_unpatchify(dzs[0][:, 1:], tcp.PATCH, tcp.GRID)), pixels,
+      np.asarray(tcp.unpatchify(dzs[0][:, 1:], tcp.PATCH, tcp.GRID)), pixels,
       atol=1e-4 * np.abs(pixels).max())
   out = runner.Analyzer(_forward(model), [decoder], tcp.PATCH, device_batch_size=1).run(
       _params(model), [few], progress=False)
@@ -473,7 +466,7 @@ def test_masked_simmim_feed_is_the_encoder_with_mask_tokens(tmp_path, images):
     grid = encoder.norm(x)[:, 1:].transpose(1, 2).reshape(len(few), tcp.WIDTH, tcp.GRID,
                                                            tcp.GRID)
     pixels = simmim.decoder(grid).numpy().transpose(0, 2, 3, 1)
-  np.testing.assert_allclose(np.asarray(_unpatchify(dzs[0][:, 1:], tcp.PATCH, tcp.GRID)),
+  np.testing.assert_allclose(np.asarray(tcp.unpatchify(dzs[0][:, 1:], tcp.PATCH, tcp.GRID)),
                              pixels, atol=1e-4 * np.abs(pixels).max())
 
 

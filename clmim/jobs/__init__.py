@@ -1,12 +1,16 @@
-"""The jobs `clmim.main` runs, and the one table of them (`JOBS`, by `config.mode`).
+"""The jobs `clmim.main` runs: the table of them (`JOBS`, by `config.mode`) and the table of the
+kinds of config they take (`KINDS`: each kind's checks and, for resumable runs, the fields a
+saved run must share).
 
 The jobs are the only code that wires configs, models, data and analyses together
-(`clmim.analysis` and `clmim.train` never import each other, and `clmim.analysis` never imports
-`clmim.data` or `clmim.checkpoints`). Each row says which kind of config a mode applies to,
+(`clmim.analysis` and `clmim.train` never import each other, `clmim.analysis` never imports
+`clmim.data` or `clmim.checkpoints`, and nothing below the jobs imports them: tests/
+test_layers.py). Each row says which kind of config a mode applies to,
 what it writes into its workdir, whether it trains (and so wants the training host allocator),
 and where its `run(config, workdir, invocation)` lives; the function's module is imported only
 when the job runs, so reading the table costs nothing. `clmim.main` is parse, preflight,
-`JOBS[mode].run(...)`; `clmim.preflight` takes the mode lists from here.
+`JOBS[mode].run(...)`; `clmim.preflight` takes the modes, the kinds' checks and the resume
+rules from here and names no component itself.
 
 Adding a job is one module with a `run(config, workdir, invocation)` and one row here.
 """

@@ -265,7 +265,7 @@ def run(config, workdir: str, invocation: dict | None = None) -> dict:
   # Validation images (fine-tuning) are opened here too: a missing or unlabelled set fails
   # before anything is written.
   evaluator = objective.evaluator(batch_sharding, replicated, inputs.rows)
-  eval_every = int(config.finetune.eval_every) if evaluator is not None else 0
+  eval_every = evaluator.every if evaluator is not None else 0
   writer = jax.process_index() == 0  # logs, the config record and the export: process 0 only
 
   train_state, tx, schedule, manager = _start(config, objective, workdir, encoder, replicated)

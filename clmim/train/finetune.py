@@ -218,10 +218,12 @@ class Objective(SingleEncoderObjective):
 
 
 class Evaluator:
-  """Top-1 and cross-entropy (no smoothing) on config.finetune's held-out images."""
+  """Top-1 and cross-entropy (no smoothing) on config.finetune's held-out images, every
+  `every` steps (config.finetune.eval_every; 0: only at the end) and at the end."""
 
   def __init__(self, objective: Objective, batch_sharding, replicated, rows):
     config = objective.config
+    self.every = int(config.finetune.eval_every)
     self.batch_size, self.rows = config.batch_size, rows
     self.images, self.labels = train_data.held_out(config.data, config.finetune)
     self.sharding = batch_sharding

@@ -103,7 +103,9 @@ class Objective(abc.ABC):
     return 1.0
 
   def evaluator(self, batch_sharding, replicated, rows):
-    """A callable (params, state) -> {metric: value} run at validation steps, or None."""
+    """A callable (params, state) -> {metric: value} with an attribute `every` (steps between
+    calls, a multiple of config.log_every; 0: only at the end), run at those steps and at the
+    end; or None."""
     del batch_sharding, replicated, rows
     return None
 
