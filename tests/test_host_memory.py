@@ -171,6 +171,7 @@ def test_keep_and_system_never_restart(stand_in, setting, expected):
   assert RESTART_LINE not in done.stderr
 
 
+@pytest.mark.slow
 @glibc_only
 @pytest.mark.parametrize("config,restarts", [("pretrain_simmim.py:runlocal", True),
                                              ("nmi.py", False)])

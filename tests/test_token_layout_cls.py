@@ -340,6 +340,7 @@ def _pixel_forward(layout):
   return forward
 
 
+@pytest.mark.slow
 def test_robustness_on_every_layout_and_cls_refused_without_it():
   rng = np.random.default_rng(6)
 
