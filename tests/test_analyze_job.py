@@ -225,6 +225,7 @@ def test_interrupted_writing_leaves_no_partial_outputs(tmp_path, monkeypatch):
   assert os.listdir(workdir) == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_config_intervals_fields(checkpoint, tmp_path):
   """config.intervals: folds = 0 gives no intervals (every verdict "no bootstrap interval");
   folds, replicates and seed are recorded and change the intervals; a bad value is one error

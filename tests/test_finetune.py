@@ -123,6 +123,7 @@ def test_image_folder_held_out_set_keeps_the_training_classes(tmp_path):
     train_data.held_out(config.data, config.finetune)
 
 
+@pytest.mark.slow
 def test_held_out_accuracy_does_not_depend_on_batch_padding():
   results = []
   for batch_size in (8, 24):  # 20 images: 3 batches with 4 padded rows, or 1 with 4

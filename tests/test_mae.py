@@ -29,6 +29,7 @@ def _encoder_and_params():
   return vit, vit.init(jax.random.PRNGKey(2), images)["params"], images
 
 
+@pytest.mark.slow
 def test_encoder_sees_only_the_kept_patches():
   vit, params, images = _encoder_and_params()
   full = vit.apply({"params": params}, images)

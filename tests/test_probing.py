@@ -214,6 +214,7 @@ def test_knn_separable_clusters_are_found_perfectly_and_noise_gives_chance():
   assert all(abs(v - 0.25) < 0.08 for v in top1), top1
 
 
+@pytest.mark.slow
 def test_knn_matches_a_float64_reference_for_any_batching_and_device_count():
   train, evaluation = _blobs(60, spread=1.2, seed=14), _blobs(45, spread=1.2, seed=15)
   reference = _knn_reference(train, evaluation, k=7, temperature=0.1)

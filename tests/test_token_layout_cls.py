@@ -287,6 +287,7 @@ def test_probe_features_leave_registers_out_and_cls_is_refused_without_it():
   probing.check(None, {**probing.OPTIONS, "features": "cls"})  # the paper's layout
 
 
+@pytest.mark.slow
 def test_probing_and_knn_on_every_layout_and_no_cls_results_without_cls():
   data = _Data(_Set(*_blobs(96, 20)), _Set(*_blobs(64, 21)))
   options = {**probing.OPTIONS, "cue_conflict": False, "knn_k": 5, "ridge_grid": (0.1,),
