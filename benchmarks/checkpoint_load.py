@@ -5,10 +5,13 @@ Writes a MoCo v3 `vit-b-300ep.pth.tar`-shaped file with random weights: {'epoch'
 module.predictor.*} (~0.9 GB; `--optimizer` adds AdamW moments as in the training
 checkpoints, ~1.7 GB). It is written with torch.save when torch is importable, otherwise with
 the numpy-only writer below (the same zip layout). Then it times, as medians over `--repeats`:
-  read_s      torch_reader.load (zip index + restricted unpickling; tensors are lazy mmap views)
+  read_s      torch_reader.load (zip index + restricted unpickling + each storage's CRC-32
+              check, which reads every byte once; tensors are mmap views)
   convert_s   converters.convert: architecture inference, strict accounting, param tree
   to_device_s the params onto the default device (this is where the bytes are actually read)
   resolve_s   registry.resolve(path) end to end (all of the above + family detection)
+  resolve_without_crc_s  the same with the CRC-32 check skipped (torch_reader.load_torch's
+              verify_crc=False), alternated with resolve_s; crc_share = 1 - without / with
 The file was just written, so it is in the page cache; a cold read adds the disk time.
 Prints one JSON object:
 
@@ -177,8 +180,19 @@ def main():
         lambda: converters.convert(loaded, "moco_v3", path, variant="B/16"), args.repeats)
     device_s, device_all, _ = _median(lambda: jax.block_until_ready(
         jax.tree.map(jnp.asarray, converted.params)), args.repeats)
-    resolve_s, resolve_all, model = _median(
-        lambda: jax.block_until_ready(registry.resolve(path).params), args.repeats)
+    checked = torch_reader.load_torch
+    unchecked = lambda p, verify_crc=None: checked(p, verify_crc=False)
+    resolve_all, without_all = [], []
+    for _ in range(args.repeats):  # alternated, so drift in the machine hits both alike
+      for reader, times in ((checked, resolve_all), (unchecked, without_all)):
+        torch_reader.load_torch = reader
+        try:
+          start = time.perf_counter()
+          jax.block_until_ready(registry.resolve(path).params)
+          times.append(time.perf_counter() - start)
+        finally:
+          torch_reader.load_torch = checked
+    resolve_s, without_s = statistics.median(resolve_all), statistics.median(without_all)
     print(json.dumps({
         "benchmark": "checkpoint_load", "file_bytes": os.path.getsize(path), "writer": writer,
         "tensors_in_file": len(loaded["state_dict"]),
@@ -187,6 +201,9 @@ def main():
         "convert_s": round(convert_s, 3), "to_device_s": round(device_s, 3),
         "read_convert_to_device_s": round(read_s + convert_s + device_s, 3),
         "resolve_s": round(resolve_s, 3), "resolve_all_s": [round(t, 3) for t in resolve_all],
+        "resolve_without_crc_s": round(without_s, 3),
+        "resolve_without_crc_all_s": [round(t, 3) for t in without_all],
+        "crc_share": round(1 - without_s / resolve_s, 3),
         "target_s": 5.0, "backend": jax.default_backend(), "machine": platform.machine(),
         "cpus": os.cpu_count(), "load_average": os.getloadavg()}, indent=1))
 

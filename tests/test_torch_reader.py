@@ -189,3 +189,39 @@ def test_truncated_and_legacy_torch_files(tmp_path):
   with pytest.raises(ClmimError, match="refusing to load"):
     torch_reader.load(str(path))
   assert not marker.exists()
+
+
+def test_a_flipped_byte_in_any_tensor_is_refused(tmp_path):
+  # Every storage is checked against the CRC-32 its zip entry records: a flipped byte anywhere
+  # in the tensor data is one error naming the storage, never silently different weights.
+  values = np.arange(64, dtype=np.float32)
+  path = _zip_checkpoint(tmp_path / "ok.pth", _tensor_pickle(64, 64), {"0": values.tobytes()})
+  np.testing.assert_array_equal(torch_reader.load_torch(path)["w"], values)
+  raw = open(path, "rb").read()
+  start = raw.index(values.tobytes())
+  rng = np.random.default_rng(0)
+  for trial, offset in enumerate(rng.integers(0, values.nbytes, 50)):
+    flipped = bytearray(raw)
+    flipped[start + int(offset)] ^= 1 << int(rng.integers(0, 8))
+    bad = tmp_path / f"bad{trial}.pth"
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(ClmimError, match=r"archive/data/0 fails its CRC-32 check"):
+      torch_reader.load_torch(str(bad))
+    # Skipping the check (verify_crc=False) reads the damaged values: what the check prevents.
+    damaged = torch_reader.load_torch(str(bad), verify_crc=False)["w"]
+    assert not np.array_equal(damaged, values, equal_nan=True)
+
+
+def test_the_crc_check_can_be_skipped_by_the_environment(tmp_path, monkeypatch):
+  values = np.arange(8, dtype=np.float32)
+  path = _zip_checkpoint(tmp_path / "ok.pth", _tensor_pickle(8, 8), {"0": values.tobytes()})
+  raw = bytearray(open(path, "rb").read())
+  raw[raw.index(values.tobytes()) + 5] ^= 4
+  (tmp_path / "bad.pth").write_bytes(bytes(raw))
+  with pytest.raises(ClmimError, match="CRC-32"):
+    torch_reader.load(str(tmp_path / "bad.pth"))
+  monkeypatch.setenv("CLMIM_VERIFY_CRC", "0")
+  assert torch_reader.load(str(tmp_path / "bad.pth"))["w"][1] != values[1]
+  monkeypatch.setenv("CLMIM_VERIFY_CRC", "yes")
+  with pytest.raises(ClmimError, match=r"\$CLMIM_VERIFY_CRC='yes': expected 1"):
+    torch_reader.load(str(tmp_path / "bad.pth"))
