@@ -1,8 +1,8 @@
 """The labelled image sets a probe needs, for one model: training, evaluation, cue-conflict.
 
-`ProbeData(config.data, config.probe_data, preprocessing)` opens them lazily (each once) and checks their labels;
-an analysis calls its getters in `check_data`, so a missing folder or a set without labels is
-reported before any compute.
+`ProbeData(config.data, config.probe_data, preprocessing)` opens them lazily (each once) and
+checks their labels; an analysis calls its getters in `check_data`, so a missing folder or a set
+without labels is reported before any compute.
 
   source        training images                      evaluation images      cue-conflict images
   synthetic     split probe_data.split (shape and    split data.split       split "cue_conflict"

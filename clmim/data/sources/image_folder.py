@@ -1,10 +1,10 @@
 """An image folder ("image_folder"): one sub-folder of PNG / JPEG files per class.
 
-Evaluation reads `data.path`, the probes train on `probe_data.path` and the cue-conflict decision
-reads `probe_data.cue_conflict_path` (a folder laid out as the 16-class style-transfer set: the shape
-is the sub-folder, the texture the class named at the end of the file name). Labels are the
-sub-folders, sorted. Training reads `data.path` through grain; fine-tuning validates on
-`finetune.eval_path` (the same classes).
+Evaluation reads `data.path`, the probes train on `probe_data.path` and the cue-conflict
+decision reads `probe_data.cue_conflict_path` (a folder laid out as the 16-class style-transfer
+set: the shape is the sub-folder, the texture the class named at the end of the file name).
+Labels are the sub-folders, sorted. Training reads `data.path` through grain; fine-tuning
+validates on `finetune.eval_path` (the same classes).
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 Evaluation reads split `data.split` (array_record with random access, or tfrecord streamed in
 order; see clmim/data/tfds_source.py), the probes train on `probe_data.split`, and cue
-conflicts come from a folder (`probe_data.cue_conflict_path`) as for image folders. Labels are the split's
-ClassLabel feature. Training reads `data.tfds_split`, which needs random access.
+conflicts come from a folder (`probe_data.cue_conflict_path`) as for image folders. Labels are
+the split's ClassLabel feature. Training reads `data.tfds_split`, which needs random access.
 """
 from __future__ import annotations
 
